@@ -1,0 +1,131 @@
+//! Layouts: how a pool of KV blocks is laid out over its memory, with every index checked.
+
+mod config;
+
+pub use config::{Geometry, LayoutConfig, LayoutKind};
+
+use std::sync::Arc;
+
+use crate::error::{Result, bail};
+use crate::memory::{Memory, Region, StorageKind};
+
+/// A pool of blocks over some memory. Immutable once made, so it can be shared by threads.
+#[derive(Debug)]
+pub struct Layout {
+    config: LayoutConfig,
+    geometry: Geometry,
+    memory: Arc<Memory>,
+    /// The context that made it; a transfer only takes layouts of its own context.
+    context_id: u64,
+}
+
+impl Layout {
+    /// Puts `config` over `memory`, checking that every allocation is present, large enough and
+    /// aligned as the config asks.
+    pub(crate) fn new(config: LayoutConfig, memory: Memory, context_id: u64) -> Result<Self> {
+        let geometry = config.validate()?;
+        let regions = memory.regions();
+        if regions.len() as u64 != geometry.allocations {
+            bail!(
+                InvalidArgument,
+                "a {} layout needs {} memory region(s), got {}",
+                config.kind.short_name(),
+                geometry.allocations,
+                regions.len()
+            );
+        }
+        for (i, r) in regions.iter().enumerate() {
+            if r.addr == 0 && memory.kind() != StorageKind::Disk {
+                bail!(InvalidArgument, "region {i} has address 0");
+            }
+            if r.addr.checked_add(r.len).is_none() {
+                bail!(
+                    InvalidArgument,
+                    "region {i} wraps around the address space ({:#x} + {})",
+                    r.addr,
+                    r.len
+                );
+            }
+            if r.len < geometry.allocation_len {
+                bail!(
+                    InvalidArgument,
+                    "region {i} holds {} bytes but the layout needs {} bytes per region",
+                    r.len,
+                    geometry.allocation_len
+                );
+            }
+            if r.addr % u64::from(config.alignment) != 0 {
+                bail!(
+                    InvalidArgument,
+                    "region {i} at {:#x} is not aligned to the layout's alignment {}",
+                    r.addr,
+                    config.alignment
+                );
+            }
+        }
+        Ok(Self {
+            config,
+            geometry,
+            memory: Arc::new(memory),
+            context_id,
+        })
+    }
+
+    pub fn config(&self) -> &LayoutConfig {
+        &self.config
+    }
+
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    pub fn storage_kind(&self) -> StorageKind {
+        self.memory.kind()
+    }
+
+    pub fn memory(&self) -> &Arc<Memory> {
+        &self.memory
+    }
+
+    pub(crate) fn context_id(&self) -> u64 {
+        self.context_id
+    }
+
+    /// Bytes of one (block, layer, outer) piece.
+    pub fn region_len(&self) -> u64 {
+        self.geometry.region
+    }
+
+    /// The memory of (block, layer, outer), after checking every index.
+    pub fn region(&self, block: u64, layer: u64, outer: u64) -> Result<Region> {
+        self.config.check_index(block, layer, outer)?;
+        Ok(Region {
+            addr: self.addr_unchecked(block, layer, outer),
+            len: self.geometry.region,
+        })
+    }
+
+    /// Address of (block, layer, outer) whose indices the caller has checked.
+    pub(crate) fn addr_unchecked(&self, block: u64, layer: u64, outer: u64) -> u64 {
+        let (alloc, off) = self
+            .config
+            .offset_unchecked(&self.geometry, block, layer, outer);
+        self.memory.regions()[alloc].addr + off
+    }
+
+    /// Checks that every id in `blocks` names a block of this layout.
+    pub fn check_blocks(&self, blocks: &[u64], what: &str) -> Result<()> {
+        if let Some((i, &b)) = blocks
+            .iter()
+            .enumerate()
+            .find(|&(_, &b)| b >= self.config.num_blocks)
+        {
+            bail!(
+                OutOfRange,
+                "{what}[{i}] = {b} is out of range (layout has {} blocks)",
+                self.config.num_blocks
+            );
+        }
+        Ok(())
+    }
+}

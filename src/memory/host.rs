@@ -1,0 +1,92 @@
+//! Anonymous host mappings: page-aligned, zeroed, optionally page-locked.
+
+use super::Region;
+use crate::error::{Error, Result, bail};
+
+/// One `mmap`ed host allocation, unmapped on drop.
+#[derive(Debug)]
+pub struct HostAllocation {
+    map: *mut libc::c_void,
+    map_len: usize,
+    addr: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing in it is tied to a thread.
+unsafe impl Send for HostAllocation {}
+// SAFETY: `HostAllocation` hands out only its address; concurrent access is governed by the
+// transfer validation of the layouts that use it.
+unsafe impl Sync for HostAllocation {}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p).ok().filter(|&p| p > 0).unwrap_or(4096)
+}
+
+impl HostAllocation {
+    /// Maps `len` zeroed bytes whose start is aligned to `alignment` (a power of two). With
+    /// `lock`, the pages are locked in RAM (`mlock`), which is what "pinned" means without CUDA.
+    pub fn new(len: u64, alignment: u64, lock: bool) -> Result<Self> {
+        let too_big = || Error::OutOfMemory(format!("cannot allocate {len} bytes of host memory"));
+        let len = usize::try_from(len).map_err(|_| too_big())?;
+        if len == 0 {
+            bail!(InvalidArgument, "cannot allocate 0 bytes");
+        }
+        let page = page_size();
+        let align = usize::try_from(alignment).map_err(|_| too_big())?.max(page);
+        // mmap aligns to a page; a larger alignment is found inside a bigger mapping.
+        let map_len = len
+            .checked_add(align - page)
+            .and_then(|l| l.checked_next_multiple_of(page))
+            .ok_or_else(too_big)?;
+        // SAFETY: anonymous private mapping with no address hint; the result is checked.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            bail!(OutOfMemory, "mmap of {map_len} bytes failed: {e}");
+        }
+        let addr = (map as usize).next_multiple_of(align);
+        let this = Self {
+            map,
+            map_len,
+            addr,
+            len,
+        };
+        if lock {
+            // SAFETY: [addr, addr+len) lies inside the mapping just created.
+            if unsafe { libc::mlock(addr as *const libc::c_void, len) } != 0 {
+                let e = std::io::Error::last_os_error();
+                bail!(
+                    OutOfMemory,
+                    "cannot page-lock {len} bytes of pinned memory: {e} (raise `ulimit -l` \
+                     or give the process CAP_IPC_LOCK)"
+                );
+            }
+        }
+        Ok(this)
+    }
+
+    pub fn region(&self) -> Region {
+        Region {
+            addr: self.addr as u64,
+            len: self.len as u64,
+        }
+    }
+}
+
+impl Drop for HostAllocation {
+    fn drop(&mut self) {
+        // SAFETY: `map`/`map_len` are exactly what mmap returned; munmap also drops any lock.
+        unsafe { libc::munmap(self.map, self.map_len) };
+    }
+}

@@ -1,0 +1,158 @@
+//! Storage kinds and the memory behind a layout: allocations kvxfer owns (freed with the
+//! layout) and caller-owned memory (never freed by kvxfer).
+
+mod host;
+
+pub use host::HostAllocation;
+
+use crate::error::{Error, Result, bail};
+
+/// Where the bytes of a layout live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StorageKind {
+    /// Pageable host memory.
+    System,
+    /// Page-locked host memory.
+    Pinned,
+    /// CUDA device memory.
+    Device,
+    /// A file; addresses are file offsets.
+    Disk,
+}
+
+impl StorageKind {
+    pub const ALL: [StorageKind; 4] = [Self::System, Self::Pinned, Self::Device, Self::Disk];
+
+    /// Host memory that the CPU can address directly.
+    pub fn is_host(self) -> bool {
+        matches!(self, Self::System | Self::Pinned)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::System => "System",
+            Self::Pinned => "Pinned",
+            Self::Device => "Device",
+            Self::Disk => "Disk",
+        }
+    }
+}
+
+impl std::fmt::Display for StorageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl TryFrom<i32> for StorageKind {
+    type Error = Error;
+    fn try_from(v: i32) -> Result<Self> {
+        Ok(match v {
+            0 => Self::System,
+            1 => Self::Pinned,
+            2 => Self::Device,
+            3 => Self::Disk,
+            _ => bail!(
+                InvalidArgument,
+                "unknown storage kind {v} (expected 0..=3: SYSTEM, PINNED, DEVICE, DISK)"
+            ),
+        })
+    }
+}
+
+/// One contiguous span of a layout's memory: a host address, or a file offset for disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub addr: u64,
+    pub len: u64,
+}
+
+impl Region {
+    pub fn end(&self) -> u64 {
+        self.addr + self.len
+    }
+
+    pub fn overlaps(&self, other: &Region) -> bool {
+        self.addr < other.end() && other.addr < self.end()
+    }
+}
+
+/// Who frees the memory.
+#[derive(Debug)]
+enum Owner {
+    /// kvxfer allocated it; dropping the allocations frees it.
+    Host(#[allow(dead_code)] Vec<HostAllocation>),
+    /// The caller owns it and keeps it alive at least as long as the layout.
+    Caller,
+}
+
+/// The memory of one layout: one region (fully contiguous) or one per layer.
+#[derive(Debug)]
+pub struct Memory {
+    kind: StorageKind,
+    device_id: i32,
+    regions: Vec<Region>,
+    _owner: Owner,
+}
+
+impl Memory {
+    /// Allocates one host region per entry of `sizes`, each aligned to `alignment` (at least a
+    /// page) and zeroed; `Pinned` memory is page-locked.
+    pub fn allocate_host(kind: StorageKind, sizes: &[u64], alignment: u64) -> Result<Self> {
+        if !kind.is_host() {
+            bail!(InvalidArgument, "{kind} is not host memory");
+        }
+        let lock = kind == StorageKind::Pinned;
+        let allocations = sizes
+            .iter()
+            .map(|&size| HostAllocation::new(size, alignment, lock))
+            .collect::<Result<Vec<_>>>()?;
+        let regions = allocations.iter().map(HostAllocation::region).collect();
+        Ok(Self {
+            kind,
+            device_id: 0,
+            regions,
+            _owner: Owner::Host(allocations),
+        })
+    }
+
+    /// Describes memory the caller owns. The caller guarantees it stays valid while any layout
+    /// or transfer uses it.
+    pub fn caller_owned(kind: StorageKind, device_id: i32, regions: Vec<Region>) -> Self {
+        Self {
+            kind,
+            device_id,
+            regions,
+            _owner: Owner::Caller,
+        }
+    }
+
+    pub fn kind(&self) -> StorageKind {
+        self.kind
+    }
+
+    pub fn device_id(&self) -> i32 {
+        self.device_id
+    }
+
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Whether any byte of `self` can also be reached through `other`.
+    pub fn may_alias(&self, other: &Memory) -> bool {
+        if std::ptr::eq(self, other) {
+            return true;
+        }
+        let same_space = match (self.kind, other.kind) {
+            (a, b) if a.is_host() && b.is_host() => true,
+            (StorageKind::Device, StorageKind::Device) => self.device_id == other.device_id,
+            _ => false,
+        };
+        same_space
+            && self
+                .regions
+                .iter()
+                .any(|a| other.regions.iter().any(|b| a.overlaps(b)))
+    }
+}

@@ -1,0 +1,422 @@
+//! A transfer request, its validation, and the copy list it becomes: one (src, dst, len) per
+//! (block pair, layer in range, outer), with contiguous neighbours coalesced.
+
+use std::ops::Range;
+
+use crate::error::{Result, bail};
+use crate::layout::{Layout, LayoutKind};
+
+/// One contiguous copy. Addresses are host or device addresses, or file offsets for disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOp {
+    pub src: u64,
+    pub dst: u64,
+    pub len: u64,
+}
+
+/// The copies of one transfer, after coalescing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyList {
+    pub copies: Vec<CopyOp>,
+    /// Number of (block, layer, outer) pieces before coalescing.
+    pub fragments: u64,
+    pub bytes: u64,
+}
+
+/// Moves `src_blocks[i]` of `src` to `dst_blocks[i]` of `dst`, for the layers in `layers`.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub src: &'a Layout,
+    pub src_blocks: &'a [u64],
+    pub dst: &'a Layout,
+    pub dst_blocks: &'a [u64],
+    pub layers: Range<u64>,
+}
+
+/// Resolves the options' layer range; `end == 0` means all layers, which then must be the same
+/// number in both layouts.
+pub fn resolve_layers(src: &Layout, dst: &Layout, begin: u64, end: u64) -> Result<Range<u64>> {
+    let (ns, nd) = (src.config().num_layers, dst.config().num_layers);
+    let end = if end == 0 {
+        if ns != nd {
+            bail!(
+                InvalidArgument,
+                "source has {ns} layers and destination {nd}: give an explicit layer range"
+            );
+        }
+        ns
+    } else {
+        end
+    };
+    if begin >= end {
+        bail!(
+            InvalidArgument,
+            "empty layer range [{begin}, {end}): layer_begin must be below layer_end"
+        );
+    }
+    if end > ns.min(nd) {
+        bail!(
+            OutOfRange,
+            "layer range [{begin}, {end}) does not lie in both layouts ({ns} and {nd} layers)"
+        );
+    }
+    Ok(begin..end)
+}
+
+impl Request<'_> {
+    /// Checks everything that could make the transfer wrong, before anything moves.
+    pub fn validate(&self) -> Result<()> {
+        let (s, d) = (self.src.config(), self.dst.config());
+        if self.src_blocks.len() != self.dst_blocks.len() {
+            bail!(
+                InvalidArgument,
+                "{} source blocks but {} destination blocks",
+                self.src_blocks.len(),
+                self.dst_blocks.len()
+            );
+        }
+        if s.outer_dim != d.outer_dim {
+            bail!(
+                InvalidArgument,
+                "layouts differ in outer_dim ({} vs {})",
+                s.outer_dim,
+                d.outer_dim
+            );
+        }
+        if self.src.region_len() != self.dst.region_len() {
+            bail!(
+                InvalidArgument,
+                "layouts differ in region size ({} vs {} bytes per block, layer and outer)",
+                self.src.region_len(),
+                self.dst.region_len()
+            );
+        }
+        if self.layers.start >= self.layers.end || self.layers.end > s.num_layers.min(d.num_layers)
+        {
+            bail!(OutOfRange, "layer range {:?} is not in both layouts", self.layers);
+        }
+        self.src.check_blocks(self.src_blocks, "src_blocks")?;
+        self.dst.check_blocks(self.dst_blocks, "dst_blocks")?;
+        if let Some((i, b)) = first_duplicate(self.dst_blocks, d.num_blocks) {
+            bail!(
+                InvalidArgument,
+                "destination block {b} appears more than once (dst_blocks[{i}])"
+            );
+        }
+        if std::sync::Arc::ptr_eq(self.src.memory(), self.dst.memory()) {
+            // Blocks of one layout never share bytes, so only equal ids can overlap.
+            if let Some(b) = first_common(self.src_blocks, self.dst_blocks, d.num_blocks) {
+                bail!(
+                    InvalidArgument,
+                    "block {b} is both a source and a destination in the same layout"
+                );
+            }
+        } else if self.src.memory().may_alias(self.dst.memory()) {
+            self.check_no_overlap()?;
+        }
+        Ok(())
+    }
+
+    /// For two layouts over overlapping memory (wrapped twice): no source byte may be a
+    /// destination byte.
+    fn check_no_overlap(&self) -> Result<()> {
+        let list = self.build();
+        let mut dst: Vec<(u64, u64)> = list.copies.iter().map(|c| (c.dst, c.len)).collect();
+        dst.sort_unstable();
+        for c in &list.copies {
+            let end = c.src + c.len;
+            // Destinations do not overlap each other, so the last one starting before `end`
+            // is the only candidate.
+            let i = dst.partition_point(|&(start, _)| start < end);
+            if i > 0 {
+                let (start, len) = dst[i - 1];
+                if start + len > c.src {
+                    bail!(
+                        InvalidArgument,
+                        "source and destination overlap in memory at {:#x}",
+                        c.src.max(start)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The copy list of a validated request, walked in the order that keeps the destination
+    /// contiguous so that neighbours coalesce.
+    pub fn build(&self) -> CopyList {
+        let (s, d) = (self.src, self.dst);
+        let outer = s.config().outer_dim;
+        let region = s.region_len();
+        let n = self.src_blocks.len() as u64 * (self.layers.end - self.layers.start) * outer;
+        let mut list = CopyList {
+            copies: Vec::new(),
+            fragments: n,
+            bytes: n * region,
+        };
+        let mut push = |b: usize, l: u64, o: u64| {
+            let src = s.addr_unchecked(self.src_blocks[b], l, o);
+            let dst = d.addr_unchecked(self.dst_blocks[b], l, o);
+            match list.copies.last_mut() {
+                Some(last) if last.src + last.len == src && last.dst + last.len == dst => {
+                    last.len += region;
+                }
+                _ => list.copies.push(CopyOp {
+                    src,
+                    dst,
+                    len: region,
+                }),
+            }
+        };
+        let blocks = 0..self.src_blocks.len();
+        match d.config().kind {
+            LayoutKind::FullyContiguous => {
+                for b in blocks {
+                    for l in self.layers.clone() {
+                        for o in 0..outer {
+                            push(b, l, o);
+                        }
+                    }
+                }
+            }
+            LayoutKind::LayerSeparateBlockFirst => {
+                for l in self.layers.clone() {
+                    for b in blocks.clone() {
+                        for o in 0..outer {
+                            push(b, l, o);
+                        }
+                    }
+                }
+            }
+            LayoutKind::LayerSeparateOuterFirst => {
+                for l in self.layers.clone() {
+                    for o in 0..outer {
+                        for b in blocks.clone() {
+                            push(b, l, o);
+                        }
+                    }
+                }
+            }
+        }
+        list
+    }
+}
+
+/// A set of block ids: a bitmap when the id space is small next to the list, else sorting.
+fn first_duplicate(ids: &[u64], num_blocks: u64) -> Option<(usize, u64)> {
+    if num_blocks <= (ids.len() as u64).saturating_mul(64).max(1 << 20) {
+        let mut seen = vec![0u64; num_blocks.div_ceil(64) as usize];
+        for (i, &b) in ids.iter().enumerate() {
+            let (w, bit) = ((b / 64) as usize, 1u64 << (b % 64));
+            if seen[w] & bit != 0 {
+                return Some((i, b));
+            }
+            seen[w] |= bit;
+        }
+        None
+    } else {
+        let mut sorted: Vec<(u64, usize)> = ids.iter().enumerate().map(|(i, &b)| (b, i)).collect();
+        sorted.sort_unstable();
+        sorted
+            .windows(2)
+            .find(|w| w[0].0 == w[1].0)
+            .map(|w| (w[0].1.max(w[1].1), w[0].0))
+    }
+}
+
+fn first_common(a: &[u64], b: &[u64], num_blocks: u64) -> Option<u64> {
+    let mut all = Vec::with_capacity(a.len() + b.len());
+    // Ids within each list may repeat in `a` (one source to many destinations), so dedupe `a`.
+    let mut a_sorted = a.to_vec();
+    a_sorted.sort_unstable();
+    a_sorted.dedup();
+    all.extend_from_slice(&a_sorted);
+    all.extend_from_slice(b);
+    first_duplicate(&all, num_blocks).map(|(_, id)| id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::layout::LayoutConfig;
+    use crate::memory::{Memory, Region, StorageKind};
+
+    fn cfg(kind: LayoutKind, blocks: u64) -> LayoutConfig {
+        LayoutConfig {
+            num_blocks: blocks,
+            num_layers: 2,
+            outer_dim: 2,
+            page_size: 2,
+            inner_dim: 4,
+            dtype_width: 2,
+            alignment: 1,
+            kind,
+        }
+    }
+
+    /// A layout over fake addresses: nothing is dereferenced by planning.
+    fn fake(kind: LayoutKind, blocks: u64, base: u64) -> Layout {
+        let c = cfg(kind, blocks);
+        let g = c.validate().unwrap();
+        let regions = (0..g.allocations)
+            .map(|i| Region {
+                addr: base + i * 0x10_0000,
+                len: g.allocation_len,
+            })
+            .collect();
+        Layout::new(c, Memory::caller_owned(StorageKind::System, 0, regions), 1).unwrap()
+    }
+
+    fn req<'a>(s: &'a Layout, sb: &'a [u64], d: &'a Layout, db: &'a [u64]) -> Request<'a> {
+        Request {
+            src: s,
+            src_blocks: sb,
+            dst: d,
+            dst_blocks: db,
+            layers: 0..2,
+        }
+    }
+
+    #[test]
+    fn fc_to_fc_consecutive_ids_coalesce_into_one_copy() {
+        let s = fake(LayoutKind::FullyContiguous, 8, 0x100_0000);
+        let d = fake(LayoutKind::FullyContiguous, 8, 0x200_0000);
+        let r = req(&s, &[2, 3, 4], &d, &[5, 6, 7]);
+        r.validate().unwrap();
+        let l = r.build();
+        assert_eq!(l.fragments, 12);
+        assert_eq!(l.bytes, 12 * 16);
+        assert_eq!(
+            l.copies,
+            vec![CopyOp {
+                src: 0x100_0000 + 2 * 64,
+                dst: 0x200_0000 + 5 * 64,
+                len: 3 * 64
+            }]
+        );
+    }
+
+    #[test]
+    fn permuted_ids_do_not_coalesce_across_blocks() {
+        let s = fake(LayoutKind::FullyContiguous, 8, 0x100_0000);
+        let d = fake(LayoutKind::FullyContiguous, 8, 0x200_0000);
+        let r = req(&s, &[0, 1, 2], &d, &[2, 1, 0]);
+        r.validate().unwrap();
+        let l = r.build();
+        assert_eq!(l.copies.len(), 3); // each whole block is still one copy
+        assert!(l.copies.iter().all(|c| c.len == 64));
+    }
+
+    #[test]
+    fn layer_separate_coalesces_per_layer() {
+        let s = fake(LayoutKind::LayerSeparateBlockFirst, 8, 0x100_0000);
+        let d = fake(LayoutKind::LayerSeparateBlockFirst, 8, 0x200_0000);
+        let r = req(&s, &[0, 1, 2, 3], &d, &[4, 5, 6, 7]);
+        let l = r.build();
+        assert_eq!(l.copies.len(), 2); // one per layer
+        assert_eq!(l.copies[1].src, 0x110_0000);
+        assert_eq!(l.copies[1].dst, 0x210_0000 + 4 * 32);
+    }
+
+    #[test]
+    fn layer_range_limits_the_copies() {
+        let s = fake(LayoutKind::LayerSeparateOuterFirst, 8, 0x100_0000);
+        let d = fake(LayoutKind::FullyContiguous, 8, 0x200_0000);
+        let mut r = req(&s, &[1], &d, &[1]);
+        r.layers = 1..2;
+        r.validate().unwrap();
+        let l = r.build();
+        assert_eq!(l.fragments, 2);
+        // FC keeps (layer 1, outer 0) and (layer 1, outer 1) adjacent; LS-outer-first does not.
+        assert_eq!(
+            l.copies,
+            vec![
+                CopyOp {
+                    src: 0x110_0000 + 16,
+                    dst: 0x200_0000 + 64 + 32,
+                    len: 16
+                },
+                CopyOp {
+                    src: 0x110_0000 + 8 * 16 + 16,
+                    dst: 0x200_0000 + 64 + 48,
+                    len: 16
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn refusals() {
+        let s = fake(LayoutKind::FullyContiguous, 8, 0x100_0000);
+        let d = fake(LayoutKind::FullyContiguous, 8, 0x200_0000);
+        let bad = |r: Request, f: fn(&Error) -> bool| {
+            let e = r.validate().unwrap_err();
+            assert!(f(&e), "{e:?}");
+        };
+        bad(req(&s, &[8], &d, &[0]), |e| matches!(e, Error::OutOfRange(_)));
+        bad(req(&s, &[0], &d, &[9]), |e| matches!(e, Error::OutOfRange(_)));
+        bad(req(&s, &[0, 1], &d, &[3, 3]), |e| {
+            matches!(e, Error::InvalidArgument(m) if m.contains("more than once"))
+        });
+        bad(req(&s, &[0, 1], &d, &[3]), |e| matches!(e, Error::InvalidArgument(_)));
+        bad(req(&s, &[0, 1], &s, &[2, 1]), |e| {
+            matches!(e, Error::InvalidArgument(m) if m.contains("block 1"))
+        });
+        // Broadcasting one source to many destinations is fine; moving within a layout too.
+        req(&s, &[0, 0], &d, &[1, 2]).validate().unwrap();
+        req(&s, &[0, 1], &s, &[2, 3]).validate().unwrap();
+
+        let mut other = cfg(LayoutKind::FullyContiguous, 8);
+        other.inner_dim = 8;
+        let g = other.validate().unwrap();
+        let wide = Layout::new(
+            other,
+            Memory::caller_owned(
+                StorageKind::System,
+                0,
+                vec![Region {
+                    addr: 0x300_0000,
+                    len: g.allocation_len,
+                }],
+            ),
+            1,
+        )
+        .unwrap();
+        bad(req(&s, &[0], &wide, &[0]), |e| {
+            matches!(e, Error::InvalidArgument(m) if m.contains("region size"))
+        });
+        let mut r = req(&s, &[0], &d, &[0]);
+        r.layers = 1..3;
+        bad(r, |e| matches!(e, Error::OutOfRange(_)));
+    }
+
+    #[test]
+    fn overlapping_wrapped_layouts_are_refused() {
+        // Two layouts over the same bytes, the second shifted by one block.
+        let a = fake(LayoutKind::FullyContiguous, 8, 0x100_0000);
+        let b = fake(LayoutKind::FullyContiguous, 8, 0x100_0000 + 64);
+        let e = req(&a, &[1], &b, &[0]).validate().unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(m) if m.contains("overlap")));
+        req(&a, &[0], &b, &[1]).validate().unwrap(); // a.0 vs b.1 = a.2: disjoint
+    }
+
+    #[test]
+    fn layer_resolution() {
+        let s = fake(LayoutKind::FullyContiguous, 8, 0x100_0000);
+        let d = fake(LayoutKind::FullyContiguous, 8, 0x200_0000);
+        assert_eq!(resolve_layers(&s, &d, 0, 0).unwrap(), 0..2);
+        assert_eq!(resolve_layers(&s, &d, 1, 2).unwrap(), 1..2);
+        assert!(resolve_layers(&s, &d, 1, 1).is_err());
+        assert!(matches!(resolve_layers(&s, &d, 0, 3), Err(Error::OutOfRange(_))));
+    }
+
+    #[test]
+    fn duplicate_detection_both_ways() {
+        assert_eq!(first_duplicate(&[1, 2, 3], 4), None);
+        assert_eq!(first_duplicate(&[1, 2, 1], 4), Some((2, 1)));
+        let big = u64::MAX - 1;
+        assert_eq!(first_duplicate(&[big, 5, big], u64::MAX), Some((2, big)));
+        assert_eq!(first_duplicate(&[big, 5], u64::MAX), None);
+    }
+}

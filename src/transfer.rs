@@ -1,0 +1,208 @@
+//! Transfer state: what was planned, how far it got, and how a caller learns it finished.
+//! Completion is pushed by whoever finishes the last piece of work (a condition variable wakes
+//! waiters); nothing polls on a timer.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+
+/// What a transfer moves, known when it is submitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferStats {
+    /// Bytes moved (source to destination, counted once).
+    pub bytes: u64,
+    /// (block, layer, outer) pieces requested.
+    pub fragments: u64,
+    /// Copies issued after coalescing.
+    pub copies: u64,
+    pub plan: Plan,
+    /// Submit to completion; 0 while the transfer is pending.
+    pub elapsed_ns: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    outcome: Option<Result<()>>,
+    first_error: Option<Error>,
+    elapsed_ns: u64,
+}
+
+/// Shared between the transfer handle and the work that carries it out.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    state: Mutex<State>,
+    done: Condvar,
+    remaining: AtomicUsize,
+    started: Instant,
+}
+
+impl Completion {
+    /// A completion that finishes once `parts` pieces have reported.
+    pub(crate) fn new(parts: usize) -> Arc<Self> {
+        let c = Arc::new(Self {
+            state: Mutex::new(State {
+                outcome: None,
+                first_error: None,
+                elapsed_ns: 0,
+            }),
+            done: Condvar::new(),
+            remaining: AtomicUsize::new(parts),
+            started: Instant::now(),
+        });
+        if parts == 0 {
+            c.finish();
+        }
+        c
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere; the state itself stays consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One piece finished with `result`; the last one completes the transfer with the first
+    /// error any piece reported.
+    pub(crate) fn part_done(&self, result: Result<()>) {
+        if let Err(e) = result {
+            let mut s = self.lock();
+            s.first_error.get_or_insert(e);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish();
+        }
+    }
+
+    fn finish(&self) {
+        let mut s = self.lock();
+        s.elapsed_ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        s.outcome = Some(match s.first_error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        });
+        drop(s);
+        self.done.notify_all();
+    }
+}
+
+/// A submitted transfer. Dropping it waits for the work to finish, so memory it reads or
+/// writes is never released under it.
+#[derive(Debug)]
+pub struct Transfer {
+    completion: Arc<Completion>,
+    stats: TransferStats,
+}
+
+impl Transfer {
+    pub(crate) fn new(completion: Arc<Completion>, stats: TransferStats) -> Self {
+        Self { completion, stats }
+    }
+
+    /// `None` while pending, else the outcome.
+    pub fn poll(&self) -> Option<Result<()>> {
+        self.completion.lock().outcome.clone()
+    }
+
+    /// Waits for completion; `None` waits forever. `Err(Timeout)` leaves the transfer running.
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
+        let c = &self.completion;
+        let mut s = c.lock();
+        match timeout {
+            None => {
+                while s.outcome.is_none() {
+                    s = c.done.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+            Some(t) => {
+                // A deadline too far away to represent is the same as waiting forever.
+                let deadline = Instant::now().checked_add(t);
+                while s.outcome.is_none() {
+                    let left = match deadline {
+                        Some(d) => d.saturating_duration_since(Instant::now()),
+                        None => Duration::from_secs(3600),
+                    };
+                    if left.is_zero() {
+                        return Err(Error::Timeout(format!(
+                            "transfer still running after {} µs",
+                            t.as_micros()
+                        )));
+                    }
+                    s = c
+                        .done
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        s.outcome.clone().unwrap_or(Ok(()))
+    }
+
+    pub fn stats(&self) -> TransferStats {
+        TransferStats {
+            elapsed_ns: self.completion.lock().elapsed_ns,
+            ..self.stats
+        }
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        let _ = self.wait(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Strategy;
+
+    fn stats() -> TransferStats {
+        TransferStats {
+            bytes: 1,
+            fragments: 1,
+            copies: 1,
+            plan: Plan::Direct(Strategy::Memcpy),
+            elapsed_ns: 0,
+        }
+    }
+
+    #[test]
+    fn completes_after_last_part_with_first_error() {
+        let c = Completion::new(3);
+        let t = Transfer::new(c.clone(), stats());
+        assert!(t.poll().is_none());
+        assert!(matches!(
+            t.wait(Some(Duration::from_millis(1))),
+            Err(Error::Timeout(_))
+        ));
+        c.part_done(Err(Error::Io("first".into())));
+        c.part_done(Err(Error::Io("second".into())));
+        assert!(t.poll().is_none());
+        c.part_done(Ok(()));
+        assert_eq!(t.poll(), Some(Err(Error::Io("first".into()))));
+        assert_eq!(t.wait(None), Err(Error::Io("first".into())));
+    }
+
+    #[test]
+    fn zero_parts_is_complete_at_once() {
+        let t = Transfer::new(Completion::new(0), stats());
+        assert_eq!(t.poll(), Some(Ok(())));
+        assert_eq!(t.wait(Some(Duration::ZERO)), Ok(()));
+    }
+
+    #[test]
+    fn waiter_is_woken_from_another_thread() {
+        let c = Completion::new(1);
+        let t = Transfer::new(c.clone(), stats());
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            c.part_done(Ok(()));
+        });
+        assert_eq!(t.wait(Some(Duration::from_secs(30))), Ok(()));
+        assert!(t.stats().elapsed_ns > 0);
+        h.join().unwrap();
+    }
+}

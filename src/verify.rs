@@ -1,0 +1,158 @@
+//! Verification content. `fill` writes bytes that depend only on (seed, block id, position in
+//! the block), where the position counts the block's bytes in (layer, outer, byte) order; the
+//! checksum hashes the same bytes in the same order. So equal content has an equal checksum in
+//! any layout kind or tier, and different blocks (or seeds) differ.
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::error::{Result, bail};
+use crate::layout::Layout;
+
+/// Below this many bytes per thread, verification stays on the calling thread.
+const MIN_BYTES_PER_THREAD: u64 = 8 << 20;
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn block_key(seed: u64, block: u64) -> u64 {
+    splitmix64(seed ^ splitmix64(block ^ 0x6B76_7866_6572_0001))
+}
+
+/// The 8 pattern bytes at word index `word` of a block.
+fn word(key: u64, word: u64) -> u64 {
+    splitmix64(key ^ word.wrapping_mul(0xD6E8_FEB8_6659_FD93))
+}
+
+/// Fills `dst`, which holds the block's bytes from position `pos` on.
+fn fill_bytes(key: u64, mut pos: u64, dst: &mut [u8]) {
+    let head = ((8 - pos % 8) % 8).min(dst.len() as u64) as usize;
+    let (head_bytes, rest) = dst.split_at_mut(head);
+    for b in head_bytes {
+        *b = (word(key, pos / 8) >> (8 * (pos % 8))) as u8;
+        pos += 1;
+    }
+    let mut chunks = rest.chunks_exact_mut(8);
+    for c in &mut chunks {
+        c.copy_from_slice(&word(key, pos / 8).to_le_bytes());
+        pos += 8;
+    }
+    for b in chunks.into_remainder() {
+        *b = (word(key, pos / 8) >> (8 * (pos % 8))) as u8;
+        pos += 1;
+    }
+}
+
+fn require_host(layout: &Layout, what: &str) -> Result<()> {
+    let kind = layout.storage_kind();
+    if !kind.is_host() {
+        bail!(
+            Unavailable,
+            "{what} of {kind} layouts is not available in this version of kvxfer (host only)"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f(i, block)` for every entry of `blocks`, spread over up to `threads` threads.
+fn for_blocks<F>(layout: &Layout, blocks: &[u64], threads: usize, f: F)
+where
+    F: Fn(usize, u64) + Sync,
+{
+    let c = layout.config();
+    let block_bytes = c.num_layers * c.outer_dim * layout.region_len();
+    let total = block_bytes.saturating_mul(blocks.len() as u64);
+    let threads = (total / MIN_BYTES_PER_THREAD).clamp(1, threads.max(1) as u64) as usize;
+    let per = blocks.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        for (chunk_index, chunk) in blocks.chunks(per).enumerate() {
+            let f = &f;
+            let run = move || {
+                for (j, &b) in chunk.iter().enumerate() {
+                    f(chunk_index * per + j, b);
+                }
+            };
+            if threads == 1 {
+                run();
+            } else {
+                s.spawn(run);
+            }
+        }
+    });
+}
+
+/// Writes the verification pattern of `seed` into `blocks` of a host layout.
+///
+/// The caller must not run a transfer touching these blocks at the same time.
+pub fn fill(layout: &Layout, blocks: &[u64], seed: u64, threads: usize) -> Result<()> {
+    require_host(layout, "fill")?;
+    layout.check_blocks(blocks, "blocks")?;
+    let c = *layout.config();
+    let region = layout.region_len();
+    for_blocks(layout, blocks, threads, |_, b| {
+        let key = block_key(seed, b);
+        let mut pos = 0;
+        for l in 0..c.num_layers {
+            for o in 0..c.outer_dim {
+                let addr = layout.addr_unchecked(b, l, o);
+                // SAFETY: indices are checked, so [addr, addr+region) lies in the layout's host
+                // memory, which the layout keeps alive; no other thread writes this block
+                // (distinct threads get distinct list entries; a repeated id writes equal bytes).
+                let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, region as usize) };
+                fill_bytes(key, pos, dst);
+                pos += region;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// One checksum per entry of `blocks` over all its layers, in (layer, outer, byte) order.
+pub fn checksum(layout: &Layout, blocks: &[u64], threads: usize) -> Result<Vec<u64>> {
+    require_host(layout, "checksum")?;
+    layout.check_blocks(blocks, "blocks")?;
+    let c = *layout.config();
+    let region = layout.region_len();
+    let sums: Vec<std::sync::atomic::AtomicU64> =
+        blocks.iter().map(|_| Default::default()).collect();
+    for_blocks(layout, blocks, threads, |i, b| {
+        let mut h = Xxh3::new();
+        for l in 0..c.num_layers {
+            for o in 0..c.outer_dim {
+                let addr = layout.addr_unchecked(b, l, o);
+                // SAFETY: as in `fill`; reading only.
+                let src = unsafe { std::slice::from_raw_parts(addr as *const u8, region as usize) };
+                h.update(src);
+            }
+        }
+        sums[i].store(h.digest(), std::sync::atomic::Ordering::Relaxed);
+    });
+    Ok(sums.into_iter().map(|s| s.into_inner()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_position_based_whatever_the_split() {
+        let key = block_key(7, 3);
+        let mut whole = vec![0u8; 100];
+        fill_bytes(key, 5, &mut whole);
+        let mut pieces = vec![0u8; 100];
+        let (a, rest) = pieces.split_at_mut(3);
+        let (b, c) = rest.split_at_mut(41);
+        fill_bytes(key, 5, a);
+        fill_bytes(key, 8, b);
+        fill_bytes(key, 49, c);
+        assert_eq!(whole, pieces);
+        let mut other = vec![0u8; 100];
+        fill_bytes(block_key(7, 4), 5, &mut other);
+        assert_ne!(whole, other);
+        fill_bytes(block_key(8, 3), 5, &mut other);
+        assert_ne!(whole, other);
+    }
+}
