@@ -14,16 +14,16 @@ use crate::transfer::{Completion, Transfer, TransferStats};
 use crate::verify;
 
 /// NIXL backend bits of `ContextConfig::nixl_backends`.
-pub mod backend {
-    pub const UCX: u32 = 1;
-    pub const POSIX: u32 = 2;
-    pub const GDS: u32 = 4;
-    pub const GDS_MT: u32 = 8;
-    pub const ALL: u32 = UCX | POSIX | GDS | GDS_MT;
+pub(crate) mod backend {
+    pub(crate) const UCX: u32 = 1;
+    pub(crate) const POSIX: u32 = 2;
+    pub(crate) const GDS: u32 = 4;
+    pub(crate) const GDS_MT: u32 = 8;
+    pub(crate) const ALL: u32 = UCX | POSIX | GDS | GDS_MT;
 }
 
 /// Upper bound on worker threads, so a typo cannot start thousands of threads.
-pub const MAX_WORKER_THREADS: u32 = 256;
+pub(crate) const MAX_WORKER_THREADS: u32 = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContextConfig {
@@ -159,7 +159,10 @@ impl Context {
         if let Some(name) = &config.agent_name
             && name.is_empty()
         {
-            bail!(InvalidArgument, "agent_name must not be empty (NULL generates one)");
+            bail!(
+                InvalidArgument,
+                "agent_name must not be empty (NULL generates one)"
+            );
         }
         let threads = match config.worker_threads {
             0 => std::thread::available_parallelism().map_or(4, |n| n.get()),

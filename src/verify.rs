@@ -101,7 +101,8 @@ pub fn fill(layout: &Layout, blocks: &[u64], seed: u64, threads: usize) -> Resul
                 // SAFETY: indices are checked, so [addr, addr+region) lies in the layout's host
                 // memory, which the layout keeps alive; no other thread writes this block
                 // (distinct threads get distinct list entries; a repeated id writes equal bytes).
-                let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, region as usize) };
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, region as usize) };
                 fill_bytes(key, pos, dst);
                 pos += region;
             }

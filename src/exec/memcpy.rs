@@ -3,7 +3,7 @@
 use crate::plan::CopyOp;
 
 /// Below this a transfer is not worth splitting across threads.
-pub const MIN_SHARE_BYTES: u64 = 1 << 20;
+pub(crate) const MIN_SHARE_BYTES: u64 = 1 << 20;
 
 /// Cuts `copies` into at most `parts` lists of about equal bytes, splitting copies that cross a
 /// share boundary, keeping order. Never returns an empty list of shares for non-empty input.
@@ -85,7 +85,9 @@ mod tests {
 
     #[test]
     fn uneven_sizes_produce_at_most_parts_shares() {
-        let copies: Vec<CopyOp> = (0..1000).map(|i| c(i * 10_000, (i + 5000) * 10_000, 7777)).collect();
+        let copies: Vec<CopyOp> = (0..1000)
+            .map(|i| c(i * 10_000, (i + 5000) * 10_000, 7777))
+            .collect();
         for parts in 1..9 {
             let s = split(&copies, parts);
             assert!(s.len() <= parts);

@@ -143,7 +143,11 @@ impl LayoutConfig {
                 (stride, len, self.num_layers)
             }
             LayoutKind::LayerSeparateOuterFirst => {
-                let len = mul(mul(self.num_blocks, region, "layer size")?, self.outer_dim, "")?;
+                let len = mul(
+                    mul(self.num_blocks, region, "layer size")?,
+                    self.outer_dim,
+                    "",
+                )?;
                 (region, len, self.num_layers)
             }
         };
@@ -274,17 +278,51 @@ mod tests {
     fn invalid_configs_are_refused() {
         let base = cfg(LayoutKind::FullyContiguous);
         let bad = [
-            LayoutConfig { num_blocks: 0, ..base },
-            LayoutConfig { num_layers: 0, ..base },
-            LayoutConfig { outer_dim: 3, ..base },
-            LayoutConfig { page_size: 0, ..base },
-            LayoutConfig { inner_dim: 0, ..base },
-            LayoutConfig { dtype_width: 3, ..base },
-            LayoutConfig { alignment: 0, ..base },
-            LayoutConfig { alignment: 48, ..base },
-            LayoutConfig { num_blocks: u64::MAX, ..base },
-            LayoutConfig { inner_dim: u64::MAX / 2, ..base },
-            LayoutConfig { num_layers: u64::MAX / 4, kind: LayoutKind::LayerSeparateOuterFirst, ..base },
+            LayoutConfig {
+                num_blocks: 0,
+                ..base
+            },
+            LayoutConfig {
+                num_layers: 0,
+                ..base
+            },
+            LayoutConfig {
+                outer_dim: 3,
+                ..base
+            },
+            LayoutConfig {
+                page_size: 0,
+                ..base
+            },
+            LayoutConfig {
+                inner_dim: 0,
+                ..base
+            },
+            LayoutConfig {
+                dtype_width: 3,
+                ..base
+            },
+            LayoutConfig {
+                alignment: 0,
+                ..base
+            },
+            LayoutConfig {
+                alignment: 48,
+                ..base
+            },
+            LayoutConfig {
+                num_blocks: u64::MAX,
+                ..base
+            },
+            LayoutConfig {
+                inner_dim: u64::MAX / 2,
+                ..base
+            },
+            LayoutConfig {
+                num_layers: u64::MAX / 4,
+                kind: LayoutKind::LayerSeparateOuterFirst,
+                ..base
+            },
         ];
         for c in bad {
             assert!(

@@ -93,7 +93,11 @@ impl Request<'_> {
         }
         if self.layers.start >= self.layers.end || self.layers.end > s.num_layers.min(d.num_layers)
         {
-            bail!(OutOfRange, "layer range {:?} is not in both layouts", self.layers);
+            bail!(
+                OutOfRange,
+                "layer range {:?} is not in both layouts",
+                self.layers
+            );
         }
         self.src.check_blocks(self.src_blocks, "src_blocks")?;
         self.dst.check_blocks(self.dst_blocks, "dst_blocks")?;
@@ -354,15 +358,23 @@ mod tests {
             let e = r.validate().unwrap_err();
             assert!(f(&e), "{e:?}");
         };
-        bad(req(&s, &[8], &d, &[0]), |e| matches!(e, Error::OutOfRange(_)));
-        bad(req(&s, &[0], &d, &[9]), |e| matches!(e, Error::OutOfRange(_)));
-        bad(req(&s, &[0, 1], &d, &[3, 3]), |e| {
-            matches!(e, Error::InvalidArgument(m) if m.contains("more than once"))
+        bad(req(&s, &[8], &d, &[0]), |e| {
+            matches!(e, Error::OutOfRange(_))
         });
-        bad(req(&s, &[0, 1], &d, &[3]), |e| matches!(e, Error::InvalidArgument(_)));
-        bad(req(&s, &[0, 1], &s, &[2, 1]), |e| {
-            matches!(e, Error::InvalidArgument(m) if m.contains("block 1"))
+        bad(req(&s, &[0], &d, &[9]), |e| {
+            matches!(e, Error::OutOfRange(_))
         });
+        bad(
+            req(&s, &[0, 1], &d, &[3, 3]),
+            |e| matches!(e, Error::InvalidArgument(m) if m.contains("more than once")),
+        );
+        bad(req(&s, &[0, 1], &d, &[3]), |e| {
+            matches!(e, Error::InvalidArgument(_))
+        });
+        bad(
+            req(&s, &[0, 1], &s, &[2, 1]),
+            |e| matches!(e, Error::InvalidArgument(m) if m.contains("block 1")),
+        );
         // Broadcasting one source to many destinations is fine; moving within a layout too.
         req(&s, &[0, 0], &d, &[1, 2]).validate().unwrap();
         req(&s, &[0, 1], &s, &[2, 3]).validate().unwrap();
@@ -383,9 +395,10 @@ mod tests {
             1,
         )
         .unwrap();
-        bad(req(&s, &[0], &wide, &[0]), |e| {
-            matches!(e, Error::InvalidArgument(m) if m.contains("region size"))
-        });
+        bad(
+            req(&s, &[0], &wide, &[0]),
+            |e| matches!(e, Error::InvalidArgument(m) if m.contains("region size")),
+        );
         let mut r = req(&s, &[0], &d, &[0]);
         r.layers = 1..3;
         bad(r, |e| matches!(e, Error::OutOfRange(_)));
@@ -408,7 +421,10 @@ mod tests {
         assert_eq!(resolve_layers(&s, &d, 0, 0).unwrap(), 0..2);
         assert_eq!(resolve_layers(&s, &d, 1, 2).unwrap(), 1..2);
         assert!(resolve_layers(&s, &d, 1, 1).is_err());
-        assert!(matches!(resolve_layers(&s, &d, 0, 3), Err(Error::OutOfRange(_))));
+        assert!(matches!(
+            resolve_layers(&s, &d, 0, 3),
+            Err(Error::OutOfRange(_))
+        ));
     }
 
     #[test]

@@ -289,10 +289,7 @@ mod tests {
     #[test]
     fn disk_to_disk_bounces_through_pinned() {
         for caps in ALL_CAPS {
-            assert_eq!(
-                local(Disk, Disk, caps),
-                two_hop(NixlReadFlipped, NixlWrite)
-            );
+            assert_eq!(local(Disk, Disk, caps), two_hop(NixlReadFlipped, NixlWrite));
         }
     }
 

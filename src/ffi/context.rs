@@ -1,0 +1,137 @@
+//! `kvx_context`: configuration, creation and release.
+
+use std::ffi::{CStr, c_char};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use super::boundary::{deref, flag, null_argument, opt_str, write_out};
+use super::status::KVX_STATUS_OK;
+use crate::context::{Context, ContextConfig, backend};
+
+const _: () = assert!(
+    KVX_BACKEND_UCX == backend::UCX
+        && KVX_BACKEND_POSIX == backend::POSIX
+        && KVX_BACKEND_GDS == backend::GDS
+        && KVX_BACKEND_GDS_MT == backend::GDS_MT
+);
+use crate::plan::Capabilities;
+
+/// NIXL backend bit: UCX (remote peers).
+pub const KVX_BACKEND_UCX: u32 = 1;
+/// NIXL backend bit: POSIX files (disk tier).
+pub const KVX_BACKEND_POSIX: u32 = 2;
+/// NIXL backend bit: GPUDirect Storage.
+pub const KVX_BACKEND_GDS: u32 = 4;
+/// NIXL backend bit: GPUDirect Storage, multi-threaded.
+pub const KVX_BACKEND_GDS_MT: u32 = 8;
+
+/// Context configuration. Always start from kvx_context_config_init(), then change fields.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct kvx_context_config {
+    /// NIXL agent name (copied); NULL generates a unique one.
+    pub agent_name: *const c_char,
+    /// KVX_BACKEND_* bits; default UCX | POSIX.
+    pub nixl_backends: u32,
+    /// CUDA device ordinal to bind, or -1 for none; default 0.
+    pub cuda_device: i32,
+    /// 1 allows Device <-> Disk directly through GPUDirect Storage; default 0.
+    pub allow_gds: u8,
+    /// 1 allows Device <-> Remote through GPU RDMA; default 0.
+    pub allow_gpu_rdma: u8,
+    /// Folder for unnamed disk layouts (copied); NULL uses the temporary folder.
+    pub disk_dir: *const c_char,
+    /// Worker threads for host copies; 0 picks the number of CPUs; at most 256.
+    pub worker_threads: u32,
+}
+
+/// A context: capabilities, worker threads and (in later versions) the CUDA device and the
+/// NIXL agent. Thread-safe: any number of threads may use one context at once. Layouts and
+/// transfers made from it stay valid after kvx_context_free(); freeing the context waits for
+/// the host copies already submitted on it.
+pub struct kvx_context {
+    pub(crate) inner: Context,
+}
+
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<kvx_context>()
+};
+
+/// Writes the defaults into *config. NULL is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvx_context_config_init(config: *mut kvx_context_config) {
+    ffi_boundary! {
+        if config.is_null() {
+            return;
+        }
+        let d = ContextConfig::default();
+        let c = kvx_context_config {
+            agent_name: std::ptr::null(),
+            nixl_backends: d.nixl_backends,
+            cuda_device: d.cuda_device,
+            allow_gds: 0,
+            allow_gpu_rdma: 0,
+            disk_dir: std::ptr::null(),
+            worker_threads: 0,
+        };
+        // SAFETY: non-NULL checked; the caller passes a writable struct.
+        unsafe { write_out(config, c) }
+    }
+}
+
+/// Creates a context. On KVX_STATUS_OK *context_out owns a new context, released with
+/// kvx_context_free(). On error *context_out is untouched.
+/// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend bits, cuda_device < -1, flags
+/// other than 0/1, empty or non-UTF-8 agent_name, too many threads), OUT_OF_MEMORY.
+#[unsafe(no_mangle)]
+#[must_use]
+pub unsafe extern "C" fn kvx_context_new(
+    config: *const kvx_context_config,
+    context_out: *mut *mut kvx_context,
+) -> i32 {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid config or NULL.
+        let c = try_status!(unsafe { deref(config, "config") });
+        if context_out.is_null() {
+            return null_argument("context_out");
+        }
+        // SAFETY: a non-NULL agent_name is a NUL-terminated string (the config's contract).
+        let agent_name = try_status!(unsafe { opt_str(c.agent_name, "agent_name") });
+        let disk_dir = if c.disk_dir.is_null() {
+            None
+        } else {
+            // SAFETY: a non-NULL disk_dir is a NUL-terminated string (the config's contract).
+            let bytes = unsafe { CStr::from_ptr(c.disk_dir) }.to_bytes();
+            Some(PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
+        };
+        let config = ContextConfig {
+            agent_name,
+            nixl_backends: c.nixl_backends,
+            cuda_device: c.cuda_device,
+            capabilities: Capabilities {
+                allow_gds: try_status!(flag(c.allow_gds, "allow_gds")),
+                allow_gpu_rdma: try_status!(flag(c.allow_gpu_rdma, "allow_gpu_rdma")),
+            },
+            disk_dir,
+            worker_threads: c.worker_threads,
+        };
+        let inner = try_core!(Context::new(config));
+        let handle = Box::into_raw(Box::new(kvx_context { inner }));
+        // SAFETY: context_out checked non-NULL above.
+        unsafe { write_out(context_out, handle) };
+        KVX_STATUS_OK
+    }
+}
+
+/// Releases a context after the host copies submitted on it have finished. NULL is a no-op.
+/// Layouts and transfers made from it stay valid. Freeing twice is undefined behaviour.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvx_context_free(context: *mut kvx_context) {
+    ffi_boundary! {
+        if !context.is_null() {
+            // SAFETY: a non-NULL pointer came from kvx_context_new and is freed once.
+            drop(unsafe { Box::from_raw(context) });
+        }
+    }
+}

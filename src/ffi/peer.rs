@@ -1,0 +1,172 @@
+//! Remote peers: export, import, peer layouts, notifications. NIXL support arrives in a later
+//! version; until then these entry points check their arguments and return UNAVAILABLE.
+
+use std::ffi::c_char;
+use std::sync::Arc;
+
+use super::boundary::{deref, fail, null_argument, slice};
+use super::context::kvx_context;
+use super::layout::kvx_layout;
+use crate::error::Error;
+use crate::layout::Layout;
+
+/// Bytes kvxfer allocated for the caller; release with kvx_bytes_free().
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct kvx_bytes {
+    pub data: *mut u8,
+    pub len: usize,
+}
+
+/// A remote peer imported from its exported bytes: its agent and layouts. Thread-safe.
+pub struct kvx_peer {
+    #[allow(dead_code)]
+    layouts: Vec<Arc<Layout>>,
+}
+
+fn no_nixl(what: &str) -> i32 {
+    fail(Error::Unavailable(format!(
+        "{what} needs NIXL, which this version of kvxfer does not support yet \
+         (remote peers arrive with the NIXL tier)"
+    )))
+}
+
+/// Serialises the context's agent metadata and the given layouts for a peer.
+/// KVX_STATUS_UNAVAILABLE in this version. On error *bytes_out is untouched.
+#[unsafe(no_mangle)]
+#[must_use]
+pub unsafe extern "C" fn kvx_context_export(
+    context: *mut kvx_context,
+    layouts: *const *const kvx_layout,
+    n_layouts: usize,
+    bytes_out: *mut kvx_bytes,
+) -> i32 {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid context or NULL.
+        let _ctx = try_status!(unsafe { deref(context, "context") });
+        // SAFETY: `layouts` holds n_layouts pointers (the function's contract).
+        let _layouts = try_status!(unsafe { slice(layouts, n_layouts, "layouts") });
+        if bytes_out.is_null() {
+            return null_argument("bytes_out");
+        }
+        no_nixl("kvx_context_export")
+    }
+}
+
+/// Releases bytes from kvx_context_export() and sets data to NULL and len to 0. NULL, or a
+/// kvx_bytes whose data is NULL, is a no-op.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvx_bytes_free(bytes: *mut kvx_bytes) {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid kvx_bytes or NULL.
+        let Some(b) = (unsafe { bytes.as_mut() }) else {
+            return;
+        };
+        if !b.data.is_null() {
+            // SAFETY: data/len came from a boxed slice that kvxfer leaked into this struct.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(b.data, b.len)) });
+        }
+        b.data = std::ptr::null_mut();
+        b.len = 0;
+    }
+}
+
+/// Imports a peer from bytes it exported. The bytes are untrusted and fully validated.
+/// KVX_STATUS_UNAVAILABLE in this version. On error *peer_out is untouched.
+#[unsafe(no_mangle)]
+#[must_use]
+pub unsafe extern "C" fn kvx_context_import(
+    context: *mut kvx_context,
+    data: *const u8,
+    len: usize,
+    peer_out: *mut *mut kvx_peer,
+) -> i32 {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid context or NULL.
+        let _ctx = try_status!(unsafe { deref(context, "context") });
+        // SAFETY: `data` holds len bytes (the function's contract).
+        let _data = try_status!(unsafe { slice(data, len, "data") });
+        if peer_out.is_null() {
+            return null_argument("peer_out");
+        }
+        no_nixl("kvx_context_import")
+    }
+}
+
+/// Number of layouts the peer exported; 0 for NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvx_peer_layout_count(peer: *const kvx_peer) -> usize {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid peer or NULL.
+        unsafe { peer.as_ref() }.map_or(0, |p| p.layouts.len())
+    }
+}
+
+/// A new handle to the peer's layout `index` (a remote layout), released with kvx_layout_free().
+/// Errors: NULL_ARGUMENT, OUT_OF_RANGE. On error *layout_out is untouched.
+#[unsafe(no_mangle)]
+#[must_use]
+pub unsafe extern "C" fn kvx_peer_layout(
+    peer: *const kvx_peer,
+    index: usize,
+    layout_out: *mut *mut kvx_layout,
+) -> i32 {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid peer or NULL.
+        let p = try_status!(unsafe { deref(peer, "peer") });
+        if layout_out.is_null() {
+            return null_argument("layout_out");
+        }
+        let Some(layout) = p.layouts.get(index) else {
+            return fail(Error::OutOfRange(format!(
+                "peer layout {index} out of range (peer has {})",
+                p.layouts.len()
+            )));
+        };
+        let handle = Box::into_raw(Box::new(kvx_layout { inner: layout.clone() }));
+        // SAFETY: checked non-NULL above.
+        unsafe { layout_out.write(handle) };
+        super::status::KVX_STATUS_OK
+    }
+}
+
+/// Unloads a peer. NULL is a no-op; freeing twice is undefined behaviour.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvx_peer_free(peer: *mut kvx_peer) {
+    ffi_boundary! {
+        if !peer.is_null() {
+            // SAFETY: a non-NULL pointer came from kvx_context_import and is freed once.
+            drop(unsafe { Box::from_raw(peer) });
+        }
+    }
+}
+
+/// Dequeues one notification sent to this context: the sender's agent name (NUL-terminated, at
+/// most agent_cap bytes with the NUL) and the message (at most msg_cap bytes, length in
+/// *msg_len_out). KVX_STATUS_OK: one was dequeued; KVX_STATUS_PENDING: none yet.
+/// KVX_STATUS_UNAVAILABLE in this version.
+#[unsafe(no_mangle)]
+#[must_use]
+pub unsafe extern "C" fn kvx_context_next_notification(
+    context: *mut kvx_context,
+    agent_out: *mut c_char,
+    agent_cap: usize,
+    msg_out: *mut u8,
+    msg_cap: usize,
+    msg_len_out: *mut usize,
+) -> i32 {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid context or NULL.
+        let _ctx = try_status!(unsafe { deref(context, "context") });
+        if agent_out.is_null() && agent_cap > 0 {
+            return null_argument("agent_out");
+        }
+        if msg_out.is_null() && msg_cap > 0 {
+            return null_argument("msg_out");
+        }
+        if msg_len_out.is_null() {
+            return null_argument("msg_len_out");
+        }
+        no_nixl("kvx_context_next_notification")
+    }
+}
