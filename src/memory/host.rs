@@ -40,13 +40,15 @@ impl HostAllocation {
             .checked_add(align - page)
             .and_then(|l| l.checked_next_multiple_of(page))
             .ok_or_else(too_big)?;
+        // Pages are populated now, so a pool is ready when made: the first transfer into it
+        // does not pay for page faults.
         // SAFETY: anonymous private mapping with no address hint; the result is checked.
         let map = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 map_len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
                 0,
             )

@@ -1,0 +1,244 @@
+//! `kvxfer bench`: scattered host block transfers against baselines measured in the same run.
+//!
+//! Baselines: `limit` is one memcpy of the same total bytes, cut into one contiguous share per
+//! worker thread; `naive` is one memcpy per fragment on one thread. Each point reports medians.
+
+use std::time::Instant;
+
+use kvxfer::memory::HostAllocation;
+use kvxfer::{
+    Context, ContextConfig, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
+    TransferOptions,
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Bytes moved per measurement, in MiB.
+    #[arg(long, default_value_t = 256)]
+    total_mib: u64,
+    /// Measurements per point (the median is reported).
+    #[arg(long, default_value_t = 9)]
+    iters: usize,
+    /// Worker threads (0 = number of CPUs); the `limit` baseline uses as many.
+    #[arg(long, default_value_t = 0)]
+    threads: u32,
+    /// Fragment sizes in KiB.
+    #[arg(long, value_delimiter = ',', default_values_t = [4u64, 16, 64, 256, 1024, 2048])]
+    fragments_kib: Vec<u64>,
+}
+
+struct Point {
+    fragment: u64,
+    bytes: u64,
+    copies: u64,
+    kvxfer: f64,
+    limit: f64,
+    naive: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn err(e: kvxfer::Error) -> String {
+    e.to_string()
+}
+
+fn scattered_layout(
+    ctx: &Context,
+    storage: StorageKind,
+    blocks: u64,
+    fragment: u64,
+) -> Result<Layout, String> {
+    let cfg = LayoutConfig {
+        num_blocks: blocks,
+        num_layers: 1,
+        outer_dim: 1,
+        page_size: 1,
+        inner_dim: fragment / 2,
+        dtype_width: 2,
+        alignment: 1,
+        kind: LayoutKind::FullyContiguous,
+    };
+    ctx.new_layout(cfg, &StorageSpec::new(storage)).map_err(err)
+}
+
+/// One memcpy of `len` bytes cut into `threads` contiguous shares.
+fn limit_copy(src: usize, dst: usize, len: usize, threads: usize) {
+    let share = len.div_ceil(threads);
+    std::thread::scope(|s| {
+        for i in 0..threads {
+            let off = i * share;
+            let n = share.min(len - off.min(len));
+            s.spawn(move || {
+                // SAFETY: [src+off, +n) and [dst+off, +n) lie in two distinct live allocations
+                // of `len` bytes owned by the caller.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (src + off) as *const u8,
+                        (dst + off) as *mut u8,
+                        n,
+                    )
+                }
+            });
+        }
+    });
+}
+
+fn measure(ctx: &Context, dst_kind: StorageKind, fragment: u64, a: &Args) -> Result<Point, String> {
+    let total = a.total_mib << 20;
+    let blocks = (total / fragment).max(1);
+    let bytes = blocks * fragment;
+    let src = scattered_layout(ctx, StorageKind::System, blocks, fragment)?;
+    let dst = scattered_layout(ctx, dst_kind, blocks, fragment)?;
+    let mut rng = fastrand::Rng::with_seed(fragment);
+    let mut sb: Vec<u64> = (0..blocks).collect();
+    let mut db = sb.clone();
+    rng.shuffle(&mut sb);
+    rng.shuffle(&mut db);
+    let all: Vec<u64> = (0..blocks).collect();
+    ctx.fill(&src, &all, 1).map_err(err)?;
+    ctx.fill(&dst, &all, 2).map_err(err)?;
+    let pairs: Vec<(usize, usize)> = sb
+        .iter()
+        .zip(&db)
+        .map(|(&s, &d)| {
+            let (s, d) = (src.region(s, 0, 0), dst.region(d, 0, 0));
+            Ok((s.map_err(err)?.addr as usize, d.map_err(err)?.addr as usize))
+        })
+        .collect::<Result<_, String>>()?;
+
+    let lim_src = HostAllocation::new(bytes, 4096, false).map_err(err)?;
+    let lim_dst = HostAllocation::new(bytes, 4096, dst_kind == StorageKind::Pinned).map_err(err)?;
+    let (ls, ld) = (
+        lim_src.region().addr as usize,
+        lim_dst.region().addr as usize,
+    );
+    // SAFETY: both allocations hold `bytes` bytes; touching every page first keeps page faults
+    // out of the timings.
+    unsafe {
+        std::ptr::write_bytes(ls as *mut u8, 1, bytes as usize);
+        std::ptr::write_bytes(ld as *mut u8, 2, bytes as usize);
+    }
+    let threads = ctx.worker_threads();
+    let (mut k, mut l, mut n) = (Vec::new(), Vec::new(), Vec::new());
+    let mut copies = 0;
+    for i in 0..=a.iters {
+        let t0 = Instant::now();
+        let t = ctx
+            .submit(&src, &sb, &dst, &db, &TransferOptions::default())
+            .map_err(err)?;
+        t.wait(None).map_err(err)?;
+        let tk = t0.elapsed().as_secs_f64();
+        copies = t.stats().copies;
+
+        let t0 = Instant::now();
+        limit_copy(ls, ld, bytes as usize, threads);
+        let tl = t0.elapsed().as_secs_f64();
+
+        let t0 = Instant::now();
+        for &(s, d) in &pairs {
+            // SAFETY: each pair is a fragment of `src` and of `dst`, both alive, and the
+            // destination ids are distinct.
+            unsafe {
+                std::ptr::copy_nonoverlapping(s as *const u8, d as *mut u8, fragment as usize)
+            };
+        }
+        let tn = t0.elapsed().as_secs_f64();
+        if i > 0 {
+            // The first round warms caches and TLBs and is not counted.
+            k.push(tk);
+            l.push(tl);
+            n.push(tn);
+        }
+    }
+    if ctx.checksum(&src, &sb).map_err(err)? != ctx.checksum(&dst, &db).map_err(err)? {
+        return Err(format!(
+            "fragment {fragment}: destination does not match source"
+        ));
+    }
+    let gbps = |t: f64| bytes as f64 / t / 1e9;
+    Ok(Point {
+        fragment,
+        bytes,
+        copies,
+        kvxfer: gbps(median(k)),
+        limit: gbps(median(l)),
+        naive: gbps(median(n)),
+    })
+}
+
+pub fn run(a: &Args) -> Result<(), String> {
+    if a.iters == 0 || a.total_mib == 0 {
+        return Err("--iters and --total-mib must be at least 1".into());
+    }
+    let ctx = Context::new(ContextConfig {
+        worker_threads: a.threads,
+        ..Default::default()
+    })
+    .map_err(err)?;
+    let dst_kind = match scattered_layout(&ctx, StorageKind::Pinned, 1, 4096) {
+        Ok(_) => StorageKind::Pinned,
+        Err(e) => {
+            eprintln!("pinned memory unavailable ({e}); measuring System -> System");
+            StorageKind::System
+        }
+    };
+    let direction = format!("System->{dst_kind}");
+    if !a.json {
+        println!(
+            "host scatter {direction}: {} MiB per run, median of {} runs, {} threads",
+            a.total_mib,
+            a.iters,
+            ctx.worker_threads()
+        );
+        println!(
+            "{:>9} {:>8} {:>12} {:>12} {:>7} {:>12} {:>7}",
+            "fragment", "copies", "kvxfer GB/s", "limit GB/s", "ratio", "naive GB/s", "ratio"
+        );
+    }
+    for &kib in &a.fragments_kib {
+        let fragment = kib * 1024;
+        if fragment < 2 || fragment > (a.total_mib << 20) {
+            return Err(format!(
+                "fragment {kib} KiB does not fit in {} MiB",
+                a.total_mib
+            ));
+        }
+        let p = measure(&ctx, dst_kind, fragment, a)?;
+        if a.json {
+            for (baseline, b) in [("limit", p.limit), ("naive", p.naive)] {
+                let line = serde_json::json!({
+                    "name": "host_scatter",
+                    "direction": direction,
+                    "fragment_bytes": p.fragment,
+                    "bytes": p.bytes,
+                    "copies": p.copies,
+                    "threads": ctx.worker_threads(),
+                    "iters": a.iters,
+                    "gbps": p.kvxfer,
+                    "baseline": baseline,
+                    "baseline_gbps": b,
+                    "ratio": p.kvxfer / b,
+                });
+                println!("{line}");
+            }
+        } else {
+            println!(
+                "{:>6} KiB {:>8} {:>12.2} {:>12.2} {:>7.3} {:>12.2} {:>7.3}",
+                kib,
+                p.copies,
+                p.kvxfer,
+                p.limit,
+                p.kvxfer / p.limit,
+                p.naive,
+                p.kvxfer / p.naive
+            );
+        }
+    }
+    Ok(())
+}

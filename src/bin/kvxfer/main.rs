@@ -1,0 +1,48 @@
+//! `kvxfer`: the command line. `plan` prints the planner's table, `demo` moves verified blocks
+//! across the tiers this machine has, `bench` measures transfers against baselines.
+
+mod bench;
+mod demo;
+mod plan;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "kvxfer",
+    version,
+    about = "Move LLM KV-cache blocks between storage tiers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the planner's decision for every pair of locations, or for one pair.
+    Plan(plan::Args),
+    /// Move blocks across this machine's tiers, verify checksums, print each hop.
+    Demo(demo::Args),
+    /// Measure transfers against baselines run in the same process.
+    Bench(bench::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    // Behave like other Unix tools when the reader goes away (`kvxfer plan | head`).
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(a) => plan::run(&a),
+        Command::Demo(a) => demo::run(&a),
+        Command::Bench(a) => bench::run(&a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvxfer: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

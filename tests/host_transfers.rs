@@ -1,0 +1,320 @@
+//! Host transfers through the core API on real memory: every layout-kind pair, both host
+//! tiers, permuted ids, layer ranges, refusals that write nothing, many threads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvxfer::{
+    Context, ContextConfig, Error, Layout, LayoutConfig, LayoutKind, Plan, StorageKind,
+    StorageSpec, Strategy, TransferOptions,
+};
+
+fn ctx() -> Context {
+    Context::new(ContextConfig {
+        worker_threads: 3,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+fn config(kind: LayoutKind, blocks: u64, layers: u64) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: blocks,
+        num_layers: layers,
+        outer_dim: 2,
+        page_size: 4,
+        inner_dim: 32,
+        dtype_width: 2,
+        alignment: 256,
+        kind,
+    }
+}
+
+fn layout(ctx: &Context, kind: LayoutKind, storage: StorageKind, blocks: u64) -> Layout {
+    ctx.new_layout(config(kind, blocks, 3), &StorageSpec::new(storage))
+        .unwrap()
+}
+
+fn ids(n: u64) -> Vec<u64> {
+    (0..n).collect()
+}
+
+#[test]
+fn every_layout_pair_and_host_tier_moves_exact_bytes() {
+    let ctx = ctx();
+    for sk in LayoutKind::ALL {
+        for dk in LayoutKind::ALL {
+            for (ss, ds) in [
+                (StorageKind::System, StorageKind::Pinned),
+                (StorageKind::Pinned, StorageKind::System),
+            ] {
+                let src = layout(&ctx, sk, ss, 16);
+                let dst = layout(&ctx, dk, ds, 20);
+                ctx.fill(&src, &ids(16), 42).unwrap();
+                ctx.fill(&dst, &ids(20), 7).unwrap();
+                let guard_before = ctx.checksum(&dst, &ids(20)).unwrap();
+                // Reversed and shifted ids: src i -> dst 17 - i for i in 2..10.
+                let sb: Vec<u64> = (2..10).collect();
+                let db: Vec<u64> = sb.iter().map(|i| 17 - i).collect();
+                let t = ctx
+                    .submit(&src, &sb, &dst, &db, &TransferOptions::default())
+                    .unwrap();
+                t.wait(None).unwrap();
+                let s = t.stats();
+                assert_eq!(s.plan, Plan::Direct(Strategy::Memcpy));
+                assert_eq!(s.fragments, 8 * 3 * 2);
+                assert_eq!(s.bytes, 8 * 3 * 2 * 256);
+                assert_eq!(
+                    ctx.checksum(&src, &sb).unwrap(),
+                    ctx.checksum(&dst, &db).unwrap(),
+                    "{sk:?} -> {dk:?}"
+                );
+                // Every block that was not a destination is untouched.
+                let after = ctx.checksum(&dst, &ids(20)).unwrap();
+                for b in 0..20u64 {
+                    if !db.contains(&b) {
+                        assert_eq!(after[b as usize], guard_before[b as usize], "guard {b}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn checksums_agree_across_layout_kinds_for_equal_content() {
+    let ctx = ctx();
+    let sums: Vec<Vec<u64>> = LayoutKind::ALL
+        .iter()
+        .map(|&k| {
+            let l = layout(&ctx, k, StorageKind::System, 4);
+            ctx.fill(&l, &ids(4), 99).unwrap();
+            ctx.checksum(&l, &ids(4)).unwrap()
+        })
+        .collect();
+    assert_eq!(sums[0], sums[1]);
+    assert_eq!(sums[0], sums[2]);
+    let mut distinct = sums[0].clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "different blocks must differ");
+}
+
+#[test]
+fn layer_range_moves_only_those_layers() {
+    let ctx = ctx();
+    let src = layout(&ctx, LayoutKind::FullyContiguous, StorageKind::System, 4);
+    let dst = layout(
+        &ctx,
+        LayoutKind::LayerSeparateOuterFirst,
+        StorageKind::System,
+        4,
+    );
+    ctx.fill(&src, &ids(4), 1).unwrap();
+    let opts = TransferOptions {
+        layer_begin: 1,
+        layer_end: 2,
+        ..Default::default()
+    };
+    let t = ctx.submit(&src, &[3], &dst, &[0], &opts).unwrap();
+    t.wait(None).unwrap();
+    assert_eq!(t.stats().fragments, 2);
+    for l in 0..3 {
+        for o in 0..2 {
+            let a = src.region(3, l, o).unwrap();
+            let b = dst.region(0, l, o).unwrap();
+            // SAFETY: both regions lie in live host memory of these layouts.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts(a.addr as *const u8, a.len as usize),
+                    std::slice::from_raw_parts(b.addr as *const u8, b.len as usize),
+                )
+            };
+            if l == 1 {
+                assert_eq!(a, b);
+            } else {
+                assert!(b.iter().all(|&x| x == 0), "layer {l} must stay zero");
+            }
+        }
+    }
+}
+
+#[test]
+fn refused_requests_write_nothing() {
+    let ctx = ctx();
+    let src = layout(&ctx, LayoutKind::FullyContiguous, StorageKind::System, 8);
+    let dst = layout(
+        &ctx,
+        LayoutKind::LayerSeparateBlockFirst,
+        StorageKind::System,
+        8,
+    );
+    ctx.fill(&src, &ids(8), 5).unwrap();
+    ctx.fill(&dst, &ids(8), 6).unwrap();
+    let before = ctx.checksum(&dst, &ids(8)).unwrap();
+    let o = TransferOptions::default();
+    let cases: Vec<(Vec<u64>, Vec<u64>, TransferOptions)> = vec![
+        (vec![0, 1, 8], vec![0, 1, 2], o.clone()), // source id out of range, last
+        (vec![0, 1, 2], vec![0, 1, 9], o.clone()), // destination out of range, last
+        (vec![0, 1, 2], vec![4, 5, 4], o.clone()), // duplicate destination
+        (
+            vec![0],
+            vec![0],
+            TransferOptions {
+                layer_end: 4,
+                ..o.clone()
+            },
+        ),
+        (
+            vec![0],
+            vec![0],
+            TransferOptions {
+                notify: Some(b"x".to_vec()),
+                ..o.clone()
+            },
+        ),
+    ];
+    for (sb, db, opts) in cases {
+        assert!(
+            ctx.submit(&src, &sb, &dst, &db, &opts).is_err(),
+            "{sb:?} {db:?}"
+        );
+    }
+    let other_shape = ctx
+        .new_layout(
+            LayoutConfig {
+                inner_dim: 64,
+                ..config(LayoutKind::FullyContiguous, 8, 3)
+            },
+            &StorageSpec::new(StorageKind::System),
+        )
+        .unwrap();
+    assert!(matches!(
+        ctx.submit(&src, &[0], &other_shape, &[0], &o),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        ctx.submit(&dst, &[1, 2], &dst, &[2, 3], &o),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert_eq!(ctx.checksum(&dst, &ids(8)).unwrap(), before);
+}
+
+#[test]
+fn layouts_of_another_context_are_refused() {
+    let (a, b) = (ctx(), ctx());
+    let la = layout(&a, LayoutKind::FullyContiguous, StorageKind::System, 2);
+    let lb = layout(&b, LayoutKind::FullyContiguous, StorageKind::System, 2);
+    let e = a
+        .submit(&la, &[0], &lb, &[0], &TransferOptions::default())
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(m) if m.contains("another context")));
+}
+
+#[test]
+fn later_tiers_are_unavailable() {
+    let ctx = ctx();
+    for kind in [StorageKind::Device, StorageKind::Disk] {
+        let e = ctx
+            .new_layout(
+                config(LayoutKind::FullyContiguous, 2, 1),
+                &StorageSpec::new(kind),
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Unavailable(_)), "{e:?}");
+    }
+}
+
+#[test]
+fn large_transfer_is_split_and_coalesced() {
+    let ctx = ctx();
+    let cfg = LayoutConfig {
+        num_blocks: 64,
+        num_layers: 4,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: 1024,
+        dtype_width: 2,
+        alignment: 1,
+        kind: LayoutKind::FullyContiguous,
+    }; // 32 KiB regions, 256 KiB blocks, 16 MiB in all
+    let sys = StorageSpec::new(StorageKind::System);
+    let src = ctx.new_layout(cfg, &sys).unwrap();
+    let dst = ctx.new_layout(cfg, &sys).unwrap();
+    ctx.fill(&src, &ids(64), 3).unwrap();
+    let t = ctx
+        .submit(&src, &ids(64), &dst, &ids(64), &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    assert_eq!(
+        t.stats().copies,
+        1,
+        "consecutive FC blocks coalesce into one copy"
+    );
+    assert_eq!(
+        ctx.checksum(&src, &ids(64)).unwrap(),
+        ctx.checksum(&dst, &ids(64)).unwrap()
+    );
+}
+
+#[test]
+fn many_threads_share_a_context_and_layouts() {
+    let ctx = Arc::new(ctx());
+    let src = Arc::new(layout(
+        &ctx,
+        LayoutKind::FullyContiguous,
+        StorageKind::Pinned,
+        64,
+    ));
+    let dst = Arc::new(layout(
+        &ctx,
+        LayoutKind::LayerSeparateBlockFirst,
+        StorageKind::System,
+        64,
+    ));
+    ctx.fill(&src, &ids(64), 11).unwrap();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (ctx, src, dst) = (ctx.clone(), src.clone(), dst.clone());
+            std::thread::spawn(move || {
+                // Each thread owns 8 destination blocks; 50 rounds of submit + wait.
+                let sb: Vec<u64> = (0..8).map(|i| (t * 8 + i + 5) % 64).collect();
+                let db: Vec<u64> = (0..8).map(|i| t * 8 + i).collect();
+                for _ in 0..50 {
+                    let tr = ctx
+                        .submit(&src, &sb, &dst, &db, &TransferOptions::default())
+                        .unwrap();
+                    tr.wait(Some(Duration::from_secs(60))).unwrap();
+                }
+                assert_eq!(
+                    ctx.checksum(&src, &sb).unwrap(),
+                    ctx.checksum(&dst, &db).unwrap()
+                );
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn objects_can_be_dropped_in_any_order() {
+    let ctx = ctx();
+    let src = layout(&ctx, LayoutKind::FullyContiguous, StorageKind::System, 256);
+    let dst = layout(&ctx, LayoutKind::FullyContiguous, StorageKind::System, 256);
+    let t = ctx
+        .submit(
+            &src,
+            &ids(256),
+            &dst,
+            &ids(256),
+            &TransferOptions::default(),
+        )
+        .unwrap();
+    drop(src);
+    drop(dst);
+    drop(ctx);
+    t.wait(None).unwrap();
+    drop(t);
+}
