@@ -18,6 +18,9 @@ unsafe impl Send for HostAllocation {}
 // transfer validation of the layouts that use it.
 unsafe impl Sync for HostAllocation {}
 
+/// The transparent huge page size on x86-64 and most arm64 kernels.
+const HUGE_PAGE: usize = 2 << 20;
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -34,21 +37,24 @@ impl HostAllocation {
             bail!(InvalidArgument, "cannot allocate 0 bytes");
         }
         let page = page_size();
-        let align = usize::try_from(alignment).map_err(|_| too_big())?.max(page);
+        let mut align = usize::try_from(alignment).map_err(|_| too_big())?.max(page);
+        if len >= HUGE_PAGE {
+            // Scattered block copies touch a new page per fragment; with 4 KiB pages that is a
+            // TLB miss on each side. Huge-page alignment lets the kernel back pools with THP.
+            align = align.max(HUGE_PAGE);
+        }
         // mmap aligns to a page; a larger alignment is found inside a bigger mapping.
         let map_len = len
             .checked_add(align - page)
             .and_then(|l| l.checked_next_multiple_of(page))
             .ok_or_else(too_big)?;
-        // Pages are populated now, so a pool is ready when made: the first transfer into it
-        // does not pay for page faults.
         // SAFETY: anonymous private mapping with no address hint; the result is checked.
         let map = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 map_len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
@@ -64,6 +70,12 @@ impl HostAllocation {
             addr,
             len,
         };
+        if len >= HUGE_PAGE {
+            // Advisory: without THP support the pages simply stay small.
+            // SAFETY: [addr, addr+len) lies inside the mapping just created.
+            unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        }
+        this.populate(page);
         if lock {
             // SAFETY: [addr, addr+len) lies inside the mapping just created.
             if unsafe { libc::mlock(addr as *const libc::c_void, len) } != 0 {
@@ -76,6 +88,26 @@ impl HostAllocation {
             }
         }
         Ok(this)
+    }
+
+    /// Faults every page in now, so a pool is ready when made: the first transfer into it does
+    /// not pay for page faults.
+    fn populate(&self, page: usize) {
+        // SAFETY: [addr, addr+len) lies inside this mapping.
+        let done = unsafe {
+            libc::madvise(
+                self.addr as *mut libc::c_void,
+                self.len,
+                libc::MADV_POPULATE_WRITE,
+            )
+        } == 0;
+        if !done {
+            // Kernels before 5.14 lack MADV_POPULATE_WRITE: touch one byte per page.
+            for off in (0..self.len).step_by(page) {
+                // SAFETY: inside the mapping; the memory is zero, so writing 0 changes nothing.
+                unsafe { std::ptr::write_volatile((self.addr + off) as *mut u8, 0) };
+            }
+        }
     }
 
     pub fn region(&self) -> Region {
