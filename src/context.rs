@@ -315,6 +315,7 @@ impl Context {
             plan,
             elapsed_ns: 0,
         };
+        let streaming = list.bytes >= memcpy::STREAMING_MIN_BYTES;
         let completion = Completion::new(shares.len());
         for share in shares {
             let completion = completion.clone();
@@ -325,7 +326,7 @@ impl Context {
                     // SAFETY: the request was validated: every range lies in host memory that
                     // `keep` holds alive, and no destination overlaps a source or another
                     // destination.
-                    unsafe { memcpy::copy_all(&share) }
+                    unsafe { memcpy::copy_all(&share, streaming) }
                 })
                 .map_err(|_| Error::Internal("a copy worker panicked".into()));
                 drop(keep);
