@@ -109,6 +109,15 @@ static void invalid_configs(void) {
   CHECK_STATUS(kvx_layout_new(ctx, &c, &sys, &l), KVX_STATUS_INVALID_ARGUMENT);
   CHECK(strstr(kvx_last_error(), "overflow") != NULL);
 
+  c = good; c.num_layers = 65537; c.page_size = 1; c.inner_dim = 1;
+  CHECK_STATUS(kvx_layout_new(ctx, &c, &sys, &l), KVX_STATUS_INVALID_ARGUMENT);
+  CHECK(strstr(kvx_last_error(), "num_layers") != NULL);
+  /* 1 PiB: refused with a status, not left to the OOM killer. */
+  c = good; c.num_blocks = 1ull << 50; c.page_size = 1; c.inner_dim = 1; c.num_layers = 1;
+  c.outer_dim = 1; c.dtype_width_bytes = 1;
+  CHECK_STATUS(kvx_layout_new(ctx, &c, &sys, &l), KVX_STATUS_OUT_OF_MEMORY);
+  CHECK(strstr(kvx_last_error(), "available") != NULL);
+
   kvx_storage bad = storage(9);
   CHECK_STATUS(kvx_layout_new(ctx, &good, &bad, &l), KVX_STATUS_INVALID_ARGUMENT);
   bad = storage(KVX_STORAGE_KIND_SYSTEM);

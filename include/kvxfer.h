@@ -292,6 +292,7 @@ typedef struct kvx_context_config {
 /**
  * The shape of a block pool. One (block, layer, outer) piece ("region") holds
  * page_size * inner_dim * dtype_width_bytes bytes. Start from kvx_layout_config_init().
+ * Every dimension is at least 1; num_layers is at most 65536; all sizes are overflow-checked.
  */
 typedef struct kvx_layout_config {
   uint64_t num_blocks;
@@ -455,7 +456,9 @@ void kvx_layout_config_init(struct kvx_layout_config *config);
  * `ulimit -l` or grant CAP_IPC_LOCK for large pools). DEVICE and DISK: KVX_STATUS_UNAVAILABLE
  * in this version.
  * On KVX_STATUS_OK *layout_out owns a new layout released with kvx_layout_free(); on error it
- * is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT, UNAVAILABLE, OUT_OF_MEMORY.
+ * is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT, UNAVAILABLE, OUT_OF_MEMORY (also
+ * when the pool is larger than the memory the kernel reports available: pools are populated
+ * when made).
  */
 KVX_NODISCARD
 int32_t kvx_layout_new(struct kvx_context *context,
@@ -615,8 +618,8 @@ void kvx_transfer_options_init(struct kvx_transfer_options *options);
  * validated first: on any error nothing was written and *transfer_out is untouched.
  * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unequal region size or outer_dim, duplicate
  * destination ids, a block that is both source and destination, layouts of another context,
- * bad options), OUT_OF_RANGE (block ids, layer range), UNSUPPORTED (refused pair), UNAVAILABLE
- * (a strategy this version cannot run). n_blocks = 0 gives a transfer that is already complete.
+ * bad options, more than 2^26 block x layer x outer pieces), OUT_OF_RANGE (block ids, layer
+ * range), UNSUPPORTED (refused pair), UNAVAILABLE (a strategy this version cannot run). n_blocks = 0 gives a transfer that is already complete.
  * On KVX_STATUS_OK *transfer_out owns a handle released with kvx_transfer_free().
  */
 KVX_NODISCARD

@@ -1,5 +1,7 @@
-//! The context's worker threads. Jobs arrive on a channel; a worker blocks on it (no polling)
-//! and runs each job to the end. Dropping the pool finishes the queued jobs, then joins.
+//! The context's worker threads, which are its progress engine for host copies: jobs arrive on
+//! a channel, a worker blocks on it (no polling), runs each job to the end and reports to the
+//! transfer's completion, which wakes its waiters. Dropping the pool finishes the queued jobs,
+//! then joins.
 
 use std::thread::JoinHandle;
 

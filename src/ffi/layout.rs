@@ -43,6 +43,7 @@ pub struct kvx_storage {
 
 /// The shape of a block pool. One (block, layer, outer) piece ("region") holds
 /// page_size * inner_dim * dtype_width_bytes bytes. Start from kvx_layout_config_init().
+/// Every dimension is at least 1; num_layers is at most 65536; all sizes are overflow-checked.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kvx_layout_config {
@@ -160,7 +161,9 @@ fn publish(layout: Layout, layout_out: *mut *mut kvx_layout) -> i32 {
 /// `ulimit -l` or grant CAP_IPC_LOCK for large pools). DEVICE and DISK: KVX_STATUS_UNAVAILABLE
 /// in this version.
 /// On KVX_STATUS_OK *layout_out owns a new layout released with kvx_layout_free(); on error it
-/// is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT, UNAVAILABLE, OUT_OF_MEMORY.
+/// is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT, UNAVAILABLE, OUT_OF_MEMORY (also
+/// when the pool is larger than the memory the kernel reports available: pools are populated
+/// when made).
 #[unsafe(no_mangle)]
 #[must_use]
 pub unsafe extern "C" fn kvx_layout_new(

@@ -77,6 +77,9 @@ pub struct Geometry {
     pub allocations: u64,
 }
 
+/// More layers than any model has; a bound keeps per-layer bookkeeping finite.
+pub(crate) const MAX_LAYERS: u64 = 1 << 16;
+
 fn mul(a: u64, b: u64, what: &str) -> Result<u64> {
     a.checked_mul(b)
         .ok_or_else(|| Error::InvalidArgument(format!("layout too large: {what} overflows")))
@@ -99,6 +102,13 @@ impl LayoutConfig {
             if v == 0 {
                 bail!(InvalidArgument, "{name} must be at least 1");
             }
+        }
+        if self.num_layers > MAX_LAYERS {
+            bail!(
+                InvalidArgument,
+                "num_layers {} is above the limit of {MAX_LAYERS}",
+                self.num_layers
+            );
         }
         if !matches!(self.outer_dim, 1 | 2) {
             bail!(

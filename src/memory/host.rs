@@ -3,6 +3,25 @@
 use super::Region;
 use crate::error::{Error, Result, bail};
 
+/// Refuses an allocation larger than the memory the kernel reports available. Pools are
+/// populated when made, and populating more than there is would wake the OOM killer instead of
+/// returning an error.
+pub(super) fn check_available(len: u64) -> Result<()> {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib.saturating_mul(1024))
+    });
+    match available {
+        Some(avail) if len > avail => bail!(
+            OutOfMemory,
+            "cannot allocate {len} bytes of host memory: only {avail} bytes are available"
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// One `mmap`ed host allocation, unmapped on drop.
 #[derive(Debug)]
 pub struct HostAllocation {
@@ -75,7 +94,7 @@ impl HostAllocation {
             // SAFETY: [addr, addr+len) lies inside the mapping just created.
             unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
         }
-        this.populate(page);
+        this.populate(page)?;
         if lock {
             // SAFETY: [addr, addr+len) lies inside the mapping just created.
             if unsafe { libc::mlock(addr as *const libc::c_void, len) } != 0 {
@@ -92,22 +111,32 @@ impl HostAllocation {
 
     /// Faults every page in now, so a pool is ready when made: the first transfer into it does
     /// not pay for page faults.
-    fn populate(&self, page: usize) {
+    fn populate(&self, page: usize) -> Result<()> {
         // SAFETY: [addr, addr+len) lies inside this mapping.
-        let done = unsafe {
+        let rc = unsafe {
             libc::madvise(
                 self.addr as *mut libc::c_void,
                 self.len,
                 libc::MADV_POPULATE_WRITE,
             )
-        } == 0;
-        if !done {
-            // Kernels before 5.14 lack MADV_POPULATE_WRITE: touch one byte per page.
-            for off in (0..self.len).step_by(page) {
-                // SAFETY: inside the mapping; the memory is zero, so writing 0 changes nothing.
-                unsafe { std::ptr::write_volatile((self.addr + off) as *mut u8, 0) };
-            }
+        };
+        if rc == 0 {
+            return Ok(());
         }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            bail!(
+                OutOfMemory,
+                "cannot populate {} bytes of host memory: {e}",
+                self.len
+            );
+        }
+        // Kernels before 5.14 lack MADV_POPULATE_WRITE: touch one byte per page.
+        for off in (0..self.len).step_by(page) {
+            // SAFETY: inside the mapping; the memory is zero, so writing 0 changes nothing.
+            unsafe { std::ptr::write_volatile((self.addr + off) as *mut u8, 0) };
+        }
+        Ok(())
     }
 
     pub fn region(&self) -> Region {

@@ -103,6 +103,8 @@ impl Memory {
             bail!(InvalidArgument, "{kind} is not host memory");
         }
         let lock = kind == StorageKind::Pinned;
+        let total = sizes.iter().try_fold(0u64, |a, &s| a.checked_add(s));
+        host::check_available(total.unwrap_or(u64::MAX))?;
         let allocations = sizes
             .iter()
             .map(|&size| HostAllocation::new(size, alignment, lock))
@@ -154,5 +156,33 @@ impl Memory {
                 .regions
                 .iter()
                 .any(|a| other.regions.iter().any(|b| a.overlaps(b)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[test]
+    fn more_than_available_memory_is_refused_not_attempted() {
+        let e = Memory::allocate_host(StorageKind::System, &[1 << 50], 4096).unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory(m) if m.contains("available")));
+        // Many allocations that fit one by one but not together.
+        let e = Memory::allocate_host(StorageKind::Pinned, &[1 << 45; 64], 4096).unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory(_)));
+    }
+
+    #[test]
+    fn host_memory_is_aligned_zeroed_and_writable() {
+        let m = Memory::allocate_host(StorageKind::Pinned, &[3 << 20, 4096], 1 << 16).unwrap();
+        for r in m.regions() {
+            assert_eq!(r.addr % (1 << 16), 0);
+            // SAFETY: the region is live memory owned by `m`.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(r.addr as *mut u8, r.len as usize) };
+            assert!(bytes.iter().all(|&b| b == 0));
+            bytes.fill(0xab);
+        }
     }
 }

@@ -6,6 +6,10 @@ use std::ops::Range;
 use crate::error::{Result, bail};
 use crate::layout::{Layout, LayoutKind};
 
+/// Most (block, layer, outer) pieces one transfer may have (16k blocks × 64 layers × K/V is
+/// 2M). The copy list is built in memory, so an absurd request is refused, not attempted.
+pub(crate) const MAX_FRAGMENTS: u64 = 1 << 26;
+
 /// One contiguous copy. Addresses are host or device addresses, or file offsets for disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyOp {
@@ -98,6 +102,16 @@ impl Request<'_> {
                 "layer range {:?} is not in both layouts",
                 self.layers
             );
+        }
+        let fragments = (self.src_blocks.len() as u64)
+            .checked_mul(self.layers.end - self.layers.start)
+            .and_then(|n| n.checked_mul(s.outer_dim));
+        match fragments {
+            Some(n) if n <= MAX_FRAGMENTS => {}
+            _ => bail!(
+                InvalidArgument,
+                "transfer has more than {MAX_FRAGMENTS} block x layer x outer pieces: split it"
+            ),
         }
         self.src.check_blocks(self.src_blocks, "src_blocks")?;
         self.dst.check_blocks(self.dst_blocks, "dst_blocks")?;
@@ -402,6 +416,36 @@ mod tests {
         let mut r = req(&s, &[0], &d, &[0]);
         r.layers = 1..3;
         bad(r, |e| matches!(e, Error::OutOfRange(_)));
+    }
+
+    #[test]
+    fn absurdly_large_requests_are_refused_before_building() {
+        // 65536 layers x K/V of 1-byte regions over fake addresses: 1024 blocks would be
+        // 134M pieces. Nothing is dereferenced; the refusal comes first.
+        let c = LayoutConfig {
+            num_blocks: 1024,
+            num_layers: 1 << 16,
+            outer_dim: 2,
+            page_size: 1,
+            inner_dim: 1,
+            dtype_width: 1,
+            alignment: 1,
+            kind: LayoutKind::FullyContiguous,
+        };
+        let len = c.validate().unwrap().allocation_len;
+        let mem = |addr| Memory::caller_owned(StorageKind::System, 0, vec![Region { addr, len }]);
+        let s = Layout::new(c, mem(0x1000_0000_0000), 1).unwrap();
+        let d = Layout::new(c, mem(0x2000_0000_0000), 1).unwrap();
+        let ids: Vec<u64> = (0..1024).collect();
+        let r = Request {
+            src: &s,
+            src_blocks: &ids,
+            dst: &d,
+            dst_blocks: &ids,
+            layers: 0..1 << 16,
+        };
+        let e = r.validate().unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(m) if m.contains("split it")));
     }
 
     #[test]
