@@ -1,7 +1,6 @@
 //! The context: capabilities, worker threads, and the operations a runtime calls.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -354,12 +353,10 @@ pub fn timeout_from_us(us: i64) -> Option<Duration> {
     u64::try_from(us).ok().map(Duration::from_micros)
 }
 
-/// Makes the context-free parts of this module easy to test.
-#[allow(dead_code)]
-fn _assert_thread_safe() {
-    fn f<T: Send + Sync>() {}
-    f::<Context>();
-    f::<Layout>();
-    f::<Transfer>();
-    f::<Arc<Memory>>();
-}
+// The "thread-safe" promises of the C API rest on these.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Context>();
+    send_sync::<Layout>();
+    send_sync::<Transfer>();
+};

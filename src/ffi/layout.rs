@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::boundary::{deref, fail, null_argument, slice, write_out};
 use super::context::kvx_context;
 use super::status::KVX_STATUS_OK;
-use crate::context::StorageSpec;
+use crate::context::{Context, StorageSpec};
 use crate::error::Error;
 use crate::layout::{Layout, LayoutConfig, LayoutKind};
 use crate::memory::{Region, StorageKind};
@@ -147,6 +147,31 @@ unsafe fn storage_spec(s: &kvx_storage) -> Result<StorageSpec, i32> {
     })
 }
 
+/// The checks and conversions `kvx_layout_new` and `kvx_layout_wrap` share.
+///
+/// # Safety
+/// Each pointer is NULL or valid; a non-NULL `storage.path` is NUL-terminated.
+unsafe fn layout_args<'a>(
+    context: *mut kvx_context,
+    config: *const kvx_layout_config,
+    storage: *const kvx_storage,
+    layout_out: *mut *mut kvx_layout,
+) -> Result<(&'a Context, LayoutConfig, StorageSpec), i32> {
+    // SAFETY: forwarded to the caller.
+    let ctx = unsafe { deref(context, "context") }?;
+    // SAFETY: as above.
+    let config = unsafe { deref(config, "config") }?;
+    // SAFETY: as above.
+    let storage = unsafe { deref(storage, "storage") }?;
+    if layout_out.is_null() {
+        return Err(null_argument("layout_out"));
+    }
+    let config = layout_config(config)?;
+    // SAFETY: as above.
+    let spec = unsafe { storage_spec(storage) }?;
+    Ok((&ctx.inner, config, spec))
+}
+
 fn publish(layout: Layout, layout_out: *mut *mut kvx_layout) -> i32 {
     let handle = Box::into_raw(Box::new(kvx_layout {
         inner: Arc::new(layout),
@@ -173,19 +198,10 @@ pub unsafe extern "C" fn kvx_layout_new(
     layout_out: *mut *mut kvx_layout,
 ) -> i32 {
     ffi_boundary! {
-        // SAFETY: the caller passes valid objects or NULL.
-        let ctx = try_status!(unsafe { deref(context, "context") });
-        // SAFETY: as above.
-        let config = try_status!(unsafe { deref(config, "config") });
-        // SAFETY: as above.
-        let storage = try_status!(unsafe { deref(storage, "storage") });
-        if layout_out.is_null() {
-            return null_argument("layout_out");
-        }
-        let config = try_status!(layout_config(config));
-        // SAFETY: kvx_storage's contract: path is NULL or NUL-terminated.
-        let spec = try_status!(unsafe { storage_spec(storage) });
-        let layout = try_core!(ctx.inner.new_layout(config, &spec));
+        // SAFETY: the caller passes valid objects or NULL (the function's contract).
+        let (ctx, config, spec) =
+            try_status!(unsafe { layout_args(context, config, storage, layout_out) });
+        let layout = try_core!(ctx.new_layout(config, &spec));
         publish(layout, layout_out)
     }
 }
@@ -207,25 +223,16 @@ pub unsafe extern "C" fn kvx_layout_wrap(
     layout_out: *mut *mut kvx_layout,
 ) -> i32 {
     ffi_boundary! {
-        // SAFETY: the caller passes valid objects or NULL.
-        let ctx = try_status!(unsafe { deref(context, "context") });
-        // SAFETY: as above.
-        let config = try_status!(unsafe { deref(config, "config") });
-        // SAFETY: as above.
-        let storage = try_status!(unsafe { deref(storage, "storage") });
+        // SAFETY: the caller passes valid objects or NULL (the function's contract).
+        let (ctx, config, spec) =
+            try_status!(unsafe { layout_args(context, config, storage, layout_out) });
         // SAFETY: `regions` points to n_regions entries (the function's contract).
         let regions = try_status!(unsafe { slice(regions, n_regions, "regions") });
-        if layout_out.is_null() {
-            return null_argument("layout_out");
-        }
-        let config = try_status!(layout_config(config));
-        // SAFETY: kvx_storage's contract: path is NULL or NUL-terminated.
-        let spec = try_status!(unsafe { storage_spec(storage) });
         let regions: Vec<Region> = regions
             .iter()
             .map(|m| Region { addr: m.addr, len: m.size })
             .collect();
-        let layout = try_core!(ctx.inner.wrap_layout(config, &spec, &regions));
+        let layout = try_core!(ctx.wrap_layout(config, &spec, &regions));
         publish(layout, layout_out)
     }
 }
