@@ -25,6 +25,12 @@
 #endif
 
 /**
+ * AUTO sends lists whose average copy is below this to the kernel: copy engines pay a fixed
+ * cost per copy that small fragments cannot amortise.
+ */
+#define AUTO_KERNEL_MAX_AVG (256 << 10)
+
+/**
  * NIXL backend bit: UCX (remote peers).
  */
 #define KVX_BACKEND_UCX 1
@@ -215,6 +221,21 @@
 #define KVX_STATUS_PANIC -99
 
 /**
+ * CPU copies on the context's worker threads (host to host).
+ */
+#define KVX_MECHANISM_MEMCPY 0
+
+/**
+ * The GPU's copy engines.
+ */
+#define KVX_MECHANISM_COPY_ENGINE 1
+
+/**
+ * kvxfer's SM gather/scatter kernel.
+ */
+#define KVX_MECHANISM_KERNEL 2
+
+/**
  * Let kvxfer choose copy engines or SM kernels by fragment size.
  */
 #define KVX_COPY_MODE_AUTO 0
@@ -403,7 +424,8 @@ typedef struct kvx_transfer_options {
 
 /**
  * Counters of one transfer. bytes, fragments (block x layer x outer pieces), copies (after
- * coalescing) and plan are known at submit; elapsed_ns (submit to completion) is 0 until done.
+ * coalescing), plan, mechanism and kernel_fallback are known at submit; elapsed_ns (submit to
+ * completion) is 0 until done.
  */
 typedef struct kvx_transfer_stats {
   uint64_t bytes;
@@ -411,6 +433,15 @@ typedef struct kvx_transfer_stats {
   uint64_t copies;
   struct kvx_plan plan;
   uint64_t elapsed_ns;
+  /**
+   * KVX_MECHANISM_*: what moved the bytes.
+   */
+  int32_t mechanism;
+  /**
+   * 1 when copy mode AUTO chose the SM kernel but it could not be built or loaded (no NVRTC,
+   * unsupported GPU), so the copy engines ran instead; kvx_last_error() is not set for this.
+   */
+  uint8_t kernel_fallback;
 } kvx_transfer_stats;
 
 
@@ -452,9 +483,10 @@ void kvx_layout_config_init(struct kvx_layout_config *config);
 
 /**
  * Creates a layout over memory kvxfer allocates (zeroed) and frees with the layout.
- * SYSTEM: page-aligned host memory. PINNED: page-locked host memory (mlock; raise
- * `ulimit -l` or grant CAP_IPC_LOCK for large pools). DEVICE and DISK: KVX_STATUS_UNAVAILABLE
- * in this version.
+ * SYSTEM: page-aligned host memory. PINNED: on a context with CUDA, cuMemHostAlloc (portable,
+ * device-mapped); without CUDA, mlock'ed memory (raise `ulimit -l` or grant CAP_IPC_LOCK for
+ * large pools). DEVICE: cuMemAlloc on storage->device_id (KVX_STATUS_UNAVAILABLE on a context
+ * without CUDA). DISK: KVX_STATUS_UNAVAILABLE in this version.
  * On KVX_STATUS_OK *layout_out owns a new layout released with kvx_layout_free(); on error it
  * is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT, UNAVAILABLE, OUT_OF_MEMORY (also
  * when the pool is larger than the memory the kernel reports available: pools are populated
@@ -471,7 +503,9 @@ int32_t kvx_layout_new(struct kvx_context *context,
  * already has: one region for FULLY_CONTIGUOUS, num_layers regions (one per layer) for the
  * layer-separate kinds. Each region must be large enough and aligned to config->alignment.
  * kvxfer never frees this memory; the caller keeps it valid until the layout and every transfer
- * using it are freed. SYSTEM and PINNED only in this version (others: UNAVAILABLE).
+ * using it are freed. DEVICE regions must lie inside CUDA allocations of storage->device_id
+ * (checked); PINNED regions on a context with CUDA are registered with CUDA (and unregistered
+ * with the layout) unless CUDA already knows them. DISK: UNAVAILABLE in this version.
  * On error *layout_out is untouched.
  */
 KVX_NODISCARD
@@ -646,8 +680,11 @@ KVX_NODISCARD int32_t kvx_transfer_poll(struct kvx_transfer *transfer);
 KVX_NODISCARD int32_t kvx_transfer_wait(struct kvx_transfer *transfer, int64_t timeout_us);
 
 /**
- * Makes the CUstream `cuda_stream` wait for the transfer without blocking the host.
- * KVX_STATUS_UNAVAILABLE in this version (no CUDA support).
+ * Makes the CUstream `cuda_stream` wait for the transfer. For transfers on the GPU's streams
+ * (copy engines or kernel) the host does not block: the stream waits on the transfer's event.
+ * Transfers done by host threads (memcpy, pageable System <-> Device copies) are waited for on
+ * the host first. A finished transfer returns its outcome at once. Errors: NULL_ARGUMENT,
+ * UNAVAILABLE (context without CUDA), CUDA, or the transfer's own error.
  */
 KVX_NODISCARD int32_t kvx_transfer_stream_wait(struct kvx_transfer *transfer, void *cuda_stream);
 

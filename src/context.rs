@@ -1,15 +1,21 @@
 //! The context: capabilities, worker threads, and the operations a runtime calls.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cudarc::driver::sys;
+
 use crate::error::{Error, Result, bail};
+use crate::exec::cuda::progress::{Pending, Progress, StreamGate};
+use crate::exec::cuda::{self, CudaDevice, Direction, check};
 use crate::exec::{memcpy, workers::Workers};
-use crate::layout::{Layout, LayoutConfig};
+use crate::layout::{Layout, LayoutConfig, check_regions};
 use crate::memory::{Memory, Region, StorageKind};
-use crate::plan::{Capabilities, Location, Plan, Request, Strategy, copy_list, select};
-use crate::transfer::{Completion, Transfer, TransferStats};
+use crate::plan::{Capabilities, CopyList, Location, Plan, Request, Strategy, copy_list, select};
+use crate::transfer::{Completion, Mechanism, Transfer, TransferStats};
 use crate::verify;
 
 /// NIXL backend bits of `ContextConfig::nixl_backends`.
@@ -108,27 +114,47 @@ impl StorageSpec {
 
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The CUDA side of a context: the configured device (its streams carry async transfers and
+/// its progress engine completes them) and any other device a layout was made on.
+#[derive(Debug)]
+struct CudaState {
+    primary: Arc<CudaDevice>,
+    progress: Progress,
+    others: Mutex<HashMap<i32, Arc<CudaDevice>>>,
+}
+
 /// What moves blocks. Thread-safe: every method takes `&self`.
 #[derive(Debug)]
 pub struct Context {
     id: u64,
     name: String,
     config: ContextConfig,
+    // Dropped first: queued host copies finish before the devices they may touch go away.
     workers: Workers,
+    cuda: std::result::Result<CudaState, String>,
 }
 
 fn unavailable_storage(kind: StorageKind) -> Error {
-    match kind {
-        StorageKind::Device => Error::Unavailable(
-            "DEVICE storage is not available: this version of kvxfer has no CUDA support \
-             (GPU tiers are not built yet)"
-                .into(),
-        ),
-        _ => Error::Unavailable(
-            "DISK storage is not available: this version of kvxfer has no NIXL support \
-             (disk and remote tiers are not built yet)"
-                .into(),
-        ),
+    Error::Unavailable(format!(
+        "{kind} storage is not available: this version of kvxfer has no NIXL support \
+         (disk and remote tiers are not built yet)"
+    ))
+}
+
+fn stats(
+    list: &CopyList,
+    plan: Plan,
+    mechanism: Mechanism,
+    kernel_fallback: bool,
+) -> TransferStats {
+    TransferStats {
+        bytes: list.bytes,
+        fragments: list.fragments,
+        copies: list.copies.len() as u64,
+        plan,
+        mechanism,
+        kernel_fallback,
+        elapsed_ns: 0,
     }
 }
 
@@ -172,12 +198,27 @@ impl Context {
             .agent_name
             .clone()
             .unwrap_or_else(|| format!("kvxfer-{}-{id}", std::process::id()));
+        let cuda = if config.cuda_device < 0 {
+            Err("this context was made with cuda_device = -1".to_string())
+        } else {
+            match CudaDevice::open(config.cuda_device) {
+                Ok(primary) => Ok(CudaState {
+                    progress: Progress::new(&primary)?,
+                    primary,
+                    others: Mutex::new(HashMap::new()),
+                }),
+                // No driver or no device: the context works without CUDA.
+                Err(Error::Unavailable(why)) => Err(why),
+                Err(e) => return Err(e),
+            }
+        };
         let workers = Workers::new(threads, "kvx-worker")?;
         Ok(Self {
             id,
             name,
             config,
             workers,
+            cuda,
         })
     }
 
@@ -194,40 +235,79 @@ impl Context {
         self.workers.count()
     }
 
-    /// Whether this context drives a GPU. Not in this version.
+    /// Whether this context drives a GPU.
     pub fn has_cuda(&self) -> bool {
-        false
+        self.cuda.is_ok()
     }
 
-    /// A layout over memory kvxfer allocates and frees with it.
+    /// The CUDA side, or `Unavailable` saying why there is none.
+    fn cuda(&self) -> Result<&CudaState> {
+        self.cuda.as_ref().map_err(|why| {
+            Error::Unavailable(format!("CUDA is not available in this context: {why}"))
+        })
+    }
+
+    /// The device of `ordinal`, opened on first use.
+    fn device(&self, ordinal: i32) -> Result<Arc<CudaDevice>> {
+        let cuda = self.cuda()?;
+        if ordinal == cuda.primary.ordinal {
+            return Ok(cuda.primary.clone());
+        }
+        let mut others = cuda.others.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = others.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let d = CudaDevice::open(ordinal)?;
+        others.insert(ordinal, d.clone());
+        Ok(d)
+    }
+
+    /// A layout over memory kvxfer allocates and frees with it. PINNED is CUDA-pinned memory
+    /// on a context with CUDA and mlock'ed memory otherwise; DEVICE is on `storage.device_id`.
     pub fn new_layout(&self, config: LayoutConfig, storage: &StorageSpec) -> Result<Layout> {
         let g = config.validate()?;
-        match storage.kind {
-            StorageKind::System | StorageKind::Pinned => {
-                let sizes = vec![g.allocation_len; g.allocations as usize];
-                let mem = Memory::allocate_host(storage.kind, &sizes, u64::from(config.alignment))?;
-                Layout::new(config, mem, self.id)
+        let sizes = vec![g.allocation_len; g.allocations as usize];
+        let align = u64::from(config.alignment);
+        let mem = match storage.kind {
+            StorageKind::System => Memory::allocate_host(storage.kind, &sizes, align)?,
+            StorageKind::Pinned => match &self.cuda {
+                Ok(c) => Memory::allocate_cuda(&c.primary, storage.kind, &sizes, align)?,
+                Err(_) => Memory::allocate_host(storage.kind, &sizes, align)?,
+            },
+            StorageKind::Device => {
+                let dev = self.device(storage.device_id)?;
+                Memory::allocate_cuda(&dev, storage.kind, &sizes, align)?
             }
-            kind => Err(unavailable_storage(kind)),
-        }
+            StorageKind::Disk => return Err(unavailable_storage(StorageKind::Disk)),
+        };
+        Layout::new(config, mem, self.id)
     }
 
     /// A layout over memory the caller owns: one region for fully contiguous, one per layer
-    /// for layer-separate. kvxfer never frees it.
+    /// for layer-separate. kvxfer never frees it. Device memory must lie in allocations of
+    /// `storage.device_id`; pinned memory on a CUDA context is registered with CUDA unless it
+    /// already is.
     pub fn wrap_layout(
         &self,
         config: LayoutConfig,
         storage: &StorageSpec,
         regions: &[Region],
     ) -> Result<Layout> {
-        config.validate()?;
-        match storage.kind {
-            StorageKind::System | StorageKind::Pinned => {
-                let mem = Memory::caller_owned(storage.kind, 0, regions.to_vec());
-                Layout::new(config, mem, self.id)
+        check_regions(&config, storage.kind, regions)?;
+        let regions = regions.to_vec();
+        let mem = match storage.kind {
+            StorageKind::System => Memory::caller_owned(storage.kind, 0, regions),
+            StorageKind::Pinned => match &self.cuda {
+                Ok(c) => Memory::caller_owned_cuda(&c.primary, storage.kind, regions)?,
+                Err(_) => Memory::caller_owned(storage.kind, 0, regions),
+            },
+            StorageKind::Device => {
+                let dev = self.device(storage.device_id)?;
+                Memory::caller_owned_cuda(&dev, storage.kind, regions)?
             }
-            kind => Err(unavailable_storage(kind)),
-        }
+            StorageKind::Disk => return Err(unavailable_storage(StorageKind::Disk)),
+        };
+        Layout::new(config, mem, self.id)
     }
 
     fn check_owned(&self, layout: &Layout, what: &str) -> Result<()> {
@@ -266,6 +346,22 @@ impl Context {
         dst_blocks: &[u64],
         options: &TransferOptions,
     ) -> Result<Transfer> {
+        let t = self.start(src, src_blocks, dst, dst_blocks, options)?;
+        Ok(if self.has_cuda() {
+            t.on_cuda_context()
+        } else {
+            t
+        })
+    }
+
+    fn start(
+        &self,
+        src: &Layout,
+        src_blocks: &[u64],
+        dst: &Layout,
+        dst_blocks: &[u64],
+        options: &TransferOptions,
+    ) -> Result<Transfer> {
         let plan = self.plan(src, dst)?;
         let layers = copy_list::resolve_layers(src, dst, options.layer_begin, options.layer_end)?;
         let request = Request {
@@ -276,11 +372,8 @@ impl Context {
             layers,
         };
         request.validate()?;
-        if options.cuda_stream.is_some() && !self.has_cuda() {
-            bail!(
-                Unavailable,
-                "cuda_stream was given but this context has no CUDA support"
-            );
+        if options.cuda_stream.is_some() {
+            self.cuda()?;
         }
         if options.notify.is_some() {
             bail!(
@@ -289,7 +382,26 @@ impl Context {
             );
         }
         match plan {
-            Plan::Direct(Strategy::Memcpy) => Ok(self.submit_memcpy(&request, plan)),
+            Plan::Direct(Strategy::Memcpy) => {
+                let gate = self.gate(options.cuda_stream)?;
+                Ok(self.submit_on_workers(&request, plan, None, gate))
+            }
+            Plan::Direct(
+                s @ (Strategy::CudaAsyncH2D | Strategy::CudaAsyncD2H | Strategy::CudaAsyncD2D),
+            ) => self.submit_cuda_async(&request, plan, s, options),
+            Plan::Direct(s @ (Strategy::CudaBlockingH2D | Strategy::CudaBlockingD2H)) => {
+                let (dir, dev_mem) = if s == Strategy::CudaBlockingH2D {
+                    (Direction::HostToDevice, dst.memory())
+                } else {
+                    (Direction::DeviceToHost, src.memory())
+                };
+                let dev = dev_mem
+                    .device()
+                    .cloned()
+                    .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
+                let gate = self.gate(options.cuda_stream)?;
+                Ok(self.submit_on_workers(&request, plan, Some((dev, dir)), gate))
+            }
             Plan::Direct(s) => bail!(
                 Unavailable,
                 "strategy {} ({} -> {}) is not available in this version of kvxfer",
@@ -304,35 +416,144 @@ impl Context {
         }
     }
 
-    fn submit_memcpy(&self, request: &Request<'_>, plan: Plan) -> Transfer {
+    /// Records an event on the caller's stream, after which the transfer must start.
+    fn gate(&self, stream: Option<usize>) -> Result<Option<Arc<StreamGate>>> {
+        match stream {
+            None => Ok(None),
+            Some(s) => StreamGate::record(&self.cuda()?.primary, s).map(|g| Some(Arc::new(g))),
+        }
+    }
+
+    /// Host memcpy (`cuda` = None) or blocking CUDA copies between pageable memory and a
+    /// device, split over the worker threads.
+    fn submit_on_workers(
+        &self,
+        request: &Request<'_>,
+        plan: Plan,
+        cuda: Option<(Arc<CudaDevice>, Direction)>,
+        gate: Option<Arc<StreamGate>>,
+    ) -> Transfer {
         let list = request.build();
         let shares = memcpy::split(&list.copies, self.workers.count());
-        let stats = TransferStats {
-            bytes: list.bytes,
-            fragments: list.fragments,
-            copies: list.copies.len() as u64,
-            plan,
-            elapsed_ns: 0,
+        let mechanism = if cuda.is_some() {
+            Mechanism::CopyEngine
+        } else {
+            Mechanism::Memcpy
         };
+        let stats = stats(&list, plan, mechanism, false);
         let streaming = list.bytes >= memcpy::STREAMING_MIN_BYTES;
         let completion = Completion::new(shares.len());
         for share in shares {
             let completion = completion.clone();
             // The job owns both memories, so freeing a layout cannot release them under it.
             let keep = (request.src.memory().clone(), request.dst.memory().clone());
+            let (cuda, gate) = (cuda.clone(), gate.clone());
             self.workers.spawn(Box::new(move || {
-                let result = std::panic::catch_unwind(|| {
-                    // SAFETY: the request was validated: every range lies in host memory that
-                    // `keep` holds alive, and no destination overlaps a source or another
-                    // destination.
-                    unsafe { memcpy::copy_all(&share, streaming) }
-                })
-                .map_err(|_| Error::Internal("a copy worker panicked".into()));
-                drop(keep);
+                let run = || -> Result<()> {
+                    if let Some(g) = &gate {
+                        g.wait()?;
+                    }
+                    match &cuda {
+                        // SAFETY: the request was validated: every range lies in memory that
+                        // `keep` holds alive, and no destination overlaps a source or another
+                        // destination.
+                        None => unsafe { memcpy::copy_all(&share, streaming) },
+                        // SAFETY: as above.
+                        Some((dev, dir)) => unsafe {
+                            cuda::copy::copy_blocking(dev, *dir, &share)?
+                        },
+                    }
+                    Ok(())
+                };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                    .unwrap_or_else(|_| Err(Error::Internal("a copy worker panicked".into())));
+                drop((keep, gate));
                 completion.part_done(result);
             }));
         }
         Transfer::new(completion, stats)
+    }
+
+    /// Copy engines or the SM kernel on the device's stream for this direction; the progress
+    /// engine completes the transfer when its event fires.
+    fn submit_cuda_async(
+        &self,
+        request: &Request<'_>,
+        plan: Plan,
+        strategy: Strategy,
+        options: &TransferOptions,
+    ) -> Result<Transfer> {
+        let cuda = self.cuda()?;
+        let dev = &cuda.primary;
+        let direction = match strategy {
+            Strategy::CudaAsyncH2D => Direction::HostToDevice,
+            Strategy::CudaAsyncD2H => Direction::DeviceToHost,
+            _ => Direction::DeviceToDevice,
+        };
+        let (src_mem, dst_mem) = (request.src.memory(), request.dst.memory());
+        let reachable = |m: &Memory| {
+            m.is_mapped() || (m.kind() == StorageKind::Device && m.device_id() == dev.ordinal)
+        };
+        if direction == Direction::HostToDevice && !src_mem.is_mapped()
+            || direction == Direction::DeviceToHost && !dst_mem.is_mapped()
+        {
+            bail!(
+                InvalidArgument,
+                "asynchronous copies need CUDA-pinned host memory; this pinned layout was made \
+                 on a context without CUDA"
+            );
+        }
+        let list = request.build();
+        let choice = cuda::copy::choose(
+            dev,
+            &list.copies,
+            options.copy_mode,
+            reachable(src_mem) && reachable(dst_mem),
+        )?;
+        dev.bind()?;
+        let stream = dev.stream(direction);
+        // The gate's event stays out of the pool until the transfer completes: a pooled event
+        // re-recorded as another transfer's completion would change what this wait waits for.
+        let gate = self.gate(options.cuda_stream)?;
+        if let Some(g) = &gate {
+            g.stream_waits(stream)?;
+        }
+        // On failure, whatever was queued must finish before the caller may free the memory.
+        let fail = |e: Error, table: Option<cuda::TableBuffer>| {
+            // SAFETY: a live stream of this device.
+            unsafe { sys::cuStreamSynchronize(stream) };
+            if let Some(t) = table {
+                dev.recycle_table(t);
+            }
+            e
+        };
+        let table = cuda::copy::enqueue(dev, stream, direction, &list.copies, choice.mechanism)
+            .map_err(|e| fail(e, None))?;
+        let event = match dev.event() {
+            Ok(e) => e,
+            Err(e) => return Err(fail(e, table)),
+        };
+        // SAFETY: the event and stream are live handles of this device.
+        if let Err(e) = check(
+            unsafe { sys::cuEventRecord(event, stream) },
+            "cuEventRecord",
+        ) {
+            dev.recycle_event(event);
+            return Err(fail(e, table));
+        }
+        let completion = Completion::new(1);
+        cuda.progress.push(
+            direction,
+            Pending {
+                event,
+                completion: completion.clone(),
+                table,
+                memory: vec![src_mem.clone(), dst_mem.clone()],
+                gate,
+            },
+        );
+        let stats = stats(&list, plan, choice.mechanism, choice.kernel_fallback);
+        Ok(Transfer::new(completion, stats).with_event(dev.clone(), event))
     }
 
     /// Writes the verification pattern of `seed` into `blocks`.

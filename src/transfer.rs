@@ -6,8 +6,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use cudarc::driver::sys;
+
 use crate::error::{Error, Result};
+use crate::exec::cuda::{CudaDevice, check};
 use crate::plan::Plan;
+
+/// What moved the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// CPU copies on the context's worker threads.
+    Memcpy = 0,
+    /// The GPU's copy engines (`cuMemcpyBatchAsync`, `cuMemcpyAsync` or a blocking copy).
+    CopyEngine = 1,
+    /// kvxfer's SM gather/scatter kernel.
+    Kernel = 2,
+}
 
 /// What a transfer moves, known when it is submitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +33,9 @@ pub struct TransferStats {
     /// Copies issued after coalescing.
     pub copies: u64,
     pub plan: Plan,
+    pub mechanism: Mechanism,
+    /// AUTO wanted the SM kernel, but it could not be built or loaded: copy engines ran.
+    pub kernel_fallback: bool,
     /// Submit to completion; 0 while the transfer is pending.
     pub elapsed_ns: u64,
 }
@@ -87,17 +104,76 @@ impl Completion {
     }
 }
 
+/// The event recorded after a GPU transfer's last copy.
+#[derive(Debug)]
+struct GpuEvent {
+    dev: Arc<CudaDevice>,
+    event: sys::CUevent,
+}
+
+// SAFETY: a CUDA event may be used from any thread with its context bound (done before use).
+unsafe impl Send for GpuEvent {}
+// SAFETY: as above; nothing mutates the handle.
+unsafe impl Sync for GpuEvent {}
+
 /// A submitted transfer. Dropping it waits for the work to finish, so memory it reads or
 /// writes is never released under it.
 #[derive(Debug)]
 pub struct Transfer {
     completion: Arc<Completion>,
     stats: TransferStats,
+    gpu: Option<GpuEvent>,
+    /// Submitted on a context with CUDA, so a caller's stream can be ordered after it.
+    cuda_context: bool,
 }
 
 impl Transfer {
     pub(crate) fn new(completion: Arc<Completion>, stats: TransferStats) -> Self {
-        Self { completion, stats }
+        Self {
+            completion,
+            stats,
+            gpu: None,
+            cuda_context: false,
+        }
+    }
+
+    pub(crate) fn on_cuda_context(mut self) -> Self {
+        self.cuda_context = true;
+        self
+    }
+
+    /// A GPU transfer whose last copy is followed by `event` on one of `dev`'s streams.
+    pub(crate) fn with_event(mut self, dev: Arc<CudaDevice>, event: sys::CUevent) -> Self {
+        self.gpu = Some(GpuEvent { dev, event });
+        self
+    }
+
+    /// Makes the CUstream `stream` wait for this transfer. For GPU transfers the stream waits
+    /// on the transfer's event and the host does not block; host-side transfers (memcpy and
+    /// pageable copies) are waited for on the host first.
+    pub fn stream_wait(&self, stream: usize) -> Result<()> {
+        if !self.cuda_context {
+            return Err(Error::Unavailable(
+                "stream_wait needs CUDA, which this transfer's context does not have".into(),
+            ));
+        }
+        if let Some(outcome) = self.poll() {
+            return outcome; // nothing left to wait for
+        }
+        match &self.gpu {
+            Some(g) => {
+                g.dev.bind()?;
+                // If the transfer completes between the poll above and this call, its event may
+                // already be back in the pool and recorded again by a later transfer (on any of
+                // the device's streams): the caller's stream then waits for that later work as
+                // well, which is longer than needed but never too short.
+                // SAFETY: the event is pooled, never destroyed while the device lives (held by
+                // `g`); the caller passes a live CUstream.
+                let r = unsafe { sys::cuStreamWaitEvent(stream as sys::CUstream, g.event, 0) };
+                check(r, "cuStreamWaitEvent")
+            }
+            None => self.wait(None),
+        }
     }
 
     /// `None` while pending, else the outcome.
@@ -165,6 +241,8 @@ mod tests {
             fragments: 1,
             copies: 1,
             plan: Plan::Direct(Strategy::Memcpy),
+            mechanism: Mechanism::Memcpy,
+            kernel_fallback: false,
             elapsed_ns: 0,
         }
     }

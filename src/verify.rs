@@ -3,10 +3,15 @@
 //! checksum hashes the same bytes in the same order. So equal content has an equal checksum in
 //! any layout kind or tier, and different blocks (or seeds) differ.
 
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{Result, bail};
+use crate::exec::cuda::{CudaDevice, check};
 use crate::layout::Layout;
+use crate::memory::StorageKind;
 
 /// Below this many bytes per thread, verification stays on the calling thread.
 const MIN_BYTES_PER_THREAD: u64 = 8 << 20;
@@ -46,15 +51,23 @@ fn fill_bytes(key: u64, mut pos: u64, dst: &mut [u8]) {
     }
 }
 
-fn require_host(layout: &Layout, what: &str) -> Result<()> {
+/// How verification reaches a layout's bytes: in place for host memory, staged through a host
+/// buffer for device memory.
+enum Access<'a> {
+    Host,
+    Device(&'a CudaDevice),
+}
+
+fn access<'a>(layout: &'a Layout, what: &str) -> Result<Access<'a>> {
     let kind = layout.storage_kind();
-    if !kind.is_host() {
-        bail!(
+    match (kind, layout.memory().device()) {
+        (k, _) if k.is_host() => Ok(Access::Host),
+        (StorageKind::Device, Some(dev)) => Ok(Access::Device(dev)),
+        _ => bail!(
             Unavailable,
-            "{what} of {kind} layouts is not available in this version of kvxfer (host only)"
-        );
+            "{what} of {kind} layouts is not available in this version of kvxfer"
+        ),
     }
-    Ok(())
 }
 
 /// Runs `f(i, block)` for every entry of `blocks`, spread over up to `threads` threads.
@@ -88,24 +101,35 @@ where
 ///
 /// The caller must not run a transfer touching these blocks at the same time.
 pub fn fill(layout: &Layout, blocks: &[u64], seed: u64, threads: usize) -> Result<()> {
-    require_host(layout, "fill")?;
+    let access = access(layout, "fill")?;
     layout.check_blocks(blocks, "blocks")?;
     let c = *layout.config();
     let region = layout.region_len();
+    if let Access::Device(dev) = access {
+        dev.bind()?;
+        let mut buf = vec![0u8; region as usize];
+        for &b in blocks {
+            let key = block_key(seed, b);
+            for (i, (l, o)) in pieces(c.num_layers, c.outer_dim).enumerate() {
+                fill_bytes(key, i as u64 * region, &mut buf);
+                let addr = layout.addr_unchecked(b, l, o);
+                // SAFETY: the indices are checked, so [addr, addr+region) is device memory of
+                // the layout, which it keeps alive; `buf` holds `region` bytes.
+                let r = unsafe { sys::cuMemcpyHtoD_v2(addr, buf.as_ptr().cast(), buf.len()) };
+                check(r, "cuMemcpyHtoD (fill)")?;
+            }
+        }
+        return Ok(());
+    }
     for_blocks(layout, blocks, threads, |_, b| {
         let key = block_key(seed, b);
-        let mut pos = 0;
-        for l in 0..c.num_layers {
-            for o in 0..c.outer_dim {
-                let addr = layout.addr_unchecked(b, l, o);
-                // SAFETY: indices are checked, so [addr, addr+region) lies in the layout's host
-                // memory, which the layout keeps alive; no other thread writes this block
-                // (distinct threads get distinct list entries; a repeated id writes equal bytes).
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, region as usize) };
-                fill_bytes(key, pos, dst);
-                pos += region;
-            }
+        for (i, (l, o)) in pieces(c.num_layers, c.outer_dim).enumerate() {
+            let addr = layout.addr_unchecked(b, l, o);
+            // SAFETY: indices are checked, so [addr, addr+region) lies in the layout's host
+            // memory, which the layout keeps alive; no other thread writes this block
+            // (distinct threads get distinct list entries; a repeated id writes equal bytes).
+            let dst = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, region as usize) };
+            fill_bytes(key, i as u64 * region, dst);
         }
     });
     Ok(())
@@ -113,25 +137,47 @@ pub fn fill(layout: &Layout, blocks: &[u64], seed: u64, threads: usize) -> Resul
 
 /// One checksum per entry of `blocks` over all its layers, in (layer, outer, byte) order.
 pub fn checksum(layout: &Layout, blocks: &[u64], threads: usize) -> Result<Vec<u64>> {
-    require_host(layout, "checksum")?;
+    let access = access(layout, "checksum")?;
     layout.check_blocks(blocks, "blocks")?;
     let c = *layout.config();
     let region = layout.region_len();
+    if let Access::Device(dev) = access {
+        dev.bind()?;
+        let mut buf = vec![0u8; region as usize];
+        let mut sums = Vec::with_capacity(blocks.len());
+        for &b in blocks {
+            let mut h = Xxh3::new();
+            for (l, o) in pieces(c.num_layers, c.outer_dim) {
+                let addr = layout.addr_unchecked(b, l, o);
+                // SAFETY: as in `fill`; `buf` holds `region` writable bytes.
+                let r = unsafe {
+                    sys::cuMemcpyDtoH_v2(buf.as_mut_ptr().cast::<c_void>(), addr, buf.len())
+                };
+                check(r, "cuMemcpyDtoH (checksum)")?;
+                h.update(&buf);
+            }
+            sums.push(h.digest());
+        }
+        return Ok(sums);
+    }
     let sums: Vec<std::sync::atomic::AtomicU64> =
         blocks.iter().map(|_| Default::default()).collect();
     for_blocks(layout, blocks, threads, |i, b| {
         let mut h = Xxh3::new();
-        for l in 0..c.num_layers {
-            for o in 0..c.outer_dim {
-                let addr = layout.addr_unchecked(b, l, o);
-                // SAFETY: as in `fill`; reading only.
-                let src = unsafe { std::slice::from_raw_parts(addr as *const u8, region as usize) };
-                h.update(src);
-            }
+        for (l, o) in pieces(c.num_layers, c.outer_dim) {
+            let addr = layout.addr_unchecked(b, l, o);
+            // SAFETY: as in `fill`; reading only.
+            let src = unsafe { std::slice::from_raw_parts(addr as *const u8, region as usize) };
+            h.update(src);
         }
         sums[i].store(h.digest(), std::sync::atomic::Ordering::Relaxed);
     });
     Ok(sums.into_iter().map(|s| s.into_inner()).collect())
+}
+
+/// (layer, outer) in the order the bytes of a block are counted.
+fn pieces(layers: u64, outer: u64) -> impl Iterator<Item = (u64, u64)> {
+    (0..layers).flat_map(move |l| (0..outer).map(move |o| (l, o)))
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! Executors: how a copy list is carried out. Host ↔ host copies run on the context's worker
-//! threads; CUDA, NIXL and two-hop executors join with the GPU and NIXL tiers.
+//! threads; CUDA copies on the device's streams (copy engines or the SM kernel), completed by
+//! the CUDA progress engine; NIXL and two-hop executors join with the NIXL tier.
 
+pub mod cuda;
 pub mod memcpy;
 pub mod workers;

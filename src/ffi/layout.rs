@@ -182,9 +182,10 @@ fn publish(layout: Layout, layout_out: *mut *mut kvx_layout) -> i32 {
 }
 
 /// Creates a layout over memory kvxfer allocates (zeroed) and frees with the layout.
-/// SYSTEM: page-aligned host memory. PINNED: page-locked host memory (mlock; raise
-/// `ulimit -l` or grant CAP_IPC_LOCK for large pools). DEVICE and DISK: KVX_STATUS_UNAVAILABLE
-/// in this version.
+/// SYSTEM: page-aligned host memory. PINNED: on a context with CUDA, cuMemHostAlloc (portable,
+/// device-mapped); without CUDA, mlock'ed memory (raise `ulimit -l` or grant CAP_IPC_LOCK for
+/// large pools). DEVICE: cuMemAlloc on storage->device_id (KVX_STATUS_UNAVAILABLE on a context
+/// without CUDA). DISK: KVX_STATUS_UNAVAILABLE in this version.
 /// On KVX_STATUS_OK *layout_out owns a new layout released with kvx_layout_free(); on error it
 /// is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT, UNAVAILABLE, OUT_OF_MEMORY (also
 /// when the pool is larger than the memory the kernel reports available: pools are populated
@@ -210,7 +211,9 @@ pub unsafe extern "C" fn kvx_layout_new(
 /// already has: one region for FULLY_CONTIGUOUS, num_layers regions (one per layer) for the
 /// layer-separate kinds. Each region must be large enough and aligned to config->alignment.
 /// kvxfer never frees this memory; the caller keeps it valid until the layout and every transfer
-/// using it are freed. SYSTEM and PINNED only in this version (others: UNAVAILABLE).
+/// using it are freed. DEVICE regions must lie inside CUDA allocations of storage->device_id
+/// (checked); PINNED regions on a context with CUDA are registered with CUDA (and unregistered
+/// with the layout) unless CUDA already knows them. DISK: UNAVAILABLE in this version.
 /// On error *layout_out is untouched.
 #[unsafe(no_mangle)]
 #[must_use]

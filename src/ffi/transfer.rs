@@ -11,6 +11,13 @@ use crate::context::{CopyMode, TransferOptions, timeout_from_us};
 use crate::error::Error;
 use crate::transfer::Transfer;
 
+/// CPU copies on the context's worker threads (host to host).
+pub const KVX_MECHANISM_MEMCPY: i32 = 0;
+/// The GPU's copy engines.
+pub const KVX_MECHANISM_COPY_ENGINE: i32 = 1;
+/// kvxfer's SM gather/scatter kernel.
+pub const KVX_MECHANISM_KERNEL: i32 = 2;
+
 /// Let kvxfer choose copy engines or SM kernels by fragment size.
 pub const KVX_COPY_MODE_AUTO: i32 = 0;
 /// Only the GPU's copy engines (keeps the SMs free).
@@ -36,7 +43,8 @@ pub struct kvx_transfer_options {
 }
 
 /// Counters of one transfer. bytes, fragments (block x layer x outer pieces), copies (after
-/// coalescing) and plan are known at submit; elapsed_ns (submit to completion) is 0 until done.
+/// coalescing), plan, mechanism and kernel_fallback are known at submit; elapsed_ns (submit to
+/// completion) is 0 until done.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kvx_transfer_stats {
@@ -45,6 +53,11 @@ pub struct kvx_transfer_stats {
     pub copies: u64,
     pub plan: kvx_plan,
     pub elapsed_ns: u64,
+    /// KVX_MECHANISM_*: what moved the bytes.
+    pub mechanism: i32,
+    /// 1 when copy mode AUTO chose the SM kernel but it could not be built or loaded (no NVRTC,
+    /// unsupported GPU), so the copy engines ran instead; kvx_last_error() is not set for this.
+    pub kernel_fallback: u8,
 }
 
 /// A submitted transfer. Use one handle from one thread at a time. It keeps the memory of both
@@ -176,8 +189,11 @@ pub unsafe extern "C" fn kvx_transfer_wait(transfer: *mut kvx_transfer, timeout_
     }
 }
 
-/// Makes the CUstream `cuda_stream` wait for the transfer without blocking the host.
-/// KVX_STATUS_UNAVAILABLE in this version (no CUDA support).
+/// Makes the CUstream `cuda_stream` wait for the transfer. For transfers on the GPU's streams
+/// (copy engines or kernel) the host does not block: the stream waits on the transfer's event.
+/// Transfers done by host threads (memcpy, pageable System <-> Device copies) are waited for on
+/// the host first. A finished transfer returns its outcome at once. Errors: NULL_ARGUMENT,
+/// UNAVAILABLE (context without CUDA), CUDA, or the transfer's own error.
 #[unsafe(no_mangle)]
 #[must_use]
 pub unsafe extern "C" fn kvx_transfer_stream_wait(
@@ -186,15 +202,11 @@ pub unsafe extern "C" fn kvx_transfer_stream_wait(
 ) -> i32 {
     ffi_boundary! {
         // SAFETY: the caller passes a valid transfer or NULL.
-        let _t = try_status!(unsafe { deref(transfer, "transfer") });
+        let t = try_status!(unsafe { deref(transfer, "transfer") });
         if cuda_stream.is_null() {
             return null_argument("cuda_stream");
         }
-        fail(Error::Unavailable(
-            "kvx_transfer_stream_wait needs CUDA support, which this version of kvxfer does \
-             not have yet"
-                .into(),
-        ))
+        outcome(t.inner.stream_wait(cuda_stream as usize))
     }
 }
 
@@ -218,6 +230,8 @@ pub unsafe extern "C" fn kvx_transfer_get_stats(
             copies: s.copies,
             plan: s.plan.into(),
             elapsed_ns: s.elapsed_ns,
+            mechanism: s.mechanism as i32,
+            kernel_fallback: u8::from(s.kernel_fallback),
         };
         // SAFETY: checked non-NULL above.
         unsafe { write_out(stats_out, out) };

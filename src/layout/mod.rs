@@ -9,6 +9,55 @@ use std::sync::Arc;
 use crate::error::{Result, bail};
 use crate::memory::{Memory, Region, StorageKind};
 
+/// Checks that `regions` can hold a layout of `config`: one region per allocation, each large
+/// enough and aligned as the config asks, none at address 0 (but disk offsets) or wrapping.
+pub fn check_regions(
+    config: &LayoutConfig,
+    kind: StorageKind,
+    regions: &[Region],
+) -> Result<Geometry> {
+    let geometry = config.validate()?;
+    if regions.len() as u64 != geometry.allocations {
+        bail!(
+            InvalidArgument,
+            "a {} layout needs {} memory region(s), got {}",
+            config.kind.short_name(),
+            geometry.allocations,
+            regions.len()
+        );
+    }
+    for (i, r) in regions.iter().enumerate() {
+        if r.addr == 0 && kind != StorageKind::Disk {
+            bail!(InvalidArgument, "region {i} has address 0");
+        }
+        if r.addr.checked_add(r.len).is_none() {
+            bail!(
+                InvalidArgument,
+                "region {i} wraps around the address space ({:#x} + {})",
+                r.addr,
+                r.len
+            );
+        }
+        if r.len < geometry.allocation_len {
+            bail!(
+                InvalidArgument,
+                "region {i} holds {} bytes but the layout needs {} bytes per region",
+                r.len,
+                geometry.allocation_len
+            );
+        }
+        if r.addr % u64::from(config.alignment) != 0 {
+            bail!(
+                InvalidArgument,
+                "region {i} at {:#x} is not aligned to the layout's alignment {}",
+                r.addr,
+                config.alignment
+            );
+        }
+    }
+    Ok(geometry)
+}
+
 /// A pool of blocks over some memory. Immutable once made, so it can be shared by threads.
 #[derive(Debug)]
 pub struct Layout {
@@ -23,46 +72,7 @@ impl Layout {
     /// Puts `config` over `memory`, checking that every allocation is present, large enough and
     /// aligned as the config asks.
     pub(crate) fn new(config: LayoutConfig, memory: Memory, context_id: u64) -> Result<Self> {
-        let geometry = config.validate()?;
-        let regions = memory.regions();
-        if regions.len() as u64 != geometry.allocations {
-            bail!(
-                InvalidArgument,
-                "a {} layout needs {} memory region(s), got {}",
-                config.kind.short_name(),
-                geometry.allocations,
-                regions.len()
-            );
-        }
-        for (i, r) in regions.iter().enumerate() {
-            if r.addr == 0 && memory.kind() != StorageKind::Disk {
-                bail!(InvalidArgument, "region {i} has address 0");
-            }
-            if r.addr.checked_add(r.len).is_none() {
-                bail!(
-                    InvalidArgument,
-                    "region {i} wraps around the address space ({:#x} + {})",
-                    r.addr,
-                    r.len
-                );
-            }
-            if r.len < geometry.allocation_len {
-                bail!(
-                    InvalidArgument,
-                    "region {i} holds {} bytes but the layout needs {} bytes per region",
-                    r.len,
-                    geometry.allocation_len
-                );
-            }
-            if r.addr % u64::from(config.alignment) != 0 {
-                bail!(
-                    InvalidArgument,
-                    "region {i} at {:#x} is not aligned to the layout's alignment {}",
-                    r.addr,
-                    config.alignment
-                );
-            }
-        }
+        let geometry = check_regions(&config, memory.kind(), memory.regions())?;
         Ok(Self {
             config,
             geometry,

@@ -1,9 +1,15 @@
 //! Storage kinds and the memory behind a layout: allocations kvxfer owns (freed with the
 //! layout) and caller-owned memory (never freed by kvxfer).
 
+pub mod cuda;
 mod host;
 
 pub use host::HostAllocation;
+
+use std::sync::Arc;
+
+use crate::exec::cuda::CudaDevice;
+use cuda::{CudaAllocation, HostRegistration};
 
 use crate::error::{Error, Result, bail};
 
@@ -77,13 +83,17 @@ impl Region {
     }
 }
 
-/// Who frees the memory.
+/// Who frees the memory; the fields are held only to be dropped with the memory.
 #[derive(Debug)]
+#[allow(dead_code)]
 enum Owner {
-    /// kvxfer allocated it; dropping the allocations frees it.
-    Host(#[allow(dead_code)] Vec<HostAllocation>),
-    /// The caller owns it and keeps it alive at least as long as the layout.
-    Caller,
+    /// kvxfer mapped it; dropping the allocations unmaps it.
+    Host(Vec<HostAllocation>),
+    /// kvxfer allocated it through CUDA.
+    Cuda(Vec<CudaAllocation>),
+    /// The caller owns it and keeps it alive at least as long as the layout; kvxfer may have
+    /// registered parts of it with CUDA, undone on drop.
+    Caller(Vec<HostRegistration>),
 }
 
 /// The memory of one layout: one region (fully contiguous) or one per layer.
@@ -92,6 +102,10 @@ pub struct Memory {
     kind: StorageKind,
     device_id: i32,
     regions: Vec<Region>,
+    /// The CUDA device that owns or can reach it, when there is one.
+    device: Option<Arc<CudaDevice>>,
+    /// Host memory a kernel can read and write through the device mapping.
+    mapped: bool,
     _owner: Owner,
 }
 
@@ -114,7 +128,34 @@ impl Memory {
             kind,
             device_id: 0,
             regions,
+            device: None,
+            mapped: false,
             _owner: Owner::Host(allocations),
+        })
+    }
+
+    /// Pinned (`Pinned`, portable and device-mapped) or device (`Device`) memory from CUDA.
+    pub fn allocate_cuda(
+        dev: &Arc<CudaDevice>,
+        kind: StorageKind,
+        sizes: &[u64],
+        alignment: u64,
+    ) -> Result<Self> {
+        let allocations = sizes
+            .iter()
+            .map(|&size| match kind {
+                StorageKind::Pinned => CudaAllocation::pinned(dev, size, alignment),
+                StorageKind::Device => CudaAllocation::device(dev, size, alignment),
+                _ => Err(Error::InvalidArgument(format!("{kind} is not CUDA memory"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            kind,
+            device_id: dev.ordinal,
+            regions: allocations.iter().map(CudaAllocation::region).collect(),
+            device: Some(dev.clone()),
+            mapped: kind == StorageKind::Pinned,
+            _owner: Owner::Cuda(allocations),
         })
     }
 
@@ -125,8 +166,53 @@ impl Memory {
             kind,
             device_id,
             regions,
-            _owner: Owner::Caller,
+            device: None,
+            mapped: false,
+            _owner: Owner::Caller(Vec::new()),
         }
+    }
+
+    /// Caller memory on a CUDA context: device memory is checked to lie in allocations of
+    /// `dev`; pinned host memory is registered with CUDA unless it already is, so kernels can
+    /// reach it.
+    pub fn caller_owned_cuda(
+        dev: &Arc<CudaDevice>,
+        kind: StorageKind,
+        regions: Vec<Region>,
+    ) -> Result<Self> {
+        let mut registrations = Vec::new();
+        match kind {
+            StorageKind::Device => {
+                for r in &regions {
+                    dev.check_device_range(r.addr, r.len)?;
+                }
+            }
+            StorageKind::Pinned => {
+                for r in &regions {
+                    if r.addr != 0 && r.len > 0 {
+                        registrations.extend(HostRegistration::ensure(dev, r.addr, r.len)?);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(Self {
+            kind,
+            device_id: dev.ordinal,
+            regions,
+            device: Some(dev.clone()),
+            mapped: kind == StorageKind::Pinned,
+            _owner: Owner::Caller(registrations),
+        })
+    }
+
+    pub fn device(&self) -> Option<&Arc<CudaDevice>> {
+        self.device.as_ref()
+    }
+
+    /// Host memory the device can read and write directly (pinned through CUDA).
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
     }
 
     pub fn kind(&self) -> StorageKind {

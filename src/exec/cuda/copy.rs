@@ -1,0 +1,238 @@
+//! The CUDA executor: one copy list goes to the copy engines (`cuMemcpyBatchAsync` where the
+//! driver has it, else a loop of `cuMemcpyAsync`) or to the SM gather/scatter kernel, chosen per
+//! list by fragment size. Pointer tables live in pinned memory reused across transfers.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{self, CUmemLocation, CUmemLocationType, CUstream};
+
+use super::device::{BatchApi, CudaDevice, Direction, TableBuffer};
+use super::driver::check;
+use crate::context::CopyMode;
+use crate::error::{Error, Result, bail};
+use crate::plan::CopyOp;
+use crate::transfer::Mechanism;
+
+/// AUTO sends lists whose average copy is below this to the kernel: copy engines pay a fixed
+/// cost per copy that small fragments cannot amortise.
+pub const AUTO_KERNEL_MAX_AVG: u64 = 256 << 10;
+/// The kernel gets fragments of at most this size, so that warps share large copies.
+const KERNEL_PIECE: u64 = 64 << 10;
+/// Copies per batch call.
+const BATCH_MAX: usize = 1 << 14;
+
+pub struct Plan {
+    pub mechanism: Mechanism,
+    /// AUTO wanted the kernel but it could not be built or loaded.
+    pub kernel_fallback: bool,
+}
+
+/// Chooses the mechanism. `reachable`: both sides are memory the SMs can address (device memory
+/// of this device, or CUDA-pinned host memory).
+pub fn choose(
+    dev: &CudaDevice,
+    copies: &[CopyOp],
+    mode: CopyMode,
+    reachable: bool,
+) -> Result<Plan> {
+    let ce = Plan {
+        mechanism: Mechanism::CopyEngine,
+        kernel_fallback: false,
+    };
+    match mode {
+        CopyMode::CopyEngine => Ok(ce),
+        CopyMode::Kernel => {
+            if !reachable {
+                bail!(
+                    InvalidArgument,
+                    "copy mode KERNEL needs both layouts in device memory of the context's device \
+                     or in CUDA-pinned host memory"
+                );
+            }
+            dev.kernel()
+                .map_err(|why| Error::Unavailable(why.to_string()))?;
+            Ok(Plan {
+                mechanism: Mechanism::Kernel,
+                kernel_fallback: false,
+            })
+        }
+        CopyMode::Auto => {
+            let bytes: u64 = copies.iter().map(|c| c.len).sum();
+            let small = !copies.is_empty() && bytes / copies.len() as u64 <= AUTO_KERNEL_MAX_AVG;
+            if !(reachable && small && copies.len() > 1) {
+                return Ok(ce);
+            }
+            Ok(match dev.kernel() {
+                Ok(_) => Plan {
+                    mechanism: Mechanism::Kernel,
+                    kernel_fallback: false,
+                },
+                Err(_) => Plan {
+                    kernel_fallback: true,
+                    ..ce
+                },
+            })
+        }
+    }
+}
+
+/// Queues `copies` on `stream` with `mechanism`; returns the table the kernel reads, which must
+/// stay untouched until the stream has passed this work.
+pub fn enqueue(
+    dev: &CudaDevice,
+    stream: CUstream,
+    direction: Direction,
+    copies: &[CopyOp],
+    mechanism: Mechanism,
+) -> Result<Option<TableBuffer>> {
+    match mechanism {
+        Mechanism::Kernel => enqueue_kernel(dev, stream, copies).map(Some),
+        _ => {
+            enqueue_copy_engine(dev, stream, direction, copies)?;
+            Ok(None)
+        }
+    }
+}
+
+fn enqueue_kernel(dev: &CudaDevice, stream: CUstream, copies: &[CopyOp]) -> Result<TableBuffer> {
+    let kernel = dev
+        .kernel()
+        .map_err(|why| Error::Unavailable(why.to_string()))?;
+    let pieces: u64 = copies.iter().map(|c| c.len.div_ceil(KERNEL_PIECE)).sum();
+    let table = dev.table(pieces as usize * 3)?;
+    // SAFETY: the table holds at least 3 * pieces words and no queued work reads it (it came
+    // from the pool, where only completed transfers return tables).
+    let words = unsafe { std::slice::from_raw_parts_mut(table.ptr, table.words) };
+    let mut n = 0;
+    for c in copies {
+        let mut off = 0;
+        while off < c.len {
+            let len = KERNEL_PIECE.min(c.len - off);
+            words[3 * n] = c.src + off;
+            words[3 * n + 1] = c.dst + off;
+            words[3 * n + 2] = len;
+            n += 1;
+            off += len;
+        }
+    }
+    let mut table_dev = 0;
+    // SAFETY: the table is CUDA-pinned, device-mapped memory; the out pointer is a local.
+    check(
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut table_dev, table.ptr.cast(), 0) },
+        "cuMemHostGetDevicePointer",
+    )?;
+    match kernel.launch(stream, table_dev, n as u64) {
+        Ok(()) => Ok(table),
+        Err(e) => {
+            dev.recycle_table(table);
+            Err(e)
+        }
+    }
+}
+
+fn location(direction: Direction, ordinal: i32) -> (CUmemLocation, CUmemLocation) {
+    let host = CUmemLocation {
+        type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST,
+        id: 0,
+    };
+    let device = CUmemLocation {
+        type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+        id: ordinal,
+    };
+    match direction {
+        Direction::HostToDevice => (host, device),
+        Direction::DeviceToHost => (device, host),
+        Direction::DeviceToDevice => (device, device),
+    }
+}
+
+fn enqueue_copy_engine(
+    dev: &CudaDevice,
+    stream: CUstream,
+    direction: Direction,
+    copies: &[CopyOp],
+) -> Result<()> {
+    // Peer copies across devices go through cuMemcpyAsync, which handles them under UVA.
+    let batch = dev.batch;
+    if matches!(batch, BatchApi::None) || copies.len() < 2 || direction == Direction::DeviceToDevice
+    {
+        for c in copies {
+            // SAFETY: validated ranges in memory this device reaches; the layouts' memory is
+            // held until the stream passes the copy.
+            let r = unsafe { sys::cuMemcpyAsync(c.dst, c.src, c.len as usize, stream) };
+            check(r, "cuMemcpyAsync")?;
+        }
+        return Ok(());
+    }
+    let (src_loc, dst_loc) = location(direction, dev.ordinal);
+    let mut attrs = sys::CUmemcpyAttributes {
+        srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+        srcLocHint: src_loc,
+        dstLocHint: dst_loc,
+        flags: 0,
+    };
+    for chunk in copies.chunks(BATCH_MAX) {
+        let mut dsts: Vec<u64> = chunk.iter().map(|c| c.dst).collect();
+        let mut srcs: Vec<u64> = chunk.iter().map(|c| c.src).collect();
+        let mut sizes: Vec<usize> = chunk.iter().map(|c| c.len as usize).collect();
+        let mut attr_idx: usize = 0;
+        // SAFETY: the arrays hold `chunk.len()` entries and are read during the call; one
+        // attribute applies from index 0; the signature matches the driver's version (BatchApi).
+        let r = unsafe {
+            match batch {
+                BatchApi::V2(f) => f(
+                    dsts.as_mut_ptr(),
+                    srcs.as_mut_ptr(),
+                    sizes.as_mut_ptr(),
+                    chunk.len(),
+                    &mut attrs,
+                    &mut attr_idx,
+                    1,
+                    stream,
+                ),
+                BatchApi::V1(f) => {
+                    let mut fail_idx: usize = 0;
+                    f(
+                        dsts.as_mut_ptr(),
+                        srcs.as_mut_ptr(),
+                        sizes.as_mut_ptr(),
+                        chunk.len(),
+                        &mut attrs,
+                        &mut attr_idx,
+                        1,
+                        &mut fail_idx,
+                        stream,
+                    )
+                }
+                BatchApi::None => sys::CUresult::CUDA_ERROR_NOT_SUPPORTED,
+            }
+        };
+        check(r, "cuMemcpyBatchAsync")?;
+    }
+    Ok(())
+}
+
+/// Blocking copies between pageable host memory and the device, run on a worker thread.
+///
+/// # Safety
+/// Every range is validated memory that stays alive for the call.
+pub unsafe fn copy_blocking(
+    dev: &CudaDevice,
+    direction: Direction,
+    copies: &[CopyOp],
+) -> Result<()> {
+    dev.bind()?;
+    for c in copies {
+        // SAFETY: forwarded to the caller.
+        let r = unsafe {
+            match direction {
+                Direction::HostToDevice => {
+                    sys::cuMemcpyHtoD_v2(c.dst, c.src as *const c_void, c.len as usize)
+                }
+                _ => sys::cuMemcpyDtoH_v2(c.dst as *mut c_void, c.src, c.len as usize),
+            }
+        };
+        check(r, "cuMemcpy (pageable host memory)")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,319 @@
+//! One CUDA device as a context uses it: the primary context (bound on every thread that does
+//! CUDA work), one stream per copy direction, and pools of events and pinned pointer tables that
+//! are reused across transfers.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::sys::{self, CUdevice_attribute, CUevent, CUstream};
+
+use super::driver::{check, driver, symbol};
+use super::kernel::Kernel;
+use crate::error::{Error, Result, bail};
+
+/// Which way bytes cross; each direction has its own stream so H2D and D2H overlap on the two
+/// copy engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    HostToDevice = 0,
+    DeviceToHost = 1,
+    DeviceToDevice = 2,
+}
+
+/// `cuMemcpyBatchAsync` of CUDA 12.8–12.9, with a `failIdx` out-parameter.
+pub type BatchV1 = unsafe extern "C" fn(
+    *mut u64,
+    *mut u64,
+    *mut usize,
+    usize,
+    *mut sys::CUmemcpyAttributes,
+    *mut usize,
+    usize,
+    *mut usize,
+    CUstream,
+) -> sys::CUresult;
+
+/// `cuMemcpyBatchAsync_v2` of CUDA 13, without `failIdx`.
+pub type BatchV2 = unsafe extern "C" fn(
+    *mut u64,
+    *mut u64,
+    *mut usize,
+    usize,
+    *mut sys::CUmemcpyAttributes,
+    *mut usize,
+    usize,
+    CUstream,
+) -> sys::CUresult;
+
+/// How `cuMemcpyBatchAsync` is called on this driver: its signature changed in CUDA 13, so the
+/// entry point is looked up by driver version when the device is opened.
+#[derive(Debug, Clone, Copy)]
+pub enum BatchApi {
+    None,
+    V1(BatchV1),
+    V2(BatchV2),
+}
+
+/// A page-locked, device-mapped host buffer holding a kernel's pointer table.
+#[derive(Debug)]
+pub struct TableBuffer {
+    pub ptr: *mut u64,
+    /// Capacity in u64 words.
+    pub words: usize,
+}
+
+// SAFETY: the buffer is plain pinned memory owned by the pool; one transfer uses it at a time.
+unsafe impl Send for TableBuffer {}
+
+#[derive(Debug)]
+pub struct CudaDevice {
+    pub ordinal: i32,
+    ctx: sys::CUcontext,
+    pub sm_count: u32,
+    pub compute_capability: (i32, i32),
+    streams: [CUstream; 3],
+    pub batch: BatchApi,
+    events: Mutex<Vec<CUevent>>,
+    tables: Mutex<Vec<TableBuffer>>,
+    kernel: OnceLock<std::result::Result<Kernel, String>>,
+}
+
+// SAFETY: a CUDA context, its streams and events may be used from any thread once the context
+// is current there (`bind`); the pools are behind mutexes.
+unsafe impl Send for CudaDevice {}
+// SAFETY: as above.
+unsafe impl Sync for CudaDevice {}
+
+fn attribute(dev: sys::CUdevice, a: CUdevice_attribute) -> Result<i32> {
+    let mut v = 0;
+    // SAFETY: the driver is loaded; `dev` came from cuDeviceGet; the out pointer is a local.
+    check(
+        unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) },
+        "cuDeviceGetAttribute",
+    )?;
+    Ok(v)
+}
+
+impl CudaDevice {
+    /// Retains the primary context of device `ordinal` and makes it current on this thread.
+    pub fn open(ordinal: i32) -> Result<Arc<Self>> {
+        let drv = driver()?;
+        if ordinal < 0 || ordinal >= drv.device_count {
+            bail!(
+                InvalidArgument,
+                "cuda_device {ordinal} does not exist (this machine has {} CUDA device(s))",
+                drv.device_count
+            );
+        }
+        let mut dev = 0;
+        // SAFETY: the driver is loaded and the ordinal is in range.
+        check(
+            unsafe { sys::cuDeviceGet(&mut dev, ordinal) },
+            "cuDeviceGet",
+        )?;
+        use CUdevice_attribute::*;
+        if attribute(dev, CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING)? != 1
+            || attribute(dev, CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY)? != 1
+        {
+            bail!(
+                Unavailable,
+                "CUDA device {ordinal} lacks unified addressing or mapped host memory"
+            );
+        }
+        let sm_count = attribute(dev, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
+        let compute_capability = (
+            attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: `dev` is valid; the out pointer is a local.
+        check(
+            unsafe { sys::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
+            "cuDevicePrimaryCtxRetain",
+        )?;
+        // SAFETY: each symbol, when present, has exactly the signature of its CUDA version.
+        let batch = unsafe {
+            match (
+                drv.version,
+                symbol(c"cuMemcpyBatchAsync_v2"),
+                symbol(c"cuMemcpyBatchAsync"),
+            ) {
+                (13000.., Some(f), _) => {
+                    BatchApi::V2(std::mem::transmute::<*mut std::ffi::c_void, BatchV2>(f))
+                }
+                (12080..13000, _, Some(f)) => {
+                    BatchApi::V1(std::mem::transmute::<*mut std::ffi::c_void, BatchV1>(f))
+                }
+                _ => BatchApi::None,
+            }
+        };
+        let mut this = Self {
+            ordinal,
+            ctx,
+            sm_count,
+            compute_capability,
+            streams: [std::ptr::null_mut(); 3],
+            batch,
+            events: Mutex::new(Vec::new()),
+            tables: Mutex::new(Vec::new()),
+            kernel: OnceLock::new(),
+        };
+        this.bind()?;
+        for s in &mut this.streams {
+            // SAFETY: the context is current; the out pointer is a field of `this`, which
+            // destroys the stream in Drop.
+            check(
+                unsafe {
+                    sys::cuStreamCreate(s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+                },
+                "cuStreamCreate",
+            )?;
+        }
+        Ok(Arc::new(this))
+    }
+
+    /// Makes this device's primary context current on the calling thread.
+    pub fn bind(&self) -> Result<()> {
+        // SAFETY: `ctx` is a retained primary context, valid until Drop.
+        check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
+    }
+
+    pub fn stream(&self, d: Direction) -> CUstream {
+        self.streams[d as usize]
+    }
+
+    /// An event from the pool (blocking-sync: a waiting thread sleeps instead of spinning).
+    pub fn event(&self) -> Result<CUevent> {
+        if let Some(e) = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+            return Ok(e);
+        }
+        let mut e = std::ptr::null_mut();
+        let flags = sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32
+            | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
+        // SAFETY: the caller bound the context; the out pointer is a local.
+        check(
+            unsafe { sys::cuEventCreate(&mut e, flags) },
+            "cuEventCreate",
+        )?;
+        Ok(e)
+    }
+
+    pub fn recycle_event(&self, e: CUevent) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(e);
+    }
+
+    /// A pinned, device-mapped table of at least `words` u64s, from the pool when one fits.
+    pub fn table(&self, words: usize) -> Result<TableBuffer> {
+        {
+            let mut pool = self.tables.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = pool.iter().position(|t| t.words >= words) {
+                return Ok(pool.swap_remove(i));
+            }
+        }
+        let words = words.next_power_of_two().max(8192);
+        let mut ptr = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+        // SAFETY: the caller bound the context; the out pointer is a local; the buffer is freed
+        // in Drop of the device.
+        check(
+            unsafe { sys::cuMemHostAlloc(&mut ptr, words * 8, flags) },
+            "cuMemHostAlloc (pointer table)",
+        )?;
+        Ok(TableBuffer {
+            ptr: ptr.cast(),
+            words,
+        })
+    }
+
+    pub fn recycle_table(&self, t: TableBuffer) {
+        self.tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(t);
+    }
+
+    /// The gather/scatter kernel, built on first use; `Err` says why it is unavailable.
+    pub fn kernel(&self) -> std::result::Result<&Kernel, &str> {
+        self.kernel
+            .get_or_init(|| Kernel::build(self).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|s| s.as_str())
+    }
+
+    /// Runs every strategy-independent check a pointer from a caller needs: that `addr` lies
+    /// in memory this device can reach with `len` bytes after it.
+    pub fn check_device_range(&self, addr: u64, len: u64) -> Result<()> {
+        let mut base = 0;
+        let mut size = 0;
+        self.bind()?;
+        // SAFETY: the context is current; out pointers are locals; any address is acceptable.
+        let r = unsafe { sys::cuMemGetAddressRange_v2(&mut base, &mut size, addr) };
+        if check(r, "cuMemGetAddressRange").is_err() || addr + len > base + size as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "[{addr:#x}, +{len}) is not inside one allocation of CUDA device {}",
+                self.ordinal
+            )));
+        }
+        let mut ordinal: i32 = -1;
+        // SAFETY: as above; the attribute is an int.
+        let r = unsafe {
+            sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                addr,
+            )
+        };
+        check(r, "cuPointerGetAttribute")?;
+        if ordinal != self.ordinal {
+            bail!(
+                InvalidArgument,
+                "memory at {addr:#x} belongs to CUDA device {ordinal}, not {}",
+                self.ordinal
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        if self.bind().is_err() {
+            return;
+        }
+        // SAFETY: every handle below was created by this device and is destroyed once; the
+        // streams are drained first so no queued work uses a freed table.
+        unsafe {
+            for s in self.streams {
+                if !s.is_null() {
+                    sys::cuStreamSynchronize(s);
+                    sys::cuStreamDestroy_v2(s);
+                }
+            }
+            for e in self
+                .events
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+            {
+                sys::cuEventDestroy_v2(e);
+            }
+            for t in self
+                .tables
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+            {
+                sys::cuMemFreeHost(t.ptr.cast());
+            }
+            if let Some(Ok(k)) = self.kernel.take() {
+                drop(k);
+            }
+            let mut dev = 0;
+            if sys::cuDeviceGet(&mut dev, self.ordinal) == sys::CUresult::CUDA_SUCCESS {
+                sys::cuDevicePrimaryCtxRelease_v2(dev);
+            }
+        }
+    }
+}

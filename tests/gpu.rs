@@ -1,0 +1,446 @@
+//! GPU tests. They need a CUDA GPU, so they are `#[ignore]`d: on a machine without one, cargo
+//! lists them as ignored (never as passed). `scripts/gpu-test` builds them and runs them with
+//! `--include-ignored` on a GPU machine.
+
+use std::ffi::c_void;
+use std::time::Duration;
+
+use cudarc::driver::sys;
+use kvxfer::{
+    Context, ContextConfig, CopyMode, Layout, LayoutConfig, LayoutKind, Plan, StorageKind,
+    StorageSpec, Strategy, TransferOptions, transfer::Mechanism,
+};
+
+fn ctx() -> Context {
+    let c = Context::new(ContextConfig {
+        worker_threads: 4,
+        ..Default::default()
+    })
+    .expect("context");
+    assert!(c.has_cuda(), "these tests need a CUDA GPU and driver");
+    c
+}
+
+fn cfg(
+    kind: LayoutKind,
+    blocks: u64,
+    layers: u64,
+    page: u64,
+    inner: u64,
+    width: u32,
+) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: blocks,
+        num_layers: layers,
+        outer_dim: 2,
+        page_size: page,
+        inner_dim: inner,
+        dtype_width: width,
+        alignment: 1,
+        kind,
+    }
+}
+
+fn layout(ctx: &Context, c: LayoutConfig, storage: StorageKind) -> Layout {
+    ctx.new_layout(c, &StorageSpec::new(storage))
+        .expect("layout")
+}
+
+fn all(n: u64) -> Vec<u64> {
+    (0..n).collect()
+}
+
+/// Moves reversed, interleaved ids and checks the moved blocks and the untouched guards.
+fn check_move(ctx: &Context, src: &Layout, dst: &Layout, opts: &TransferOptions) -> Mechanism {
+    let n = src.config().num_blocks;
+    ctx.fill(src, &all(n), 11).unwrap();
+    ctx.fill(dst, &all(n), 22).unwrap();
+    let before = ctx.checksum(dst, &all(n)).unwrap();
+    let sb: Vec<u64> = (0..n / 2).map(|i| 2 * i).collect();
+    let db: Vec<u64> = (0..n / 2).map(|i| n - 1 - 2 * i).collect();
+    let t = ctx.submit(src, &sb, dst, &db, opts).expect("submit");
+    t.wait(Some(Duration::from_secs(60))).expect("transfer");
+    let layers = opts.layer_begin..if opts.layer_end == 0 {
+        src.config().num_layers
+    } else {
+        opts.layer_end
+    };
+    if layers == (0..src.config().num_layers) {
+        assert_eq!(
+            ctx.checksum(src, &sb).unwrap(),
+            ctx.checksum(dst, &db).unwrap()
+        );
+    }
+    let after = ctx.checksum(dst, &all(n)).unwrap();
+    for b in 0..n {
+        if !db.contains(&b) {
+            assert_eq!(
+                after[b as usize], before[b as usize],
+                "guard block {b} changed"
+            );
+        }
+    }
+    t.stats().mechanism
+}
+
+const KINDS: [LayoutKind; 3] = LayoutKind::ALL;
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn every_cuda_strategy_layout_kind_and_copy_mode() {
+    let ctx = ctx();
+    use StorageKind::*;
+    let pairs = [
+        (Pinned, Device, Strategy::CudaAsyncH2D),
+        (Device, Pinned, Strategy::CudaAsyncD2H),
+        (Device, Device, Strategy::CudaAsyncD2D),
+        (System, Device, Strategy::CudaBlockingH2D),
+        (Device, System, Strategy::CudaBlockingD2H),
+    ];
+    // 2 KiB bf16 regions (16-byte aligned) and 15-byte FP8 regions (the kernel's byte path).
+    let shapes = [(16, 64, 2), (3, 5, 1)];
+    for (ss, ds, strategy) in pairs {
+        let async_ = !matches!(
+            strategy,
+            Strategy::CudaBlockingH2D | Strategy::CudaBlockingD2H
+        );
+        for sk in KINDS {
+            for dk in KINDS {
+                for &(page, inner, width) in &shapes {
+                    let src = layout(&ctx, cfg(sk, 16, 3, page, inner, width), ss);
+                    let dst = layout(&ctx, cfg(dk, 16, 3, page, inner, width), ds);
+                    assert_eq!(ctx.plan(&src, &dst).unwrap(), Plan::Direct(strategy));
+                    let modes: &[CopyMode] = if async_ {
+                        &[CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel]
+                    } else {
+                        &[CopyMode::Auto]
+                    };
+                    for &mode in modes {
+                        let opts = TransferOptions {
+                            copy_mode: mode,
+                            ..Default::default()
+                        };
+                        let m = check_move(&ctx, &src, &dst, &opts);
+                        match mode {
+                            CopyMode::Kernel => assert_eq!(m, Mechanism::Kernel),
+                            CopyMode::CopyEngine => assert_eq!(m, Mechanism::CopyEngine),
+                            CopyMode::Auto if !async_ => assert_eq!(m, Mechanism::CopyEngine),
+                            CopyMode::Auto => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn auto_uses_the_kernel_for_small_fragments_and_engines_for_large() {
+    let ctx = ctx();
+    let small = cfg(LayoutKind::LayerSeparateBlockFirst, 64, 4, 16, 64, 2); // 2 KiB
+    let src = layout(&ctx, small, StorageKind::Pinned);
+    let dst = layout(&ctx, small, StorageKind::Device);
+    let ids: Vec<u64> = (0..64).rev().collect();
+    let t = ctx
+        .submit(&src, &all(64), &dst, &ids, &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    let s = t.stats();
+    assert!(
+        !s.kernel_fallback,
+        "the kernel must build on a GPU machine with NVRTC"
+    );
+    assert_eq!(s.mechanism, Mechanism::Kernel);
+
+    let big = cfg(LayoutKind::FullyContiguous, 8, 2, 256, 1024, 2); // 512 KiB regions
+    let src = layout(&ctx, big, StorageKind::Pinned);
+    let dst = layout(&ctx, big, StorageKind::Device);
+    let t = ctx
+        .submit(&src, &[7, 3], &dst, &[0, 1], &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    assert_eq!(t.stats().mechanism, Mechanism::CopyEngine);
+    assert_eq!(
+        ctx.checksum(&src, &[7, 3]).unwrap(),
+        ctx.checksum(&dst, &[0, 1]).unwrap()
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn layer_ranges_on_the_gpu() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::LayerSeparateOuterFirst, 8, 4, 16, 64, 2);
+    let src = layout(&ctx, c, StorageKind::Pinned);
+    let mid = layout(
+        &ctx,
+        LayoutConfig {
+            kind: LayoutKind::FullyContiguous,
+            ..c
+        },
+        StorageKind::Device,
+    );
+    let back = layout(&ctx, c, StorageKind::Pinned);
+    for mode in [CopyMode::CopyEngine, CopyMode::Kernel] {
+        ctx.fill(&src, &all(8), 5).unwrap();
+        ctx.fill(&mid, &all(8), 6).unwrap();
+        ctx.fill(&back, &all(8), 7).unwrap();
+        let opts = TransferOptions {
+            layer_begin: 1,
+            layer_end: 3,
+            copy_mode: mode,
+            ..Default::default()
+        };
+        let t = ctx.submit(&src, &[2], &mid, &[5], &opts).unwrap();
+        t.wait(None).unwrap();
+        assert_eq!(t.stats().fragments, 2 * 2);
+        let t = ctx.submit(&mid, &[5], &back, &[1], &opts).unwrap();
+        t.wait(None).unwrap();
+        for l in 0..4 {
+            for o in 0..2 {
+                let a = src.region(2, l, o).unwrap();
+                let b = back.region(1, l, o).unwrap();
+                // SAFETY: both are regions of live pinned host layouts.
+                let (a, b) = unsafe {
+                    (
+                        std::slice::from_raw_parts(a.addr as *const u8, a.len as usize),
+                        std::slice::from_raw_parts(b.addr as *const u8, b.len as usize),
+                    )
+                };
+                assert_eq!(
+                    a == b,
+                    (1..3).contains(&l),
+                    "layer {l} outer {o} with {mode:?}"
+                );
+            }
+        }
+    }
+}
+
+fn check(r: sys::CUresult) {
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn wrapped_device_and_host_memory() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::FullyContiguous, 32, 2, 16, 64, 2);
+    let bytes = c.validate().unwrap().allocation_len;
+    // A runtime's own KV pool: device memory from cuMemAlloc, host memory from malloc.
+    let mut dptr = 0;
+    // SAFETY: ctx made the primary context current on this thread.
+    check(unsafe { sys::cuMemAlloc_v2(&mut dptr, bytes as usize) });
+    let mut host = vec![0u8; bytes as usize + 4096];
+    let haddr = (host.as_mut_ptr() as u64).next_multiple_of(4096);
+    let dev_spec = StorageSpec {
+        kind: StorageKind::Device,
+        device_id: 0,
+        path: None,
+    };
+    let pin_spec = StorageSpec::new(StorageKind::Pinned);
+    let region = |addr| kvxfer::memory::Region { addr, len: bytes };
+    let dev = ctx.wrap_layout(c, &dev_spec, &[region(dptr)]).unwrap();
+    let pinned = ctx.wrap_layout(c, &pin_spec, &[region(haddr)]).unwrap();
+    // Outside any allocation: refused.
+    assert!(
+        ctx.wrap_layout(c, &dev_spec, &[region(dptr + 4096)])
+            .is_err()
+    );
+    for mode in [CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel] {
+        let opts = TransferOptions {
+            copy_mode: mode,
+            ..Default::default()
+        };
+        check_move(&ctx, &pinned, &dev, &opts);
+        check_move(&ctx, &dev, &pinned, &opts);
+    }
+    drop((dev, pinned));
+    // kvxfer never frees wrapped memory: the caller still can.
+    // SAFETY: allocated above, freed once.
+    check(unsafe { sys::cuMemFree_v2(dptr) });
+    drop(host);
+}
+
+extern "C" fn sleep_300ms(_: *mut c_void) {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn transfer_starts_after_work_queued_on_the_callers_stream() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::FullyContiguous, 16, 2, 16, 64, 2);
+    for (ss, ds, mode) in [
+        (StorageKind::Pinned, StorageKind::Device, CopyMode::Kernel),
+        (
+            StorageKind::Pinned,
+            StorageKind::Device,
+            CopyMode::CopyEngine,
+        ),
+        (StorageKind::System, StorageKind::Device, CopyMode::Auto),
+        (StorageKind::Pinned, StorageKind::System, CopyMode::Auto),
+    ] {
+        let src = layout(&ctx, c, ss);
+        let dst = layout(&ctx, c, ds);
+        ctx.fill(&src, &all(16), 1).unwrap();
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: the context is current on this thread; the stream is destroyed below.
+        check(unsafe { sys::cuStreamCreate(&mut stream, 1) });
+        // Long work on the caller's stream: the transfer must not start before it ends.
+        // SAFETY: a host function with no captured state.
+        check(unsafe { sys::cuLaunchHostFunc(stream, Some(sleep_300ms), std::ptr::null_mut()) });
+        let opts = TransferOptions {
+            cuda_stream: Some(stream as usize),
+            copy_mode: mode,
+            ..Default::default()
+        };
+        let t = ctx.submit(&src, &all(16), &dst, &all(16), &opts).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            t.poll().is_none(),
+            "{ss}->{ds} {mode:?}: finished before the stream's work"
+        );
+        t.wait(Some(Duration::from_secs(30))).unwrap();
+        assert!(
+            t.stats().elapsed_ns >= 250_000_000,
+            "started early: {:?}",
+            t.stats()
+        );
+        assert_eq!(
+            ctx.checksum(&src, &all(16)).unwrap(),
+            ctx.checksum(&dst, &all(16)).unwrap()
+        );
+        // SAFETY: the stream is idle now.
+        check(unsafe { sys::cuStreamDestroy_v2(stream) });
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn callers_stream_waits_for_the_transfer_without_blocking_the_host() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::FullyContiguous, 16, 2, 16, 64, 2);
+    let src = layout(&ctx, c, StorageKind::Pinned);
+    let dst = layout(&ctx, c, StorageKind::Device);
+    let readback = layout(&ctx, c, StorageKind::Pinned);
+    ctx.fill(&src, &all(16), 3).unwrap();
+    let (mut gate, mut consumer) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: the context is current on this thread; both streams are destroyed below.
+    unsafe {
+        check(sys::cuStreamCreate(&mut gate, 1));
+        check(sys::cuStreamCreate(&mut consumer, 1));
+        check(sys::cuLaunchHostFunc(
+            gate,
+            Some(sleep_300ms),
+            std::ptr::null_mut(),
+        ));
+    }
+    // The transfer is held back 300 ms by `gate`; `consumer` must wait for it.
+    let opts = TransferOptions {
+        cuda_stream: Some(gate as usize),
+        ..Default::default()
+    };
+    let t = ctx.submit(&src, &all(16), &dst, &all(16), &opts).unwrap();
+    let started = std::time::Instant::now();
+    t.stream_wait(consumer as usize).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "stream_wait blocked the host"
+    );
+    let bytes = c.validate().unwrap().allocation_len as usize;
+    let (d, r) = (
+        dst.region(0, 0, 0).unwrap().addr,
+        readback.region(0, 0, 0).unwrap().addr,
+    );
+    // SAFETY: both layouts hold `bytes` bytes from their first region on (FC, one allocation).
+    unsafe {
+        check(sys::cuMemcpyAsync(r, d, bytes, consumer));
+        check(sys::cuStreamSynchronize(consumer));
+    }
+    assert_eq!(
+        ctx.checksum(&src, &all(16)).unwrap(),
+        ctx.checksum(&readback, &all(16)).unwrap()
+    );
+    t.wait(None).unwrap();
+    // SAFETY: idle streams.
+    unsafe {
+        check(sys::cuStreamDestroy_v2(gate));
+        check(sys::cuStreamDestroy_v2(consumer));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn lists_of_1k_to_16k_blocks() {
+    let ctx = ctx();
+    for blocks in [1024u64, 4096, 16384] {
+        // Llama-like layer slice: 16 tokens x 8 heads x 128 x bf16 = 32 KiB regions, 1 layer.
+        let c = cfg(LayoutKind::LayerSeparateBlockFirst, blocks, 1, 16, 1024, 2);
+        let host = layout(&ctx, c, StorageKind::Pinned);
+        let dev = layout(
+            &ctx,
+            LayoutConfig {
+                kind: LayoutKind::LayerSeparateOuterFirst,
+                ..c
+            },
+            StorageKind::Device,
+        );
+        let back = layout(&ctx, c, StorageKind::Pinned);
+        ctx.fill(&host, &all(blocks), blocks).unwrap();
+        let mut perm = all(blocks);
+        fastrand::Rng::with_seed(blocks).shuffle(&mut perm);
+        for mode in [CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel] {
+            let opts = TransferOptions {
+                copy_mode: mode,
+                ..Default::default()
+            };
+            let t = ctx.submit(&host, &all(blocks), &dev, &perm, &opts).unwrap();
+            t.wait(None).unwrap();
+            let t = ctx.submit(&dev, &perm, &back, &all(blocks), &opts).unwrap();
+            t.wait(None).unwrap();
+            assert_eq!(
+                ctx.checksum(&host, &all(blocks)).unwrap(),
+                ctx.checksum(&back, &all(blocks)).unwrap(),
+                "{blocks} blocks, {mode:?}"
+            );
+            ctx.fill(&back, &all(blocks), 0).unwrap();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn many_concurrent_transfers_all_complete() {
+    let ctx = std::sync::Arc::new(ctx());
+    let c = cfg(LayoutKind::FullyContiguous, 256, 2, 16, 64, 2);
+    let src = std::sync::Arc::new(layout(&ctx, c, StorageKind::Pinned));
+    let dst = std::sync::Arc::new(layout(&ctx, c, StorageKind::Device));
+    ctx.fill(&src, &all(256), 9).unwrap();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (ctx, src, dst) = (ctx.clone(), src.clone(), dst.clone());
+            std::thread::spawn(move || {
+                let ids: Vec<u64> = (t * 32..t * 32 + 32).collect();
+                // Many in flight at once, then all waited: none may be lost.
+                let pending: Vec<_> = (0..100)
+                    .map(|_| {
+                        ctx.submit(&src, &ids, &dst, &ids, &TransferOptions::default())
+                            .unwrap()
+                    })
+                    .collect();
+                for p in pending {
+                    p.wait(Some(Duration::from_secs(60))).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        ctx.checksum(&src, &all(256)).unwrap(),
+        ctx.checksum(&dst, &all(256)).unwrap()
+    );
+}
