@@ -12,7 +12,7 @@ use crate::error::{Error, Result, bail};
 use crate::exec::cuda::progress::{Pending, Progress, StreamGate};
 use crate::exec::cuda::{self, CudaDevice, Direction, check};
 use crate::exec::{memcpy, workers::Workers};
-use crate::layout::{Layout, LayoutConfig, check_regions};
+use crate::layout::{Layout, LayoutConfig, LayoutKind, check_regions};
 use crate::memory::{Memory, Region, StorageKind};
 use crate::plan::{Capabilities, CopyList, Location, Plan, Request, Strategy, copy_list, select};
 use crate::transfer::{Completion, Mechanism, Transfer, TransferStats};
@@ -202,11 +202,16 @@ impl Context {
             Err("this context was made with cuda_device = -1".to_string())
         } else {
             match CudaDevice::open(config.cuda_device) {
-                Ok(primary) => Ok(CudaState {
-                    progress: Progress::new(&primary)?,
-                    primary,
-                    others: Mutex::new(HashMap::new()),
-                }),
+                Ok(primary) => {
+                    // Built now rather than on the first, latency-critical transfer; if it
+                    // cannot be built, AUTO falls back to copy engines and says so per transfer.
+                    let _ = primary.kernel();
+                    Ok(CudaState {
+                        progress: Progress::new(&primary)?,
+                        primary,
+                        others: Mutex::new(HashMap::new()),
+                    })
+                }
                 // No driver or no device: the context works without CUDA.
                 Err(Error::Unavailable(why)) => Err(why),
                 Err(e) => return Err(e),
@@ -238,6 +243,11 @@ impl Context {
     /// Whether this context drives a GPU.
     pub fn has_cuda(&self) -> bool {
         self.cuda.is_ok()
+    }
+
+    /// The configured CUDA device, for tools that measure kvxfer against raw CUDA calls.
+    pub fn cuda_device(&self) -> Option<&Arc<CudaDevice>> {
+        self.cuda.as_ref().ok().map(|c| &c.primary)
     }
 
     /// The CUDA side, or `Unavailable` saying why there is none.
@@ -503,10 +513,25 @@ impl Context {
                  on a context without CUDA"
             );
         }
-        let list = request.build();
+        let (sc, dc) = (request.src.config(), request.dst.config());
+        let region = request.src.region_len();
+        let layers = request.layers.end - request.layers.start;
+        let fragments = request.src_blocks.len() as u64 * layers * sc.outer_dim;
+        // Between fully contiguous layouts a whole block is one contiguous piece.
+        let whole_blocks = sc.kind == LayoutKind::FullyContiguous
+            && dc.kind == LayoutKind::FullyContiguous
+            && layers == sc.num_layers
+            && layers == dc.num_layers;
+        let unit = if whole_blocks {
+            region * layers * sc.outer_dim
+        } else {
+            region
+        };
         let choice = cuda::copy::choose(
             dev,
-            &list.copies,
+            direction,
+            unit,
+            fragments,
             options.copy_mode,
             reachable(src_mem) && reachable(dst_mem),
         )?;
@@ -527,8 +552,28 @@ impl Context {
             }
             e
         };
-        let table = cuda::copy::enqueue(dev, stream, direction, &list.copies, choice.mechanism)
-            .map_err(|e| fail(e, None))?;
+        let (table, copies) = if choice.mechanism == Mechanism::Kernel {
+            let kernel = dev
+                .kernel()
+                .map_err(|why| Error::Unavailable(why.to_string()))?;
+            let job = cuda::KernelJob {
+                src: request.src,
+                dst: request.dst,
+                src_blocks: request.src_blocks,
+                dst_blocks: request.dst_blocks,
+                layers: request.layers.clone(),
+            };
+            // SAFETY: `stream` belongs to `dev`; the request was validated and `Pending` keeps
+            // both memories alive until the progress engine saw the stream pass this work.
+            let table = unsafe { kernel.enqueue(dev, stream, &job) }.map_err(|e| fail(e, None))?;
+            (Some(table), fragments)
+        } else {
+            let list = request.build();
+            // SAFETY: as above.
+            unsafe { cuda::copy::enqueue_copy_engine(dev, stream, direction, &list.copies) }
+                .map_err(|e| fail(e, None))?;
+            (None, list.copies.len() as u64)
+        };
         let event = match dev.event() {
             Ok(e) => e,
             Err(e) => return Err(fail(e, table)),
@@ -552,7 +597,15 @@ impl Context {
                 gate,
             },
         );
-        let stats = stats(&list, plan, choice.mechanism, choice.kernel_fallback);
+        let stats = TransferStats {
+            bytes: fragments * region,
+            fragments,
+            copies,
+            plan,
+            mechanism: choice.mechanism,
+            kernel_fallback: choice.kernel_fallback,
+            elapsed_ns: 0,
+        };
         Ok(Transfer::new(completion, stats).with_event(dev.clone(), event))
     }
 

@@ -20,18 +20,22 @@ pub struct Args {
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
-    /// Bytes moved per measurement, in MiB.
-    #[arg(long, default_value_t = 256)]
-    total_mib: u64,
-    /// Measurements per point (the median is reported).
-    #[arg(long, default_value_t = 9)]
-    iters: usize,
+    /// Bytes moved per measurement, in MiB [default: 256, with --gpu 1024].
+    #[arg(long)]
+    total_mib: Option<u64>,
+    /// Measurements per point, the median is reported [default: 9, with --gpu 5].
+    #[arg(long)]
+    iters: Option<usize>,
     /// Worker threads (0 = number of CPUs); the `limit` baseline uses as many.
     #[arg(long, default_value_t = 0)]
     threads: u32,
-    /// Fragment sizes in KiB.
+    /// Fragment sizes in KiB (host bench).
     #[arg(long, value_delimiter = ',', default_values_t = [4u64, 16, 64, 256, 1024, 2048])]
     fragments_kib: Vec<u64>,
+    /// Benchmark the GPU tiers (H2D, D2H, D2D) instead of host memory; --total-mib defaults
+    /// to 1024 there.
+    #[arg(long)]
+    gpu: bool,
 }
 
 struct Point {
@@ -44,7 +48,7 @@ struct Point {
     naive: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -100,8 +104,14 @@ fn limit_copy(src: usize, dst: usize, len: usize, threads: usize, streaming: boo
     });
 }
 
-fn measure(ctx: &Context, dst_kind: StorageKind, fragment: u64, a: &Args) -> Result<Point, String> {
-    let total = a.total_mib << 20;
+fn measure(
+    ctx: &Context,
+    dst_kind: StorageKind,
+    fragment: u64,
+    total_mib: u64,
+    iters: usize,
+) -> Result<Point, String> {
+    let total = total_mib << 20;
     let blocks = (total / fragment).max(1);
     let bytes = blocks * fragment;
     let src = scattered_layout(ctx, StorageKind::System, blocks, fragment)?;
@@ -138,7 +148,7 @@ fn measure(ctx: &Context, dst_kind: StorageKind, fragment: u64, a: &Args) -> Res
     let threads = ctx.worker_threads();
     let (mut k, mut l, mut lnt, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut copies = 0;
-    for i in 0..=a.iters {
+    for i in 0..=iters {
         let t0 = Instant::now();
         let t = ctx
             .submit(&src, &sb, &dst, &db, &TransferOptions::default())
@@ -190,9 +200,17 @@ fn measure(ctx: &Context, dst_kind: StorageKind, fragment: u64, a: &Args) -> Res
 }
 
 pub fn run(a: &Args) -> Result<(), String> {
-    if a.iters == 0 || a.total_mib == 0 {
+    if a.iters == Some(0) || a.total_mib == Some(0) {
         return Err("--iters and --total-mib must be at least 1".into());
     }
+    if a.gpu {
+        return super::bench_gpu::run(&super::bench_gpu::GpuArgs {
+            json: a.json,
+            total_mib: a.total_mib.unwrap_or(1024),
+            iters: a.iters.unwrap_or(5),
+        });
+    }
+    let (total_mib, iters) = (a.total_mib.unwrap_or(256), a.iters.unwrap_or(9));
     let ctx = Context::new(ContextConfig {
         worker_threads: a.threads,
         ..Default::default()
@@ -209,8 +227,8 @@ pub fn run(a: &Args) -> Result<(), String> {
     if !a.json {
         println!(
             "host scatter {direction}: {} MiB per run, median of {} runs, {} threads (GB/s)",
-            a.total_mib,
-            a.iters,
+            total_mib,
+            iters,
             ctx.worker_threads()
         );
         println!(
@@ -220,13 +238,12 @@ pub fn run(a: &Args) -> Result<(), String> {
     }
     for &kib in &a.fragments_kib {
         let fragment = kib * 1024;
-        if fragment < 2 || fragment > (a.total_mib << 20) {
+        if fragment < 2 || fragment > (total_mib << 20) {
             return Err(format!(
-                "fragment {kib} KiB does not fit in {} MiB",
-                a.total_mib
+                "fragment {kib} KiB does not fit in {total_mib} MiB"
             ));
         }
-        let p = measure(&ctx, dst_kind, fragment, a)?;
+        let p = measure(&ctx, dst_kind, fragment, total_mib, iters)?;
         if a.json {
             for (baseline, b) in [
                 ("limit", p.limit),
@@ -240,7 +257,7 @@ pub fn run(a: &Args) -> Result<(), String> {
                     "bytes": p.bytes,
                     "copies": p.copies,
                     "threads": ctx.worker_threads(),
-                    "iters": a.iters,
+                    "iters": iters,
                     "gbps": p.kvxfer,
                     "baseline": baseline,
                     "baseline_gbps": b,

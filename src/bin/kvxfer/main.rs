@@ -2,6 +2,7 @@
 //! across the tiers this machine has, `bench` measures transfers against baselines.
 
 mod bench;
+mod bench_gpu;
 mod demo;
 mod plan;
 

@@ -53,10 +53,12 @@ pub enum BatchApi {
     V2(BatchV2),
 }
 
-/// A page-locked, device-mapped host buffer holding a kernel's pointer table.
+/// The copy kernel's descriptor table: written by the host into pinned memory, copied to the
+/// device buffer on the transfer's stream. Pooled: reused once its transfer completed.
 #[derive(Debug)]
 pub struct TableBuffer {
-    pub ptr: *mut u64,
+    pub host: *mut u64,
+    pub device: u64,
     /// Capacity in u64 words.
     pub words: usize,
 }
@@ -204,7 +206,7 @@ impl CudaDevice {
             .push(e);
     }
 
-    /// A pinned, device-mapped table of at least `words` u64s, from the pool when one fits.
+    /// A table of at least `words` u64s, from the pool when one fits.
     pub fn table(&self, words: usize) -> Result<TableBuffer> {
         {
             let mut pool = self.tables.lock().unwrap_or_else(|p| p.into_inner());
@@ -213,16 +215,23 @@ impl CudaDevice {
             }
         }
         let words = words.next_power_of_two().max(8192);
-        let mut ptr = std::ptr::null_mut();
-        let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
-        // SAFETY: the caller bound the context; the out pointer is a local; the buffer is freed
-        // in Drop of the device.
+        let mut host = std::ptr::null_mut();
+        // SAFETY: the caller bound the context; the out pointer is a local; freed in Drop.
         check(
-            unsafe { sys::cuMemHostAlloc(&mut ptr, words * 8, flags) },
-            "cuMemHostAlloc (pointer table)",
+            unsafe { sys::cuMemHostAlloc(&mut host, words * 8, sys::CU_MEMHOSTALLOC_PORTABLE) },
+            "cuMemHostAlloc (kernel table)",
         )?;
+        let mut device = 0;
+        // SAFETY: as above.
+        let r = unsafe { sys::cuMemAlloc_v2(&mut device, words * 8) };
+        if let Err(e) = check(r, "cuMemAlloc (kernel table)") {
+            // SAFETY: freeing what was just allocated.
+            unsafe { sys::cuMemFreeHost(host) };
+            return Err(e);
+        }
         Ok(TableBuffer {
-            ptr: ptr.cast(),
+            host: host.cast(),
+            device,
             words,
         })
     }
@@ -305,7 +314,8 @@ impl Drop for CudaDevice {
                 .unwrap_or_else(|p| p.into_inner())
                 .drain(..)
             {
-                sys::cuMemFreeHost(t.ptr.cast());
+                sys::cuMemFreeHost(t.host.cast());
+                sys::cuMemFree_v2(t.device);
             }
             if let Some(Ok(k)) = self.kernel.take() {
                 drop(k);

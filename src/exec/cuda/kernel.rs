@@ -1,19 +1,70 @@
-//! The SM gather/scatter kernel (`copy_fragments.cu`), built with NVRTC and loaded into the
-//! device's primary context on first use.
+//! The SM copy kernel (`copy_blocks.cu`): built with NVRTC (once per process and GPU
+//! architecture), loaded into each device's primary context, launched with a descriptor of the
+//! two layouts and the block pairs, so the host never expands fragments.
 
-use std::ffi::c_void;
+use std::ffi::{CString, c_void};
+use std::sync::Mutex;
 
 use cudarc::driver::sys::{self, CUfunction, CUmodule, CUstream};
 
-use super::device::CudaDevice;
+use super::device::{CudaDevice, TableBuffer};
 use super::driver::check;
 use super::nvrtc;
 use crate::error::Result;
+use crate::layout::{Layout, LayoutKind};
 
-const SOURCE: &str = include_str!("copy_fragments.cu");
+const SOURCE: &str = include_str!("copy_blocks.cu");
 const THREADS: u32 = 256;
-/// Blocks per SM when the list is long enough; more only adds scheduling.
+/// Blocks per SM when there is enough work; more only adds scheduling.
 const BLOCKS_PER_SM: u32 = 8;
+/// Bytes one warp copies per item: regions larger than this are shared between warps.
+const PIECE: u64 = 64 << 10;
+
+/// PTX by compute capability: NVRTC runs once per process and architecture.
+static PTX: Mutex<Vec<((i32, i32), CString)>> = Mutex::new(Vec::new());
+
+fn ptx(cc: (i32, i32)) -> Result<CString> {
+    let mut cache = PTX.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = cache.iter().find(|(k, _)| *k == cc) {
+        return Ok(p.clone());
+    }
+    let p = nvrtc::compile_ptx(
+        SOURCE,
+        "copy_blocks.cu",
+        &format!("compute_{}{}", cc.0, cc.1),
+    )?;
+    cache.push((cc, p.clone()));
+    Ok(p)
+}
+
+/// One side of the descriptor; mirrors `struct Side` in copy_blocks.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Side {
+    kind: u64,
+    num_blocks: u64,
+    block_stride: u64,
+    bases: u64,
+}
+
+/// Mirrors `struct Desc` in copy_blocks.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Desc {
+    src: Side,
+    dst: Side,
+    region: u64,
+    outer: u64,
+    layer_begin: u64,
+    layers: u64,
+    piece: u64,
+    pieces_per_region: u64,
+    pairs: u64,
+    pair_ids: u64,
+    items: u64,
+}
+
+const DESC_WORDS: usize = std::mem::size_of::<Desc>() / 8;
 
 #[derive(Debug)]
 pub struct Kernel {
@@ -28,14 +79,31 @@ unsafe impl Send for Kernel {}
 // SAFETY: as above; launching does not mutate the handle.
 unsafe impl Sync for Kernel {}
 
+/// What the kernel moves: `pairs[i] = (src id, dst id)` for the layers in `layers`.
+pub struct Job<'a> {
+    pub src: &'a Layout,
+    pub dst: &'a Layout,
+    pub src_blocks: &'a [u64],
+    pub dst_blocks: &'a [u64],
+    pub layers: std::ops::Range<u64>,
+}
+
+fn side(l: &Layout, bases: u64) -> Side {
+    Side {
+        kind: match l.config().kind {
+            LayoutKind::FullyContiguous => 0,
+            LayoutKind::LayerSeparateBlockFirst => 1,
+            LayoutKind::LayerSeparateOuterFirst => 2,
+        },
+        num_blocks: l.config().num_blocks,
+        block_stride: l.geometry().block_stride,
+        bases,
+    }
+}
+
 impl Kernel {
     pub fn build(dev: &CudaDevice) -> Result<Self> {
-        let (major, minor) = dev.compute_capability;
-        let ptx = nvrtc::compile_ptx(
-            SOURCE,
-            "copy_fragments.cu",
-            &format!("compute_{major}{minor}"),
-        )?;
+        let ptx = ptx(dev.compute_capability)?;
         dev.bind()?;
         let mut module = std::ptr::null_mut();
         // SAFETY: `ptx` is a NUL-terminated PTX image; the context is current.
@@ -45,9 +113,8 @@ impl Kernel {
         )?;
         let mut function = std::ptr::null_mut();
         // SAFETY: `module` was just loaded; the name is NUL-terminated.
-        let r = unsafe {
-            sys::cuModuleGetFunction(&mut function, module, c"kvx_copy_fragments".as_ptr())
-        };
+        let r =
+            unsafe { sys::cuModuleGetFunction(&mut function, module, c"kvx_copy_blocks".as_ptr()) };
         if let Err(e) = check(r, "cuModuleGetFunction") {
             // SAFETY: unloading the module loaded above.
             unsafe { sys::cuModuleUnload(module) };
@@ -60,19 +127,90 @@ impl Kernel {
         })
     }
 
-    /// Queues the copy of `count` table entries (u64 triples at device address `table`).
-    pub fn launch(&self, stream: CUstream, table: u64, count: u64) -> Result<()> {
+    /// Writes the descriptor into a pooled table, copies it to the device on `stream` and
+    /// launches the kernel there. The returned table must stay untouched until the stream has
+    /// passed this work.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of `dev`; the job was validated and both layouts' memory stays
+    /// alive until the stream has passed this work.
+    pub unsafe fn enqueue(
+        &self,
+        dev: &CudaDevice,
+        stream: CUstream,
+        job: &Job<'_>,
+    ) -> Result<TableBuffer> {
+        let (src, dst) = (job.src, job.dst);
+        let src_bases: Vec<u64> = src.memory().regions().iter().map(|r| r.addr).collect();
+        let dst_bases: Vec<u64> = dst.memory().regions().iter().map(|r| r.addr).collect();
+        let pairs = job.src_blocks.len();
+        let words = DESC_WORDS + src_bases.len() + dst_bases.len() + 2 * pairs;
+        let table = dev.table(words)?;
+        let region = src.region_len();
+        let outer = src.config().outer_dim;
+        let layers = job.layers.end - job.layers.start;
+        let pieces_per_region = region.div_ceil(PIECE);
+        let items = pairs as u64 * layers * outer * pieces_per_region;
+        let at = |word: usize| table.device + 8 * word as u64;
+        let desc = Desc {
+            src: side(src, at(DESC_WORDS)),
+            dst: side(dst, at(DESC_WORDS + src_bases.len())),
+            region,
+            outer,
+            layer_begin: job.layers.start,
+            layers,
+            piece: PIECE,
+            pieces_per_region,
+            pairs: pairs as u64,
+            pair_ids: at(DESC_WORDS + src_bases.len() + dst_bases.len()),
+            items,
+        };
+        // SAFETY: the host table holds `words` u64s, none read by queued work (pool contract).
+        let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
+        // SAFETY: Desc is plain u64 fields, DESC_WORDS long.
+        let desc_words: [u64; DESC_WORDS] = unsafe { std::mem::transmute(desc) };
+        host[..DESC_WORDS].copy_from_slice(&desc_words);
+        let mut w = DESC_WORDS;
+        for &b in src_bases.iter().chain(&dst_bases) {
+            host[w] = b;
+            w += 1;
+        }
+        for (s, d) in job.src_blocks.iter().zip(job.dst_blocks) {
+            host[w] = *s;
+            host[w + 1] = *d;
+            w += 2;
+        }
+        let launch = || -> Result<()> {
+            // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
+            // asynchronous and ordered before the launch on the same stream.
+            check(
+                unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(table.device, table.host.cast(), words * 8, stream)
+                },
+                "cuMemcpyHtoDAsync (copy kernel descriptor)",
+            )?;
+            self.launch(stream, table.device, items)
+        };
+        match launch() {
+            Ok(()) => Ok(table),
+            Err(e) => {
+                // SAFETY: a live stream; queued work must finish before the table is reused.
+                unsafe { sys::cuStreamSynchronize(stream) };
+                dev.recycle_table(table);
+                Err(e)
+            }
+        }
+    }
+
+    fn launch(&self, stream: CUstream, desc: u64, items: u64) -> Result<()> {
         let warps_per_block = u64::from(THREADS / 32);
-        let blocks = count
+        let blocks = items
             .div_ceil(warps_per_block)
             .clamp(1, u64::from(self.max_blocks)) as u32;
-        let (mut table, mut count) = (table, count);
-        let mut params: [*mut c_void; 2] = [
-            (&mut table as *mut u64).cast(),
-            (&mut count as *mut u64).cast(),
-        ];
-        // SAFETY: the function takes (const u64*, u64), matching `params`; the caller bound the
-        // context and keeps the table alive until the stream passes this launch.
+        let mut desc = desc;
+        let mut params: [*mut c_void; 1] = [(&mut desc as *mut u64).cast()];
+        // SAFETY: the function takes (const Desc*), matching `params`; the caller bound the
+        // context and keeps the descriptor alive until the stream passes this launch.
         check(
             unsafe {
                 sys::cuLaunchKernel(

@@ -4,9 +4,10 @@
 pub mod copy;
 mod device;
 mod driver;
-mod kernel;
+pub mod kernel;
 mod nvrtc;
 pub(crate) mod progress;
 
 pub use device::{BatchApi, CudaDevice, Direction, TableBuffer};
 pub use driver::{Driver, check, driver};
+pub use kernel::{Job as KernelJob, Kernel};

@@ -1,0 +1,86 @@
+// kvxfer's SM copy kernel. It moves KV blocks between two layouts without a per-fragment list:
+// the host passes both layouts' descriptors and the (source id, destination id) block pairs, and
+// each warp computes the addresses of its (pair, layer, outer, piece) item with the same formulas
+// as kvxfer's layout module. Host work is O(blocks), not O(fragments). Compiled with NVRTC at run
+// time (or nvcc at build), the same source either way.
+//
+// A piece is copied by one warp with 16-byte accesses, eight in flight per lane, through
+// streaming (evict-first) loads and stores: the data is touched once.
+typedef unsigned long long u64;
+
+// Layout kinds, as kvxfer's LayoutKind.
+#define KVX_FC 0u
+#define KVX_LS_BLOCK_FIRST 1u
+#define KVX_LS_OUTER_FIRST 2u
+
+struct Side {
+  u64 kind;
+  u64 num_blocks;
+  u64 block_stride;
+  u64 bases;  // device address of u64[allocations]: one base for FC, one per layer for LS
+};
+
+struct Desc {
+  Side src;
+  Side dst;
+  u64 region;             // bytes of one (block, layer, outer) piece
+  u64 outer;              // outer_dim
+  u64 layer_begin;
+  u64 layers;             // layers in the transferred range
+  u64 piece;              // bytes a warp copies at most per item
+  u64 pieces_per_region;
+  u64 pairs;              // number of block pairs
+  u64 pair_ids;           // device address of u64[2 * pairs]: src id, dst id
+  u64 items;              // pairs * layers * outer * pieces_per_region
+};
+
+__device__ __forceinline__ u64 address(const Side& s, u64 outer, u64 region, u64 b, u64 l, u64 o) {
+  const u64* bases = (const u64*)s.bases;
+  if (s.kind == KVX_FC) return bases[0] + b * s.block_stride + (l * outer + o) * region;
+  if (s.kind == KVX_LS_BLOCK_FIRST) return bases[l] + b * s.block_stride + o * region;
+  return bases[l] + o * s.num_blocks * region + b * region;
+}
+
+__device__ __forceinline__ void copy_piece(const char* src, char* dst, u64 len, unsigned lane) {
+  if ((((u64)src | (u64)dst) & 15u) == 0) {
+    const uint4* s = (const uint4*)src;
+    uint4* d = (uint4*)dst;
+    const u64 n = len >> 4;
+    u64 j = lane;
+    for (; j + 224 < n; j += 256) {
+      uint4 v[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k) v[k] = __ldcs(s + j + 32 * k);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) __stcs(d + j + 32 * k, v[k]);
+    }
+    for (; j < n; j += 32) __stcs(d + j, __ldcs(s + j));
+    for (u64 k = (n << 4) + lane; k < len; k += 32) dst[k] = src[k];
+  } else {
+    for (u64 k = lane; k < len; k += 32) dst[k] = src[k];
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks(const Desc* __restrict__ desc) {
+  const Desc d = *desc;
+  const unsigned lane = threadIdx.x & 31u;
+  const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const u64 warps = ((u64)gridDim.x * blockDim.x) >> 5;
+  const u64* pairs = (const u64*)d.pair_ids;
+  for (u64 i = warp; i < d.items; i += warps) {
+    u64 r = i;
+    const u64 piece = r % d.pieces_per_region;
+    r /= d.pieces_per_region;
+    const u64 o = r % d.outer;
+    r /= d.outer;
+    const u64 l = d.layer_begin + r % d.layers;
+    const u64 p = r / d.layers;
+    const u64 sb = pairs[2 * p];
+    const u64 db = pairs[2 * p + 1];
+    const u64 off = piece * d.piece;
+    const u64 len = min(d.piece, d.region - off);
+    const u64 src = address(d.src, d.outer, d.region, sb, l, o) + off;
+    const u64 dst = address(d.dst, d.outer, d.region, db, l, o) + off;
+    copy_piece((const char*)src, (char*)dst, len, lane);
+  }
+}
