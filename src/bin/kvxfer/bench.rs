@@ -29,9 +29,13 @@ pub struct Args {
     /// Worker threads (0 = number of CPUs); the `limit` baseline uses as many.
     #[arg(long, default_value_t = 0)]
     threads: u32,
-    /// Fragment sizes in KiB (host bench).
-    #[arg(long, value_delimiter = ',', default_values_t = [4u64, 16, 64, 256, 1024, 2048])]
-    fragments_kib: Vec<u64>,
+    /// Fragment sizes in KiB [default: 4,16,64,256,1024,2048; with --gpu 4,16,32,64 for
+    /// layer-separate layouts plus one fully contiguous point].
+    #[arg(long, value_delimiter = ',')]
+    fragments_kib: Option<Vec<u64>>,
+    /// With --gpu: the directions to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = ["h2d".to_string(), "d2h".to_string(), "d2d".to_string()])]
+    directions: Vec<String>,
     /// Benchmark the GPU tiers (H2D, D2H, D2D) instead of host memory; --total-mib defaults
     /// to 1024 there.
     #[arg(long)]
@@ -208,6 +212,8 @@ pub fn run(a: &Args) -> Result<(), String> {
             json: a.json,
             total_mib: a.total_mib.unwrap_or(1024),
             iters: a.iters.unwrap_or(5),
+            fragments_kib: a.fragments_kib.clone(),
+            directions: a.directions.clone(),
         });
     }
     let (total_mib, iters) = (a.total_mib.unwrap_or(256), a.iters.unwrap_or(9));
@@ -236,7 +242,11 @@ pub fn run(a: &Args) -> Result<(), String> {
             "fragment", "copies", "kvxfer", "limit", "ratio", "limit_nt", "ratio", "naive", "ratio"
         );
     }
-    for &kib in &a.fragments_kib {
+    let fragments = a
+        .fragments_kib
+        .clone()
+        .unwrap_or_else(|| vec![4, 16, 64, 256, 1024, 2048]);
+    for &kib in &fragments {
         let fragment = kib * 1024;
         if fragment < 2 || fragment > (total_mib << 20) {
             return Err(format!(

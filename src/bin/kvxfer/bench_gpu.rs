@@ -19,6 +19,10 @@ pub struct GpuArgs {
     pub json: bool,
     pub total_mib: u64,
     pub iters: usize,
+    /// Layer-separate fragment sizes; `None` = 4, 16, 32, 64 KiB plus a fully contiguous point.
+    pub fragments_kib: Option<Vec<u64>>,
+    /// Any of h2d, d2h, d2d.
+    pub directions: Vec<String>,
 }
 
 fn err<E: std::fmt::Display>(e: E) -> String {
@@ -101,6 +105,7 @@ fn point(
     fragment: u64,
     limit_bufs: (u64, u64),
     a: &GpuArgs,
+    report: bool,
 ) -> Result<(), String> {
     let n = pair.src.config().num_blocks;
     let mut rng = fastrand::Rng::with_seed(fragment ^ n);
@@ -108,6 +113,12 @@ fn point(
     let mut db = sb.clone();
     rng.shuffle(&mut sb);
     rng.shuffle(&mut db);
+    if !report {
+        let t = ctx
+            .submit(&pair.src, &sb, &pair.dst, &db, &TransferOptions::default())
+            .map_err(err)?;
+        return t.wait(None).map_err(err);
+    }
     let frags = fragments(&pair.src, &sb, &pair.dst, &db)?;
     let bytes: u64 = frags.iter().map(|f| f.len).sum();
     let (ls, ld) = limit_bufs;
@@ -360,71 +371,76 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             "AUTO uses"
         );
     }
-    let points: Vec<(&str, LayoutKind, LayoutKind, u64)> = vec![
-        (
-            "LS",
-            LayoutKind::LayerSeparateBlockFirst,
-            LayoutKind::LayerSeparateOuterFirst,
-            4 << 10,
-        ),
-        (
-            "LS",
-            LayoutKind::LayerSeparateBlockFirst,
-            LayoutKind::LayerSeparateOuterFirst,
-            16 << 10,
-        ),
-        (
-            "LS",
-            LayoutKind::LayerSeparateBlockFirst,
-            LayoutKind::LayerSeparateOuterFirst,
-            32 << 10,
-        ),
-        (
-            "LS",
-            LayoutKind::LayerSeparateBlockFirst,
-            LayoutKind::LayerSeparateOuterFirst,
-            64 << 10,
-        ),
-        (
-            "FC",
-            LayoutKind::FullyContiguous,
-            LayoutKind::FullyContiguous,
-            32 << 10,
-        ),
-    ];
-    for (name, host_kind, dev_kind, fragment) in points {
+    let ls = (
+        LayoutKind::LayerSeparateBlockFirst,
+        LayoutKind::LayerSeparateOuterFirst,
+    );
+    let fc = (LayoutKind::FullyContiguous, LayoutKind::FullyContiguous);
+    let mut points: Vec<(&str, (LayoutKind, LayoutKind), u64)> = a
+        .fragments_kib
+        .clone()
+        .unwrap_or_else(|| vec![4, 16, 32, 64])
+        .into_iter()
+        .map(|kib| ("LS", ls, kib << 10))
+        .collect();
+    if a.fragments_kib.is_none() {
+        points.push(("FC", fc, 32 << 10));
+    }
+    let want = |d: &str| a.directions.iter().any(|x| x.eq_ignore_ascii_case(d));
+    for (name, (host_kind, dev_kind), fragment) in points {
+        if fragment < 64 || fragment % 64 != 0 {
+            return Err(format!(
+                "fragment {fragment} bytes: use a multiple of 64 bytes"
+            ));
+        }
         let blocks = (total / (64 * fragment)).max(1);
         let mk = |kind, storage| {
-            ctx.new_layout(shape(kind, blocks, fragment), &StorageSpec::new(storage))
-                .map_err(err)
+            let c = shape(kind, blocks, fragment);
+            ctx.new_layout(c, &StorageSpec::new(storage)).map_err(err)
         };
+        // H2D pinned -> device, D2H back, D2D device -> a second device layout.
         let host = mk(host_kind, StorageKind::Pinned)?;
         let dev_a = mk(dev_kind, StorageKind::Device)?;
-        let dev_b = mk(host_kind, StorageKind::Device)?;
         ctx.fill(&host, &(0..blocks).collect::<Vec<_>>(), 1)
             .map_err(err)?;
-        let pairs = [Pair {
+        let h2d = Pair {
             name: "H2D",
             direction: Direction::HostToDevice,
             src: host,
             dst: dev_a,
-        }];
-        let [h2d] = pairs;
-        point(&ctx, &dev, &timer, &h2d, name, fragment, (h, d), a)?;
+        };
+        if want("h2d") || want("d2d") {
+            // D2D needs the device layout filled: H2D does it even when not reported.
+            point(
+                &ctx,
+                &dev,
+                &timer,
+                &h2d,
+                name,
+                fragment,
+                (h, d),
+                a,
+                want("h2d"),
+            )?;
+        }
         let d2h = Pair {
             name: "D2H",
             direction: Direction::DeviceToHost,
             src: h2d.dst,
             dst: h2d.src,
         };
-        point(&ctx, &dev, &timer, &d2h, name, fragment, (d, h), a)?;
-        let d2d = Pair {
-            name: "D2D",
-            direction: Direction::DeviceToDevice,
-            src: d2h.src,
-            dst: dev_b,
-        };
-        point(&ctx, &dev, &timer, &d2d, name, fragment, (d, d2), a)?;
+        if want("d2h") {
+            point(&ctx, &dev, &timer, &d2h, name, fragment, (d, h), a, true)?;
+        }
+        if want("d2d") {
+            let d2d = Pair {
+                name: "D2D",
+                direction: Direction::DeviceToDevice,
+                src: d2h.src,
+                dst: mk(host_kind, StorageKind::Device)?,
+            };
+            point(&ctx, &dev, &timer, &d2d, name, fragment, (d, d2), a, true)?;
+        }
     }
     latency(&ctx, &timer, a)?;
     // SAFETY: idle stream created above.

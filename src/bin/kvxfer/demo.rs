@@ -45,22 +45,16 @@ pub fn run(a: &Args) -> Result<(), String> {
         ctx.worker_threads()
     );
 
-    // Which tiers does this machine have? Pinned needs page-locking rights.
+    // Which tiers does this machine have? Pinned needs page-locking rights, Device a GPU.
     let mut tiers = vec![StorageKind::System];
-    match ctx.new_layout(
-        shape(1, LayoutKind::FullyContiguous),
-        &StorageSpec::new(StorageKind::Pinned),
-    ) {
-        Ok(_) => tiers.push(StorageKind::Pinned),
-        Err(err) => println!("tier Pinned: skipped ({err})"),
-    }
-    for kind in [StorageKind::Device, StorageKind::Disk] {
+    for kind in [StorageKind::Pinned, StorageKind::Device, StorageKind::Disk] {
         let probe = ctx.new_layout(
             shape(1, LayoutKind::FullyContiguous),
             &StorageSpec::new(kind),
         );
-        if let Err(err) = probe {
-            println!("tier {kind}: skipped ({err})");
+        match probe {
+            Ok(_) => tiers.push(kind),
+            Err(err) => println!("tier {kind}: skipped ({err})"),
         }
     }
     println!(
@@ -72,14 +66,33 @@ pub fn run(a: &Args) -> Result<(), String> {
             .join(", ")
     );
 
-    let last = *tiers.last().unwrap_or(&StorageKind::System);
-    let route = [
+    let has = |k| tiers.contains(&k);
+    let pinned = if has(StorageKind::Pinned) {
+        StorageKind::Pinned
+    } else {
+        StorageKind::System
+    };
+    let mut route = vec![
         (StorageKind::System, LayoutKind::FullyContiguous),
-        (last, LayoutKind::LayerSeparateBlockFirst),
-        (StorageKind::System, LayoutKind::LayerSeparateOuterFirst),
-        (last, LayoutKind::FullyContiguous),
-        (StorageKind::System, LayoutKind::FullyContiguous),
+        (pinned, LayoutKind::LayerSeparateBlockFirst),
     ];
+    if has(StorageKind::Device) {
+        // Offload and restore through the GPU: H2D into a layer-separate pool, D2D into a fully
+        // contiguous one, D2H back to pinned memory, and pageable copies both ways.
+        route.extend([
+            (StorageKind::Device, LayoutKind::LayerSeparateOuterFirst),
+            (StorageKind::Device, LayoutKind::FullyContiguous),
+            (pinned, LayoutKind::FullyContiguous),
+            (StorageKind::Device, LayoutKind::LayerSeparateBlockFirst),
+            (StorageKind::System, LayoutKind::LayerSeparateOuterFirst),
+        ]);
+    } else {
+        route.extend([
+            (StorageKind::System, LayoutKind::LayerSeparateOuterFirst),
+            (pinned, LayoutKind::FullyContiguous),
+        ]);
+    }
+    route.push((StorageKind::System, LayoutKind::FullyContiguous));
     let layouts = route
         .iter()
         .map(|&(storage, kind)| ctx.new_layout(shape(a.blocks, kind), &StorageSpec::new(storage)))
@@ -110,13 +123,14 @@ pub fn run(a: &Args) -> Result<(), String> {
         let ok = ctx.checksum(dst, &next).map_err(e)? == expected;
         failures += usize::from(!ok);
         println!(
-            "hop {}: {:<6} {:<14} -> {:<6} {:<14} plan {:<16} {:>8.1} MiB in {:>5} copies  {:>6.2} GB/s  checksums {}",
+            "hop {}: {:<6} {:<14} -> {:<6} {:<14} plan {:<22} {:<10} {:>8.1} MiB in {:>5} copies  {:>7.2} GB/s  checksums {}",
             hop + 1,
             route[hop].0.name(),
             route[hop].1.short_name(),
             route[hop + 1].0.name(),
             route[hop + 1].1.short_name(),
             s.plan.to_string(),
+            format!("{:?}", s.mechanism),
             s.bytes as f64 / (1 << 20) as f64,
             s.copies,
             s.bytes as f64 / s.elapsed_ns.max(1) as f64,
