@@ -251,10 +251,10 @@
 #define KVX_COPY_MODE_KERNEL 2
 
 /**
- * A context: capabilities, worker threads and (in later versions) the CUDA device and the
- * NIXL agent. Thread-safe: any number of threads may use one context at once. Layouts and
- * transfers made from it stay valid after kvx_context_free(); freeing the context waits for
- * the host copies already submitted on it.
+ * A context: capabilities, worker threads, the CUDA device (its primary context, one stream per
+ * copy direction, the copy kernel) and, in later versions, the NIXL agent. Thread-safe: any
+ * number of threads may use one context at once. Layouts and transfers made from it stay valid
+ * after kvx_context_free(); freeing the context waits for the work already submitted on it.
  */
 typedef struct kvx_context kvx_context;
 
@@ -289,7 +289,8 @@ typedef struct kvx_context_config {
    */
   uint32_t nixl_backends;
   /**
-   * CUDA device ordinal to bind, or -1 for none; default 0.
+   * CUDA device ordinal to bind, or -1 for none; default 0. On a machine without an NVIDIA
+   * driver or device the context is made without CUDA (DEVICE storage is then UNAVAILABLE).
    */
   int32_t cuda_device;
   /**
@@ -462,8 +463,9 @@ void kvx_context_config_init(struct kvx_context_config *config);
 /**
  * Creates a context. On KVX_STATUS_OK *context_out owns a new context, released with
  * kvx_context_free(). On error *context_out is untouched.
- * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend bits, cuda_device < -1, flags
- * other than 0/1, empty or non-UTF-8 agent_name, too many threads), OUT_OF_MEMORY.
+ * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend bits, cuda_device < -1 or not a
+ * device of this machine, flags other than 0/1, empty or non-UTF-8 agent_name, too many
+ * threads), CUDA (the driver failed), OUT_OF_MEMORY.
  */
 KVX_NODISCARD
 int32_t kvx_context_new(const struct kvx_context_config *config,

@@ -33,7 +33,8 @@ pub struct kvx_context_config {
     pub agent_name: *const c_char,
     /// KVX_BACKEND_* bits; default UCX | POSIX.
     pub nixl_backends: u32,
-    /// CUDA device ordinal to bind, or -1 for none; default 0.
+    /// CUDA device ordinal to bind, or -1 for none; default 0. On a machine without an NVIDIA
+    /// driver or device the context is made without CUDA (DEVICE storage is then UNAVAILABLE).
     pub cuda_device: i32,
     /// 1 allows Device <-> Disk directly through GPUDirect Storage; default 0.
     pub allow_gds: u8,
@@ -45,10 +46,10 @@ pub struct kvx_context_config {
     pub worker_threads: u32,
 }
 
-/// A context: capabilities, worker threads and (in later versions) the CUDA device and the
-/// NIXL agent. Thread-safe: any number of threads may use one context at once. Layouts and
-/// transfers made from it stay valid after kvx_context_free(); freeing the context waits for
-/// the host copies already submitted on it.
+/// A context: capabilities, worker threads, the CUDA device (its primary context, one stream per
+/// copy direction, the copy kernel) and, in later versions, the NIXL agent. Thread-safe: any
+/// number of threads may use one context at once. Layouts and transfers made from it stay valid
+/// after kvx_context_free(); freeing the context waits for the work already submitted on it.
 pub struct kvx_context {
     pub(crate) inner: Context,
 }
@@ -82,8 +83,9 @@ pub unsafe extern "C" fn kvx_context_config_init(config: *mut kvx_context_config
 
 /// Creates a context. On KVX_STATUS_OK *context_out owns a new context, released with
 /// kvx_context_free(). On error *context_out is untouched.
-/// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend bits, cuda_device < -1, flags
-/// other than 0/1, empty or non-UTF-8 agent_name, too many threads), OUT_OF_MEMORY.
+/// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend bits, cuda_device < -1 or not a
+/// device of this machine, flags other than 0/1, empty or non-UTF-8 agent_name, too many
+/// threads), CUDA (the driver failed), OUT_OF_MEMORY.
 #[unsafe(no_mangle)]
 #[must_use]
 pub unsafe extern "C" fn kvx_context_new(
