@@ -356,22 +356,6 @@ impl Context {
         dst_blocks: &[u64],
         options: &TransferOptions,
     ) -> Result<Transfer> {
-        let t = self.start(src, src_blocks, dst, dst_blocks, options)?;
-        Ok(if self.has_cuda() {
-            t.on_cuda_context()
-        } else {
-            t
-        })
-    }
-
-    fn start(
-        &self,
-        src: &Layout,
-        src_blocks: &[u64],
-        dst: &Layout,
-        dst_blocks: &[u64],
-        options: &TransferOptions,
-    ) -> Result<Transfer> {
         let plan = self.plan(src, dst)?;
         let layers = copy_list::resolve_layers(src, dst, options.layer_begin, options.layer_end)?;
         let request = Request {
@@ -481,7 +465,7 @@ impl Context {
                 completion.part_done(result);
             }));
         }
-        Transfer::new(completion, stats)
+        Transfer::new(completion, stats, self.has_cuda())
     }
 
     /// Copy engines or the SM kernel on the device's stream for this direction; the progress
@@ -606,7 +590,7 @@ impl Context {
             kernel_fallback: choice.kernel_fallback,
             elapsed_ns: 0,
         };
-        Ok(Transfer::new(completion, stats).with_event(dev.clone(), event))
+        Ok(Transfer::new(completion, stats, true).with_event(dev.clone(), event))
     }
 
     /// Writes the verification pattern of `seed` into `blocks`.

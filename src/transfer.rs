@@ -128,18 +128,18 @@ pub struct Transfer {
 }
 
 impl Transfer {
-    pub(crate) fn new(completion: Arc<Completion>, stats: TransferStats) -> Self {
+    /// `cuda_context`: submitted on a context with CUDA, so `stream_wait` can order a stream.
+    pub(crate) fn new(
+        completion: Arc<Completion>,
+        stats: TransferStats,
+        cuda_context: bool,
+    ) -> Self {
         Self {
             completion,
             stats,
             gpu: None,
-            cuda_context: false,
+            cuda_context,
         }
-    }
-
-    pub(crate) fn on_cuda_context(mut self) -> Self {
-        self.cuda_context = true;
-        self
     }
 
     /// A GPU transfer whose last copy is followed by `event` on one of `dev`'s streams.
@@ -250,7 +250,7 @@ mod tests {
     #[test]
     fn completes_after_last_part_with_first_error() {
         let c = Completion::new(3);
-        let t = Transfer::new(c.clone(), stats());
+        let t = Transfer::new(c.clone(), stats(), false);
         assert!(t.poll().is_none());
         assert!(matches!(
             t.wait(Some(Duration::from_millis(1))),
@@ -266,7 +266,7 @@ mod tests {
 
     #[test]
     fn zero_parts_is_complete_at_once() {
-        let t = Transfer::new(Completion::new(0), stats());
+        let t = Transfer::new(Completion::new(0), stats(), false);
         assert_eq!(t.poll(), Some(Ok(())));
         assert_eq!(t.wait(Some(Duration::ZERO)), Ok(()));
     }
@@ -274,7 +274,7 @@ mod tests {
     #[test]
     fn waiter_is_woken_from_another_thread() {
         let c = Completion::new(1);
-        let t = Transfer::new(c.clone(), stats());
+        let t = Transfer::new(c.clone(), stats(), false);
         let h = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             c.part_done(Ok(()));
