@@ -66,6 +66,7 @@ static inline kvx_context *test_context(uint32_t threads) {
   kvx_context_config cfg;
   kvx_context_config_init(&cfg);
   cfg.worker_threads = threads;
+  cfg.nixl_backends = 0; /* host and plan tests need no NIXL; test_nixl.c covers it */
   kvx_context *ctx = NULL;
   if (kvx_context_new(&cfg, &ctx) != KVX_STATUS_OK) {
     fprintf(stderr, "kvx_context_new failed: %s\n", kvx_last_error());

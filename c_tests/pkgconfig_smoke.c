@@ -6,6 +6,7 @@
 int main(void) {
   kvx_context_config c;
   kvx_context_config_init(&c);
+  c.nixl_backends = 0;
   kvx_context *ctx = NULL;
   if (kvx_context_new(&c, &ctx) != KVX_STATUS_OK) {
     fprintf(stderr, "kvx_context_new: %s\n", kvx_last_error());

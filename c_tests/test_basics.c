@@ -77,6 +77,7 @@ static void context_lifecycle(void) {
   kvx_context_config_init(&c);
   c.agent_name = "basics-agent";
   c.worker_threads = 2;
+  c.nixl_backends = 0;
   kvx_context *ctx = NULL;
   CHECK_OK(kvx_context_new(&c, &ctx));
   CHECK(ctx != NULL);

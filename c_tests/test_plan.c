@@ -7,6 +7,7 @@ static kvx_context *ctx_with(uint8_t gds, uint8_t rdma) {
   c.allow_gds = gds;
   c.allow_gpu_rdma = rdma;
   c.worker_threads = 1;
+  c.nixl_backends = 0;
   kvx_context *ctx = NULL;
   return kvx_context_new(&c, &ctx) == KVX_STATUS_OK ? ctx : NULL;
 }

@@ -285,7 +285,8 @@ typedef struct kvx_context_config {
    */
   const char *agent_name;
   /**
-   * KVX_BACKEND_* bits; default UCX | POSIX.
+   * KVX_BACKEND_* bits; default UCX | POSIX. Any bit makes the context load NIXL and create a
+   * NIXL agent with those backends; 0 needs no NIXL (host and GPU tiers only).
    */
   uint32_t nixl_backends;
   /**
@@ -465,7 +466,9 @@ void kvx_context_config_init(struct kvx_context_config *config);
  * kvx_context_free(). On error *context_out is untouched.
  * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend bits, cuda_device < -1 or not a
  * device of this machine, flags other than 0/1, empty or non-UTF-8 agent_name, too many
- * threads), CUDA (the driver failed), OUT_OF_MEMORY.
+ * threads), UNAVAILABLE (nixl_backends asks for NIXL but it cannot be loaded, with how to
+ * install it in kvx_last_error(); or a backend cannot be created, named there), NIXL, CUDA,
+ * OUT_OF_MEMORY.
  */
 KVX_NODISCARD
 int32_t kvx_context_new(const struct kvx_context_config *config,

@@ -11,6 +11,7 @@ use cudarc::driver::sys;
 use crate::error::{Error, Result, bail};
 use crate::exec::cuda::progress::{Pending, Progress, StreamGate};
 use crate::exec::cuda::{self, CudaDevice, Direction, check};
+use crate::exec::nixl::NixlAgent;
 use crate::exec::{memcpy, workers::Workers};
 use crate::layout::{Layout, LayoutConfig, LayoutKind, check_regions};
 use crate::memory::{Memory, Region, StorageKind};
@@ -132,12 +133,14 @@ pub struct Context {
     // Dropped first: queued host copies finish before the devices they may touch go away.
     workers: Workers,
     cuda: std::result::Result<CudaState, String>,
+    /// Present when `nixl_backends` asked for any backend.
+    nixl: Option<NixlAgent>,
 }
 
 fn unavailable_storage(kind: StorageKind) -> Error {
     Error::Unavailable(format!(
-        "{kind} storage is not available: this version of kvxfer has no NIXL support \
-         (disk and remote tiers are not built yet)"
+        "{kind} storage is not available yet: kvxfer loads NIXL, but its disk tier is not \
+         built in this version"
     ))
 }
 
@@ -217,6 +220,10 @@ impl Context {
                 Err(e) => return Err(e),
             }
         };
+        let nixl = match config.nixl_backends {
+            0 => None,
+            bits => Some(NixlAgent::new(&name, bits)?),
+        };
         let workers = Workers::new(threads, "kvx-worker")?;
         Ok(Self {
             id,
@@ -224,6 +231,7 @@ impl Context {
             config,
             workers,
             cuda,
+            nixl,
         })
     }
 
@@ -243,6 +251,11 @@ impl Context {
     /// Whether this context drives a GPU.
     pub fn has_cuda(&self) -> bool {
         self.cuda.is_ok()
+    }
+
+    /// The NIXL backends this context's agent created, by plugin name (empty without NIXL).
+    pub fn nixl_backends(&self) -> &[&'static str] {
+        self.nixl.as_ref().map_or(&[], |a| a.backends())
     }
 
     /// The configured CUDA device, for tools that measure kvxfer against raw CUDA calls.

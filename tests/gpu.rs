@@ -14,6 +14,7 @@ use kvxfer::{
 fn ctx() -> Context {
     let c = Context::new(ContextConfig {
         worker_threads: 4,
+        nixl_backends: 0,
         ..Default::default()
     })
     .expect("context");

@@ -12,6 +12,7 @@ use kvxfer::{
 fn ctx() -> Context {
     Context::new(ContextConfig {
         worker_threads: 3,
+        nixl_backends: 0, // host transfers need no NIXL
         ..Default::default()
     })
     .unwrap()

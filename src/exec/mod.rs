@@ -4,4 +4,5 @@
 
 pub mod cuda;
 pub mod memcpy;
+pub mod nixl;
 pub mod workers;

@@ -31,7 +31,8 @@ pub const KVX_BACKEND_GDS_MT: u32 = 8;
 pub struct kvx_context_config {
     /// NIXL agent name (copied); NULL generates a unique one.
     pub agent_name: *const c_char,
-    /// KVX_BACKEND_* bits; default UCX | POSIX.
+    /// KVX_BACKEND_* bits; default UCX | POSIX. Any bit makes the context load NIXL and create a
+    /// NIXL agent with those backends; 0 needs no NIXL (host and GPU tiers only).
     pub nixl_backends: u32,
     /// CUDA device ordinal to bind, or -1 for none; default 0. On a machine without an NVIDIA
     /// driver or device the context is made without CUDA (DEVICE storage is then UNAVAILABLE).
@@ -85,7 +86,9 @@ pub unsafe extern "C" fn kvx_context_config_init(config: *mut kvx_context_config
 /// kvx_context_free(). On error *context_out is untouched.
 /// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend bits, cuda_device < -1 or not a
 /// device of this machine, flags other than 0/1, empty or non-UTF-8 agent_name, too many
-/// threads), CUDA (the driver failed), OUT_OF_MEMORY.
+/// threads), UNAVAILABLE (nixl_backends asks for NIXL but it cannot be loaded, with how to
+/// install it in kvx_last_error(); or a backend cannot be created, named there), NIXL, CUDA,
+/// OUT_OF_MEMORY.
 #[unsafe(no_mangle)]
 #[must_use]
 pub unsafe extern "C" fn kvx_context_new(

@@ -26,8 +26,7 @@ pub struct kvx_peer {
 
 fn no_nixl(what: &str) -> i32 {
     fail(Error::Unavailable(format!(
-        "{what} needs NIXL, which this version of kvxfer does not support yet \
-         (remote peers arrive with the NIXL tier)"
+        "{what} is not available yet: remote peers over NIXL are not built in this version"
     )))
 }
 

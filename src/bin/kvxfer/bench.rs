@@ -219,6 +219,7 @@ pub fn run(a: &Args) -> Result<(), String> {
     let (total_mib, iters) = (a.total_mib.unwrap_or(256), a.iters.unwrap_or(9));
     let ctx = Context::new(ContextConfig {
         worker_threads: a.threads,
+        nixl_backends: 0,
         ..Default::default()
     })
     .map_err(err)?;

@@ -312,7 +312,11 @@ fn latency(ctx: &Context, timer: &Timer, a: &GpuArgs) -> Result<(), String> {
 }
 
 pub fn run(a: &GpuArgs) -> Result<(), String> {
-    let ctx = Context::new(ContextConfig::default()).map_err(err)?;
+    let ctx = Context::new(ContextConfig {
+        nixl_backends: 0,
+        ..Default::default()
+    })
+    .map_err(err)?;
     let dev = ctx
         .cuda_device()
         .cloned()

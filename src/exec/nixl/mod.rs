@@ -1,0 +1,6 @@
+//! NIXL (disk and remote tiers), loaded at run time from NVIDIA's wheel or a system install.
+
+mod agent;
+pub mod loader;
+
+pub use agent::NixlAgent;
