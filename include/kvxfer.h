@@ -250,6 +250,8 @@
  */
 #define KVX_COPY_MODE_KERNEL 2
 
+#define VERSION 1
+
 /**
  * A context: capabilities, worker threads, the CUDA device (its primary context, one stream per
  * copy direction, the copy kernel) and, in later versions, the NIXL agent. Thread-safe: any
@@ -267,6 +269,7 @@ typedef struct kvx_layout kvx_layout;
 
 /**
  * A remote peer imported from its exported bytes: its agent and layouts. Thread-safe.
+ * kvx_peer_free() unloads the peer's metadata; layout handles taken from it stay valid.
  */
 typedef struct kvx_peer kvx_peer;
 
@@ -539,8 +542,12 @@ int32_t kvx_layout_region(const struct kvx_layout *layout,
 void kvx_layout_free(struct kvx_layout *layout);
 
 /**
- * Serialises the context's agent metadata and the given layouts for a peer.
- * KVX_STATUS_UNAVAILABLE in this version. On error *bytes_out is untouched.
+ * Serialises the context's NIXL agent metadata and descriptors of `layouts` (local layouts of
+ * this context, not DISK) into a versioned, checksummed blob for a peer's kvx_context_import().
+ * The layouts are registered with the agent for as long as they live, so the peer can reach
+ * them. On KVX_STATUS_OK *bytes_out holds the blob, released with kvx_bytes_free(); on error it
+ * is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT (a layout of another context, a peer's
+ * layout, a disk layout), UNAVAILABLE (context without NIXL), NIXL.
  */
 KVX_NODISCARD
 int32_t kvx_context_export(struct kvx_context *context,
@@ -555,8 +562,11 @@ int32_t kvx_context_export(struct kvx_context *context,
 void kvx_bytes_free(struct kvx_bytes *bytes);
 
 /**
- * Imports a peer from bytes it exported. The bytes are untrusted and fully validated.
- * KVX_STATUS_UNAVAILABLE in this version. On error *peer_out is untouched.
+ * Imports a peer from bytes it exported with kvx_context_export(). The bytes are untrusted:
+ * version, length, checksum and every field are checked, and malformed, truncated or foreign
+ * bytes give KVX_STATUS_PEER, never a crash. On KVX_STATUS_OK *peer_out owns the peer, released
+ * with kvx_peer_free(); on error it is untouched. Errors: NULL_ARGUMENT, PEER, UNAVAILABLE
+ * (context without NIXL).
  */
 KVX_NODISCARD
 int32_t kvx_context_import(struct kvx_context *context,

@@ -15,6 +15,7 @@ use crate::exec::nixl::NixlAgent;
 use crate::exec::{memcpy, workers::Workers};
 use crate::layout::{Layout, LayoutConfig, LayoutKind, check_regions};
 use crate::memory::{Memory, Region, StorageKind};
+use crate::peer::{LayoutDescriptor, Peer, PeerBlob};
 use crate::plan::{Capabilities, CopyList, Location, Plan, Request, Strategy, copy_list, select};
 use crate::transfer::{Completion, Mechanism, Transfer, TransferStats};
 use crate::verify;
@@ -344,7 +345,94 @@ impl Context {
     }
 
     fn location(layout: &Layout) -> Location {
-        Location::local(layout.storage_kind())
+        Location {
+            kind: layout.storage_kind(),
+            remote: layout.is_remote(),
+        }
+    }
+
+    fn nixl(&self, what: &str) -> Result<&NixlAgent> {
+        self.nixl.as_ref().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "{what} needs NIXL; this context was made with nixl_backends = 0"
+            ))
+        })
+    }
+
+    /// The bytes a peer imports: this context's NIXL agent metadata and descriptors of
+    /// `layouts`, which are registered with the agent (for as long as they live) so that the
+    /// peer can reach them.
+    pub fn export(&self, layouts: &[&Layout]) -> Result<Vec<u8>> {
+        let agent = self.nixl("export")?;
+        let mut descriptors = Vec::with_capacity(layouts.len());
+        for (i, l) in layouts.iter().enumerate() {
+            self.check_owned(l, "exported")?;
+            if l.is_remote() {
+                bail!(
+                    InvalidArgument,
+                    "layouts[{i}] belongs to a peer; only local layouts can be exported"
+                );
+            }
+            if l.storage_kind() == StorageKind::Disk {
+                bail!(
+                    InvalidArgument,
+                    "layouts[{i}] is a disk layout; peers cannot reach disk layouts"
+                );
+            }
+            descriptors.push(LayoutDescriptor {
+                config: *l.config(),
+                kind: l.storage_kind(),
+                device_id: l.memory().device_id(),
+                regions: l.memory().regions().to_vec(),
+            });
+        }
+        for l in layouts {
+            l.memory().ensure_nixl_registered(agent.agent())?;
+        }
+        let nixl_md = agent.agent().get_local_md().map_err(|e| {
+            Error::Nixl(format!("NIXL could not produce this agent's metadata: {e}"))
+        })?;
+        PeerBlob {
+            agent: self.name.clone(),
+            nixl_md,
+            layouts: descriptors,
+        }
+        .encode()
+    }
+
+    /// Imports a peer from the bytes it exported. The bytes are untrusted: anything malformed,
+    /// truncated or foreign is `Error::Peer`, and NIXL only sees metadata whose checksum held.
+    pub fn import(&self, data: &[u8]) -> Result<Peer> {
+        let blob = PeerBlob::decode(data)?;
+        let agent = self.nixl("import")?;
+        if blob.agent == self.name {
+            bail!(Peer, "this export comes from this context itself");
+        }
+        let loaded = agent
+            .agent()
+            .load_remote_md(&blob.nixl_md)
+            .map_err(|e| Error::Peer(format!("NIXL refused the peer's metadata: {e}")))?;
+        if loaded != blob.agent {
+            let _ = agent.agent().invalidate_remote_md(&loaded);
+            bail!(
+                Peer,
+                "the metadata is agent {loaded:?} but the export says {:?}",
+                blob.agent
+            );
+        }
+        let name: Arc<str> = Arc::from(loaded.as_str());
+        let mut layouts = Vec::with_capacity(blob.layouts.len());
+        for d in blob.layouts {
+            let memory = Memory::remote(d.kind, d.device_id, d.regions);
+            match Layout::new_remote(d.config, memory, self.id, name.clone()) {
+                Ok(l) => layouts.push(Arc::new(l)),
+                Err(e) => {
+                    let _ = agent.agent().invalidate_remote_md(&name);
+                    return Err(Error::Peer(format!("peer layout: {e}")));
+                }
+            }
+        }
+        Ok(Peer::new(name, layouts, agent.agent().clone()))
     }
 
     /// The planner's decision for moving blocks from `src` to `dst`.

@@ -18,6 +18,7 @@ pub mod exec;
 pub mod ffi;
 pub mod layout;
 pub mod memory;
+pub mod peer;
 pub mod plan;
 pub mod transfer;
 pub mod verify;

@@ -60,6 +60,12 @@ enum Access<'a> {
 
 fn access<'a>(layout: &'a Layout, what: &str) -> Result<Access<'a>> {
     let kind = layout.storage_kind();
+    if layout.memory().is_remote() {
+        bail!(
+            Unavailable,
+            "{what} of a remote peer's layout is not possible here: its memory is in another process"
+        );
+    }
     match (kind, layout.memory().device()) {
         (k, _) if k.is_host() => Ok(Access::Host),
         (StorageKind::Device, Some(dev)) => Ok(Access::Device(dev)),

@@ -6,7 +6,10 @@ use std::process::Command;
 
 use kvxfer::exec::nixl::loader;
 use kvxfer::ffi::context::{KVX_BACKEND_GDS, KVX_BACKEND_POSIX};
-use kvxfer::{Context, ContextConfig, Error};
+use kvxfer::{
+    Context, ContextConfig, Error, LayoutConfig, LayoutKind, Plan, StorageKind, StorageSpec,
+    Strategy, TransferOptions,
+};
 
 fn default_context_makes_an_agent_with_ucx_and_posix() {
     let ctx = Context::new(ContextConfig::default()).expect("context with UCX and POSIX");
@@ -72,8 +75,120 @@ fn missing_nixl_is_unavailable_not_an_abort() {
     let _ = std::fs::remove_dir_all(&empty);
 }
 
+/// Two agents in one process: B imports what A exported and sees A's layouts as remote.
+fn export_and_import_between_two_contexts() {
+    let a = Context::new(ContextConfig::default()).unwrap();
+    let b = Context::new(ContextConfig::default()).unwrap();
+    let c = LayoutConfig {
+        num_blocks: 16,
+        num_layers: 4,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: 64,
+        dtype_width: 2,
+        alignment: 256,
+        kind: LayoutKind::LayerSeparateBlockFirst,
+    };
+    let fc = LayoutConfig {
+        kind: LayoutKind::FullyContiguous,
+        ..c
+    };
+    let a_sys = a
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let a_pin = a
+        .new_layout(fc, &StorageSpec::new(StorageKind::Pinned))
+        .unwrap();
+    let bytes = a.export(&[&a_sys, &a_pin]).unwrap();
+    let peer = b.import(&bytes).unwrap();
+    assert_eq!(peer.agent(), a.name());
+    assert_eq!(peer.layouts().len(), 2);
+    let remote = &peer.layouts()[1];
+    assert!(remote.is_remote());
+    assert_eq!(remote.config(), a_pin.config());
+    assert_eq!(
+        remote.region(3, 1, 1).unwrap(),
+        a_pin.region(3, 1, 1).unwrap()
+    );
+    // The planner sees a remote location: local host -> peer host is a NIXL write.
+    let local = b
+        .new_layout(fc, &StorageSpec::new(StorageKind::Pinned))
+        .unwrap();
+    assert_eq!(
+        b.plan(&local, remote).unwrap(),
+        Plan::Direct(Strategy::NixlWrite)
+    );
+    assert_eq!(
+        b.plan(remote, &local).unwrap(),
+        Plan::Direct(Strategy::NixlReadFlipped)
+    );
+    // Transfers to peers and local access to a peer's memory are refused, never attempted.
+    let t = b.submit(&local, &[0], remote, &[0], &TransferOptions::default());
+    assert!(matches!(t, Err(Error::Unavailable(_))), "{t:?}");
+    assert!(matches!(
+        b.checksum(remote, &[0]),
+        Err(Error::Unavailable(_))
+    ));
+    assert!(matches!(
+        b.fill(remote, &[0], 1),
+        Err(Error::Unavailable(_))
+    ));
+    // A peer's layout belongs to the context that imported it.
+    assert!(a.plan(&a_pin, remote).is_err());
+    // Exporting needs local layouts of this context.
+    assert!(matches!(
+        b.export(&[remote]),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        b.export(&[&a_pin]),
+        Err(Error::InvalidArgument(_))
+    ));
+    // Importing one's own export is refused; dropping the peer unloads it, so it can be
+    // imported again.
+    assert!(matches!(a.import(&bytes), Err(Error::Peer(_))));
+    drop(peer);
+    let again = b.import(&bytes).unwrap();
+    assert_eq!(again.layouts().len(), 2);
+}
+
+/// Malformed, truncated and foreign bytes are refused with Error::Peer by a real context.
+fn malformed_imports_are_refused() {
+    let a = Context::new(ContextConfig::default()).unwrap();
+    let b = Context::new(ContextConfig::default()).unwrap();
+    let c = LayoutConfig {
+        num_blocks: 4,
+        num_layers: 1,
+        outer_dim: 1,
+        page_size: 1,
+        inner_dim: 512,
+        dtype_width: 2,
+        alignment: 1,
+        kind: LayoutKind::FullyContiguous,
+    };
+    let l = a
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let bytes = a.export(&[&l]).unwrap();
+    for n in [0, 1, 8, 23, 24, bytes.len() / 2, bytes.len() - 1] {
+        assert!(
+            matches!(b.import(&bytes[..n]), Err(Error::Peer(_))),
+            "length {n}"
+        );
+    }
+    let mut flipped = bytes.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    assert!(matches!(b.import(&flipped), Err(Error::Peer(_))));
+    assert!(matches!(
+        b.import(b"GET / HTTP/1.1\r\n\r\n"),
+        Err(Error::Peer(_))
+    ));
+    assert_eq!(b.import(&bytes).unwrap().layouts().len(), 1);
+}
+
 fn main() {
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 6] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -89,6 +204,14 @@ fn main() {
         (
             "missing_nixl_is_unavailable_not_an_abort",
             missing_nixl_is_unavailable_not_an_abort,
+        ),
+        (
+            "export_and_import_between_two_contexts",
+            export_and_import_between_two_contexts,
+        ),
+        (
+            "malformed_imports_are_refused",
+            malformed_imports_are_refused,
         ),
     ];
     if let Err(e) = loader::load() {

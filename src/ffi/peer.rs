@@ -1,14 +1,14 @@
-//! Remote peers: export, import, peer layouts, notifications. NIXL support arrives in a later
-//! version; until then these entry points check their arguments and return UNAVAILABLE.
+//! Remote peers: export, import, peer layouts, notifications.
 
 use std::ffi::c_char;
-use std::sync::Arc;
 
-use super::boundary::{deref, fail, null_argument, slice};
+use super::boundary::{deref, fail, null_argument, slice, write_out};
 use super::context::kvx_context;
 use super::layout::kvx_layout;
+use super::status::KVX_STATUS_OK;
 use crate::error::Error;
 use crate::layout::Layout;
+use crate::peer::Peer;
 
 /// Bytes kvxfer allocated for the caller; release with kvx_bytes_free().
 #[repr(C)]
@@ -19,19 +19,28 @@ pub struct kvx_bytes {
 }
 
 /// A remote peer imported from its exported bytes: its agent and layouts. Thread-safe.
+/// kvx_peer_free() unloads the peer's metadata; layout handles taken from it stay valid.
 pub struct kvx_peer {
-    #[allow(dead_code)]
-    layouts: Vec<Arc<Layout>>,
+    inner: Peer,
 }
 
-fn no_nixl(what: &str) -> i32 {
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<kvx_peer>()
+};
+
+fn not_built(what: &str) -> i32 {
     fail(Error::Unavailable(format!(
-        "{what} is not available yet: remote peers over NIXL are not built in this version"
+        "{what} is not available yet: notifications over NIXL are not built in this version"
     )))
 }
 
-/// Serialises the context's agent metadata and the given layouts for a peer.
-/// KVX_STATUS_UNAVAILABLE in this version. On error *bytes_out is untouched.
+/// Serialises the context's NIXL agent metadata and descriptors of `layouts` (local layouts of
+/// this context, not DISK) into a versioned, checksummed blob for a peer's kvx_context_import().
+/// The layouts are registered with the agent for as long as they live, so the peer can reach
+/// them. On KVX_STATUS_OK *bytes_out holds the blob, released with kvx_bytes_free(); on error it
+/// is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT (a layout of another context, a peer's
+/// layout, a disk layout), UNAVAILABLE (context without NIXL), NIXL.
 #[unsafe(no_mangle)]
 #[must_use]
 pub unsafe extern "C" fn kvx_context_export(
@@ -42,13 +51,24 @@ pub unsafe extern "C" fn kvx_context_export(
 ) -> i32 {
     ffi_boundary! {
         // SAFETY: the caller passes a valid context or NULL.
-        let _ctx = try_status!(unsafe { deref(context, "context") });
+        let ctx = try_status!(unsafe { deref(context, "context") });
         // SAFETY: `layouts` holds n_layouts pointers (the function's contract).
-        let _layouts = try_status!(unsafe { slice(layouts, n_layouts, "layouts") });
+        let handles = try_status!(unsafe { slice(layouts, n_layouts, "layouts") });
         if bytes_out.is_null() {
             return null_argument("bytes_out");
         }
-        no_nixl("kvx_context_export")
+        let mut list: Vec<&Layout> = Vec::with_capacity(handles.len());
+        for (i, &h) in handles.iter().enumerate() {
+            // SAFETY: each entry is a valid layout handle or NULL.
+            let l = try_status!(unsafe { deref(h, &format!("layouts[{i}]")) });
+            list.push(&l.inner);
+        }
+        let bytes = try_core!(ctx.inner.export(&list)).into_boxed_slice();
+        let len = bytes.len();
+        let data = Box::into_raw(bytes).cast::<u8>();
+        // SAFETY: checked non-NULL above; kvx_bytes_free() rebuilds the box from data/len.
+        unsafe { write_out(bytes_out, kvx_bytes { data, len }) };
+        KVX_STATUS_OK
     }
 }
 
@@ -70,8 +90,11 @@ pub unsafe extern "C" fn kvx_bytes_free(bytes: *mut kvx_bytes) {
     }
 }
 
-/// Imports a peer from bytes it exported. The bytes are untrusted and fully validated.
-/// KVX_STATUS_UNAVAILABLE in this version. On error *peer_out is untouched.
+/// Imports a peer from bytes it exported with kvx_context_export(). The bytes are untrusted:
+/// version, length, checksum and every field are checked, and malformed, truncated or foreign
+/// bytes give KVX_STATUS_PEER, never a crash. On KVX_STATUS_OK *peer_out owns the peer, released
+/// with kvx_peer_free(); on error it is untouched. Errors: NULL_ARGUMENT, PEER, UNAVAILABLE
+/// (context without NIXL).
 #[unsafe(no_mangle)]
 #[must_use]
 pub unsafe extern "C" fn kvx_context_import(
@@ -82,13 +105,17 @@ pub unsafe extern "C" fn kvx_context_import(
 ) -> i32 {
     ffi_boundary! {
         // SAFETY: the caller passes a valid context or NULL.
-        let _ctx = try_status!(unsafe { deref(context, "context") });
+        let ctx = try_status!(unsafe { deref(context, "context") });
         // SAFETY: `data` holds len bytes (the function's contract).
-        let _data = try_status!(unsafe { slice(data, len, "data") });
+        let data = try_status!(unsafe { slice(data, len, "data") });
         if peer_out.is_null() {
             return null_argument("peer_out");
         }
-        no_nixl("kvx_context_import")
+        let inner = try_core!(ctx.inner.import(data));
+        let handle = Box::into_raw(Box::new(kvx_peer { inner }));
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(peer_out, handle) };
+        KVX_STATUS_OK
     }
 }
 
@@ -97,7 +124,7 @@ pub unsafe extern "C" fn kvx_context_import(
 pub unsafe extern "C" fn kvx_peer_layout_count(peer: *const kvx_peer) -> usize {
     ffi_boundary! {
         // SAFETY: the caller passes a valid peer or NULL.
-        unsafe { peer.as_ref() }.map_or(0, |p| p.layouts.len())
+        unsafe { peer.as_ref() }.map_or(0, |p| p.inner.layouts().len())
     }
 }
 
@@ -116,16 +143,17 @@ pub unsafe extern "C" fn kvx_peer_layout(
         if layout_out.is_null() {
             return null_argument("layout_out");
         }
-        let Some(layout) = p.layouts.get(index) else {
+        let layouts = p.inner.layouts();
+        let Some(layout) = layouts.get(index) else {
             return fail(Error::OutOfRange(format!(
                 "peer layout {index} out of range (peer has {})",
-                p.layouts.len()
+                layouts.len()
             )));
         };
         let handle = Box::into_raw(Box::new(kvx_layout { inner: layout.clone() }));
         // SAFETY: checked non-NULL above.
-        unsafe { layout_out.write(handle) };
-        super::status::KVX_STATUS_OK
+        unsafe { write_out(layout_out, handle) };
+        KVX_STATUS_OK
     }
 }
 
@@ -166,6 +194,6 @@ pub unsafe extern "C" fn kvx_context_next_notification(
         if msg_len_out.is_null() {
             return null_argument("msg_len_out");
         }
-        no_nixl("kvx_context_next_notification")
+        not_built("kvx_context_next_notification")
     }
 }

@@ -64,8 +64,10 @@ pub struct Layout {
     config: LayoutConfig,
     geometry: Geometry,
     memory: Arc<Memory>,
-    /// The context that made it; a transfer only takes layouts of its own context.
+    /// The context that made or imported it; a transfer only takes layouts of its own context.
     context_id: u64,
+    /// For a peer's layout, the peer's agent name.
+    peer: Option<Arc<str>>,
 }
 
 impl Layout {
@@ -78,7 +80,29 @@ impl Layout {
             geometry,
             memory: Arc::new(memory),
             context_id,
+            peer: None,
         })
+    }
+
+    /// A layout of the peer `agent`, over memory in the peer's process.
+    pub(crate) fn new_remote(
+        config: LayoutConfig,
+        memory: Memory,
+        context_id: u64,
+        agent: Arc<str>,
+    ) -> Result<Self> {
+        let mut l = Self::new(config, memory, context_id)?;
+        l.peer = Some(agent);
+        Ok(l)
+    }
+
+    /// The agent name of the peer that owns this layout; `None` for local layouts.
+    pub fn peer(&self) -> Option<&str> {
+        self.peer.as_deref()
+    }
+
+    pub fn is_remote(&self) -> bool {
+        self.peer.is_some()
     }
 
     pub fn config(&self) -> &LayoutConfig {

@@ -6,7 +6,9 @@ mod host;
 
 pub use host::HostAllocation;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use nixl_sys::{MemType, MemoryRegion, NixlDescriptor, RegistrationHandle};
 
 use crate::exec::cuda::CudaDevice;
 use cuda::{CudaAllocation, HostRegistration};
@@ -94,6 +96,36 @@ enum Owner {
     /// The caller owns it and keeps it alive at least as long as the layout; kvxfer may have
     /// registered parts of it with CUDA, undone on drop.
     Caller(Vec<HostRegistration>),
+    /// A peer's memory: addresses in another process, never touched here.
+    Remote,
+}
+
+/// One region as NIXL registers it.
+#[derive(Debug)]
+struct NixlRegion {
+    region: Region,
+    mem: MemType,
+    device: u64,
+}
+
+impl MemoryRegion for NixlRegion {
+    unsafe fn as_ptr(&self) -> *const u8 {
+        self.region.addr as *const u8
+    }
+
+    fn size(&self) -> usize {
+        self.region.len as usize
+    }
+}
+
+impl NixlDescriptor for NixlRegion {
+    fn mem_type(&self) -> MemType {
+        self.mem
+    }
+
+    fn device_id(&self) -> u64 {
+        self.device
+    }
 }
 
 /// The memory of one layout: one region (fully contiguous) or one per layer.
@@ -106,6 +138,9 @@ pub struct Memory {
     device: Option<Arc<CudaDevice>>,
     /// Host memory a kernel can read and write through the device mapping.
     mapped: bool,
+    /// NIXL registrations, made when a NIXL path first needs them; dropped (deregistered)
+    /// before the memory itself is released, hence declared before `_owner`.
+    nixl: Mutex<Vec<RegistrationHandle>>,
     _owner: Owner,
 }
 
@@ -130,6 +165,7 @@ impl Memory {
             regions,
             device: None,
             mapped: false,
+            nixl: Mutex::default(),
             _owner: Owner::Host(allocations),
         })
     }
@@ -155,6 +191,7 @@ impl Memory {
             regions: allocations.iter().map(CudaAllocation::region).collect(),
             device: Some(dev.clone()),
             mapped: kind == StorageKind::Pinned,
+            nixl: Mutex::default(),
             _owner: Owner::Cuda(allocations),
         })
     }
@@ -168,8 +205,57 @@ impl Memory {
             regions,
             device: None,
             mapped: false,
+            nixl: Mutex::default(),
             _owner: Owner::Caller(Vec::new()),
         }
+    }
+
+    /// A peer's memory, described by its export. It is never read or written locally.
+    pub fn remote(kind: StorageKind, device_id: i32, regions: Vec<Region>) -> Self {
+        Self {
+            kind,
+            device_id,
+            regions,
+            device: None,
+            mapped: false,
+            nixl: Mutex::default(),
+            _owner: Owner::Remote,
+        }
+    }
+
+    pub fn is_remote(&self) -> bool {
+        matches!(self._owner, Owner::Remote)
+    }
+
+    /// Registers every region with `agent` unless that was done already; the registrations
+    /// last as long as the memory.
+    pub fn ensure_nixl_registered(&self, agent: &nixl_sys::Agent) -> Result<()> {
+        let mut regs = self.nixl.lock().unwrap_or_else(|p| p.into_inner());
+        if !regs.is_empty() {
+            return Ok(());
+        }
+        let (mem, device) = match self.kind {
+            StorageKind::Device => (MemType::Vram, self.device_id.max(0) as u64),
+            StorageKind::Disk => (MemType::File, 0),
+            _ => (MemType::Dram, 0),
+        };
+        let mut made = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            let d = NixlRegion {
+                region: *r,
+                mem,
+                device,
+            };
+            let h = agent.register_memory(&d, None).map_err(|e| {
+                Error::Nixl(format!(
+                    "NIXL could not register {} bytes of {} memory at {:#x}: {e}",
+                    r.len, self.kind, r.addr
+                ))
+            })?;
+            made.push(h);
+        }
+        *regs = made;
+        Ok(())
     }
 
     /// Caller memory on a CUDA context: device memory is checked to lie in allocations of
@@ -202,6 +288,7 @@ impl Memory {
             regions,
             device: Some(dev.clone()),
             mapped: kind == StorageKind::Pinned,
+            nixl: Mutex::default(),
             _owner: Owner::Caller(registrations),
         })
     }
@@ -231,6 +318,9 @@ impl Memory {
     pub fn may_alias(&self, other: &Memory) -> bool {
         if std::ptr::eq(self, other) {
             return true;
+        }
+        if self.is_remote() || other.is_remote() {
+            return false; // another address space
         }
         let same_space = match (self.kind, other.kind) {
             (a, b) if a.is_host() && b.is_host() => true,

@@ -62,6 +62,10 @@ impl NixlAgent {
         self.agent.name()
     }
 
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
     /// The backends this agent created, by NIXL plugin name.
     pub fn backends(&self) -> &[&'static str] {
         &self.backends

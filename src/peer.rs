@@ -1,0 +1,427 @@
+//! The bytes one context exports for a peer: its NIXL agent's metadata and descriptors of the
+//! layouts it shares. The peer's bytes are untrusted: `decode` checks the magic, version, length
+//! and checksum first (so corrupted input never reaches NIXL's own parser), then every field.
+//!
+//! Format, little-endian:
+//! ```text
+//! magic "KVXPEER\0" | version u16 | flags u16 (0) | total length u32 | xxh3-64 of what follows
+//! agent name: u16 length + UTF-8 | NIXL metadata: u32 length + bytes | layout count u32
+//! per layout: num_blocks, num_layers, outer_dim, page_size, inner_dim: u64 |
+//!   dtype_width, alignment, layout kind, storage kind: u32 | device id i32 |
+//!   region count u32 | per region: address u64, length u64
+//! ```
+
+use std::sync::Arc;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::error::{Error, Result, bail};
+use crate::layout::{Layout, LayoutConfig, LayoutKind, check_regions};
+use crate::memory::{Region, StorageKind};
+
+/// An imported peer: its agent (loaded into the importing context's NIXL agent) and the layouts
+/// it shared. Dropping it unloads the peer's metadata; its layout handles stay valid objects.
+pub struct Peer {
+    agent: Arc<str>,
+    layouts: Vec<Arc<Layout>>,
+    nixl: nixl_sys::Agent,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("agent", &self.agent)
+            .field("layouts", &self.layouts.len())
+            .finish()
+    }
+}
+
+impl Peer {
+    pub(crate) fn new(agent: Arc<str>, layouts: Vec<Arc<Layout>>, nixl: nixl_sys::Agent) -> Self {
+        Self {
+            agent,
+            layouts,
+            nixl,
+        }
+    }
+
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    pub fn layouts(&self) -> &[Arc<Layout>] {
+        &self.layouts
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.nixl.invalidate_remote_md(&self.agent);
+    }
+}
+
+const MAGIC: &[u8; 8] = b"KVXPEER\0";
+pub const VERSION: u16 = 1;
+const HEADER: usize = 8 + 2 + 2 + 4 + 8;
+/// Bounds that keep a hostile blob from asking for absurd allocations.
+const MAX_LAYOUTS: u32 = 4096;
+const MAX_MD: u32 = 64 << 20;
+
+/// One shared layout as a peer sees it: addresses are in the exporter's address space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutDescriptor {
+    pub config: LayoutConfig,
+    pub kind: StorageKind,
+    pub device_id: i32,
+    pub regions: Vec<Region>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerBlob {
+    pub agent: String,
+    pub nixl_md: Vec<u8>,
+    pub layouts: Vec<LayoutDescriptor>,
+}
+
+fn kind_code(k: LayoutKind) -> u32 {
+    match k {
+        LayoutKind::FullyContiguous => 0,
+        LayoutKind::LayerSeparateBlockFirst => 1,
+        LayoutKind::LayerSeparateOuterFirst => 2,
+    }
+}
+
+impl PeerBlob {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let name = self.agent.as_bytes();
+        if name.is_empty() || name.len() > usize::from(u16::MAX) {
+            bail!(InvalidArgument, "agent name must be 1 to 65535 bytes");
+        }
+        let mut body = Vec::new();
+        body.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        body.extend_from_slice(name);
+        body.extend_from_slice(&(self.nixl_md.len() as u32).to_le_bytes());
+        body.extend_from_slice(&self.nixl_md);
+        body.extend_from_slice(&(self.layouts.len() as u32).to_le_bytes());
+        for l in &self.layouts {
+            let c = &l.config;
+            for v in [
+                c.num_blocks,
+                c.num_layers,
+                c.outer_dim,
+                c.page_size,
+                c.inner_dim,
+            ] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+            for v in [c.dtype_width, c.alignment, kind_code(c.kind), l.kind as u32] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+            body.extend_from_slice(&l.device_id.to_le_bytes());
+            body.extend_from_slice(&(l.regions.len() as u32).to_le_bytes());
+            for r in &l.regions {
+                body.extend_from_slice(&r.addr.to_le_bytes());
+                body.extend_from_slice(&r.len.to_le_bytes());
+            }
+        }
+        let total = u32::try_from(HEADER + body.len())
+            .map_err(|_| Error::InvalidArgument("export is larger than 4 GiB".into()))?;
+        let mut out = Vec::with_capacity(total as usize);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&total.to_le_bytes());
+        out.extend_from_slice(&xxh3_64(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Parses untrusted bytes; anything malformed is `Error::Peer`.
+    pub fn decode(data: &[u8]) -> Result<Self> {
+        if data.len() < HEADER || &data[..8] != MAGIC {
+            bail!(Peer, "not a kvxfer peer export (bad magic or too short)");
+        }
+        let mut r = Reader { data, pos: 8 };
+        let version = r.u16()?;
+        if version != VERSION {
+            bail!(
+                Peer,
+                "peer export version {version}, this kvxfer reads version {VERSION}"
+            );
+        }
+        let flags = r.u16()?;
+        if flags != 0 {
+            bail!(
+                Peer,
+                "peer export uses flags {flags:#x} this kvxfer does not know"
+            );
+        }
+        let total = r.u32()? as usize;
+        if total != data.len() {
+            bail!(
+                Peer,
+                "peer export says {total} bytes but {} were given",
+                data.len()
+            );
+        }
+        let sum = r.u64()?;
+        if xxh3_64(&data[HEADER..]) != sum {
+            bail!(Peer, "peer export is corrupted (checksum mismatch)");
+        }
+        let name_len = usize::from(r.u16()?);
+        let agent = std::str::from_utf8(r.bytes(name_len)?)
+            .map_err(|_| Error::Peer("peer agent name is not UTF-8".into()))?
+            .to_string();
+        if agent.is_empty() {
+            bail!(Peer, "peer agent name is empty");
+        }
+        let md_len = r.u32()?;
+        if md_len > MAX_MD {
+            bail!(Peer, "peer NIXL metadata of {md_len} bytes is too large");
+        }
+        let nixl_md = r.bytes(md_len as usize)?.to_vec();
+        let count = r.u32()?;
+        if count > MAX_LAYOUTS {
+            bail!(Peer, "peer shares {count} layouts, more than {MAX_LAYOUTS}");
+        }
+        let mut layouts = Vec::new();
+        for i in 0..count {
+            layouts.push(
+                r.layout()
+                    .map_err(|e| Error::Peer(format!("peer layout {i}: {e}")))?,
+            );
+        }
+        if r.pos != data.len() {
+            bail!(
+                Peer,
+                "{} unexpected bytes after the peer's layouts",
+                data.len() - r.pos
+            );
+        }
+        Ok(Self {
+            agent,
+            nixl_md,
+            layouts,
+        })
+    }
+}
+
+struct Reader<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| Error::Peer("peer export is truncated".into()))?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.bytes(N)?);
+        Ok(a)
+    }
+
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn layout(&mut self) -> Result<LayoutDescriptor> {
+        let (num_blocks, num_layers, outer_dim, page_size, inner_dim) = (
+            self.u64()?,
+            self.u64()?,
+            self.u64()?,
+            self.u64()?,
+            self.u64()?,
+        );
+        let (dtype_width, alignment) = (self.u32()?, self.u32()?);
+        let kind = LayoutKind::try_from(self.u32()? as i32)?;
+        let storage = StorageKind::try_from(self.u32()? as i32)?;
+        let device_id = i32::from_le_bytes(self.array()?);
+        if storage == StorageKind::Disk {
+            bail!(Peer, "disk layouts cannot be shared with peers");
+        }
+        let config = LayoutConfig {
+            num_blocks,
+            num_layers,
+            outer_dim,
+            page_size,
+            inner_dim,
+            dtype_width,
+            alignment,
+            kind,
+        };
+        let geometry = config.validate()?;
+        let n = self.u32()?;
+        if u64::from(n) != geometry.allocations {
+            bail!(
+                Peer,
+                "{n} regions for a layout of {} allocations",
+                geometry.allocations
+            );
+        }
+        let mut regions = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            regions.push(Region {
+                addr: self.u64()?,
+                len: self.u64()?,
+            });
+        }
+        check_regions(&config, storage, &regions)?;
+        Ok(LayoutDescriptor {
+            config,
+            kind: storage,
+            device_id,
+            regions,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob() -> PeerBlob {
+        let c = LayoutConfig {
+            num_blocks: 8,
+            num_layers: 2,
+            outer_dim: 2,
+            page_size: 16,
+            inner_dim: 64,
+            dtype_width: 2,
+            alignment: 256,
+            kind: LayoutKind::LayerSeparateOuterFirst,
+        };
+        let len = c.validate().unwrap().allocation_len;
+        PeerBlob {
+            agent: "decode-3".into(),
+            nixl_md: (0..200u8).collect(),
+            layouts: vec![
+                LayoutDescriptor {
+                    config: c,
+                    kind: StorageKind::Device,
+                    device_id: 1,
+                    regions: vec![
+                        Region {
+                            addr: 0x7f00_0000_0000,
+                            len,
+                        },
+                        Region {
+                            addr: 0x7f00_1000_0000,
+                            len,
+                        },
+                    ],
+                },
+                LayoutDescriptor {
+                    config: LayoutConfig {
+                        kind: LayoutKind::FullyContiguous,
+                        ..c
+                    },
+                    kind: StorageKind::Pinned,
+                    device_id: 0,
+                    regions: vec![Region {
+                        addr: 0x5000_0000,
+                        len: 2 * len,
+                    }],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let b = blob();
+        assert_eq!(PeerBlob::decode(&b.encode().unwrap()).unwrap(), b);
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_refused() {
+        let bytes = blob().encode().unwrap();
+        for n in 0..bytes.len() {
+            assert!(
+                matches!(PeerBlob::decode(&bytes[..n]), Err(Error::Peer(_))),
+                "length {n}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(PeerBlob::decode(&longer), Err(Error::Peer(_))));
+    }
+
+    #[test]
+    fn every_flipped_bit_is_refused() {
+        let bytes = blob().encode().unwrap();
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(PeerBlob::decode(&b).is_err(), "byte {i} bit {bit}");
+            }
+        }
+    }
+
+    /// A well-formed envelope (right checksum) around hostile fields is still refused.
+    #[test]
+    fn hostile_fields_with_a_valid_checksum_are_refused() {
+        let reseal = |mut b: Vec<u8>| {
+            let sum = xxh3_64(&b[HEADER..]);
+            b[16..24].copy_from_slice(&sum.to_le_bytes());
+            b
+        };
+        let good = blob().encode().unwrap();
+        let name_len_at = HEADER;
+        let md_len_at = HEADER + 2 + 8;
+        let count_at = md_len_at + 4 + 200;
+        let first_layout = count_at + 4;
+        let cases: Vec<(usize, Vec<u8>)> = vec![
+            (name_len_at, 0u16.to_le_bytes().to_vec()), // empty name
+            (name_len_at, 60000u16.to_le_bytes().to_vec()), // name past the end
+            (md_len_at, u32::MAX.to_le_bytes().to_vec()), // huge metadata
+            (count_at, u32::MAX.to_le_bytes().to_vec()), // huge layout count
+            (count_at, 3u32.to_le_bytes().to_vec()),    // more layouts than present
+            (first_layout, 0u64.to_le_bytes().to_vec()), // num_blocks 0
+            (first_layout + 8, u64::MAX.to_le_bytes().to_vec()), // overflowing layers
+            (first_layout + 40, 3u32.to_le_bytes().to_vec()), // dtype 3
+            (first_layout + 48, 9u32.to_le_bytes().to_vec()), // layout kind 9
+            (first_layout + 52, 3u32.to_le_bytes().to_vec()), // disk
+            (first_layout + 60, 1u32.to_le_bytes().to_vec()), // wrong region count
+            (first_layout + 64, 0u64.to_le_bytes().to_vec()), // region at address 0
+            (first_layout + 72, 1u64.to_le_bytes().to_vec()), // region too small
+        ];
+        for (at, patch) in cases {
+            let mut b = good.clone();
+            b[at..at + patch.len()].copy_from_slice(&patch);
+            let r = PeerBlob::decode(&reseal(b));
+            assert!(r.is_err(), "patch at {at} accepted");
+        }
+    }
+
+    #[test]
+    fn random_and_foreign_bytes_are_refused() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for n in 0..2000 {
+            let len = rng.usize(0..512);
+            let mut b: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            if n % 2 == 0 && len >= 8 {
+                b[..8].copy_from_slice(MAGIC); // past the magic, into the checks behind it
+            }
+            assert!(PeerBlob::decode(&b).is_err());
+        }
+        assert!(PeerBlob::decode(b"\x7fELF\x02\x01\x01\0 not a peer export at all").is_err());
+    }
+}
