@@ -139,9 +139,9 @@ pub struct Memory {
     /// Host memory a kernel can read and write through the device mapping.
     mapped: bool,
     /// NIXL registrations, made when a NIXL path first needs them; dropped (deregistered)
-    /// before the memory itself is released, hence declared before `_owner`.
+    /// before the memory itself is released, hence declared before `owner`.
     nixl: Mutex<Vec<RegistrationHandle>>,
-    _owner: Owner,
+    owner: Owner,
 }
 
 impl Memory {
@@ -166,7 +166,7 @@ impl Memory {
             device: None,
             mapped: false,
             nixl: Mutex::default(),
-            _owner: Owner::Host(allocations),
+            owner: Owner::Host(allocations),
         })
     }
 
@@ -192,7 +192,7 @@ impl Memory {
             device: Some(dev.clone()),
             mapped: kind == StorageKind::Pinned,
             nixl: Mutex::default(),
-            _owner: Owner::Cuda(allocations),
+            owner: Owner::Cuda(allocations),
         })
     }
 
@@ -206,25 +206,20 @@ impl Memory {
             device: None,
             mapped: false,
             nixl: Mutex::default(),
-            _owner: Owner::Caller(Vec::new()),
+            owner: Owner::Caller(Vec::new()),
         }
     }
 
     /// A peer's memory, described by its export. It is never read or written locally.
     pub fn remote(kind: StorageKind, device_id: i32, regions: Vec<Region>) -> Self {
         Self {
-            kind,
-            device_id,
-            regions,
-            device: None,
-            mapped: false,
-            nixl: Mutex::default(),
-            _owner: Owner::Remote,
+            owner: Owner::Remote,
+            ..Self::caller_owned(kind, device_id, regions)
         }
     }
 
     pub fn is_remote(&self) -> bool {
-        matches!(self._owner, Owner::Remote)
+        matches!(self.owner, Owner::Remote)
     }
 
     /// Registers every region with `agent` unless that was done already; the registrations
@@ -289,7 +284,7 @@ impl Memory {
             device: Some(dev.clone()),
             mapped: kind == StorageKind::Pinned,
             nixl: Mutex::default(),
-            _owner: Owner::Caller(registrations),
+            owner: Owner::Caller(registrations),
         })
     }
 
