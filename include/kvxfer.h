@@ -236,6 +236,11 @@
 #define KVX_MECHANISM_KERNEL 2
 
 /**
+ * A NIXL transfer (disk or remote peer).
+ */
+#define KVX_MECHANISM_NIXL 3
+
+/**
  * Let kvxfer choose copy engines or SM kernels by fragment size.
  */
 #define KVX_COPY_MODE_AUTO 0
@@ -494,7 +499,9 @@ void kvx_layout_config_init(struct kvx_layout_config *config);
  * SYSTEM: page-aligned host memory. PINNED: on a context with CUDA, cuMemHostAlloc (portable,
  * device-mapped); without CUDA, mlock'ed memory (raise `ulimit -l` or grant CAP_IPC_LOCK for
  * large pools). DEVICE: cuMemAlloc on storage->device_id (KVX_STATUS_UNAVAILABLE on a context
- * without CUDA). DISK: KVX_STATUS_UNAVAILABLE in this version.
+ * without CUDA). DISK: a file (storage->path NULL: a new unlinked file in the context's disk_dir;
+ * a path: created or reused, kept after free, read back by a layout of the same config) on a
+ * context with the POSIX NIXL backend (else UNAVAILABLE); errors opening it are IO.
  * On KVX_STATUS_OK *layout_out owns a new layout released with kvx_layout_free(); on error it
  * is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT, UNAVAILABLE, OUT_OF_MEMORY (also
  * when the pool is larger than the memory the kernel reports available: pools are populated

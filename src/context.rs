@@ -13,7 +13,8 @@ use crate::exec::cuda::progress::{Pending, Progress, StreamGate};
 use crate::exec::cuda::{self, CudaDevice, Direction, check};
 use crate::exec::nixl::NixlAgent;
 use crate::exec::{memcpy, workers::Workers};
-use crate::layout::{Layout, LayoutConfig, LayoutKind, check_regions};
+use crate::layout::{Geometry, Layout, LayoutConfig, LayoutKind, check_regions};
+use crate::memory::disk::DiskFile;
 use crate::memory::{Memory, Region, StorageKind};
 use crate::peer::{LayoutDescriptor, Peer, PeerBlob};
 use crate::plan::{Capabilities, CopyList, Location, Plan, Request, Strategy, copy_list, select};
@@ -302,9 +303,46 @@ impl Context {
                 let dev = self.device(storage.device_id)?;
                 Memory::allocate_cuda(&dev, storage.kind, &sizes, align)?
             }
-            StorageKind::Disk => return Err(unavailable_storage(StorageKind::Disk)),
+            StorageKind::Disk => self.disk_memory(&g, storage)?,
         };
         Layout::new(config, mem, self.id)
+    }
+
+    /// A disk layout's file: unnamed in `disk_dir`, or at `storage.path` (created or reused,
+    /// kept). Allocations sit at page-aligned offsets.
+    fn disk_memory(&self, g: &Geometry, storage: &StorageSpec) -> Result<Memory> {
+        let agent = self.nixl("DISK storage")?;
+        if !agent.backends().contains(&"POSIX") {
+            bail!(
+                Unavailable,
+                "DISK storage needs the POSIX NIXL backend (KVX_BACKEND_POSIX in nixl_backends)"
+            );
+        }
+        let stride = g
+            .allocation_len
+            .checked_next_multiple_of(4096)
+            .ok_or_else(|| Error::InvalidArgument("disk layout too large".into()))?;
+        let total = stride
+            .checked_mul(g.allocations)
+            .ok_or_else(|| Error::InvalidArgument("disk layout too large".into()))?;
+        let file = match &storage.path {
+            Some(p) => DiskFile::at(p, total)?,
+            None => {
+                let dir = self
+                    .config
+                    .disk_dir
+                    .clone()
+                    .unwrap_or_else(std::env::temp_dir);
+                DiskFile::temporary(&dir, total)?
+            }
+        };
+        let regions = (0..g.allocations)
+            .map(|i| Region {
+                addr: i * stride,
+                len: g.allocation_len,
+            })
+            .collect();
+        Ok(Memory::disk(file, regions))
     }
 
     /// A layout over memory the caller owns: one region for fully contiguous, one per layer
@@ -497,6 +535,11 @@ impl Context {
                 let gate = self.gate(options.cuda_stream)?;
                 Ok(self.submit_on_workers(&request, plan, Some((dev, dir)), gate))
             }
+            Plan::Direct(s @ (Strategy::NixlWrite | Strategy::NixlReadFlipped))
+                if !src.is_remote() && !dst.is_remote() =>
+            {
+                self.submit_host_disk(&request, plan, s == Strategy::NixlWrite)
+            }
             Plan::Direct(s) => bail!(
                 Unavailable,
                 "strategy {} ({} -> {}) is not available in this version of kvxfer",
@@ -509,6 +552,33 @@ impl Context {
                 "two-hop plan {plan} is not available in this version of kvxfer"
             ),
         }
+    }
+
+    /// Host ↔ disk through the context's NIXL agent (POSIX backend).
+    fn submit_host_disk(&self, request: &Request<'_>, plan: Plan, write: bool) -> Result<Transfer> {
+        let agent = self.nixl("disk transfers")?;
+        let (host, disk) = if write {
+            (request.src.memory(), request.dst.memory())
+        } else {
+            (request.dst.memory(), request.src.memory())
+        };
+        host.ensure_nixl_registered(agent.agent())?;
+        disk.ensure_nixl_registered(agent.agent())?;
+        let list = request.build();
+        let completion = Completion::new(1);
+        if !list.copies.is_empty() {
+            let job = crate::exec::nixl::xfer::HostDisk {
+                write,
+                host,
+                disk,
+                copies: &list.copies,
+            };
+            agent.post_host_disk(job, completion.clone())?;
+        } else {
+            completion.part_done(Ok(()));
+        }
+        let stats = stats(&list, plan, Mechanism::Nixl, false);
+        Ok(Transfer::new(completion, stats, self.has_cuda()))
     }
 
     /// Records an event on the caller's stream, after which the transfer must start.

@@ -21,6 +21,8 @@ pub enum Mechanism {
     CopyEngine = 1,
     /// kvxfer's SM gather/scatter kernel.
     Kernel = 2,
+    /// A NIXL transfer (disk or remote).
+    Nixl = 3,
 }
 
 /// What a transfer moves, known when it is submitted.

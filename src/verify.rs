@@ -56,6 +56,27 @@ fn fill_bytes(key: u64, mut pos: u64, dst: &mut [u8]) {
 enum Access<'a> {
     Host,
     Device(&'a CudaDevice),
+    Disk(&'a crate::memory::disk::DiskFile),
+}
+
+/// Moves one region between a staging buffer and a device or disk layout.
+fn stage(access: &Access<'_>, addr: u64, buf: &mut [u8], write: bool) -> Result<()> {
+    match access {
+        Access::Disk(f) if write => f.write_at(buf, addr),
+        Access::Disk(f) => f.read_at(buf, addr),
+        // SAFETY: `addr` is a checked region of the layout's device memory, which the layout
+        // keeps alive; `buf` holds exactly the region's bytes.
+        Access::Device(_) if write => check(
+            unsafe { sys::cuMemcpyHtoD_v2(addr, buf.as_ptr().cast(), buf.len()) },
+            "cuMemcpyHtoD (fill)",
+        ),
+        // SAFETY: as above.
+        Access::Device(_) => check(
+            unsafe { sys::cuMemcpyDtoH_v2(buf.as_mut_ptr().cast::<c_void>(), addr, buf.len()) },
+            "cuMemcpyDtoH (checksum)",
+        ),
+        Access::Host => Ok(()),
+    }
 }
 
 fn access<'a>(layout: &'a Layout, what: &str) -> Result<Access<'a>> {
@@ -69,6 +90,9 @@ fn access<'a>(layout: &'a Layout, what: &str) -> Result<Access<'a>> {
     match (kind, layout.memory().device()) {
         (k, _) if k.is_host() => Ok(Access::Host),
         (StorageKind::Device, Some(dev)) => Ok(Access::Device(dev)),
+        (StorageKind::Disk, _) if layout.memory().disk_file().is_some() => {
+            Ok(Access::Disk(layout.memory().disk_file().expect("checked")))
+        }
         _ => bail!(
             Unavailable,
             "{what} of {kind} layouts is not available in this version of kvxfer"
@@ -111,18 +135,16 @@ pub fn fill(layout: &Layout, blocks: &[u64], seed: u64, threads: usize) -> Resul
     layout.check_blocks(blocks, "blocks")?;
     let c = *layout.config();
     let region = layout.region_len();
-    if let Access::Device(dev) = access {
-        dev.bind()?;
+    if !matches!(access, Access::Host) {
+        if let Access::Device(dev) = access {
+            dev.bind()?;
+        }
         let mut buf = vec![0u8; region as usize];
         for &b in blocks {
             let key = block_key(seed, b);
             for (i, (l, o)) in pieces(c.num_layers, c.outer_dim).enumerate() {
                 fill_bytes(key, i as u64 * region, &mut buf);
-                let addr = layout.addr_unchecked(b, l, o);
-                // SAFETY: the indices are checked, so [addr, addr+region) is device memory of
-                // the layout, which it keeps alive; `buf` holds `region` bytes.
-                let r = unsafe { sys::cuMemcpyHtoD_v2(addr, buf.as_ptr().cast(), buf.len()) };
-                check(r, "cuMemcpyHtoD (fill)")?;
+                stage(&access, layout.addr_unchecked(b, l, o), &mut buf, true)?;
             }
         }
         return Ok(());
@@ -147,19 +169,16 @@ pub fn checksum(layout: &Layout, blocks: &[u64], threads: usize) -> Result<Vec<u
     layout.check_blocks(blocks, "blocks")?;
     let c = *layout.config();
     let region = layout.region_len();
-    if let Access::Device(dev) = access {
-        dev.bind()?;
+    if !matches!(access, Access::Host) {
+        if let Access::Device(dev) = access {
+            dev.bind()?;
+        }
         let mut buf = vec![0u8; region as usize];
         let mut sums = Vec::with_capacity(blocks.len());
         for &b in blocks {
             let mut h = Xxh3::new();
             for (l, o) in pieces(c.num_layers, c.outer_dim) {
-                let addr = layout.addr_unchecked(b, l, o);
-                // SAFETY: as in `fill`; `buf` holds `region` writable bytes.
-                let r = unsafe {
-                    sys::cuMemcpyDtoH_v2(buf.as_mut_ptr().cast::<c_void>(), addr, buf.len())
-                };
-                check(r, "cuMemcpyDtoH (checksum)")?;
+                stage(&access, layout.addr_unchecked(b, l, o), &mut buf, false)?;
                 h.update(&buf);
             }
             sums.push(h.digest());

@@ -187,8 +187,119 @@ fn malformed_imports_are_refused() {
     assert_eq!(b.import(&bytes).unwrap().layouts().len(), 1);
 }
 
+fn disk_config(kind: LayoutKind) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: 12,
+        num_layers: 3,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: 64,
+        dtype_width: 2,
+        alignment: 1,
+        kind,
+    }
+}
+
+/// Host -> disk -> host with reversed ids, in every layout kind; guard blocks untouched.
+fn host_disk_host_with_reversed_ids() {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let all: Vec<u64> = (0..12).collect();
+    for kind in LayoutKind::ALL {
+        let c = disk_config(kind);
+        let host = ctx
+            .new_layout(
+                disk_config(LayoutKind::FullyContiguous),
+                &StorageSpec::new(StorageKind::Pinned),
+            )
+            .unwrap();
+        let disk = ctx
+            .new_layout(c, &StorageSpec::new(StorageKind::Disk))
+            .unwrap();
+        let back = ctx
+            .new_layout(c, &StorageSpec::new(StorageKind::System))
+            .unwrap();
+        assert_eq!(
+            ctx.plan(&host, &disk).unwrap(),
+            Plan::Direct(Strategy::NixlWrite)
+        );
+        assert_eq!(
+            ctx.plan(&disk, &back).unwrap(),
+            Plan::Direct(Strategy::NixlReadFlipped)
+        );
+        ctx.fill(&host, &all, 5).unwrap();
+        ctx.fill(&disk, &all, 6).unwrap();
+        let guards = ctx.checksum(&disk, &all).unwrap();
+        let src: Vec<u64> = (0..6).collect();
+        let mid: Vec<u64> = (0..6).map(|i| 11 - i).collect();
+        let t = ctx
+            .submit(&host, &src, &disk, &mid, &TransferOptions::default())
+            .unwrap();
+        t.wait(None).unwrap();
+        assert_eq!(
+            ctx.checksum(&host, &src).unwrap(),
+            ctx.checksum(&disk, &mid).unwrap()
+        );
+        let now = ctx.checksum(&disk, &all).unwrap();
+        for b in 0..6 {
+            assert_eq!(
+                now[b], guards[b],
+                "guard block {b} of the disk layout changed"
+            );
+        }
+        let t = ctx
+            .submit(&disk, &mid, &back, &src, &TransferOptions::default())
+            .unwrap();
+        t.wait(None).unwrap();
+        assert_eq!(
+            ctx.checksum(&host, &src).unwrap(),
+            ctx.checksum(&back, &src).unwrap(),
+            "{kind:?}"
+        );
+    }
+}
+
+/// A disk layout at a path keeps its data: a new layout of the same config reads it back.
+fn disk_layout_persists_across_reopen() {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let dir = std::env::temp_dir().join(format!("kvx-persist-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pool.kv");
+    let c = disk_config(LayoutKind::LayerSeparateBlockFirst);
+    let spec = StorageSpec {
+        kind: StorageKind::Disk,
+        device_id: 0,
+        path: Some(path.clone()),
+    };
+    let all: Vec<u64> = (0..12).collect();
+    let host = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    ctx.fill(&host, &all, 77).unwrap();
+    let expected = ctx.checksum(&host, &all).unwrap();
+    {
+        let disk = ctx.new_layout(c, &spec).unwrap();
+        let t = ctx
+            .submit(&host, &all, &disk, &all, &TransferOptions::default())
+            .unwrap();
+        t.wait(None).unwrap();
+    } // layout freed; the file stays
+    assert!(path.exists());
+    let reopened = ctx.new_layout(c, &spec).unwrap();
+    assert_eq!(ctx.checksum(&reopened, &all).unwrap(), expected);
+    let fresh = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let t = ctx
+        .submit(&reopened, &all, &fresh, &all, &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    assert_eq!(ctx.checksum(&fresh, &all).unwrap(), expected);
+    drop(reopened);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
-    let tests: [(&str, fn()); 6] = [
+    let tests: [(&str, fn()); 8] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -212,6 +323,14 @@ fn main() {
         (
             "malformed_imports_are_refused",
             malformed_imports_are_refused,
+        ),
+        (
+            "host_disk_host_with_reversed_ids",
+            host_disk_host_with_reversed_ids,
+        ),
+        (
+            "disk_layout_persists_across_reopen",
+            disk_layout_persists_across_reopen,
         ),
     ];
     if let Err(e) = loader::load() {

@@ -17,6 +17,8 @@ pub const KVX_MECHANISM_MEMCPY: i32 = 0;
 pub const KVX_MECHANISM_COPY_ENGINE: i32 = 1;
 /// kvxfer's SM gather/scatter kernel.
 pub const KVX_MECHANISM_KERNEL: i32 = 2;
+/// A NIXL transfer (disk or remote peer).
+pub const KVX_MECHANISM_NIXL: i32 = 3;
 
 /// Let kvxfer choose copy engines or SM kernels by fragment size.
 pub const KVX_COPY_MODE_AUTO: i32 = 0;

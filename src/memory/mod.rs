@@ -2,6 +2,7 @@
 //! layout) and caller-owned memory (never freed by kvxfer).
 
 pub mod cuda;
+pub mod disk;
 mod host;
 
 pub use host::HostAllocation;
@@ -12,6 +13,7 @@ use nixl_sys::{MemType, MemoryRegion, NixlDescriptor, RegistrationHandle};
 
 use crate::exec::cuda::CudaDevice;
 use cuda::{CudaAllocation, HostRegistration};
+use disk::DiskFile;
 
 use crate::error::{Error, Result, bail};
 
@@ -98,6 +100,8 @@ enum Owner {
     Caller(Vec<HostRegistration>),
     /// A peer's memory: addresses in another process, never touched here.
     Remote,
+    /// A file; regions are offsets in it.
+    Disk(DiskFile),
 }
 
 /// One region as NIXL registers it.
@@ -218,6 +222,27 @@ impl Memory {
         }
     }
 
+    /// A disk layout's memory: one region per allocation at page-aligned offsets of `file`.
+    pub fn disk(file: DiskFile, regions: Vec<Region>) -> Self {
+        Self {
+            kind: StorageKind::Disk,
+            device_id: file.fd(),
+            regions,
+            device: None,
+            mapped: false,
+            nixl: Mutex::default(),
+            owner: Owner::Disk(file),
+        }
+    }
+
+    /// The file of a disk layout.
+    pub fn disk_file(&self) -> Option<&DiskFile> {
+        match &self.owner {
+            Owner::Disk(f) => Some(f),
+            _ => None,
+        }
+    }
+
     pub fn is_remote(&self) -> bool {
         matches!(self.owner, Owner::Remote)
     }
@@ -231,7 +256,7 @@ impl Memory {
         }
         let (mem, device) = match self.kind {
             StorageKind::Device => (MemType::Vram, self.device_id.max(0) as u64),
-            StorageKind::Disk => (MemType::File, 0),
+            StorageKind::Disk => (MemType::File, self.device_id.max(0) as u64),
             _ => (MemType::Dram, 0),
         };
         let mut made = Vec::with_capacity(self.regions.len());

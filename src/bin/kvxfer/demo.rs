@@ -104,6 +104,10 @@ pub fn run(a: &Args) -> Result<(), String> {
             (pinned, LayoutKind::FullyContiguous),
         ]);
     }
+    if has(StorageKind::Disk) {
+        // Offload to disk and back through NIXL (POSIX): NixlWrite, then NixlReadFlipped.
+        route.push((StorageKind::Disk, LayoutKind::LayerSeparateBlockFirst));
+    }
     route.push((StorageKind::System, LayoutKind::FullyContiguous));
     let layouts = route
         .iter()

@@ -3,8 +3,11 @@
 use nixl_sys::{Agent, AgentConfig};
 
 use super::loader;
+use super::xfer::{HostDisk, NixlProgress};
 use crate::context::backend;
 use crate::error::{Error, Result};
+use crate::transfer::Completion;
+use std::sync::Arc;
 
 /// NIXL plugin names by kvxfer backend bit.
 const PLUGINS: [(u32, &str); 4] = [
@@ -15,6 +18,8 @@ const PLUGINS: [(u32, &str); 4] = [
 ];
 
 pub struct NixlAgent {
+    // Dropped first: in-flight requests finish before the agent goes.
+    progress: NixlProgress,
     agent: Agent,
     backends: Vec<&'static str>,
 }
@@ -55,11 +60,24 @@ impl NixlAgent {
             }
             backends.push(plugin);
         }
-        Ok(Self { agent, backends })
+        Ok(Self {
+            progress: NixlProgress::new(&agent)?,
+            agent,
+            backends,
+        })
     }
 
     pub fn name(&self) -> String {
         self.agent.name()
+    }
+
+    /// Posts a host ↔ disk transfer whose completion NIXL's progress thread reports.
+    pub(crate) fn post_host_disk(
+        &self,
+        t: HostDisk<'_>,
+        completion: Arc<Completion>,
+    ) -> Result<()> {
+        self.progress.post_host_disk(&self.agent, t, completion)
     }
 
     pub fn agent(&self) -> &Agent {

@@ -2,5 +2,6 @@
 
 mod agent;
 pub mod loader;
+pub mod xfer;
 
 pub use agent::NixlAgent;

@@ -1,0 +1,103 @@
+//! Disk storage: one file per layout. Allocation `i` of the layout lives at offset
+//! `i * stride` (page-aligned), and those offsets are the layout's addresses.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug)]
+pub struct DiskFile {
+    file: File,
+    /// `None` for an unlinked file that disappears with the layout.
+    path: Option<PathBuf>,
+}
+
+fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Io(format!("{what} {}: {e}", path.display()))
+}
+
+impl DiskFile {
+    /// A new file in `dir`, unlinked at once, `len` bytes long (sparse).
+    pub fn temporary(dir: &Path, len: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(dir)
+            .or_else(|_| {
+                // File systems without O_TMPFILE: a unique name, removed right away.
+                let name = dir.join(format!(
+                    ".kvxfer-{}-{}",
+                    std::process::id(),
+                    fastrand::u64(..)
+                ));
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&name)?;
+                std::fs::remove_file(&name)?;
+                Ok(f)
+            })
+            .map_err(|e| io("cannot create a disk layout file in", dir, e))?;
+        file.set_len(len)
+            .map_err(|e| io("cannot size a disk layout file in", dir, e))?;
+        Ok(Self { file, path: None })
+    }
+
+    /// The file at `path`, created if missing and grown to `len` bytes if shorter; kept after
+    /// the layout is freed, so a layout of the same config reads its data back.
+    pub fn at(path: &Path, len: u64) -> Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| io("cannot open disk layout file", path, e))?;
+        let current = file
+            .metadata()
+            .map_err(|e| io("cannot stat disk layout file", path, e))?
+            .len();
+        if current < len {
+            file.set_len(len)
+                .map_err(|e| io("cannot size disk layout file", path, e))?;
+        }
+        Ok(Self {
+            file,
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::Io(format!(
+                "reading {} bytes at offset {offset}: {e}",
+                buf.len()
+            ))
+        })
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file.write_all_at(buf, offset).map_err(|e| {
+            Error::Io(format!(
+                "writing {} bytes at offset {offset}: {e}",
+                buf.len()
+            ))
+        })
+    }
+}
