@@ -18,14 +18,26 @@ const SYSTEM_DIRS: [&str; 3] = [
     "/opt/nvidia/nvda_nixl/lib",
 ];
 
-/// The folder kvxfer's setup installs the NIXL wheel into (`pip install --target`):
-/// `$XDG_DATA_HOME/kvxfer/nixl`, or `~/.local/share/kvxfer/nixl`.
-pub fn default_install_dir() -> Option<PathBuf> {
+/// The project-local folder `scripts/dev` installs the NIXL wheel into (`pip install
+/// --target`): `.deps/nixl` in the source tree kvxfer was built from.
+pub fn project_install_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/nixl")
+}
+
+/// A per-user folder for installs outside the source tree: `$XDG_DATA_HOME/kvxfer/nixl`, or
+/// `~/.local/share/kvxfer/nixl`.
+pub fn user_install_dir() -> Option<PathBuf> {
     let data = std::env::var_os("XDG_DATA_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/share")))?;
     Some(data.join("kvxfer/nixl"))
+}
+
+/// `KVX_NIXL_ONLY_LIB_DIR=1`: look in KVX_NIXL_LIB_DIR and nowhere else, so that a deployment
+/// decides exactly which NIXL it gets.
+fn only_lib_dir() -> bool {
+    std::env::var("KVX_NIXL_ONLY_LIB_DIR").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Folders that may hold libnixl_capi.so, most specific first.
@@ -35,13 +47,18 @@ fn candidate_dirs() -> Vec<PathBuf> {
         .map(PathBuf::from)
         .into_iter()
         .collect();
-    roots.extend(default_install_dir());
+    if !only_lib_dir() {
+        roots.push(project_install_dir());
+        roots.extend(user_install_dir());
+    }
     let mut dirs = Vec::new();
     for r in roots {
         dirs.push(r.clone());
         dirs.extend(WHEEL_LIB_DIRS.iter().map(|w| r.join(w)));
     }
-    dirs.extend(SYSTEM_DIRS.iter().map(PathBuf::from));
+    if !only_lib_dir() {
+        dirs.extend(SYSTEM_DIRS.iter().map(PathBuf::from));
+    }
     dirs
 }
 
@@ -86,6 +103,9 @@ pub fn load() -> Result<&'static str> {
                 }
             }
             // Last: wherever the dynamic loader finds it (LD_LIBRARY_PATH, ldconfig).
+            if only_lib_dir() {
+                return Err(not_found(&failures));
+            }
             match dlopen(LIB) {
                 Ok(()) => Ok(LIB.to_string()),
                 Err(_) => Err(not_found(&failures)),
@@ -96,13 +116,14 @@ pub fn load() -> Result<&'static str> {
 }
 
 fn not_found(failures: &[String]) -> String {
-    let default = default_install_dir()
+    let project = project_install_dir().display().to_string();
+    let user = user_install_dir()
         .map(|d| d.display().to_string())
         .unwrap_or_else(|| "~/.local/share/kvxfer/nixl".into());
     let mut msg = format!(
-        "NIXL is not available: {LIB} was not found in KVX_NIXL_LIB_DIR, {default}, \
+        "NIXL is not available: {LIB} was not found in KVX_NIXL_LIB_DIR, {project}, {user}, \
          /opt/nvidia/nvda_nixl or the library path. Install NVIDIA's wheel with \
-         `pip install --no-deps --target {default} nixl-cu12==1.5.1`, or point KVX_NIXL_LIB_DIR \
+         `pip install --no-deps --target {user} nixl-cu12==1.5.1`, or point KVX_NIXL_LIB_DIR \
          at the folder holding {LIB}; a context with nixl_backends = 0 needs no NIXL"
     );
     if !failures.is_empty() {
