@@ -601,10 +601,12 @@ int32_t kvx_peer_layout(const struct kvx_peer *peer,
 void kvx_peer_free(struct kvx_peer *peer);
 
 /**
- * Dequeues one notification sent to this context: the sender's agent name (NUL-terminated, at
- * most agent_cap bytes with the NUL) and the message (at most msg_cap bytes, length in
- * *msg_len_out). KVX_STATUS_OK: one was dequeued; KVX_STATUS_PENDING: none yet.
- * KVX_STATUS_UNAVAILABLE in this version.
+ * Dequeues the oldest notification a peer sent to this context with a write (`notify_msg`):
+ * the sender's agent name (NUL-terminated, needing its length + 1 bytes of agent_cap) and the
+ * message (msg_cap bytes at least its length; its length in *msg_len_out).
+ * KVX_STATUS_OK: one was dequeued and written; KVX_STATUS_PENDING: none yet (outputs untouched).
+ * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (buffers too small: the message says the sizes needed
+ * and the notification stays queued), UNAVAILABLE (context without NIXL), NIXL.
  */
 KVX_NODISCARD
 int32_t kvx_context_next_notification(struct kvx_context *context,

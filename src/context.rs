@@ -12,12 +12,15 @@ use crate::error::{Error, Result, bail};
 use crate::exec::cuda::progress::{Pending, Progress, StreamGate};
 use crate::exec::cuda::{self, CudaDevice, Direction, check};
 use crate::exec::nixl::NixlAgent;
+use crate::exec::nixl::xfer::Xfer;
 use crate::exec::{memcpy, workers::Workers};
 use crate::layout::{Geometry, Layout, LayoutConfig, LayoutKind, check_regions};
 use crate::memory::disk::DiskFile;
 use crate::memory::{Memory, Region, StorageKind};
 use crate::peer::{LayoutDescriptor, Peer, PeerBlob};
-use crate::plan::{Capabilities, CopyList, Location, Plan, Request, Strategy, copy_list, select};
+use crate::plan::{
+    Capabilities, CopyList, CopyOp, Location, Plan, Request, Strategy, copy_list, select,
+};
 use crate::transfer::{Completion, Mechanism, Transfer, TransferStats};
 use crate::verify;
 
@@ -508,10 +511,12 @@ impl Context {
         if options.cuda_stream.is_some() {
             self.cuda()?;
         }
-        if options.notify.is_some() {
+        if options.notify.is_some()
+            && !(dst.is_remote() && plan == Plan::Direct(Strategy::NixlWrite))
+        {
             bail!(
                 InvalidArgument,
-                "notify_msg applies only to writes to a remote peer; this transfer is local"
+                "notify_msg applies only to writes to a remote peer; this transfer is not one"
             );
         }
         match plan {
@@ -535,11 +540,13 @@ impl Context {
                 let gate = self.gate(options.cuda_stream)?;
                 Ok(self.submit_on_workers(&request, plan, Some((dev, dir)), gate))
             }
-            Plan::Direct(s @ (Strategy::NixlWrite | Strategy::NixlReadFlipped))
-                if !src.is_remote() && !dst.is_remote() =>
-            {
-                self.submit_host_disk(&request, plan, s == Strategy::NixlWrite)
-            }
+            Plan::Direct(s @ (Strategy::NixlWrite | Strategy::NixlReadFlipped)) => self
+                .submit_nixl(
+                    &request,
+                    plan,
+                    s == Strategy::NixlWrite,
+                    options.notify.as_deref(),
+                ),
             Plan::Direct(s) => bail!(
                 Unavailable,
                 "strategy {} ({} -> {}) is not available in this version of kvxfer",
@@ -554,31 +561,68 @@ impl Context {
         }
     }
 
-    /// Host ↔ disk through the context's NIXL agent (POSIX backend).
-    fn submit_host_disk(&self, request: &Request<'_>, plan: Plan, write: bool) -> Result<Transfer> {
-        let agent = self.nixl("disk transfers")?;
-        let (host, disk) = if write {
-            (request.src.memory(), request.dst.memory())
+    /// Host <-> disk (this agent's POSIX backend) and local <-> peer (UCX) through the
+    /// context's NIXL agent: `write` when the local side is the source (the seed's NixlWrite),
+    /// else the local side is the destination (NixlReadFlipped).
+    fn submit_nixl(
+        &self,
+        request: &Request<'_>,
+        plan: Plan,
+        write: bool,
+        notify: Option<&[u8]>,
+    ) -> Result<Transfer> {
+        let agent = self.nixl("disk and peer transfers")?;
+        let (local, remote) = if write {
+            (request.src, request.dst)
         } else {
-            (request.dst.memory(), request.src.memory())
+            (request.dst, request.src)
         };
-        host.ensure_nixl_registered(agent.agent())?;
-        disk.ensure_nixl_registered(agent.agent())?;
+        let (remote_agent, error): (String, fn(String) -> Error) = match remote.peer() {
+            Some(peer) => (peer.to_string(), Error::Peer),
+            None => (self.name.clone(), Error::Io),
+        };
+        local.memory().ensure_nixl_registered(agent.agent())?;
+        if !remote.is_remote() {
+            remote.memory().ensure_nixl_registered(agent.agent())?;
+        }
         let list = request.build();
-        let completion = Completion::new(1);
-        if !list.copies.is_empty() {
-            let job = crate::exec::nixl::xfer::HostDisk {
-                write,
-                host,
-                disk,
-                copies: &list.copies,
-            };
-            agent.post_host_disk(job, completion.clone())?;
+        let copies: Vec<CopyOp> = if write {
+            list.copies.clone()
         } else {
+            list.copies
+                .iter()
+                .map(|c| CopyOp {
+                    src: c.dst,
+                    dst: c.src,
+                    len: c.len,
+                })
+                .collect()
+        };
+        let completion = Completion::new(1);
+        if copies.is_empty() && notify.is_none() {
             completion.part_done(Ok(()));
+        } else {
+            let job = Xfer {
+                write,
+                local: local.memory(),
+                remote: remote.memory(),
+                remote_agent: &remote_agent,
+                copies: &copies,
+                notify,
+            };
+            agent.post(job, completion.clone(), error)?;
         }
         let stats = stats(&list, plan, Mechanism::Nixl, false);
         Ok(Transfer::new(completion, stats, self.has_cuda()))
+    }
+
+    /// Dequeues the oldest notification a peer sent to this context with a write:
+    /// `fits(sender, message)` decides whether the caller can take it.
+    pub fn next_notification<T>(
+        &self,
+        fits: impl FnOnce(&str, &[u8]) -> Result<T>,
+    ) -> Result<Option<T>> {
+        self.nixl("notifications")?.next_notification(fits)
     }
 
     /// Records an event on the caller's stream, after which the transfer must start.

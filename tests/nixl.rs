@@ -120,9 +120,7 @@ fn export_and_import_between_two_contexts() {
         b.plan(remote, &local).unwrap(),
         Plan::Direct(Strategy::NixlReadFlipped)
     );
-    // Transfers to peers and local access to a peer's memory are refused, never attempted.
-    let t = b.submit(&local, &[0], remote, &[0], &TransferOptions::default());
-    assert!(matches!(t, Err(Error::Unavailable(_))), "{t:?}");
+    // Local access to a peer's memory is refused, never attempted.
     assert!(matches!(
         b.checksum(remote, &[0]),
         Err(Error::Unavailable(_))
@@ -296,8 +294,90 @@ fn disk_layout_persists_across_reopen() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// B writes into A's exported layout with a notification, A sees the data and the message,
+/// then B reads it back: the seed's NixlWrite and NixlReadFlipped over UCX, in one process.
+fn write_to_and_read_from_a_peer_with_a_notification() {
+    let a = Context::new(ContextConfig::default()).unwrap();
+    let b = Context::new(ContextConfig::default()).unwrap();
+    let c = disk_config(LayoutKind::LayerSeparateOuterFirst);
+    let all: Vec<u64> = (0..12).collect();
+    let a_pool = a
+        .new_layout(c, &StorageSpec::new(StorageKind::Pinned))
+        .unwrap();
+    a.fill(&a_pool, &all, 1).unwrap();
+    let a_before = a.checksum(&a_pool, &all).unwrap();
+    let peer = b.import(&a.export(&[&a_pool]).unwrap()).unwrap();
+    let remote = &peer.layouts()[0];
+
+    let src = b
+        .new_layout(
+            disk_config(LayoutKind::FullyContiguous),
+            &StorageSpec::new(StorageKind::System),
+        )
+        .unwrap();
+    b.fill(&src, &all, 2).unwrap();
+    let sb: Vec<u64> = (0..5).collect();
+    let db: Vec<u64> = (0..5).map(|i| 11 - i).collect();
+    let opts = TransferOptions {
+        notify: Some(b"blocks 7..11 ready".to_vec()),
+        ..Default::default()
+    };
+    let t = b.submit(&src, &sb, remote, &db, &opts).unwrap();
+    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlWrite));
+    // A's memory holds B's blocks at the destination ids, the rest untouched.
+    assert_eq!(
+        a.checksum(&a_pool, &db).unwrap(),
+        b.checksum(&src, &sb).unwrap()
+    );
+    let now = a.checksum(&a_pool, &all).unwrap();
+    for blk in 0..7 {
+        assert_eq!(now[blk], a_before[blk], "guard block {blk}");
+    }
+    // A receives the notification (it may trail the data by a moment).
+    let mut got = None;
+    for _ in 0..2000 {
+        let too_small = a.next_notification(|_, msg| {
+            if msg.len() > 4 {
+                Err(Error::InvalidArgument("buffer too small".into()))
+            } else {
+                Ok(())
+            }
+        });
+        if too_small.is_err() {
+            // Refused for size: it must still be there for a large enough buffer.
+            got = a
+                .next_notification(|who, msg| Ok((who.to_string(), msg.to_vec())))
+                .unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        got,
+        Some((b.name().to_string(), b"blocks 7..11 ready".to_vec()))
+    );
+    assert_eq!(a.next_notification(|_, _| Ok(())).unwrap(), None);
+    // And back: B reads A's blocks into a fresh layout (host memory stays NIXL's local side).
+    let back = b
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let t = b
+        .submit(remote, &db, &back, &sb, &TransferOptions::default())
+        .unwrap();
+    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlReadFlipped));
+    assert_eq!(
+        b.checksum(&back, &sb).unwrap(),
+        b.checksum(&src, &sb).unwrap()
+    );
+    // Notifications belong to writes to a peer only.
+    let bad = b.submit(remote, &db, &back, &sb, &opts);
+    assert!(matches!(bad, Err(Error::InvalidArgument(_))));
+}
+
 fn main() {
-    let tests: [(&str, fn()); 8] = [
+    let tests: [(&str, fn()); 9] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -329,6 +409,10 @@ fn main() {
         (
             "disk_layout_persists_across_reopen",
             disk_layout_persists_across_reopen,
+        ),
+        (
+            "write_to_and_read_from_a_peer_with_a_notification",
+            write_to_and_read_from_a_peer_with_a_notification,
         ),
     ];
     if let Err(e) = loader::load() {

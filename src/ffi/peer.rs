@@ -29,12 +29,6 @@ const _: () = {
     send_sync::<kvx_peer>()
 };
 
-fn not_built(what: &str) -> i32 {
-    fail(Error::Unavailable(format!(
-        "{what} is not available yet: notifications over NIXL are not built in this version"
-    )))
-}
-
 /// Serialises the context's NIXL agent metadata and descriptors of `layouts` (local layouts of
 /// this context, not DISK) into a versioned, checksummed blob for a peer's kvx_context_import().
 /// The layouts are registered with the agent for as long as they live, so the peer can reach
@@ -168,10 +162,12 @@ pub unsafe extern "C" fn kvx_peer_free(peer: *mut kvx_peer) {
     }
 }
 
-/// Dequeues one notification sent to this context: the sender's agent name (NUL-terminated, at
-/// most agent_cap bytes with the NUL) and the message (at most msg_cap bytes, length in
-/// *msg_len_out). KVX_STATUS_OK: one was dequeued; KVX_STATUS_PENDING: none yet.
-/// KVX_STATUS_UNAVAILABLE in this version.
+/// Dequeues the oldest notification a peer sent to this context with a write (`notify_msg`):
+/// the sender's agent name (NUL-terminated, needing its length + 1 bytes of agent_cap) and the
+/// message (msg_cap bytes at least its length; its length in *msg_len_out).
+/// KVX_STATUS_OK: one was dequeued and written; KVX_STATUS_PENDING: none yet (outputs untouched).
+/// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (buffers too small: the message says the sizes needed
+/// and the notification stays queued), UNAVAILABLE (context without NIXL), NIXL.
 #[unsafe(no_mangle)]
 #[must_use]
 pub unsafe extern "C" fn kvx_context_next_notification(
@@ -184,7 +180,7 @@ pub unsafe extern "C" fn kvx_context_next_notification(
 ) -> i32 {
     ffi_boundary! {
         // SAFETY: the caller passes a valid context or NULL.
-        let _ctx = try_status!(unsafe { deref(context, "context") });
+        let ctx = try_status!(unsafe { deref(context, "context") });
         if agent_out.is_null() && agent_cap > 0 {
             return null_argument("agent_out");
         }
@@ -194,6 +190,30 @@ pub unsafe extern "C" fn kvx_context_next_notification(
         if msg_len_out.is_null() {
             return null_argument("msg_len_out");
         }
-        not_built("kvx_context_next_notification")
+        let got = try_core!(ctx.inner.next_notification(|sender, msg| {
+            if sender.len() + 1 > agent_cap || msg.len() > msg_cap {
+                return Err(Error::InvalidArgument(format!(
+                    "the next notification needs agent_out of {} bytes and msg_out of {} bytes \
+                     (given {agent_cap} and {msg_cap}); it stays queued",
+                    sender.len() + 1,
+                    msg.len()
+                )));
+            }
+            // SAFETY: agent_out holds agent_cap >= len + 1 bytes and msg_out msg_cap >= msg.len()
+            // bytes (the function's contract, checked above); msg_len_out is non-NULL.
+            unsafe {
+                std::ptr::copy_nonoverlapping(sender.as_ptr(), agent_out.cast::<u8>(), sender.len());
+                *agent_out.add(sender.len()) = 0;
+                if !msg.is_empty() {
+                    std::ptr::copy_nonoverlapping(msg.as_ptr(), msg_out, msg.len());
+                }
+                write_out(msg_len_out, msg.len());
+            }
+            Ok(())
+        }));
+        match got {
+            Some(()) => KVX_STATUS_OK,
+            None => super::status::KVX_STATUS_PENDING,
+        }
     }
 }

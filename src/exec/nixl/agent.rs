@@ -3,11 +3,14 @@
 use nixl_sys::{Agent, AgentConfig};
 
 use super::loader;
-use super::xfer::{HostDisk, NixlProgress};
+use super::xfer::{NixlProgress, Xfer};
 use crate::context::backend;
+use crate::error::bail;
 use crate::error::{Error, Result};
 use crate::transfer::Completion;
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::Mutex;
 
 /// NIXL plugin names by kvxfer backend bit.
 const PLUGINS: [(u32, &str); 4] = [
@@ -22,6 +25,8 @@ pub struct NixlAgent {
     progress: NixlProgress,
     agent: Agent,
     backends: Vec<&'static str>,
+    /// Notifications fetched from NIXL and not yet handed out: (sender agent, message).
+    notifications: Mutex<VecDeque<(String, Vec<u8>)>>,
 }
 
 impl std::fmt::Debug for NixlAgent {
@@ -42,6 +47,9 @@ impl NixlAgent {
             enable_prog_thread: true,
             ..AgentConfig::default()
         };
+        if bits == 0 {
+            bail!(InvalidArgument, "a NIXL agent needs at least one backend");
+        }
         let agent = Agent::new_configured(name, &config)
             .map_err(|e| Error::Nixl(format!("cannot create NIXL agent {name:?}: {e}")))?;
         let mut backends = Vec::new();
@@ -64,6 +72,7 @@ impl NixlAgent {
             progress: NixlProgress::new(&agent)?,
             agent,
             backends,
+            notifications: Mutex::default(),
         })
     }
 
@@ -71,13 +80,47 @@ impl NixlAgent {
         self.agent.name()
     }
 
-    /// Posts a host ↔ disk transfer whose completion NIXL's progress thread reports.
-    pub(crate) fn post_host_disk(
+    /// Posts a transfer whose completion NIXL's progress thread reports.
+    pub(crate) fn post(
         &self,
-        t: HostDisk<'_>,
+        t: Xfer<'_>,
         completion: Arc<Completion>,
+        error: fn(String) -> Error,
     ) -> Result<()> {
-        self.progress.post_host_disk(&self.agent, t, completion)
+        self.progress.post(&self.agent, t, completion, error)
+    }
+
+    /// The oldest notification sent to this agent, if `fits(sender, message)` accepts it (the
+    /// caller's buffers are large enough); it is dequeued only then.
+    pub fn next_notification<T>(
+        &self,
+        fits: impl FnOnce(&str, &[u8]) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let mut queue = self.notifications.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.is_empty() {
+            let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL notifications: {e}"));
+            let mut map = nixl_sys::NotificationMap::new().map_err(nixl)?;
+            self.agent.get_notifications(&mut map, None).map_err(nixl)?;
+            let senders: Vec<String> = map
+                .agents()
+                .filter_map(|a| a.ok())
+                .map(str::to_string)
+                .collect();
+            for sender in senders {
+                let n = map.get_notifications_size(&sender).unwrap_or(0);
+                for i in 0..n {
+                    if let Ok(msg) = map.get_notification_bytes(&sender, i) {
+                        queue.push_back((sender.clone(), msg));
+                    }
+                }
+            }
+        }
+        let Some((sender, msg)) = queue.front() else {
+            return Ok(None);
+        };
+        let out = fits(sender, msg)?;
+        queue.pop_front();
+        Ok(Some(out))
     }
 
     pub fn agent(&self) -> &Agent {

@@ -1,5 +1,6 @@
-//! Transfers through NIXL: descriptor lists from the copy list, a request posted on the
-//! context's agent, and a progress thread that learns when requests finish. NIXL reports
+//! Transfers through NIXL (disk files of this agent, memory of peers): descriptor lists from the
+//! copy list, a request posted on the context's agent, and a progress thread that learns when
+//! requests finish. NIXL reports
 //! completion only through status checks, so while requests are in flight the thread checks
 //! them with a short, growing pause (10 µs to 200 µs); with none in flight it sleeps on its
 //! channel.
@@ -9,10 +10,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
-use nixl_sys::{Agent, MemType, XferDescList, XferOp, XferRequest, XferStatus};
+use nixl_sys::{Agent, MemType, OptArgs, XferDescList, XferOp, XferRequest, XferStatus};
 
 use crate::error::{Error, Result};
-use crate::memory::Memory;
+use crate::memory::{Memory, StorageKind};
 use crate::plan::CopyOp;
 use crate::transfer::Completion;
 
@@ -21,16 +22,28 @@ struct Pending {
     completion: Arc<Completion>,
     /// The memories the request reads and writes stay alive until it finished.
     _hold: Vec<Arc<Memory>>,
+    error: fn(String) -> Error,
 }
 
-/// How a host ↔ disk transfer is posted: host memory is always NIXL's local side (the seed's
-/// NixlWrite for host → disk, NixlReadFlipped for disk → host).
-pub struct HostDisk<'a> {
+/// One NIXL transfer: NIXL's local side (host memory of this process, or device memory) and its
+/// "remote" side (a disk file of this agent, or a peer's memory), with `copies` given as
+/// (local address, remote address, length). `write` moves local -> remote.
+pub struct Xfer<'a> {
     pub write: bool,
-    pub host: &'a Arc<Memory>,
-    pub disk: &'a Arc<Memory>,
-    /// Copies as (source, destination) in the transfer's direction.
+    pub local: &'a Arc<Memory>,
+    pub remote: &'a Arc<Memory>,
+    pub remote_agent: &'a str,
     pub copies: &'a [CopyOp],
+    pub notify: Option<&'a [u8]>,
+}
+
+fn mem_type(m: &Memory) -> (MemType, u64) {
+    let dev = m.device_id().max(0) as u64;
+    match m.kind() {
+        StorageKind::Device => (MemType::Vram, dev),
+        StorageKind::Disk => (MemType::File, dev),
+        _ => (MemType::Dram, 0),
+    }
 }
 
 pub struct NixlProgress {
@@ -72,7 +85,7 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
             }
             Err(e) => {
                 p.completion
-                    .part_done(Err(Error::Io(format!("NIXL transfer failed: {e}"))));
+                    .part_done(Err((p.error)(format!("NIXL transfer failed: {e}"))));
                 false
             }
         });
@@ -98,34 +111,39 @@ impl NixlProgress {
         })
     }
 
-    /// Posts a host ↔ disk transfer; `completion` (one part) completes when NIXL says so.
-    pub(crate) fn post_host_disk(
+    /// Posts `t`; `completion` (one part) completes when NIXL reports the request finished.
+    /// Failures are `error` (IO for disk, PEER for peers).
+    pub(crate) fn post(
         &self,
         agent: &Agent,
-        t: HostDisk<'_>,
+        t: Xfer<'_>,
         completion: Arc<Completion>,
+        error: fn(String) -> Error,
     ) -> Result<()> {
-        let fd = t.disk.device_id().max(0) as u64;
-        let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL disk transfer: {e}"));
-        let mut local = XferDescList::new(MemType::Dram).map_err(nixl)?;
-        let mut remote = XferDescList::new(MemType::File).map_err(nixl)?;
+        let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL transfer: {e}"));
+        let (lt, ldev) = mem_type(t.local);
+        let (rt, rdev) = mem_type(t.remote);
+        let mut local = XferDescList::new(lt).map_err(nixl)?;
+        let mut remote = XferDescList::new(rt).map_err(nixl)?;
         for c in t.copies {
-            let (host, file) = if t.write {
-                (c.src, c.dst)
-            } else {
-                (c.dst, c.src)
-            };
-            local.add_desc(host as usize, c.len as usize, 0);
-            remote.add_desc(file as usize, c.len as usize, fd);
+            local.add_desc(c.src as usize, c.len as usize, ldev);
+            remote.add_desc(c.dst as usize, c.len as usize, rdev);
+        }
+        let mut args = None;
+        if let Some(msg) = t.notify {
+            let mut a = OptArgs::new().map_err(nixl)?;
+            a.set_notification_message(msg).map_err(nixl)?;
+            // The message alone is not sent: NIXL sends it only with hasNotif set.
+            a.set_has_notification(true).map_err(nixl)?;
+            args = Some(a);
         }
         let op = if t.write { XferOp::Write } else { XferOp::Read };
-        // The disk is this agent's own: the "remote" agent of the request is the agent itself.
         let req = agent
-            .create_xfer_req(op, &local, &remote, &agent.name(), None)
-            .map_err(nixl)?;
+            .create_xfer_req(op, &local, &remote, t.remote_agent, args.as_ref())
+            .map_err(|e| error(format!("NIXL refused the transfer request: {e}")))?;
         let in_flight = agent
-            .post_xfer_req(&req, None)
-            .map_err(|e| Error::Io(format!("NIXL could not start the disk transfer: {e}")))?;
+            .post_xfer_req(&req, args.as_ref())
+            .map_err(|e| error(format!("NIXL could not start the transfer: {e}")))?;
         if !in_flight {
             completion.part_done(Ok(()));
             return Ok(());
@@ -134,7 +152,8 @@ impl NixlProgress {
             let _ = tx.send(Pending {
                 req,
                 completion,
-                _hold: vec![t.host.clone(), t.disk.clone()],
+                _hold: vec![t.local.clone(), t.remote.clone()],
+                error,
             });
         }
         Ok(())
