@@ -376,8 +376,109 @@ fn write_to_and_read_from_a_peer_with_a_notification() {
     assert!(matches!(bad, Err(Error::InvalidArgument(_))));
 }
 
+const ROLE: &str = "KVX_TEST_PEER_ROLE";
+
+/// The server half of `two_processes_move_data_both_ways`: exports a filled layout, waits for
+/// the client's notification, then writes checksums of the blocks the client wrote.
+fn peer_server(dir: &std::path::Path) {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let c = disk_config(LayoutKind::LayerSeparateBlockFirst);
+    let pool = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let all: Vec<u64> = (0..12).collect();
+    ctx.fill(&pool, &all, 42).unwrap();
+    let tmp = dir.join("server.peer.tmp");
+    std::fs::write(&tmp, ctx.export(&[&pool]).unwrap()).unwrap();
+    std::fs::rename(&tmp, dir.join("server.peer")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let msg = loop {
+        if let Some(m) = ctx.next_notification(|_, m| Ok(m.to_vec())).unwrap() {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notification from the client"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    assert_eq!(msg, b"wrote 0..6");
+    let sums = ctx.checksum(&pool, &(0..6).collect::<Vec<_>>()).unwrap();
+    let text: Vec<String> = sums.iter().map(|s| s.to_string()).collect();
+    std::fs::write(dir.join("server.sums"), text.join(",")).unwrap();
+}
+
+/// Two processes exchange metadata through files and move data both ways, with a notification.
+fn two_processes_move_data_both_ways() {
+    let dir = std::env::temp_dir().join(format!("kvx-2proc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, &dir)
+        .spawn()
+        .unwrap();
+    let peer_file = dir.join("server.peer");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !peer_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never exported"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
+    let remote = &peer.layouts()[0];
+    let c = disk_config(LayoutKind::LayerSeparateBlockFirst);
+    let mine = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::Pinned))
+        .unwrap();
+    let all: Vec<u64> = (0..12).collect();
+    ctx.fill(&mine, &all, 7).unwrap();
+    // Read the server's blocks 6..12: they must be what seed 42 gives.
+    let back = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let theirs: Vec<u64> = (6..12).collect();
+    let t = ctx
+        .submit(remote, &theirs, &back, &theirs, &TransferOptions::default())
+        .unwrap();
+    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+    let expected = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    ctx.fill(&expected, &theirs, 42).unwrap();
+    assert_eq!(
+        ctx.checksum(&back, &theirs).unwrap(),
+        ctx.checksum(&expected, &theirs).unwrap()
+    );
+    // Write blocks 0..6 into the server, then tell it.
+    let ours: Vec<u64> = (0..6).collect();
+    let opts = TransferOptions {
+        notify: Some(b"wrote 0..6".to_vec()),
+        ..Default::default()
+    };
+    let t = ctx.submit(&mine, &ours, remote, &ours, &opts).unwrap();
+    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+    let status = server.wait().unwrap();
+    assert!(status.success(), "server failed: {status}");
+    let sums = std::fs::read_to_string(dir.join("server.sums")).unwrap();
+    let sent: Vec<String> = ctx
+        .checksum(&mine, &ours)
+        .unwrap()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(sums, sent.join(","));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
-    let tests: [(&str, fn()); 9] = [
+    if let Some(dir) = std::env::var_os(ROLE) {
+        peer_server(std::path::Path::new(&dir));
+        return;
+    }
+    let tests: [(&str, fn()); 10] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -413,6 +514,10 @@ fn main() {
         (
             "write_to_and_read_from_a_peer_with_a_notification",
             write_to_and_read_from_a_peer_with_a_notification,
+        ),
+        (
+            "two_processes_move_data_both_ways",
+            two_processes_move_data_both_ways,
         ),
     ];
     if let Err(e) = loader::load() {
