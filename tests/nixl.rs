@@ -377,6 +377,7 @@ fn write_to_and_read_from_a_peer_with_a_notification() {
 }
 
 const ROLE: &str = "KVX_TEST_PEER_ROLE";
+const HOLD_ROLE: &str = "KVX_TEST_HOLD_ROLE";
 
 /// The server half of `two_processes_move_data_both_ways`: exports a filled layout, waits for
 /// the client's notification, then writes checksums of the blocks the client wrote.
@@ -473,12 +474,74 @@ fn two_processes_move_data_both_ways() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Server role that exports a layout and then waits to be killed.
+fn peer_holder(dir: &std::path::Path) {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let c = disk_config(LayoutKind::FullyContiguous);
+    let pool = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let tmp = dir.join("holder.peer.tmp");
+    std::fs::write(&tmp, ctx.export(&[&pool]).unwrap()).unwrap();
+    std::fs::rename(&tmp, dir.join("holder.peer")).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(120));
+}
+
+/// After a peer dies, transfers to and from it fail with Error::Peer within 5 s, and nothing
+/// hangs: submit, wait and free all return.
+fn a_dead_peer_fails_within_five_seconds() {
+    let dir = std::env::temp_dir().join(format!("kvx-dead-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut holder = Command::new(std::env::current_exe().unwrap())
+        .env(HOLD_ROLE, &dir)
+        .spawn()
+        .unwrap();
+    let peer_file = dir.join("holder.peer");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !peer_file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder never exported"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
+    let remote = &peer.layouts()[0];
+    let c = disk_config(LayoutKind::FullyContiguous);
+    let mine = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let live = ctx
+        .submit(&mine, &[0], remote, &[0], &TransferOptions::default())
+        .unwrap();
+    live.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let started = std::time::Instant::now();
+    let remote: &kvxfer::Layout = remote;
+    for (src, dst) in [(&mine, remote), (remote, &mine)] {
+        let outcome = ctx
+            .submit(src, &[1], dst, &[1], &TransferOptions::default())
+            .and_then(|t| t.wait(Some(std::time::Duration::from_secs(5))));
+        assert!(matches!(outcome, Err(Error::Peer(_))), "{outcome:?}");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    drop(peer);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn main() {
+    if let Some(dir) = std::env::var_os(HOLD_ROLE) {
+        peer_holder(std::path::Path::new(&dir));
+        return;
+    }
     if let Some(dir) = std::env::var_os(ROLE) {
         peer_server(std::path::Path::new(&dir));
         return;
     }
-    let tests: [(&str, fn()); 10] = [
+    let tests: [(&str, fn()); 11] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -518,6 +581,10 @@ fn main() {
         (
             "two_processes_move_data_both_ways",
             two_processes_move_data_both_ways,
+        ),
+        (
+            "a_dead_peer_fails_within_five_seconds",
+            a_dead_peer_fails_within_five_seconds,
         ),
     ];
     if let Err(e) = loader::load() {
