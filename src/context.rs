@@ -13,6 +13,7 @@ use crate::exec::cuda::progress::{Pending, Progress, StreamGate};
 use crate::exec::cuda::{self, CudaDevice, Direction, check};
 use crate::exec::nixl::NixlAgent;
 use crate::exec::nixl::xfer::Xfer;
+use crate::exec::two_hop::{self, BouncePool};
 use crate::exec::{memcpy, workers::Workers};
 use crate::layout::{Geometry, Layout, LayoutConfig, LayoutKind, check_regions};
 use crate::memory::disk::DiskFile;
@@ -140,6 +141,8 @@ pub struct Context {
     cuda: std::result::Result<CudaState, String>,
     /// Present when `nixl_backends` asked for any backend.
     nixl: Option<NixlAgent>,
+    /// Pinned bounce buffers for two-hop plans, made on first use and reused.
+    bounce: Arc<BouncePool>,
 }
 
 fn unavailable_storage(kind: StorageKind) -> Error {
@@ -237,6 +240,7 @@ impl Context {
             workers,
             cuda,
             nixl,
+            bounce: Arc::default(),
         })
     }
 
@@ -540,6 +544,15 @@ impl Context {
                 let gate = self.gate(options.cuda_stream)?;
                 Ok(self.submit_on_workers(&request, plan, Some((dev, dir)), gate))
             }
+            Plan::TwoHop {
+                first: Strategy::NixlReadFlipped,
+                second: Strategy::NixlWrite,
+                ..
+            } if src.storage_kind() == StorageKind::Disk
+                && dst.storage_kind() == StorageKind::Disk =>
+            {
+                self.submit_disk_to_disk(&request, plan)
+            }
             Plan::Direct(s @ (Strategy::NixlWrite | Strategy::NixlReadFlipped)) => self
                 .submit_nixl(
                     &request,
@@ -613,6 +626,43 @@ impl Context {
             agent.post(job, completion.clone(), error)?;
         }
         let stats = stats(&list, plan, Mechanism::Nixl, false);
+        Ok(Transfer::new(completion, stats, self.has_cuda()))
+    }
+
+    /// Disk -> disk through the context's pinned bounce buffers (exec/two_hop.rs), pipelined on
+    /// a worker thread.
+    fn submit_disk_to_disk(&self, request: &Request<'_>, plan: Plan) -> Result<Transfer> {
+        let agent = self.nixl("disk transfers")?;
+        let (src, dst) = (request.src.memory().clone(), request.dst.memory().clone());
+        src.ensure_nixl_registered(agent.agent())?;
+        dst.ensure_nixl_registered(agent.agent())?;
+        let list = request.build();
+        let stats = stats(&list, plan, Mechanism::Nixl, false);
+        let completion = Completion::new(1);
+        let (nixl, pool, done) = (
+            agent.agent().clone(),
+            self.bounce.clone(),
+            completion.clone(),
+        );
+        let cuda = self.cuda.as_ref().ok().map(|c| c.primary.clone());
+        self.workers.spawn(Box::new(move || {
+            let run = || -> Result<()> {
+                let make = || -> Result<Arc<Memory>> {
+                    let sizes = [two_hop::CHUNK];
+                    let m = match &cuda {
+                        Some(dev) => Memory::allocate_cuda(dev, StorageKind::Pinned, &sizes, 4096)?,
+                        None => Memory::allocate_host(StorageKind::Pinned, &sizes, 4096)?,
+                    };
+                    m.ensure_nixl_registered(&nixl)?;
+                    Ok(Arc::new(m))
+                };
+                let lease = pool.take(make)?;
+                two_hop::disk_to_disk(&nixl, &src, &dst, &list.copies, &lease)
+            };
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                .unwrap_or_else(|_| Err(Error::Internal("a two-hop worker panicked".into())));
+            done.part_done(r);
+        }));
         Ok(Transfer::new(completion, stats, self.has_cuda()))
     }
 

@@ -532,6 +532,81 @@ fn a_dead_peer_fails_within_five_seconds() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Host -> disk -> disk -> host with reversed ids; the disk -> disk hop goes through the
+/// context's pinned bounce buffers in several pipelined chunks (16 MiB against 8 MiB chunks).
+fn host_disk_disk_host_with_reversed_ids() {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let c = LayoutConfig {
+        num_blocks: 64,
+        num_layers: 4,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: 1024,
+        dtype_width: 2,
+        alignment: 1,
+        kind: LayoutKind::LayerSeparateBlockFirst,
+    };
+    let all: Vec<u64> = (0..64).collect();
+    let rev: Vec<u64> = (0..64).rev().collect();
+    let host = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::Pinned))
+        .unwrap();
+    let d1 = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::Disk))
+        .unwrap();
+    let fc = LayoutConfig {
+        kind: LayoutKind::FullyContiguous,
+        ..c
+    };
+    let d2 = ctx
+        .new_layout(fc, &StorageSpec::new(StorageKind::Disk))
+        .unwrap();
+    let back = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    ctx.fill(&host, &all, 31).unwrap();
+    let want = ctx.checksum(&host, &all).unwrap();
+    let plan = ctx.plan(&d1, &d2).unwrap();
+    assert!(matches!(plan, Plan::TwoHop { .. }), "{plan:?}");
+    let t = ctx
+        .submit(&host, &all, &d1, &rev, &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    let t = ctx
+        .submit(&d1, &rev, &d2, &all, &TransferOptions::default())
+        .unwrap();
+    t.wait(Some(std::time::Duration::from_secs(60))).unwrap();
+    assert_eq!(t.stats().plan, plan);
+    assert_eq!(ctx.checksum(&d2, &all).unwrap(), want);
+    let t = ctx
+        .submit(&d2, &all, &back, &rev, &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    assert_eq!(ctx.checksum(&back, &rev).unwrap(), want);
+    // Two at once share the bounded pool.
+    let a = ctx
+        .submit(
+            &d1,
+            &rev[..32],
+            &d2,
+            &all[..32],
+            &TransferOptions::default(),
+        )
+        .unwrap();
+    let b = ctx
+        .submit(
+            &d1,
+            &rev[32..],
+            &d2,
+            &all[32..],
+            &TransferOptions::default(),
+        )
+        .unwrap();
+    a.wait(None).unwrap();
+    b.wait(None).unwrap();
+    assert_eq!(ctx.checksum(&d2, &all).unwrap(), want);
+}
+
 fn main() {
     if let Some(dir) = std::env::var_os(HOLD_ROLE) {
         peer_holder(std::path::Path::new(&dir));
@@ -541,7 +616,7 @@ fn main() {
         peer_server(std::path::Path::new(&dir));
         return;
     }
-    let tests: [(&str, fn()); 11] = [
+    let tests: [(&str, fn()); 12] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -585,6 +660,10 @@ fn main() {
         (
             "a_dead_peer_fails_within_five_seconds",
             a_dead_peer_fails_within_five_seconds,
+        ),
+        (
+            "host_disk_disk_host_with_reversed_ids",
+            host_disk_disk_host_with_reversed_ids,
         ),
     ];
     if let Err(e) = loader::load() {

@@ -5,4 +5,5 @@
 pub mod cuda;
 pub mod memcpy;
 pub mod nixl;
+pub mod two_hop;
 pub mod workers;

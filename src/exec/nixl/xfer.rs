@@ -120,34 +120,10 @@ impl NixlProgress {
         completion: Arc<Completion>,
         error: fn(String) -> Error,
     ) -> Result<()> {
-        let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL transfer: {e}"));
-        let (lt, ldev) = mem_type(t.local);
-        let (rt, rdev) = mem_type(t.remote);
-        let mut local = XferDescList::new(lt).map_err(nixl)?;
-        let mut remote = XferDescList::new(rt).map_err(nixl)?;
-        for c in t.copies {
-            local.add_desc(c.src as usize, c.len as usize, ldev);
-            remote.add_desc(c.dst as usize, c.len as usize, rdev);
-        }
-        let mut args = None;
-        if let Some(msg) = t.notify {
-            let mut a = OptArgs::new().map_err(nixl)?;
-            a.set_notification_message(msg).map_err(nixl)?;
-            // The message alone is not sent: NIXL sends it only with hasNotif set.
-            a.set_has_notification(true).map_err(nixl)?;
-            args = Some(a);
-        }
-        let op = if t.write { XferOp::Write } else { XferOp::Read };
-        let req = agent
-            .create_xfer_req(op, &local, &remote, t.remote_agent, args.as_ref())
-            .map_err(|e| error(format!("NIXL refused the transfer request: {e}")))?;
-        let in_flight = agent
-            .post_xfer_req(&req, args.as_ref())
-            .map_err(|e| error(format!("NIXL could not start the transfer: {e}")))?;
-        if !in_flight {
+        let Some(req) = start(agent, &t, error)? else {
             completion.part_done(Ok(()));
             return Ok(());
-        }
+        };
         if let Some(tx) = &self.tx {
             let _ = tx.send(Pending {
                 req,
@@ -157,6 +133,61 @@ impl NixlProgress {
             });
         }
         Ok(())
+    }
+}
+
+/// Creates and posts the request of `t`; `None` when it finished at once.
+pub(crate) fn start(
+    agent: &Agent,
+    t: &Xfer<'_>,
+    error: fn(String) -> Error,
+) -> Result<Option<XferRequest>> {
+    let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL transfer: {e}"));
+    let (lt, ldev) = mem_type(t.local);
+    let (rt, rdev) = mem_type(t.remote);
+    let mut local = XferDescList::new(lt).map_err(nixl)?;
+    let mut remote = XferDescList::new(rt).map_err(nixl)?;
+    for c in t.copies {
+        local.add_desc(c.src as usize, c.len as usize, ldev);
+        remote.add_desc(c.dst as usize, c.len as usize, rdev);
+    }
+    let mut args = None;
+    if let Some(msg) = t.notify {
+        let mut a = OptArgs::new().map_err(nixl)?;
+        a.set_notification_message(msg).map_err(nixl)?;
+        // The message alone is not sent: NIXL sends it only with hasNotif set.
+        a.set_has_notification(true).map_err(nixl)?;
+        args = Some(a);
+    }
+    let op = if t.write { XferOp::Write } else { XferOp::Read };
+    let req = agent
+        .create_xfer_req(op, &local, &remote, t.remote_agent, args.as_ref())
+        .map_err(|e| error(format!("NIXL refused the transfer request: {e}")))?;
+    let in_flight = agent
+        .post_xfer_req(&req, args.as_ref())
+        .map_err(|e| error(format!("NIXL could not start the transfer: {e}")))?;
+    Ok(in_flight.then_some(req))
+}
+
+/// Blocks the calling (worker) thread until `req` finished, checking it with the same short,
+/// growing pause as the progress thread.
+pub(crate) fn finish(
+    agent: &Agent,
+    req: Option<XferRequest>,
+    error: fn(String) -> Error,
+) -> Result<()> {
+    let Some(req) = req else {
+        return Ok(());
+    };
+    let mut pause = Duration::from_micros(10);
+    loop {
+        match agent.get_xfer_status(&req) {
+            Ok(XferStatus::Success) => return Ok(()),
+            Ok(XferStatus::InProgress) => {}
+            Err(e) => return Err(error(format!("NIXL transfer failed: {e}"))),
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_micros(200));
     }
 }
 
