@@ -607,6 +607,62 @@ fn host_disk_disk_host_with_reversed_ids() {
     assert_eq!(ctx.checksum(&d2, &all).unwrap(), want);
 }
 
+static SKIPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn skip(why: &str) {
+    println!("  skipped: {why}");
+    SKIPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A disk layout on a 1 MiB tmpfs: writing 4 MiB into it fails with Error::Io, not success.
+fn a_full_disk_is_an_io_error() {
+    let mnt = std::env::temp_dir().join(format!("kvx-full-{}", std::process::id()));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        let _ = std::fs::remove_dir(&mnt);
+        return skip("cannot mount a tmpfs here (needs CAP_SYS_ADMIN)");
+    }
+    let result = std::panic::catch_unwind(|| {
+        let ctx = Context::new(ContextConfig {
+            disk_dir: Some(mnt.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let c = LayoutConfig {
+            num_blocks: 16,
+            num_layers: 1,
+            outer_dim: 2,
+            page_size: 16,
+            inner_dim: 4096,
+            dtype_width: 2,
+            alignment: 1,
+            kind: LayoutKind::FullyContiguous,
+        }; // 16 blocks of 256 KiB: 4 MiB on a 1 MiB file system
+        let all: Vec<u64> = (0..16).collect();
+        let host = ctx
+            .new_layout(c, &StorageSpec::new(StorageKind::System))
+            .unwrap();
+        let disk = ctx
+            .new_layout(c, &StorageSpec::new(StorageKind::Disk))
+            .unwrap();
+        ctx.fill(&host, &all, 3).unwrap();
+        let outcome = ctx
+            .submit(&host, &all, &disk, &all, &TransferOptions::default())
+            .and_then(|t| t.wait(Some(std::time::Duration::from_secs(30))));
+        assert!(matches!(outcome, Err(Error::Io(_))), "{outcome:?}");
+    });
+    let _ = Command::new("umount").arg(&mnt).status();
+    let _ = std::fs::remove_dir(&mnt);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
+}
+
 fn main() {
     if let Some(dir) = std::env::var_os(HOLD_ROLE) {
         peer_holder(std::path::Path::new(&dir));
@@ -616,7 +672,7 @@ fn main() {
         peer_server(std::path::Path::new(&dir));
         return;
     }
-    let tests: [(&str, fn()); 12] = [
+    let tests: [(&str, fn()); 13] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -665,6 +721,7 @@ fn main() {
             "host_disk_disk_host_with_reversed_ids",
             host_disk_disk_host_with_reversed_ids,
         ),
+        ("a_full_disk_is_an_io_error", a_full_disk_is_an_io_error),
     ];
     if let Err(e) = loader::load() {
         if std::env::var_os("KVX_REQUIRE_NIXL").is_some() {
@@ -678,13 +735,21 @@ fn main() {
     }
     let mut failed = 0;
     for (name, test) in tests {
+        let skipped_before = SKIPPED.load(std::sync::atomic::Ordering::Relaxed);
         let ok = catch_unwind(test).is_ok();
-        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
+        let skipped = SKIPPED.load(std::sync::atomic::Ordering::Relaxed) > skipped_before;
+        let word = match (ok, skipped) {
+            (true, true) => "skipped",
+            (true, false) => "ok",
+            (false, _) => "FAILED",
+        };
+        println!("test {name} ... {word}");
         failed += usize::from(!ok);
     }
+    let skipped = SKIPPED.load(std::sync::atomic::Ordering::Relaxed);
     println!(
-        "{} passed, {failed} failed, 0 skipped",
-        tests.len() - failed
+        "{} passed, {failed} failed, {skipped} skipped",
+        tests.len() - failed - skipped
     );
     if failed > 0 {
         std::process::exit(1);
