@@ -378,6 +378,7 @@ fn write_to_and_read_from_a_peer_with_a_notification() {
 
 const ROLE: &str = "KVX_TEST_PEER_ROLE";
 const HOLD_ROLE: &str = "KVX_TEST_HOLD_ROLE";
+const CLIENT_ROLE: &str = "KVX_TEST_CLIENT_ROLE";
 
 /// The server half of `two_processes_move_data_both_ways`: exports a filled layout, waits for
 /// the client's notification, then writes checksums of the blocks the client wrote.
@@ -409,24 +410,23 @@ fn peer_server(dir: &std::path::Path) {
     std::fs::write(dir.join("server.sums"), text.join(",")).unwrap();
 }
 
-/// Two processes exchange metadata through files and move data both ways, with a notification.
-fn two_processes_move_data_both_ways() {
-    let dir = std::env::temp_dir().join(format!("kvx-2proc-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut server = Command::new(std::env::current_exe().unwrap())
-        .env(ROLE, &dir)
-        .spawn()
-        .unwrap();
-    let peer_file = dir.join("server.peer");
+fn wait_for(path: &std::path::Path, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !peer_file.exists() {
+    while !path.exists() {
         assert!(
             std::time::Instant::now() < deadline,
-            "the server never exported"
+            "{what} never appeared"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// The client half of the peer tests: imports the server's export, reads the server's blocks
+/// (checked against the same seed), writes its own with a notification, then compares the
+/// checksums the server reports for what landed in its memory.
+fn peer_client(dir: &std::path::Path) {
+    let peer_file = dir.join("server.peer");
+    wait_for(&peer_file, "the server's export");
     let ctx = Context::new(ContextConfig::default()).unwrap();
     let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
     let remote = &peer.layouts()[0];
@@ -436,7 +436,6 @@ fn two_processes_move_data_both_ways() {
         .unwrap();
     let all: Vec<u64> = (0..12).collect();
     ctx.fill(&mine, &all, 7).unwrap();
-    // Read the server's blocks 6..12: they must be what seed 42 gives.
     let back = ctx
         .new_layout(c, &StorageSpec::new(StorageKind::System))
         .unwrap();
@@ -453,7 +452,6 @@ fn two_processes_move_data_both_ways() {
         ctx.checksum(&back, &theirs).unwrap(),
         ctx.checksum(&expected, &theirs).unwrap()
     );
-    // Write blocks 0..6 into the server, then tell it.
     let ours: Vec<u64> = (0..6).collect();
     let opts = TransferOptions {
         notify: Some(b"wrote 0..6".to_vec()),
@@ -461,9 +459,9 @@ fn two_processes_move_data_both_ways() {
     };
     let t = ctx.submit(&mine, &ours, remote, &ours, &opts).unwrap();
     t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
-    let status = server.wait().unwrap();
-    assert!(status.success(), "server failed: {status}");
-    let sums = std::fs::read_to_string(dir.join("server.sums")).unwrap();
+    let sums_file = dir.join("server.sums");
+    wait_for(&sums_file, "the server's checksums");
+    let sums = std::fs::read_to_string(&sums_file).unwrap();
     let sent: Vec<String> = ctx
         .checksum(&mine, &ours)
         .unwrap()
@@ -471,7 +469,78 @@ fn two_processes_move_data_both_ways() {
         .map(|s| s.to_string())
         .collect();
     assert_eq!(sums, sent.join(","));
+}
+
+/// Two processes exchange metadata through files and move data both ways, with a notification.
+fn two_processes_move_data_both_ways() {
+    let dir = std::env::temp_dir().join(format!("kvx-2proc-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = Command::new(std::env::current_exe().unwrap())
+        .env(ROLE, &dir)
+        .spawn()
+        .unwrap();
+    peer_client(&dir);
+    let status = server.wait().unwrap();
+    assert!(status.success(), "server failed: {status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The same exchange between two network namespaces joined by a veth pair, UCX over TCP only:
+/// kvxfer between hosts, not through shared memory.
+fn two_hosts_over_tcp_in_network_namespaces() {
+    let id = std::process::id() % 200 + 20;
+    let (na, nb) = (format!("kvxa{id}"), format!("kvxb{id}"));
+    let (va, vb) = (format!("kvxva{id}"), format!("kvxvb{id}"));
+    let (aa, ab) = (format!("10.231.{id}.1"), format!("10.231.{id}.2"));
+    if !ip(&["netns", "add", &na]) {
+        return skip("cannot create network namespaces here (needs root and iproute2)");
+    }
+    let setup = ip(&["netns", "add", &nb])
+        && ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])
+        && ip(&["link", "set", &va, "netns", &na])
+        && ip(&["link", "set", &vb, "netns", &nb])
+        && ip(&["-n", &na, "addr", "add", &format!("{aa}/24"), "dev", &va])
+        && ip(&["-n", &nb, "addr", "add", &format!("{ab}/24"), "dev", &vb])
+        && ip(&["-n", &na, "link", "set", &va, "up"])
+        && ip(&["-n", &nb, "link", "set", &vb, "up"])
+        && ip(&["-n", &na, "link", "set", "lo", "up"])
+        && ip(&["-n", &nb, "link", "set", "lo", "up"]);
+    let dir = std::env::temp_dir().join(format!("kvx-netns-{}", std::process::id()));
+    let result = std::panic::catch_unwind(|| {
+        assert!(setup, "setting up the veth pair failed");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = std::env::current_exe().unwrap();
+        let run = |ns: &str, dev: &str, role: &str| {
+            Command::new("ip")
+                .args(["netns", "exec", ns])
+                .arg(&exe)
+                .env(role, &dir)
+                .env("UCX_TLS", "tcp,self")
+                .env("UCX_NET_DEVICES", dev)
+                .spawn()
+                .unwrap()
+        };
+        let mut server = run(&na, &va, ROLE);
+        let client = run(&nb, &vb, CLIENT_ROLE).wait().unwrap();
+        let server = server.wait().unwrap();
+        assert!(client.success(), "client in {nb} failed: {client}");
+        assert!(server.success(), "server in {na} failed: {server}");
+    });
+    ip(&["netns", "del", &na]);
+    ip(&["netns", "del", &nb]);
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(p) = result {
+        std::panic::resume_unwind(p);
+    }
 }
 
 /// Server role that exports a layout and then waits to be killed.
@@ -664,6 +733,10 @@ fn a_full_disk_is_an_io_error() {
 }
 
 fn main() {
+    if let Some(dir) = std::env::var_os(CLIENT_ROLE) {
+        peer_client(std::path::Path::new(&dir));
+        return;
+    }
     if let Some(dir) = std::env::var_os(HOLD_ROLE) {
         peer_holder(std::path::Path::new(&dir));
         return;
@@ -672,7 +745,7 @@ fn main() {
         peer_server(std::path::Path::new(&dir));
         return;
     }
-    let tests: [(&str, fn()); 13] = [
+    let tests: [(&str, fn()); 14] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -722,6 +795,10 @@ fn main() {
             host_disk_disk_host_with_reversed_ids,
         ),
         ("a_full_disk_is_an_io_error", a_full_disk_is_an_io_error),
+        (
+            "two_hosts_over_tcp_in_network_namespaces",
+            two_hosts_over_tcp_in_network_namespaces,
+        ),
     ];
     if let Err(e) = loader::load() {
         if std::env::var_os("KVX_REQUIRE_NIXL").is_some() {
