@@ -267,6 +267,11 @@ impl Context {
         self.nixl.as_ref().map_or(&[], |a| a.backends())
     }
 
+    /// The context's NIXL agent, for tools that measure kvxfer against raw NIXL calls.
+    pub fn nixl_agent(&self) -> Option<&nixl_sys::Agent> {
+        self.nixl.as_ref().map(|a| a.agent())
+    }
+
     /// The configured CUDA device, for tools that measure kvxfer against raw CUDA calls.
     pub fn cuda_device(&self) -> Option<&Arc<CudaDevice>> {
         self.cuda.as_ref().ok().map(|c| &c.primary)

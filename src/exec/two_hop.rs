@@ -146,19 +146,19 @@ pub fn disk_to_disk(
     if chunks.is_empty() {
         return Ok(());
     }
-    finish(agent, hop(0, &chunks[0], true)?, Error::Io)?;
+    finish(agent, hop(0, &chunks[0], true)?, Error::Io, true)?;
     let mut writing: Option<nixl_sys::XferRequest> = None;
     for i in 0..chunks.len() {
         let w = hop(i, &chunks[i], false)?;
         // The other buffer is free once the previous chunk's write finished.
-        finish(agent, writing.take(), Error::Io)?;
+        finish(agent, writing.take(), Error::Io, true)?;
         if i + 1 < chunks.len() {
             let r = hop(i + 1, &chunks[i + 1], true)?;
-            finish(agent, r, Error::Io)?;
+            finish(agent, r, Error::Io, true)?;
         }
         writing = w;
     }
-    finish(agent, writing, Error::Io)
+    finish(agent, writing, Error::Io, true)
 }
 
 #[cfg(test)]

@@ -40,6 +40,10 @@ pub struct Args {
     /// to 1024 there.
     #[arg(long)]
     gpu: bool,
+    /// Benchmark NIXL (UCX write/read between two agents, POSIX disk write/read) against
+    /// nixl-sys used directly; --total-mib defaults to 64 there.
+    #[arg(long, conflicts_with = "gpu")]
+    nixl: bool,
 }
 
 struct Point {
@@ -214,6 +218,17 @@ pub fn run(a: &Args) -> Result<(), String> {
             iters: a.iters.unwrap_or(5),
             fragments_kib: a.fragments_kib.clone(),
             directions: a.directions.clone(),
+        });
+    }
+    if a.nixl {
+        return super::bench_nixl::run(&super::bench_nixl::NixlArgs {
+            json: a.json,
+            total_mib: a.total_mib.unwrap_or(64),
+            iters: a.iters.unwrap_or(5),
+            fragments_kib: a
+                .fragments_kib
+                .clone()
+                .unwrap_or_else(|| vec![4, 16, 64, 256, 1024, 2048]),
         });
     }
     let (total_mib, iters) = (a.total_mib.unwrap_or(256), a.iters.unwrap_or(9));

@@ -1,0 +1,191 @@
+//! `kvxfer bench --nixl`: NIXL transfers through kvxfer against nixl-sys used directly
+//! (`nixl-raw`: one descriptor per fragment, posted and polled as tightly as possible), in the
+//! same run. UCX write and read between two agents of this process (loopback), and POSIX disk
+//! write and read. "scattered" permutes the ids on both sides, so nothing coalesces; "runs"
+//! moves consecutive ids, which kvxfer coalesces into one descriptor per run.
+
+use std::time::Instant;
+
+use kvxfer::{
+    Context, ContextConfig, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
+    TransferOptions,
+};
+use nixl_sys::{Agent, MemType, XferDescList, XferOp, XferStatus};
+
+use super::bench::median;
+
+/// (name, local side writes, the other layout, its NIXL memory type and id, its agent).
+type Case<'a> = (&'a str, bool, &'a Layout, (MemType, u64), String);
+
+pub struct NixlArgs {
+    pub json: bool,
+    pub total_mib: u64,
+    pub iters: usize,
+    pub fragments_kib: Vec<u64>,
+}
+
+fn err<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+fn shape(blocks: u64, fragment: u64) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: blocks,
+        num_layers: 1,
+        outer_dim: 1,
+        page_size: 1,
+        inner_dim: fragment / 2,
+        dtype_width: 2,
+        alignment: 4096,
+        kind: LayoutKind::FullyContiguous,
+    }
+}
+
+/// nixl-sys directly: one descriptor per fragment, then a spin on the status.
+#[allow(clippy::too_many_arguments)]
+fn raw(
+    agent: &Agent,
+    write: bool,
+    local: &Layout,
+    lb: &[u64],
+    remote: &Layout,
+    rb: &[u64],
+    remote_agent: &str,
+    remote_mem: (MemType, u64),
+) -> Result<(), String> {
+    let mut l = XferDescList::new(MemType::Dram).map_err(err)?;
+    let mut r = XferDescList::new(remote_mem.0).map_err(err)?;
+    for (&a, &b) in lb.iter().zip(rb) {
+        let (x, y) = (
+            local.region(a, 0, 0).map_err(err)?,
+            remote.region(b, 0, 0).map_err(err)?,
+        );
+        l.add_desc(x.addr as usize, x.len as usize, 0);
+        r.add_desc(y.addr as usize, y.len as usize, remote_mem.1);
+    }
+    let op = if write { XferOp::Write } else { XferOp::Read };
+    let req = agent
+        .create_xfer_req(op, &l, &r, remote_agent, None)
+        .map_err(err)?;
+    if agent.post_xfer_req(&req, None).map_err(err)? {
+        while agent.get_xfer_status(&req).map_err(err)? == XferStatus::InProgress {
+            std::hint::spin_loop();
+        }
+    }
+    Ok(())
+}
+
+pub fn run(a: &NixlArgs) -> Result<(), String> {
+    let ctx = Context::new(ContextConfig::default()).map_err(err)?;
+    let peer_ctx = Context::new(ContextConfig::default()).map_err(err)?;
+    let agent = ctx.nixl_agent().ok_or("bench --nixl needs NIXL")?.clone();
+    if !a.json {
+        println!(
+            "NIXL bench: {} MiB per run, median of {} runs (GB/s; ratio = kvxfer / nixl-raw)",
+            a.total_mib, a.iters
+        );
+        println!(
+            "{:<12} {:<10} {:>9} {:>8} {:>8} {:>8} {:>7}",
+            "name", "ids", "fragment", "descs", "kvxfer", "raw", "ratio"
+        );
+    }
+    for &kib in &a.fragments_kib {
+        let fragment = kib << 10;
+        let blocks = ((a.total_mib << 20) / fragment).max(1);
+        let c = shape(blocks, fragment);
+        let pinned = StorageSpec::new(StorageKind::Pinned);
+        let local = ctx.new_layout(c, &pinned).map_err(err)?;
+        let disk = ctx
+            .new_layout(c, &StorageSpec::new(StorageKind::Disk))
+            .map_err(err)?;
+        let theirs = peer_ctx.new_layout(c, &pinned).map_err(err)?;
+        let peer = ctx
+            .import(&peer_ctx.export(&[&theirs]).map_err(err)?)
+            .map_err(err)?;
+        let remote = &peer.layouts()[0];
+        let all: Vec<u64> = (0..blocks).collect();
+        ctx.fill(&local, &all, 9).map_err(err)?;
+        let mut rng = fastrand::Rng::with_seed(fragment);
+        let (mut p1, mut p2) = (all.clone(), all.clone());
+        rng.shuffle(&mut p1);
+        rng.shuffle(&mut p2);
+        let disk_fd = disk.memory().device_id() as u64;
+        let cases: [Case<'_>; 4] = [
+            (
+                "ucx_write",
+                true,
+                remote.as_ref(),
+                (MemType::Dram, 0),
+                peer.agent().to_string(),
+            ),
+            (
+                "ucx_read",
+                false,
+                remote.as_ref(),
+                (MemType::Dram, 0),
+                peer.agent().to_string(),
+            ),
+            (
+                "posix_write",
+                true,
+                &disk,
+                (MemType::File, disk_fd),
+                agent.name(),
+            ),
+            (
+                "posix_read",
+                false,
+                &disk,
+                (MemType::File, disk_fd),
+                agent.name(),
+            ),
+        ];
+        for (name, write, other, mem, other_agent) in &cases {
+            for (ids, lb, rb) in [("scattered", &p1, &p2), ("runs", &all, &all)] {
+                let (mut k, mut r) = (Vec::new(), Vec::new());
+                for i in 0..=a.iters {
+                    let (src, sb, dst, db) = if *write {
+                        (&local, lb, *other, rb)
+                    } else {
+                        (*other, rb, &local, lb)
+                    };
+                    let t0 = Instant::now();
+                    let t = ctx
+                        .submit(src, sb, dst, db, &TransferOptions::default())
+                        .map_err(err)?;
+                    t.wait(None).map_err(err)?;
+                    let tk = t0.elapsed().as_secs_f64();
+                    let descs = t.stats().copies;
+                    let t0 = Instant::now();
+                    raw(&agent, *write, &local, lb, other, rb, other_agent, *mem)?;
+                    let tr = t0.elapsed().as_secs_f64();
+                    if i > 0 {
+                        k.push((tk, descs));
+                        r.push(tr);
+                    }
+                }
+                let bytes = (blocks * fragment) as f64;
+                let descs = k.first().map_or(0, |x| x.1);
+                let kg = bytes / median(k.iter().map(|x| x.0).collect()) / 1e9;
+                let rg = bytes / median(r) / 1e9;
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "name": name, "ids": ids, "fragment_bytes": fragment,
+                            "bytes": blocks * fragment, "descriptors": descs, "iters": a.iters,
+                            "gbps": kg, "baseline": "nixl-raw", "baseline_gbps": rg, "ratio": kg / rg,
+                        })
+                    );
+                } else {
+                    println!(
+                        "{name:<12} {ids:<10} {:>5} KiB {descs:>8} {kg:>8.2} {rg:>8.2} {:>7.3}",
+                        kib,
+                        kg / rg
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
