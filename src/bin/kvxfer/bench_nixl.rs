@@ -1,7 +1,7 @@
 //! `kvxfer bench --nixl`: NIXL transfers through kvxfer against nixl-sys used directly
 //! (`nixl-raw`: one descriptor per fragment, posted and polled as tightly as possible), in the
-//! same run. UCX write and read between two agents of this process (loopback), and POSIX disk
-//! write and read. "scattered" permutes the ids on both sides, so nothing coalesces; "runs"
+//! same run, alternating which goes first. UCX write and read between two agents of this process
+//! (loopback), and POSIX disk write and read. "scattered" permutes the ids on both sides, so nothing coalesces; "runs"
 //! moves consecutive ids, which kvxfer coalesces into one descriptor per run.
 
 use std::time::Instant;
@@ -149,16 +149,25 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
                     } else {
                         (*other, rb, &local, lb)
                     };
-                    let t0 = Instant::now();
-                    let t = ctx
-                        .submit(src, sb, dst, db, &TransferOptions::default())
-                        .map_err(err)?;
-                    t.wait(None).map_err(err)?;
-                    let tk = t0.elapsed().as_secs_f64();
-                    let descs = t.stats().copies;
-                    let t0 = Instant::now();
-                    raw(&agent, *write, &local, lb, other, rb, other_agent, *mem)?;
-                    let tr = t0.elapsed().as_secs_f64();
+                    // Alternate which goes first, so page-cache writeback and cache state do
+                    // not always favour the same side.
+                    let mut tk = 0.0;
+                    let mut descs = 0;
+                    let mut tr = 0.0;
+                    for kvx_turn in [i % 2 == 0, i % 2 != 0] {
+                        let t0 = Instant::now();
+                        if kvx_turn {
+                            let t = ctx
+                                .submit(src, sb, dst, db, &TransferOptions::default())
+                                .map_err(err)?;
+                            t.wait(None).map_err(err)?;
+                            tk = t0.elapsed().as_secs_f64();
+                            descs = t.stats().copies;
+                        } else {
+                            raw(&agent, *write, &local, lb, other, rb, other_agent, *mem)?;
+                            tr = t0.elapsed().as_secs_f64();
+                        }
+                    }
                     if i > 0 {
                         k.push((tk, descs));
                         r.push(tr);
