@@ -71,17 +71,22 @@ fn scattered_layout(
     blocks: u64,
     fragment: u64,
 ) -> Result<Layout, String> {
-    let cfg = LayoutConfig {
+    let cfg = fragment_shape(blocks, fragment, 1);
+    ctx.new_layout(cfg, &StorageSpec::new(storage)).map_err(err)
+}
+
+/// One layer, one outer, bf16: every block is exactly one `fragment`-byte piece.
+pub fn fragment_shape(blocks: u64, fragment: u64, alignment: u32) -> LayoutConfig {
+    LayoutConfig {
         num_blocks: blocks,
         num_layers: 1,
         outer_dim: 1,
         page_size: 1,
         inner_dim: fragment / 2,
         dtype_width: 2,
-        alignment: 1,
+        alignment,
         kind: LayoutKind::FullyContiguous,
-    };
-    ctx.new_layout(cfg, &StorageSpec::new(storage)).map_err(err)
+    }
 }
 
 /// One copy of `len` bytes cut into `threads` contiguous shares: glibc's memcpy, or with

@@ -6,13 +6,10 @@
 
 use std::time::Instant;
 
-use kvxfer::{
-    Context, ContextConfig, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
-    TransferOptions,
-};
+use kvxfer::{Context, ContextConfig, Layout, StorageKind, StorageSpec, TransferOptions};
 use nixl_sys::{Agent, MemType, XferDescList, XferOp, XferStatus};
 
-use super::bench::median;
+use super::bench::{fragment_shape, median};
 
 /// (name, local side writes, the other layout, its NIXL memory type and id, its agent).
 type Case<'a> = (&'a str, bool, &'a Layout, (MemType, u64), String);
@@ -26,19 +23,6 @@ pub struct NixlArgs {
 
 fn err<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
-}
-
-fn shape(blocks: u64, fragment: u64) -> LayoutConfig {
-    LayoutConfig {
-        num_blocks: blocks,
-        num_layers: 1,
-        outer_dim: 1,
-        page_size: 1,
-        inner_dim: fragment / 2,
-        dtype_width: 2,
-        alignment: 4096,
-        kind: LayoutKind::FullyContiguous,
-    }
 }
 
 /// nixl-sys directly: one descriptor per fragment, then a spin on the status.
@@ -92,7 +76,7 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
     for &kib in &a.fragments_kib {
         let fragment = kib << 10;
         let blocks = ((a.total_mib << 20) / fragment).max(1);
-        let c = shape(blocks, fragment);
+        let c = fragment_shape(blocks, fragment, 4096);
         let pinned = StorageSpec::new(StorageKind::Pinned);
         let local = ctx.new_layout(c, &pinned).map_err(err)?;
         let disk = ctx
