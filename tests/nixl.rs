@@ -379,6 +379,7 @@ fn write_to_and_read_from_a_peer_with_a_notification() {
 const ROLE: &str = "KVX_TEST_PEER_ROLE";
 const HOLD_ROLE: &str = "KVX_TEST_HOLD_ROLE";
 const CLIENT_ROLE: &str = "KVX_TEST_CLIENT_ROLE";
+const HOLD_ROLE_BIG: &str = "KVX_TEST_HOLD_BIG_ROLE";
 
 /// The server half of `two_processes_move_data_both_ways`: exports a filled layout, waits for
 /// the client's notification, then writes checksums of the blocks the client wrote.
@@ -732,7 +733,106 @@ fn a_full_disk_is_an_io_error() {
     }
 }
 
+const INFLIGHT_ROLE: &str = "KVX_TEST_INFLIGHT_ROLE";
+/// Exit code of the in-flight client when the transfer finished before the kill.
+const TOO_FAST: i32 = 3;
+
+fn big_config() -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: 512,
+        num_layers: 32,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: 1024,
+        dtype_width: 2,
+        alignment: 1,
+        kind: LayoutKind::FullyContiguous,
+    } // 1 GiB
+}
+
+/// Holder for the in-flight test: exports 1 GiB, records its pid, waits to be killed.
+fn inflight_holder(dir: &std::path::Path) {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let pool = ctx
+        .new_layout(big_config(), &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    std::fs::write(dir.join("holder.pid"), std::process::id().to_string()).unwrap();
+    let tmp = dir.join("big.peer.tmp");
+    std::fs::write(&tmp, ctx.export(&[&pool]).unwrap()).unwrap();
+    std::fs::rename(&tmp, dir.join("big.peer")).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(120));
+}
+
+/// Client for the in-flight test: starts a 1 GiB write, kills the holder while it runs, and
+/// expects Error::Peer within 5 s and a free that returns.
+fn inflight_client(dir: &std::path::Path) {
+    wait_for(&dir.join("big.peer"), "the holder's export");
+    let pid: i32 = std::fs::read_to_string(dir.join("holder.pid"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let peer = ctx
+        .import(&std::fs::read(dir.join("big.peer")).unwrap())
+        .unwrap();
+    let remote = &peer.layouts()[0];
+    let mine = ctx
+        .new_layout(big_config(), &StorageSpec::new(StorageKind::Pinned))
+        .unwrap();
+    let all: Vec<u64> = (0..512).collect();
+    let t = ctx
+        .submit(&mine, &all, remote, &all, &TransferOptions::default())
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    if t.poll().is_some() {
+        std::process::exit(TOO_FAST);
+    }
+    // SAFETY: sending SIGKILL to the holder process this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let killed = std::time::Instant::now();
+    let outcome = t.wait(Some(std::time::Duration::from_secs(5)));
+    assert!(matches!(outcome, Err(Error::Peer(_))), "{outcome:?}");
+    assert!(killed.elapsed() < std::time::Duration::from_secs(5));
+    let freeing = std::time::Instant::now();
+    drop(t);
+    drop(peer);
+    assert!(freeing.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// A peer killed while a transfer to it is in flight (UCX over TCP): the transfer fails with
+/// Error::Peer within 5 s and freeing it does not hang.
+fn a_peer_killed_mid_transfer_fails_within_five_seconds() {
+    let dir = std::env::temp_dir().join(format!("kvx-inflight-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let spawn = |role: &str| {
+        Command::new(&exe)
+            .env(role, &dir)
+            .env("UCX_TLS", "tcp,self")
+            .spawn()
+            .unwrap()
+    };
+    let mut holder = spawn(HOLD_ROLE_BIG);
+    let client = spawn(INFLIGHT_ROLE).wait().unwrap();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    if client.code() == Some(TOO_FAST) {
+        return skip("the transfer finished before the peer could be killed");
+    }
+    assert!(client.success(), "in-flight client failed: {client}");
+}
+
 fn main() {
+    if let Some(dir) = std::env::var_os(HOLD_ROLE_BIG) {
+        inflight_holder(std::path::Path::new(&dir));
+        return;
+    }
+    if let Some(dir) = std::env::var_os(INFLIGHT_ROLE) {
+        inflight_client(std::path::Path::new(&dir));
+        return;
+    }
     if let Some(dir) = std::env::var_os(CLIENT_ROLE) {
         peer_client(std::path::Path::new(&dir));
         return;
@@ -745,7 +845,7 @@ fn main() {
         peer_server(std::path::Path::new(&dir));
         return;
     }
-    let tests: [(&str, fn()); 14] = [
+    let tests: [(&str, fn()); 15] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -798,6 +898,10 @@ fn main() {
         (
             "two_hosts_over_tcp_in_network_namespaces",
             two_hosts_over_tcp_in_network_namespaces,
+        ),
+        (
+            "a_peer_killed_mid_transfer_fails_within_five_seconds",
+            a_peer_killed_mid_transfer_fails_within_five_seconds,
         ),
     ];
     if let Err(e) = loader::load() {
