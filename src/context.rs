@@ -627,6 +627,11 @@ impl Context {
                 remote_agent: &remote_agent,
                 copies: &copies,
                 notify,
+                remote_fd: if remote.is_remote() {
+                    None
+                } else {
+                    crate::exec::nixl::xfer::direct_fd(remote.memory(), &copies)
+                },
             };
             agent.post(job, completion.clone(), error)?;
         }

@@ -824,6 +824,56 @@ fn a_peer_killed_mid_transfer_fails_within_five_seconds() {
     assert!(client.success(), "in-flight client failed: {client}");
 }
 
+/// Aligned transfers use the file's O_DIRECT descriptor where the file system allows it; the
+/// data is the same through the buffered descriptor (fill and checksum use that one).
+fn o_direct_where_the_file_system_allows() {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let c = LayoutConfig {
+        num_blocks: 16,
+        num_layers: 2,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: 128,
+        dtype_width: 2,
+        alignment: 4096,
+        kind: LayoutKind::LayerSeparateOuterFirst,
+    }; // 4 KiB regions: every copy is O_DIRECT-aligned
+    let disk = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::Disk))
+        .unwrap();
+    let file = disk.memory().disk_file().unwrap();
+    if file.direct_fd().is_none() {
+        return skip("this file system refuses O_DIRECT");
+    }
+    let all: Vec<u64> = (0..16).collect();
+    let rev: Vec<u64> = (0..16).rev().collect();
+    let host = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::Pinned))
+        .unwrap();
+    let back = ctx
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    ctx.fill(&host, &all, 11).unwrap();
+    let t = ctx
+        .submit(&host, &all, &disk, &rev, &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    assert_eq!(
+        ctx.checksum(&disk, &rev).unwrap(),
+        ctx.checksum(&host, &all).unwrap()
+    );
+    // And a buffered write (fill) read back through O_DIRECT.
+    ctx.fill(&disk, &all, 12).unwrap();
+    let t = ctx
+        .submit(&disk, &all, &back, &all, &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    assert_eq!(
+        ctx.checksum(&back, &all).unwrap(),
+        ctx.checksum(&disk, &all).unwrap()
+    );
+}
+
 fn main() {
     if let Some(dir) = std::env::var_os(HOLD_ROLE_BIG) {
         inflight_holder(std::path::Path::new(&dir));
@@ -845,7 +895,7 @@ fn main() {
         peer_server(std::path::Path::new(&dir));
         return;
     }
-    let tests: [(&str, fn()); 15] = [
+    let tests: [(&str, fn()); 16] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -902,6 +952,10 @@ fn main() {
         (
             "a_peer_killed_mid_transfer_fails_within_five_seconds",
             a_peer_killed_mid_transfer_fails_within_five_seconds,
+        ),
+        (
+            "o_direct_where_the_file_system_allows",
+            o_direct_where_the_file_system_allows,
         ),
     ];
     if let Err(e) = loader::load() {

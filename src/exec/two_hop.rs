@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use nixl_sys::Agent;
 
 use crate::error::{Error, Result};
-use crate::exec::nixl::xfer::{Xfer, finish, start};
+use crate::exec::nixl::xfer::{Xfer, direct_fd, finish, start};
 use crate::memory::Memory;
 use crate::plan::CopyOp;
 
@@ -139,6 +139,7 @@ pub fn disk_to_disk(
             remote_agent: &name,
             copies: &pieces,
             notify: None,
+            remote_fd: direct_fd(remote, &pieces),
         };
         start(agent, &t, Error::Io)
     };

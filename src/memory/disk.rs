@@ -8,11 +8,30 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// Alignment O_DIRECT I/O needs of buffer addresses, file offsets and lengths (the largest
+/// logical block size in common use).
+pub const DIRECT_ALIGN: u64 = 4096;
+
 #[derive(Debug)]
 pub struct DiskFile {
     file: File,
+    /// The same file opened with O_DIRECT, where the file system allows it: I/O that is
+    /// DIRECT_ALIGN-aligned bypasses the page cache through it.
+    direct: Option<File>,
     /// `None` for an unlinked file that disappears with the layout.
     path: Option<PathBuf>,
+}
+
+/// Opens `file` again with O_DIRECT through /proc (which also works for unlinked files);
+/// `None` where the file system refuses O_DIRECT (tmpfs, for one).
+fn reopen_direct(file: &File) -> Option<File> {
+    let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(proc)
+        .ok()
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -47,7 +66,11 @@ impl DiskFile {
             .map_err(|e| io("cannot create a disk layout file in", dir, e))?;
         file.set_len(len)
             .map_err(|e| io("cannot size a disk layout file in", dir, e))?;
-        Ok(Self { file, path: None })
+        Ok(Self {
+            direct: reopen_direct(&file),
+            file,
+            path: None,
+        })
     }
 
     /// The file at `path`, created if missing and grown to `len` bytes if shorter; kept after
@@ -70,6 +93,7 @@ impl DiskFile {
                 .map_err(|e| io("cannot size disk layout file", path, e))?;
         }
         Ok(Self {
+            direct: reopen_direct(&file),
             file,
             path: Some(path.to_path_buf()),
         })
@@ -77,6 +101,11 @@ impl DiskFile {
 
     pub fn fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+
+    /// The O_DIRECT descriptor, if the file system allows one.
+    pub fn direct_fd(&self) -> Option<i32> {
+        self.direct.as_ref().map(|f| f.as_raw_fd())
     }
 
     pub fn path(&self) -> Option<&Path> {

@@ -259,8 +259,20 @@ impl Memory {
             StorageKind::Disk => (MemType::File, self.device_id.max(0) as u64),
             _ => (MemType::Dram, 0),
         };
-        let mut made = Vec::with_capacity(self.regions.len());
-        for r in &self.regions {
+        // A disk file is registered under both of its descriptors (buffered and O_DIRECT).
+        let devices: Vec<u64> = std::iter::once(device)
+            .chain(
+                self.disk_file()
+                    .and_then(|f| f.direct_fd())
+                    .map(|fd| fd as u64),
+            )
+            .collect();
+        let mut made = Vec::with_capacity(self.regions.len() * devices.len());
+        for (r, device) in self
+            .regions
+            .iter()
+            .flat_map(|r| devices.iter().map(move |&d| (r, d)))
+        {
             let d = NixlRegion {
                 region: *r,
                 mem,

@@ -37,6 +37,20 @@ pub struct Xfer<'a> {
     pub remote_agent: &'a str,
     pub copies: &'a [CopyOp],
     pub notify: Option<&'a [u8]>,
+    /// For a disk: the descriptor to use instead of the file's buffered one (its O_DIRECT
+    /// descriptor, when every copy is aligned for it).
+    pub remote_fd: Option<u64>,
+}
+
+/// The O_DIRECT descriptor of `disk` when it has one and every copy, given as (host address,
+/// file offset, length), is aligned for it; `None` means the buffered descriptor.
+pub(crate) fn direct_fd(disk: &Memory, copies: &[CopyOp]) -> Option<u64> {
+    let fd = disk.disk_file()?.direct_fd()?;
+    let a = crate::memory::disk::DIRECT_ALIGN;
+    copies
+        .iter()
+        .all(|c| c.src % a == 0 && c.dst % a == 0 && c.len % a == 0)
+        .then_some(fd as u64)
 }
 
 fn mem_type(m: &Memory) -> (MemType, u64) {
@@ -156,6 +170,7 @@ pub(crate) fn start(
     let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL transfer: {e}"));
     let (lt, ldev) = mem_type(t.local);
     let (rt, rdev) = mem_type(t.remote);
+    let rdev = t.remote_fd.unwrap_or(rdev);
     let mut local = XferDescList::new(lt).map_err(nixl)?;
     let mut remote = XferDescList::new(rt).map_err(nixl)?;
     for c in t.copies {
