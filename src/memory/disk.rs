@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 
 /// Alignment O_DIRECT I/O needs of buffer addresses, file offsets and lengths (the largest
 /// logical block size in common use).
-pub const DIRECT_ALIGN: u64 = 4096;
+pub(crate) const DIRECT_ALIGN: u64 = 4096;
 
 #[derive(Debug)]
 pub struct DiskFile {
