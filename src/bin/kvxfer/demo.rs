@@ -154,13 +154,15 @@ pub fn run(a: &Args) -> Result<(), String> {
         );
         ids = next;
     }
-    if ctx.nixl_backends().contains(&"UCX") {
+    let peer = ctx.nixl_backends().contains(&"UCX");
+    if peer {
         failures += usize::from(!peer_round_trip(&ctx, a)?);
     }
     if failures > 0 {
         return Err(format!("{failures} hop(s) failed verification"));
     }
-    println!("all {} hops verified", route.len() - 1);
+    let hops = route.len() - 1 + if peer { 2 } else { 0 };
+    println!("all {hops} hops verified");
     Ok(())
 }
 
