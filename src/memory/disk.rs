@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{Error, Result};
 
@@ -18,8 +18,6 @@ pub struct DiskFile {
     /// The same file opened with O_DIRECT, where the file system allows it: I/O that is
     /// DIRECT_ALIGN-aligned bypasses the page cache through it.
     direct: Option<File>,
-    /// `None` for an unlinked file that disappears with the layout.
-    path: Option<PathBuf>,
 }
 
 /// Opens `file` again with O_DIRECT through /proc (which also works for unlinked files);
@@ -69,7 +67,6 @@ impl DiskFile {
         Ok(Self {
             direct: reopen_direct(&file),
             file,
-            path: None,
         })
     }
 
@@ -95,7 +92,6 @@ impl DiskFile {
         Ok(Self {
             direct: reopen_direct(&file),
             file,
-            path: Some(path.to_path_buf()),
         })
     }
 
@@ -106,10 +102,6 @@ impl DiskFile {
     /// The O_DIRECT descriptor, if the file system allows one.
     pub fn direct_fd(&self) -> Option<i32> {
         self.direct.as_ref().map(|f| f.as_raw_fd())
-    }
-
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
     }
 
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
