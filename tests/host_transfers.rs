@@ -213,7 +213,7 @@ fn layouts_of_another_context_are_refused() {
 }
 
 #[test]
-fn device_storage_needs_a_gpu_and_disk_is_not_built_yet() {
+fn device_storage_needs_a_gpu_and_disk_needs_nixl() {
     let ctx = ctx();
     let c = config(LayoutKind::FullyContiguous, 2, 1);
     let device = ctx.new_layout(c, &StorageSpec::new(StorageKind::Device));

@@ -61,7 +61,8 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn err(e: kvxfer::Error) -> String {
+/// Error text for the bench commands, which report failures as strings.
+pub fn err<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 

@@ -13,7 +13,7 @@ use kvxfer::{
     TransferOptions,
 };
 
-use super::bench::median;
+use super::bench::{err, median};
 
 pub struct GpuArgs {
     pub json: bool,
@@ -23,10 +23,6 @@ pub struct GpuArgs {
     pub fragments_kib: Option<Vec<u64>>,
     /// Any of h2d, d2h, d2d.
     pub directions: Vec<String>,
-}
-
-fn err<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
 }
 
 fn ck(r: sys::CUresult, what: &str) -> Result<(), String> {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use kvxfer::{Context, ContextConfig, Layout, StorageKind, StorageSpec, TransferOptions};
 use nixl_sys::{Agent, MemType, XferDescList, XferOp, XferStatus};
 
-use super::bench::{fragment_shape, median};
+use super::bench::{err, fragment_shape, median};
 
 /// (name, local side writes, the other layout, its NIXL memory type and id, its agent).
 type Case<'a> = (&'a str, bool, &'a Layout, (MemType, u64), String);
@@ -19,10 +19,6 @@ pub struct NixlArgs {
     pub total_mib: u64,
     pub iters: usize,
     pub fragments_kib: Vec<u64>,
-}
-
-fn err<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
 }
 
 /// nixl-sys directly: one descriptor per fragment, then a spin on the status.
