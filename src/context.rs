@@ -604,7 +604,7 @@ impl Context {
             remote.memory().ensure_nixl_registered(agent.agent())?;
         }
         let list = request.build();
-        let copies: Vec<CopyOp> = if write {
+        let mut copies: Vec<CopyOp> = if write {
             list.copies.clone()
         } else {
             list.copies
@@ -616,6 +616,10 @@ impl Context {
                 })
                 .collect()
         };
+        if !remote.is_remote() {
+            // A file: ascending offsets let the block layer merge and the disk read ahead.
+            crate::plan::copy_list::sort_by_dst(&mut copies);
+        }
         let completion = Completion::new(1);
         if copies.is_empty() && notify.is_none() {
             completion.part_done(Ok(()));
@@ -635,7 +639,10 @@ impl Context {
             };
             agent.post(job, completion.clone(), error)?;
         }
-        let stats = stats(&list, plan, Mechanism::Nixl, false);
+        let stats = TransferStats {
+            copies: copies.len() as u64,
+            ..stats(&list, plan, Mechanism::Nixl, false)
+        };
         Ok(Transfer::new(completion, stats, self.has_cuda()))
     }
 

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::exec::nixl::xfer::{Xfer, direct_fd, finish, start};
 use crate::memory::Memory;
 use crate::plan::CopyOp;
+use crate::plan::copy_list::sort_by_dst;
 
 /// Bytes of one bounce buffer: one chunk of the pipeline.
 pub const CHUNK: u64 = 8 << 20;
@@ -119,7 +120,7 @@ pub fn disk_to_disk(
         let buf = &pair[i % 2];
         let mut at = buf.regions()[0].addr;
         // Each piece packed into the buffer: (buffer address, disk offset, length).
-        let pieces: Vec<CopyOp> = chunk
+        let mut pieces: Vec<CopyOp> = chunk
             .iter()
             .map(|c| {
                 let p = CopyOp {
@@ -131,6 +132,8 @@ pub fn disk_to_disk(
                 p
             })
             .collect();
+        // Ascending file offsets; pieces next to each other on disk and in the buffer merge.
+        sort_by_dst(&mut pieces);
         let remote = if read { src } else { dst };
         let t = Xfer {
             write: !read,
@@ -143,7 +146,10 @@ pub fn disk_to_disk(
         };
         start(agent, &t, Error::Io)
     };
-    let chunks = chunks(copies);
+    // In destination order, so that each chunk's write is a few long runs where ids allow.
+    let mut copies = copies.to_vec();
+    sort_by_dst(&mut copies);
+    let chunks = chunks(&copies);
     if chunks.is_empty() {
         return Ok(());
     }

@@ -27,6 +27,21 @@ pub struct CopyList {
     pub bytes: u64,
 }
 
+/// Orders `copies` by destination address and merges neighbours that are then contiguous on
+/// both sides. For a file as destination this turns scattered block ids into ascending offsets,
+/// which the block layer can merge and a disk reads ahead; the order of copies within one
+/// transfer is free because destinations never overlap (validated).
+pub fn sort_by_dst(copies: &mut Vec<CopyOp>) {
+    copies.sort_unstable_by_key(|c| c.dst);
+    copies.dedup_by(|next, last| {
+        let joins = last.src + last.len == next.src && last.dst + last.len == next.dst;
+        if joins {
+            last.len += next.len;
+        }
+        joins
+    });
+}
+
 /// Moves `src_blocks[i]` of `src` to `dst_blocks[i]` of `dst`, for the layers in `layers`.
 #[derive(Debug, Clone)]
 pub struct Request<'a> {
@@ -294,6 +309,48 @@ mod tests {
             dst_blocks: db,
             layers: 0..2,
         }
+    }
+
+    #[test]
+    fn sort_by_dst_orders_and_merges_what_becomes_contiguous() {
+        // FC -> FC with reversed ids: nothing coalesces in request order, all of it by offset.
+        let s = fake(LayoutKind::FullyContiguous, 8, 0x100_0000);
+        let d = fake(LayoutKind::FullyContiguous, 8, 0x200_0000);
+        let r = req(&s, &[3, 2, 1], &d, &[7, 6, 5]);
+        r.validate().unwrap();
+        let mut copies = r.build().copies;
+        assert_eq!(copies.len(), 3);
+        sort_by_dst(&mut copies);
+        assert_eq!(
+            copies,
+            vec![CopyOp {
+                src: 0x100_0000 + 64,
+                dst: 0x200_0000 + 5 * 64,
+                len: 3 * 64
+            }]
+        );
+        // Scattered sources stay separate copies, in ascending destination order.
+        let mut copies = vec![
+            CopyOp {
+                src: 900,
+                dst: 200,
+                len: 100,
+            },
+            CopyOp {
+                src: 100,
+                dst: 0,
+                len: 100,
+            },
+            CopyOp {
+                src: 500,
+                dst: 100,
+                len: 100,
+            },
+        ];
+        sort_by_dst(&mut copies);
+        let dsts: Vec<u64> = copies.iter().map(|c| c.dst).collect();
+        assert_eq!(dsts, [0, 100, 200]);
+        assert_eq!(copies.iter().map(|c| c.len).sum::<u64>(), 300);
     }
 
     #[test]
