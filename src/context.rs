@@ -853,10 +853,13 @@ impl Context {
             return Err(fail(e, table));
         }
         let completion = Completion::new(1);
+        let bytes = fragments * region;
+        let gated = gate.is_some();
         cuda.progress.push(
             direction,
             Pending {
                 event,
+                bytes,
                 completion: completion.clone(),
                 table,
                 memory: vec![src_mem.clone(), dst_mem.clone()],
@@ -864,7 +867,7 @@ impl Context {
             },
         );
         let stats = TransferStats {
-            bytes: fragments * region,
+            bytes,
             fragments,
             copies,
             plan,
@@ -872,7 +875,7 @@ impl Context {
             kernel_fallback: choice.kernel_fallback,
             elapsed_ns: 0,
         };
-        Ok(Transfer::new(completion, stats, true).with_event(dev.clone(), event))
+        Ok(Transfer::new(completion, stats, true).with_event(dev.clone(), event, direction, gated))
     }
 
     /// Writes the verification pattern of `seed` into `blocks`.

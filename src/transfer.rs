@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys;
 
 use crate::error::{Error, Result};
-use crate::exec::cuda::{CudaDevice, check};
+use crate::exec::cuda::{CudaDevice, Direction, check};
 use crate::plan::Plan;
 
 /// What moved the bytes.
@@ -96,21 +96,52 @@ impl Completion {
 
     fn finish(&self) {
         let mut s = self.lock();
-        s.elapsed_ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        s.outcome = Some(match s.first_error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        });
+        // A waiter may already have seen the work's last event fire (`observed_success`).
+        if s.outcome.is_none() {
+            s.elapsed_ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            s.outcome = Some(match s.first_error.take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            });
+        }
         drop(s);
         self.done.notify_all();
     }
+
+    /// The single part's final CUDA event was seen complete: the transfer succeeded, even
+    /// though the progress engine has not reported it yet.
+    fn observed_success(&self) {
+        let mut s = self.lock();
+        if s.outcome.is_none() {
+            s.elapsed_ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            s.outcome = Some(Ok(()));
+        }
+        drop(s);
+        self.done.notify_all();
+    }
+
+    /// Time since the transfer was submitted.
+    pub(crate) fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
 }
+
+/// A waiter watches the event itself for at most this long, then sleeps until woken.
+const SPIN_BUDGET: Duration = Duration::from_micros(500);
+/// It starts watching this much (or a quarter of the expected time, if less) before the
+/// transfer should end.
+const SPIN_LEAD: Duration = Duration::from_micros(250);
 
 /// The event recorded after a GPU transfer's last copy.
 #[derive(Debug)]
 struct GpuEvent {
     dev: Arc<CudaDevice>,
     event: sys::CUevent,
+    /// How long the work should take after submit, from the device's pace; `None` when
+    /// nothing is known yet or the start waits on a caller's stream.
+    expected: Option<Duration>,
+    direction: Direction,
+    bytes: u64,
 }
 
 // SAFETY: a CUDA event may be used from any thread with its context bound (done before use).
@@ -144,10 +175,85 @@ impl Transfer {
         }
     }
 
-    /// A GPU transfer whose last copy is followed by `event` on one of `dev`'s streams.
-    pub(crate) fn with_event(mut self, dev: Arc<CudaDevice>, event: sys::CUevent) -> Self {
-        self.gpu = Some(GpuEvent { dev, event });
+    /// A GPU transfer in `direction` whose last copy is followed by `event` on one of
+    /// `dev`'s streams; `gated`: it starts only after work on a caller's stream.
+    pub(crate) fn with_event(
+        mut self,
+        dev: Arc<CudaDevice>,
+        event: sys::CUevent,
+        direction: Direction,
+        gated: bool,
+    ) -> Self {
+        let bytes = self.stats.bytes;
+        let expected = if gated {
+            None
+        } else {
+            dev.pace.expected(direction, bytes)
+        };
+        self.gpu = Some(GpuEvent {
+            dev,
+            event,
+            expected,
+            direction,
+            bytes,
+        });
         self
+    }
+
+    /// For a GPU transfer whose duration can be predicted: sleeps until shortly before it
+    /// should end, then watches its event for at most SPIN_BUDGET, so that the caller is not
+    /// left waiting for two thread wake-ups after the copy finished. `None`: not finished by
+    /// then (or by `deadline`); the caller sleeps until the progress engine reports.
+    fn finish_by_watching(&self, deadline: Option<Instant>) -> Option<Result<()>> {
+        let g = self.gpu.as_ref()?;
+        let expected = g.expected?;
+        let c = &self.completion;
+        let lead = (expected / 4).min(SPIN_LEAD);
+        let watch_from = c.started + expected.saturating_sub(lead);
+        {
+            let mut s = c.lock();
+            loop {
+                if let Some(o) = &s.outcome {
+                    return Some(o.clone());
+                }
+                let now = Instant::now();
+                if now >= watch_from {
+                    break;
+                }
+                let until = deadline.map_or(watch_from, |d| d.min(watch_from));
+                if now >= until {
+                    return None;
+                }
+                s = c
+                    .done
+                    .wait_timeout(s, until - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        g.dev.bind().ok()?;
+        let stop = Instant::now() + SPIN_BUDGET;
+        let stop = deadline.map_or(stop, |d| d.min(stop));
+        while Instant::now() < stop {
+            if let Some(o) = self.poll() {
+                return Some(o);
+            }
+            // SAFETY: the event is pooled and lives as long as the device (held by `g`). If
+            // the transfer completed after the poll above, the event may already record a later
+            // transfer: "not ready" then only means one more round, and "done" still means this
+            // transfer (recorded before) finished.
+            match unsafe { sys::cuEventQuery(g.event) } {
+                sys::CUresult::CUDA_SUCCESS => {
+                    g.dev.pace.learn(g.direction, g.bytes, c.age());
+                    c.observed_success();
+                    return self.poll();
+                }
+                sys::CUresult::CUDA_ERROR_NOT_READY => std::hint::spin_loop(),
+                // The progress engine reports the error.
+                _ => return None,
+            }
+        }
+        None
     }
 
     /// Makes the CUstream `stream` wait for this transfer. For GPU transfers the stream waits
@@ -186,6 +292,11 @@ impl Transfer {
     /// Waits for completion; `None` waits forever. `Err(Timeout)` leaves the transfer running.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
         let c = &self.completion;
+        if let Some(outcome) =
+            self.finish_by_watching(timeout.and_then(|t| Instant::now().checked_add(t)))
+        {
+            return outcome;
+        }
         let mut s = c.lock();
         match timeout {
             None => {

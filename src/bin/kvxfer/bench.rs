@@ -40,6 +40,10 @@ pub struct Args {
     /// to 1024 there.
     #[arg(long)]
     gpu: bool,
+    /// With --gpu: no untimed copy before each measurement (the GPU may then start a
+    /// measurement with its clocks down after a slow baseline).
+    #[arg(long, requires = "gpu")]
+    cold: bool,
     /// Benchmark NIXL (UCX write/read between two agents, POSIX disk write/read) against
     /// nixl-sys used directly; --total-mib defaults to 64 there.
     #[arg(long, conflicts_with = "gpu")]
@@ -224,6 +228,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             iters: a.iters.unwrap_or(5),
             fragments_kib: a.fragments_kib.clone(),
             directions: a.directions.clone(),
+            cold: a.cold,
         });
     }
     if a.nixl {

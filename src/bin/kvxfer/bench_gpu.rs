@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use cudarc::driver::sys;
-use kvxfer::exec::cuda::{CudaDevice, Direction, copy};
+use kvxfer::exec::cuda::{CudaDevice, Direction, copy, symbol};
 use kvxfer::plan::CopyOp;
 use kvxfer::{
     Context, ContextConfig, CopyMode, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
@@ -23,6 +23,8 @@ pub struct GpuArgs {
     pub fragments_kib: Option<Vec<u64>>,
     /// Any of h2d, d2h, d2d.
     pub directions: Vec<String>,
+    /// Skip the untimed copy before each measurement.
+    pub cold: bool,
 }
 
 fn ck(r: sys::CUresult, what: &str) -> Result<(), String> {
@@ -91,11 +93,143 @@ impl Timer {
     }
 }
 
+/// `cuStreamWaitValue32`: the stream waits until a 32-bit word in memory is >= a value.
+type WaitValue32 =
+    unsafe extern "C" fn(sys::CUstream, sys::CUdeviceptr, u32, std::ffi::c_uint) -> sys::CUresult;
+
+/// Device-side time of one piece of work between two timing events on the bench stream. For a
+/// kvxfer transfer the stream is held (a stream wait on a pinned flag) while `submit` runs and
+/// released after, so the interval holds the GPU work alone, not the host's submit cost or the
+/// completion wake-ups.
+struct GpuClock {
+    wait_value: Option<WaitValue32>,
+    flag: *mut u32,
+    next: std::cell::Cell<u32>,
+    start: sys::CUevent,
+    end: sys::CUevent,
+}
+
+impl GpuClock {
+    fn new() -> Result<Self, String> {
+        let mut flag = std::ptr::null_mut();
+        // SAFETY: the bench's context is current; freed in Drop. Mapped, so that the device
+        // reads it through the same (unified) address.
+        ck(
+            unsafe { sys::cuMemHostAlloc(&mut flag, 4096, sys::CU_MEMHOSTALLOC_DEVICEMAP) },
+            "cuMemHostAlloc (flag)",
+        )?;
+        let (mut start, mut end) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: out pointers are locals; timing events (flags 0); destroyed in Drop.
+        unsafe {
+            ck(sys::cuEventCreate(&mut start, 0), "cuEventCreate")?;
+            ck(sys::cuEventCreate(&mut end, 0), "cuEventCreate")?;
+        }
+        let wait_value =
+            symbol(c"cuStreamWaitValue32_v2").or_else(|| symbol(c"cuStreamWaitValue32"));
+        Ok(Self {
+            // SAFETY: both entry points have this signature (CUDA 11.7 and later).
+            wait_value: wait_value
+                .map(|f| unsafe { std::mem::transmute::<*mut std::ffi::c_void, WaitValue32>(f) }),
+            flag: flag.cast(),
+            next: std::cell::Cell::new(0),
+            start,
+            end,
+        })
+    }
+
+    /// Device time of whatever `enqueue` queues on `stream`.
+    fn time(
+        &self,
+        stream: sys::CUstream,
+        enqueue: impl FnOnce() -> Result<(), String>,
+    ) -> Result<f64, String> {
+        // SAFETY: live events and stream.
+        ck(
+            unsafe { sys::cuEventRecord(self.start, stream) },
+            "cuEventRecord",
+        )?;
+        enqueue()?;
+        self.stop(stream)
+    }
+
+    fn stop(&self, stream: sys::CUstream) -> Result<f64, String> {
+        let mut ms = 0f32;
+        // SAFETY: live events and stream; `start` was recorded on the same stream before.
+        unsafe {
+            ck(sys::cuEventRecord(self.end, stream), "cuEventRecord")?;
+            ck(sys::cuEventSynchronize(self.end), "cuEventSynchronize")?;
+            ck(
+                sys::cuEventElapsedTime(&mut ms, self.start, self.end),
+                "cuEventElapsedTime",
+            )?;
+        }
+        Ok(f64::from(ms) / 1e3)
+    }
+
+    /// Device time of a kvxfer transfer ordered after `stream` and waited for there; NaN where
+    /// the driver has no stream wait on memory values.
+    fn transfer(
+        &self,
+        stream: sys::CUstream,
+        submit: impl FnOnce(usize) -> Result<kvxfer::Transfer, String>,
+    ) -> Result<f64, String> {
+        let Some(wait_value) = self.wait_value else {
+            return Ok(f64::NAN);
+        };
+        let v = self.next.get().wrapping_add(1);
+        self.next.set(v);
+        // SAFETY: a live stream; the flag is mapped pinned memory that outlives the wait.
+        // Flags 0 = CU_STREAM_WAIT_VALUE_GEQ.
+        ck(
+            unsafe { wait_value(stream, self.flag as u64, v, 0) },
+            "cuStreamWaitValue32",
+        )?;
+        // SAFETY: live event and stream.
+        ck(
+            unsafe { sys::cuEventRecord(self.start, stream) },
+            "cuEventRecord",
+        )?;
+        // Released when submit returns, or after 2 ms if it has not by then: a submit
+        // that queues more work than the driver's queue holds blocks until the device drains
+        // it, which a held stream never would.
+        let flag = self.flag as usize;
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::scope(|scope| {
+            scope.spawn(move || {
+                let _ = done_rx.recv_timeout(std::time::Duration::from_millis(2));
+                // SAFETY: the flag is live mapped memory (freed only in Drop); the device
+                // polls it.
+                unsafe { std::ptr::write_volatile(flag as *mut u32, v) };
+            });
+            let t = submit(stream as usize);
+            let _ = done_tx.send(());
+            t
+        });
+        let t = t?;
+        t.stream_wait(stream as usize).map_err(err)?;
+        let gpu = self.stop(stream)?;
+        t.wait(None).map_err(err)?;
+        Ok(gpu)
+    }
+}
+
+impl Drop for GpuClock {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, idle by now (every use synchronised `end`).
+        unsafe {
+            sys::cuEventDestroy_v2(self.start);
+            sys::cuEventDestroy_v2(self.end);
+            sys::cuMemFreeHost(self.flag.cast());
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn point(
     ctx: &Context,
     dev: &CudaDevice,
     timer: &Timer,
+    clock: &GpuClock,
     pair: &Pair,
     layout_name: &str,
     fragment: u64,
@@ -125,18 +259,35 @@ fn point(
             .collect();
     let mut submit_ns = Vec::new();
     let mut mechanism = String::new();
-    for i in 0..=a.iters {
-        let mut times = Vec::new();
-        // limit: one copy of the same bytes.
-        let t0 = Instant::now();
+    let modes = [CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel];
+    // Device time of limit and of the three modes.
+    let mut gpu: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let limit_copy = || -> Result<(), String> {
         // SAFETY: the limit buffers hold `bytes` bytes each (allocated for the largest point).
         ck(
             unsafe { sys::cuMemcpyAsync(ld, ls, bytes as usize, timer.stream) },
             "limit copy",
-        )?;
+        )
+    };
+    // Every measurement starts right after an untimed copy of the same size, so that none of
+    // them inherits a GPU that idled (clocks down) through the slow baselines before it.
+    let warm = || -> Result<(), String> {
+        if a.cold {
+            return Ok(());
+        }
+        limit_copy()?;
+        timer.sync()
+    };
+    for i in 0..=a.iters {
+        let mut times = Vec::new();
+        // limit: one copy of the same bytes.
+        warm()?;
+        let t0 = Instant::now();
+        limit_copy()?;
         timer.sync()?;
         times.push(t0.elapsed().as_secs_f64());
         // naive: one cuMemcpyAsync per fragment.
+        warm()?;
         let t0 = Instant::now();
         for f in &frags {
             // SAFETY: fragments of live layouts.
@@ -148,17 +299,19 @@ fn point(
         timer.sync()?;
         times.push(t0.elapsed().as_secs_f64());
         // batch: the raw batch API over the same fragments.
+        warm()?;
         let t0 = Instant::now();
         // SAFETY: the bench's live stream on `dev`; fragments of live layouts.
         unsafe { copy::enqueue_copy_engine(dev, timer.stream, pair.direction, &frags) }
             .map_err(err)?;
         timer.sync()?;
         times.push(t0.elapsed().as_secs_f64());
-        for mode in [CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel] {
+        for mode in modes {
             let opts = TransferOptions {
                 copy_mode: mode,
                 ..Default::default()
             };
+            warm()?;
             let t0 = Instant::now();
             let t = ctx
                 .submit(&pair.src, &sb, &pair.dst, &db, &opts)
@@ -171,9 +324,28 @@ fn point(
                 mechanism = format!("{:?}", t.stats().mechanism);
             }
         }
+        // Device-side times, measured apart from the wall-clock runs above.
+        let mut g = vec![clock.time(timer.stream, limit_copy)?];
+        for mode in modes {
+            let opts = TransferOptions {
+                copy_mode: mode,
+                ..Default::default()
+            };
+            g.push(clock.transfer(timer.stream, |stream| {
+                let opts = TransferOptions {
+                    cuda_stream: Some(stream),
+                    ..opts
+                };
+                ctx.submit(&pair.src, &sb, &pair.dst, &db, &opts)
+                    .map_err(err)
+            })?);
+        }
         if i > 0 {
             for (r, t) in results.iter_mut().zip(times) {
                 r.1.push(t);
+            }
+            for (r, t) in gpu.iter_mut().zip(g) {
+                r.push(t);
             }
         }
     }
@@ -189,6 +361,17 @@ fn point(
         .map(|(n, t)| (n, bytes as f64 / median(t) / 1e9))
         .collect();
     let get = |k: &str| gbps.iter().find(|(n, _)| *n == k).map_or(0.0, |x| x.1);
+    let gpu_gbps: Vec<f64> = gpu
+        .into_iter()
+        .map(|t| bytes as f64 / median(t) / 1e9)
+        .collect();
+    let gpu_of = |k: &str| match k {
+        "limit" => gpu_gbps[0],
+        "AUTO" => gpu_gbps[1],
+        "COPY_ENGINE" => gpu_gbps[2],
+        "KERNEL" => gpu_gbps[3],
+        _ => f64::NAN,
+    };
     let submit = median(submit_ns);
     if a.json {
         for mode in ["AUTO", "COPY_ENGINE", "KERNEL"] {
@@ -199,13 +382,15 @@ fn point(
                     "auto_mechanism": mechanism, "iters": a.iters,
                     "gbps": get(mode), "baseline": baseline, "baseline_gbps": get(baseline),
                     "ratio": get(mode) / get(baseline), "submit_ns_per_fragment": submit,
+                    "gpu_gbps": gpu_of(mode), "baseline_gpu_gbps": gpu_of(baseline),
+                    "prewarm": !a.cold,
                 });
                 println!("{line}");
             }
         }
     } else {
         println!(
-            "{:<8} {:<3} {:>6} KiB {:>7} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>6.3} {:>6.3} {:>6.3} {:>7.1} {:>10}",
+            "{:<8} {:<3} {:>6} KiB {:>7} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>7.1} {:>10}",
             pair.name,
             layout_name,
             fragment >> 10,
@@ -219,6 +404,8 @@ fn point(
             get("AUTO") / get("limit"),
             get("COPY_ENGINE") / get("batch"),
             get("KERNEL") / get("limit"),
+            gpu_of("AUTO") / gpu_of("limit"),
+            gpu_of("KERNEL") / gpu_of("limit"),
             submit,
             mechanism
         );
@@ -325,6 +512,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
         "cuStreamCreate",
     )?;
     let timer = Timer { stream };
+    let clock = GpuClock::new()?;
     let total = a.total_mib << 20;
     let big = LayoutConfig {
         num_blocks: 1,
@@ -349,11 +537,17 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
     let (h, d, d2) = (addr(&lim_host)?, addr(&lim_dev)?, addr(&lim_dev2)?);
     if !a.json {
         println!(
-            "GPU bench: {} MiB per point, median of {} runs (GB/s; ratios AUTO/limit, COPY_ENGINE/batch, KERNEL/limit; submit ns per fragment)",
-            a.total_mib, a.iters
+            "GPU bench: {} MiB per point, median of {} runs{} (GB/s; ratios AUTO/limit, COPY_ENGINE/batch, KERNEL/limit; the same for device time alone (gA/l, gK/l); submit ns per fragment)",
+            a.total_mib,
+            a.iters,
+            if a.cold {
+                ", no warm-up copy before each"
+            } else {
+                ""
+            }
         );
         println!(
-            "{:<8} {:<3} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>7} {:>10}",
+            "{:<8} {:<3} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>10}",
             "dir",
             "lay",
             "fragment",
@@ -367,6 +561,8 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             "A/lim",
             "CE/bat",
             "K/lim",
+            "gA/l",
+            "gK/l",
             "sub ns",
             "AUTO uses"
         );
@@ -415,6 +611,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 &ctx,
                 &dev,
                 &timer,
+                &clock,
                 &h2d,
                 name,
                 fragment,
@@ -430,7 +627,18 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             dst: h2d.src,
         };
         if want("d2h") {
-            point(&ctx, &dev, &timer, &d2h, name, fragment, (d, h), a, true)?;
+            point(
+                &ctx,
+                &dev,
+                &timer,
+                &clock,
+                &d2h,
+                name,
+                fragment,
+                (d, h),
+                a,
+                true,
+            )?;
         }
         if want("d2d") {
             let d2d = Pair {
@@ -439,7 +647,18 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 src: d2h.src,
                 dst: mk(host_kind, StorageKind::Device)?,
             };
-            point(&ctx, &dev, &timer, &d2d, name, fragment, (d, d2), a, true)?;
+            point(
+                &ctx,
+                &dev,
+                &timer,
+                &clock,
+                &d2d,
+                name,
+                fragment,
+                (d, d2),
+                a,
+                true,
+            )?;
         }
     }
     latency(&ctx, &timer, a)?;

@@ -8,6 +8,7 @@ use cudarc::driver::sys::{self, CUdevice_attribute, CUevent, CUstream};
 
 use super::driver::{check, driver, symbol};
 use super::kernel::Kernel;
+use super::pace::Pace;
 use crate::error::{Error, Result, bail};
 
 /// Which way bytes cross; each direction has its own stream so H2D and D2H overlap on the two
@@ -77,6 +78,8 @@ pub struct CudaDevice {
     events: Mutex<Vec<CUevent>>,
     tables: Mutex<Vec<TableBuffer>>,
     kernel: OnceLock<std::result::Result<Kernel, String>>,
+    /// Bandwidth learned per direction, for waiters (pace.rs).
+    pub(crate) pace: Pace,
 }
 
 // SAFETY: a CUDA context, its streams and events may be used from any thread once the context
@@ -158,6 +161,7 @@ impl CudaDevice {
             events: Mutex::new(Vec::new()),
             tables: Mutex::new(Vec::new()),
             kernel: OnceLock::new(),
+            pace: Pace::default(),
         };
         this.bind()?;
         for s in &mut this.streams {

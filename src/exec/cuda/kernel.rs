@@ -15,8 +15,6 @@ use crate::layout::{Layout, LayoutKind};
 
 const SOURCE: &str = include_str!("copy_blocks.cu");
 const THREADS: u32 = 256;
-/// Blocks per SM when there is enough work; more only adds scheduling.
-const BLOCKS_PER_SM: u32 = 8;
 /// Bytes one warp copies per item: regions larger than this are shared between warps.
 const PIECE: u64 = 64 << 10;
 
@@ -120,10 +118,28 @@ impl Kernel {
             unsafe { sys::cuModuleUnload(module) };
             return Err(e);
         }
+        // One wave of resident blocks: the grid-stride loop gives every block the same share,
+        // so a grid larger than what fits at once ends in a partly empty last wave (with 3
+        // resident blocks per SM, 8 per SM ran as 2.67 waves).
+        let mut per_sm = 0;
+        // SAFETY: `function` is live; the out pointer is a local; no dynamic shared memory.
+        let r = unsafe {
+            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                &mut per_sm,
+                function,
+                THREADS as i32,
+                0,
+            )
+        };
+        if let Err(e) = check(r, "cuOccupancyMaxActiveBlocksPerMultiprocessor") {
+            // SAFETY: unloading the module loaded above.
+            unsafe { sys::cuModuleUnload(module) };
+            return Err(e);
+        }
         Ok(Self {
             module,
             function,
-            max_blocks: dev.sm_count * BLOCKS_PER_SM,
+            max_blocks: dev.sm_count * (per_sm.max(1) as u32),
         })
     }
 

@@ -6,8 +6,9 @@ mod device;
 mod driver;
 pub mod kernel;
 mod nvrtc;
+pub(crate) mod pace;
 pub(crate) mod progress;
 
 pub use device::{BatchApi, CudaDevice, Direction, TableBuffer};
-pub use driver::{Driver, check, driver};
+pub use driver::{Driver, check, driver, symbol};
 pub use kernel::{Job as KernelJob, Kernel};

@@ -72,6 +72,8 @@ impl Drop for StreamGate {
 /// What a transfer holds until its last copy finished.
 pub(crate) struct Pending {
     pub event: CUevent,
+    /// Bytes the transfer moves, for the device's pace.
+    pub bytes: u64,
     pub completion: Arc<Completion>,
     pub table: Option<TableBuffer>,
     pub memory: Vec<Arc<Memory>>,
@@ -94,6 +96,11 @@ impl Progress {
         for lane in 0..3 {
             let (tx, rx) = unbounded::<Pending>();
             let dev = dev.clone();
+            let direction = [
+                Direction::HostToDevice,
+                Direction::DeviceToHost,
+                Direction::DeviceToDevice,
+            ][lane];
             let t = std::thread::Builder::new()
                 .name(format!("kvx-progress-{lane}"))
                 .spawn(move || {
@@ -107,12 +114,20 @@ impl Progress {
                             }
                             Err(e) => Err(e.clone()),
                         };
+                        if r.is_ok() {
+                            // Late by this thread's wake-up, so a little slow; waiters that
+                            // see the event fire themselves teach it the exact time.
+                            dev.pace.learn(direction, p.bytes, p.completion.age());
+                        }
+                        // Completed before the event goes back to the pool: a waiter that
+                        // finds the transfer still pending may query the event, and it must
+                        // not be another transfer's yet.
+                        p.completion.part_done(r);
                         dev.recycle_event(p.event);
                         if let Some(t) = p.table {
                             dev.recycle_table(t);
                         }
                         drop((p.memory, p.gate));
-                        p.completion.part_done(r);
                     }
                 })
                 .map_err(|e| Error::OutOfMemory(format!("cannot start progress thread: {e}")))?;
