@@ -860,6 +860,7 @@ impl Context {
             Pending {
                 event,
                 bytes,
+                kernel: choice.mechanism == Mechanism::Kernel,
                 completion: completion.clone(),
                 table,
                 memory: vec![src_mem.clone(), dst_mem.clone()],

@@ -141,6 +141,7 @@ struct GpuEvent {
     /// nothing is known yet or the start waits on a caller's stream.
     expected: Option<Duration>,
     direction: Direction,
+    kernel: bool,
     bytes: u64,
 }
 
@@ -185,16 +186,18 @@ impl Transfer {
         gated: bool,
     ) -> Self {
         let bytes = self.stats.bytes;
+        let kernel = self.stats.mechanism == Mechanism::Kernel;
         let expected = if gated {
             None
         } else {
-            dev.pace.expected(direction, bytes)
+            dev.pace.expected(direction, kernel, bytes)
         };
         self.gpu = Some(GpuEvent {
             dev,
             event,
             expected,
             direction,
+            kernel,
             bytes,
         });
         self
@@ -244,7 +247,7 @@ impl Transfer {
             // transfer (recorded before) finished.
             match unsafe { sys::cuEventQuery(g.event) } {
                 sys::CUresult::CUDA_SUCCESS => {
-                    g.dev.pace.learn(g.direction, g.bytes, c.age());
+                    g.dev.pace.learn(g.direction, g.kernel, g.bytes, c.age());
                     c.observed_success();
                     return self.poll();
                 }

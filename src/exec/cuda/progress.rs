@@ -72,8 +72,9 @@ impl Drop for StreamGate {
 /// What a transfer holds until its last copy finished.
 pub(crate) struct Pending {
     pub event: CUevent,
-    /// Bytes the transfer moves, for the device's pace.
+    /// Bytes the transfer moves and whether the SM kernel moves them, for the device's pace.
     pub bytes: u64,
+    pub kernel: bool,
     pub completion: Arc<Completion>,
     pub table: Option<TableBuffer>,
     pub memory: Vec<Arc<Memory>>,
@@ -114,10 +115,12 @@ impl Progress {
                             }
                             Err(e) => Err(e.clone()),
                         };
-                        if r.is_ok() {
+                        // A transfer gated on a caller's stream also waited for that work.
+                        if r.is_ok() && p.gate.is_none() {
                             // Late by this thread's wake-up, so a little slow; waiters that
                             // see the event fire themselves teach it the exact time.
-                            dev.pace.learn(direction, p.bytes, p.completion.age());
+                            dev.pace
+                                .learn(direction, p.kernel, p.bytes, p.completion.age());
                         }
                         // Completed before the event goes back to the pool: a waiter that
                         // finds the transfer still pending may query the event, and it must
