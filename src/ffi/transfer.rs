@@ -116,7 +116,10 @@ unsafe fn convert_options(o: Option<&kvx_transfer_options>) -> Result<TransferOp
 /// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unequal region size or outer_dim, duplicate
 /// destination ids, a block that is both source and destination, layouts of another context,
 /// bad options, more than 2^26 block x layer x outer pieces), OUT_OF_RANGE (block ids, layer
-/// range), UNSUPPORTED (refused pair), UNAVAILABLE (a strategy this version cannot run). n_blocks = 0 gives a transfer that is already complete.
+/// range), UNSUPPORTED (refused pair), UNAVAILABLE (a strategy this version cannot run), PEER,
+/// IO or NIXL (NIXL refused the request for a peer or a disk file; a peer found dead only when the
+/// request is posted fails the transfer instead, reported by poll and wait). n_blocks = 0 gives
+/// a transfer that is already complete.
 /// On KVX_STATUS_OK *transfer_out owns a handle released with kvx_transfer_free().
 #[unsafe(no_mangle)]
 #[must_use]

@@ -1,9 +1,9 @@
 //! Transfers through NIXL (disk files of this agent, memory of peers): descriptor lists from the
-//! copy list, a request posted on the context's agent, and a progress thread that learns when
-//! requests finish. NIXL reports
-//! completion only through status checks, so while requests are in flight the thread checks
-//! them with a short, growing pause (10 µs to 200 µs; every 20 µs while disk requests run);
-//! with none in flight it sleeps on its channel.
+//! copy list, a request made on the context's agent by the submitting thread, and a progress
+//! thread that posts it and learns when it finished. NIXL reports completion only through
+//! status checks, so while requests are in flight the thread checks them with a short, growing
+//! pause (10 µs to 200 µs; every 20 µs while disk requests run); with none in flight it sleeps
+//! on its channel.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -25,7 +25,12 @@ use crate::transfer::Completion;
 const DISK_CHECK: Duration = Duration::from_micros(20);
 
 struct Pending {
+    /// Made by the submitting thread, posted by the progress thread: a post may move the data
+    /// itself before it returns (UCX over shared memory copied 1 GiB inside it, ~80 ms), which
+    /// must not hold up the thread that submitted.
     req: XferRequest,
+    /// The write notification, passed again when posting.
+    notify: Option<Vec<u8>>,
     completion: Arc<Completion>,
     /// The memories the request reads and writes stay alive until it finished.
     _hold: Vec<Arc<Memory>>,
@@ -86,12 +91,12 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
     loop {
         if pending.is_empty() {
             match rx.recv() {
-                Ok(p) => pending.push(p),
+                Ok(p) => pending.extend(post_pending(&agent, p)),
                 Err(_) => return, // closed and nothing in flight
             }
         } else {
             match rx.recv_timeout(pause) {
-                Ok(p) => pending.push(p),
+                Ok(p) => pending.extend(post_pending(&agent, p)),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     // Closing: finish what is in flight before leaving.
@@ -125,6 +130,21 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
     }
 }
 
+/// Posts a request handed to the progress thread; `Some` while it is in flight.
+fn post_pending(agent: &Agent, p: Pending) -> Option<Pending> {
+    match post(agent, &p.req, p.notify.as_deref(), p.error) {
+        Ok(true) => Some(p),
+        Ok(false) => {
+            p.completion.part_done(Ok(()));
+            None
+        }
+        Err(e) => {
+            p.completion.part_done(Err(e));
+            None
+        }
+    }
+}
+
 impl NixlProgress {
     pub fn new(agent: &Agent) -> Result<Self> {
         let (tx, rx) = unbounded();
@@ -139,8 +159,9 @@ impl NixlProgress {
         })
     }
 
-    /// Posts `t`; `completion` (one part) completes when NIXL reports the request finished.
-    /// Failures are `error` (IO for disk, PEER for peers).
+    /// Makes the request of `t` here (a refused request is an error of this call) and hands
+    /// it to the progress thread, which posts it; `completion` (one part) completes when NIXL
+    /// reports the request finished. Failures are `error` (IO for disk, PEER for peers).
     pub(crate) fn post(
         &self,
         agent: &Agent,
@@ -148,13 +169,11 @@ impl NixlProgress {
         completion: Arc<Completion>,
         error: fn(String) -> Error,
     ) -> Result<()> {
-        let Some(req) = start(agent, &t, error)? else {
-            completion.part_done(Ok(()));
-            return Ok(());
-        };
+        let req = prepare(agent, &t, error)?;
         if let Some(tx) = &self.tx {
             let _ = tx.send(Pending {
                 req,
+                notify: t.notify.map(<[u8]>::to_vec),
                 completion,
                 _hold: vec![t.local.clone(), t.remote.clone()],
                 error,
@@ -165,12 +184,21 @@ impl NixlProgress {
     }
 }
 
-/// Creates and posts the request of `t`; `None` when it finished at once.
-pub(crate) fn start(
-    agent: &Agent,
-    t: &Xfer<'_>,
-    error: fn(String) -> Error,
-) -> Result<Option<XferRequest>> {
+/// NIXL's options for a write that carries `notify`.
+fn notify_args(notify: Option<&[u8]>) -> Result<Option<OptArgs>> {
+    let Some(msg) = notify else {
+        return Ok(None);
+    };
+    let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL transfer: {e}"));
+    let mut a = OptArgs::new().map_err(nixl)?;
+    a.set_notification_message(msg).map_err(nixl)?;
+    // The message alone is not sent: NIXL sends it only with hasNotif set.
+    a.set_has_notification(true).map_err(nixl)?;
+    Ok(Some(a))
+}
+
+/// Makes (but does not post) the request of `t`.
+fn prepare(agent: &Agent, t: &Xfer<'_>, error: fn(String) -> Error) -> Result<XferRequest> {
     let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL transfer: {e}"));
     let (lt, ldev) = mem_type(t.local);
     let (rt, rdev) = mem_type(t.remote);
@@ -181,22 +209,35 @@ pub(crate) fn start(
         local.add_desc(c.src as usize, c.len as usize, ldev);
         remote.add_desc(c.dst as usize, c.len as usize, rdev);
     }
-    let mut args = None;
-    if let Some(msg) = t.notify {
-        let mut a = OptArgs::new().map_err(nixl)?;
-        a.set_notification_message(msg).map_err(nixl)?;
-        // The message alone is not sent: NIXL sends it only with hasNotif set.
-        a.set_has_notification(true).map_err(nixl)?;
-        args = Some(a);
-    }
+    let args = notify_args(t.notify)?;
     let op = if t.write { XferOp::Write } else { XferOp::Read };
-    let req = agent
+    agent
         .create_xfer_req(op, &local, &remote, t.remote_agent, args.as_ref())
-        .map_err(|e| error(format!("NIXL refused the transfer request: {e}")))?;
-    let in_flight = agent
-        .post_xfer_req(&req, args.as_ref())
-        .map_err(|e| error(format!("NIXL could not start the transfer: {e}")))?;
-    Ok(in_flight.then_some(req))
+        .map_err(|e| error(format!("NIXL refused the transfer request: {e}")))
+}
+
+/// Posts `req`; `true` while it is in flight.
+fn post(
+    agent: &Agent,
+    req: &XferRequest,
+    notify: Option<&[u8]>,
+    error: fn(String) -> Error,
+) -> Result<bool> {
+    let args = notify_args(notify)?;
+    agent
+        .post_xfer_req(req, args.as_ref())
+        .map_err(|e| error(format!("NIXL could not start the transfer: {e}")))
+}
+
+/// Makes and posts the request of `t` on the calling (worker) thread; `None` when it finished
+/// at once.
+pub(crate) fn start(
+    agent: &Agent,
+    t: &Xfer<'_>,
+    error: fn(String) -> Error,
+) -> Result<Option<XferRequest>> {
+    let req = prepare(agent, t, error)?;
+    Ok(post(agent, &req, t.notify, error)?.then_some(req))
 }
 
 /// Blocks the calling (worker) thread until `req` finished, checking it with the same short,
