@@ -2,8 +2,8 @@
 //! copy list, a request made on the context's agent by the submitting thread, and a progress
 //! thread that posts it and learns when it finished. NIXL reports completion only through
 //! status checks, so while requests are in flight the thread checks them with a short, growing
-//! pause (10 µs to PEER_CHECK_MAX; every 20 µs while disk requests run); with none in flight it sleeps
-//! on its channel.
+//! pause (10 µs to PEER_CHECK_MAX; every DISK_CHECK while disk requests run); with none in
+//! flight it sleeps on its channel.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,7 +20,7 @@ use crate::transfer::Completion;
 /// Pause between status checks while disk requests are in flight. NIXL's POSIX backend submits
 /// at most 64 I/Os per check, so the checks pace the disk; back-to-back checks (yielding the
 /// CPU) moved scattered 4 KiB writes about twice as fast on the build machine, but kept a core
-/// busy for as long as any disk transfer ran. At this pause kvxfer still ran 1.2-2.4x raw
+/// busy for as long as any disk transfer ran. At this pause kvxfer still ran 1.2-2.8x raw
 /// NIXL's spinning loop there (disk offsets sorted, see copy_list::sort_by_dst).
 const DISK_CHECK: Duration = Duration::from_micros(20);
 
