@@ -44,6 +44,11 @@ pub struct Args {
     /// measurement with its clocks down after a slow baseline).
     #[arg(long, requires = "gpu")]
     cold: bool,
+    /// With --gpu: skip the per-fragment baselines (naive, batch) and COPY_ENGINE mode, which
+    /// take seconds per round at small fragments; they are reported as NaN. For tuning the
+    /// kernel path on a short device lease.
+    #[arg(long, requires = "gpu")]
+    quick: bool,
     /// Benchmark NIXL (UCX write/read between two agents, POSIX disk write/read) against
     /// nixl-sys used directly; --total-mib defaults to 64 there.
     #[arg(long, conflicts_with = "gpu")]
@@ -229,6 +234,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             fragments_kib: a.fragments_kib.clone(),
             directions: a.directions.clone(),
             cold: a.cold,
+            quick: a.quick,
         });
     }
     if a.nixl {

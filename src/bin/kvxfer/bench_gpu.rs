@@ -25,6 +25,8 @@ pub struct GpuArgs {
     pub directions: Vec<String>,
     /// Skip the untimed copy before each measurement.
     pub cold: bool,
+    /// Skip naive, batch and COPY_ENGINE (reported as NaN).
+    pub quick: bool,
 }
 
 fn ck(r: sys::CUresult, what: &str) -> Result<(), String> {
@@ -286,27 +288,35 @@ fn point(
         limit_copy()?;
         timer.sync()?;
         times.push(t0.elapsed().as_secs_f64());
-        // naive: one cuMemcpyAsync per fragment.
-        warm()?;
-        let t0 = Instant::now();
-        for f in &frags {
-            // SAFETY: fragments of live layouts.
-            ck(
-                unsafe { sys::cuMemcpyAsync(f.dst, f.src, f.len as usize, timer.stream) },
-                "naive",
-            )?;
+        if a.quick {
+            times.extend([f64::NAN; 2]);
+        } else {
+            // naive: one cuMemcpyAsync per fragment.
+            warm()?;
+            let t0 = Instant::now();
+            for f in &frags {
+                // SAFETY: fragments of live layouts.
+                ck(
+                    unsafe { sys::cuMemcpyAsync(f.dst, f.src, f.len as usize, timer.stream) },
+                    "naive",
+                )?;
+            }
+            timer.sync()?;
+            times.push(t0.elapsed().as_secs_f64());
+            // batch: the raw batch API over the same fragments.
+            warm()?;
+            let t0 = Instant::now();
+            // SAFETY: the bench's live stream on `dev`; fragments of live layouts.
+            unsafe { copy::enqueue_copy_engine(dev, timer.stream, pair.direction, &frags) }
+                .map_err(err)?;
+            timer.sync()?;
+            times.push(t0.elapsed().as_secs_f64());
         }
-        timer.sync()?;
-        times.push(t0.elapsed().as_secs_f64());
-        // batch: the raw batch API over the same fragments.
-        warm()?;
-        let t0 = Instant::now();
-        // SAFETY: the bench's live stream on `dev`; fragments of live layouts.
-        unsafe { copy::enqueue_copy_engine(dev, timer.stream, pair.direction, &frags) }
-            .map_err(err)?;
-        timer.sync()?;
-        times.push(t0.elapsed().as_secs_f64());
         for mode in modes {
+            if a.quick && mode == CopyMode::CopyEngine {
+                times.push(f64::NAN);
+                continue;
+            }
             let opts = TransferOptions {
                 copy_mode: mode,
                 ..Default::default()
@@ -327,6 +337,10 @@ fn point(
         // Device-side times, measured apart from the wall-clock runs above.
         let mut g = vec![clock.time(timer.stream, limit_copy)?];
         for mode in modes {
+            if a.quick && mode == CopyMode::CopyEngine {
+                g.push(f64::NAN);
+                continue;
+            }
             let opts = TransferOptions {
                 copy_mode: mode,
                 ..Default::default()
