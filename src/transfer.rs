@@ -98,7 +98,7 @@ impl Completion {
         let mut s = self.lock();
         // A waiter may already have seen the work's last event fire (`observed_success`).
         if s.outcome.is_none() {
-            s.elapsed_ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            s.elapsed_ns = self.elapsed_ns();
             s.outcome = Some(match s.first_error.take() {
                 Some(e) => Err(e),
                 None => Ok(()),
@@ -113,7 +113,7 @@ impl Completion {
     fn observed_success(&self) {
         let mut s = self.lock();
         if s.outcome.is_none() {
-            s.elapsed_ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            s.elapsed_ns = self.elapsed_ns();
             s.outcome = Some(Ok(()));
         }
         drop(s);
@@ -123,6 +123,10 @@ impl Completion {
     /// Time since the transfer was submitted.
     pub(crate) fn age(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    fn elapsed_ns(&self) -> u64 {
+        u64::try_from(self.age().as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
