@@ -385,6 +385,20 @@ mod tests {
     }
 
     #[test]
+    fn an_observed_completion_stands_when_the_engine_reports_later() {
+        let c = Completion::new(1);
+        let t = Transfer::new(c.clone(), stats(), false);
+        c.observed_success();
+        assert_eq!(t.poll(), Some(Ok(())));
+        let elapsed = t.stats().elapsed_ns;
+        assert!(elapsed > 0);
+        std::thread::sleep(Duration::from_millis(2));
+        c.part_done(Ok(()));
+        assert_eq!(t.wait(None), Ok(()));
+        assert_eq!(t.stats().elapsed_ns, elapsed);
+    }
+
+    #[test]
     fn zero_parts_is_complete_at_once() {
         let t = Transfer::new(Completion::new(0), stats(), false);
         assert_eq!(t.poll(), Some(Ok(())));
