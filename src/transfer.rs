@@ -120,6 +120,11 @@ impl Completion {
         self.done.notify_all();
     }
 
+    /// The outcome is known (a waiter may have seen the last event before the engine did).
+    pub(crate) fn is_done(&self) -> bool {
+        self.lock().outcome.is_some()
+    }
+
     /// Time since the transfer was submitted.
     pub(crate) fn age(&self) -> Duration {
         self.started.elapsed()

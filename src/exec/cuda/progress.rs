@@ -115,10 +115,10 @@ impl Progress {
                             }
                             Err(e) => Err(e.clone()),
                         };
-                        // A transfer gated on a caller's stream also waited for that work.
-                        if r.is_ok() && p.gate.is_none() {
-                            // Late by this thread's wake-up, so a little slow; waiters that
-                            // see the event fire themselves teach it the exact time.
+                        // A transfer gated on a caller's stream also waited for that work,
+                        // and one a waiter saw finish has taught the pace its exact time.
+                        if r.is_ok() && p.gate.is_none() && !p.completion.is_done() {
+                            // Late by this thread's wake-up, so a little slow.
                             dev.pace
                                 .learn(direction, p.kernel, p.bytes, p.completion.age());
                         }
