@@ -127,10 +127,21 @@ pub unsafe fn enqueue_copy_engine(
         dstLocHint: dst_loc,
         flags: 0,
     };
+    // Reused across calls, so that nothing but the driver runs between them (see
+    // `Context::submit_cuda_async` on pauses between batch calls).
+    let cap = copies.len().min(BATCH_MAX);
+    let (mut dsts, mut srcs, mut sizes) = (
+        Vec::with_capacity(cap),
+        Vec::with_capacity(cap),
+        Vec::with_capacity(cap),
+    );
     for chunk in copies.chunks(BATCH_MAX) {
-        let mut dsts: Vec<u64> = chunk.iter().map(|c| c.dst).collect();
-        let mut srcs: Vec<u64> = chunk.iter().map(|c| c.src).collect();
-        let mut sizes: Vec<usize> = chunk.iter().map(|c| c.len as usize).collect();
+        dsts.clear();
+        srcs.clear();
+        sizes.clear();
+        dsts.extend(chunk.iter().map(|c| c.dst));
+        srcs.extend(chunk.iter().map(|c| c.src));
+        sizes.extend(chunk.iter().map(|c| c.len as usize));
         let mut attr_idx: usize = 0;
         // SAFETY: the arrays hold `chunk.len()` entries and are read during the call; one
         // attribute applies from index 0; the signature matches the driver's version (BatchApi).

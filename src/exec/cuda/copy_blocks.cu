@@ -7,6 +7,9 @@
 // A piece is copied by one warp with 16-byte accesses, eight in flight per lane, through plain
 // loads and stores: evict-first (.cs) accesses ran device-to-device copies 3-4% slower on an
 // H200 (device run 4), more blocks per SM or sixteen accesses in flight per lane did not help.
+// Nor did (H100, 2026-11-26): 32-bit index math, lanes computing 32 items' addresses at once,
+// contiguous item ranges per warp, two items in flight per warp, or Hopper bulk copies through
+// shared memory (0.82-0.87 of a 1 GiB cudaMemcpy against 0.93-0.94 for this kernel).
 typedef unsigned long long u64;
 
 // Layout kinds, as kvxfer's LayoutKind.
@@ -31,7 +34,8 @@ struct Desc {
   u64 piece;              // bytes a warp copies at most per item
   u64 pieces_per_region;
   u64 pairs;              // number of block pairs
-  u64 pair_ids;           // device address of u64[2 * pairs]: src id, dst id
+  u64 pair_ids;           // device address of the (src id, dst id) pairs
+  u64 wide_ids;           // ids are u64 (else u32: half the table to fill and upload)
   u64 items;              // pairs * layers * outer * pieces_per_region
 };
 
@@ -62,12 +66,13 @@ __device__ __forceinline__ void copy_piece(const char* src, char* dst, u64 len, 
   }
 }
 
-extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks(const Desc* __restrict__ desc) {
-  const Desc d = *desc;
+// The descriptor is a kernel parameter; only the bases and the pairs live in device memory.
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks(const Desc d) {
   const unsigned lane = threadIdx.x & 31u;
   const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const u64 warps = ((u64)gridDim.x * blockDim.x) >> 5;
-  const u64* pairs = (const u64*)d.pair_ids;
+  const u64* wide = (const u64*)d.pair_ids;
+  const unsigned* narrow = (const unsigned*)d.pair_ids;
   for (u64 i = warp; i < d.items; i += warps) {
     u64 r = i;
     const u64 piece = r % d.pieces_per_region;
@@ -76,8 +81,8 @@ extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks(const Desc* __
     r /= d.outer;
     const u64 l = d.layer_begin + r % d.layers;
     const u64 p = r / d.layers;
-    const u64 sb = pairs[2 * p];
-    const u64 db = pairs[2 * p + 1];
+    const u64 sb = d.wide_ids ? wide[2 * p] : narrow[2 * p];
+    const u64 db = d.wide_ids ? wide[2 * p + 1] : narrow[2 * p + 1];
     const u64 off = piece * d.piece;
     const u64 len = min(d.piece, d.region - off);
     const u64 src = address(d.src, d.outer, d.region, sb, l, o) + off;

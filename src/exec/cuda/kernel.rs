@@ -59,10 +59,9 @@ struct Desc {
     pieces_per_region: u64,
     pairs: u64,
     pair_ids: u64,
+    wide_ids: u64,
     items: u64,
 }
-
-const DESC_WORDS: usize = std::mem::size_of::<Desc>() / 8;
 
 #[derive(Debug)]
 pub struct Kernel {
@@ -143,9 +142,9 @@ impl Kernel {
         })
     }
 
-    /// Writes the descriptor into a pooled table, copies it to the device on `stream` and
-    /// launches the kernel there. The returned table must stay untouched until the stream has
-    /// passed this work.
+    /// Writes the layouts' bases and the block pairs into a pooled table, copies it to the
+    /// device on `stream` and launches the kernel there with the descriptor as its parameter.
+    /// The returned table must stay untouched until the stream has passed this work.
     ///
     /// # Safety
     /// `stream` is a live stream of `dev`; the job was validated and both layouts' memory stays
@@ -157,10 +156,13 @@ impl Kernel {
         job: &Job<'_>,
     ) -> Result<TableBuffer> {
         let (src, dst) = (job.src, job.dst);
-        let src_bases: Vec<u64> = src.memory().regions().iter().map(|r| r.addr).collect();
-        let dst_bases: Vec<u64> = dst.memory().regions().iter().map(|r| r.addr).collect();
+        let (src_regions, dst_regions) = (src.memory().regions(), dst.memory().regions());
         let pairs = job.src_blocks.len();
-        let words = DESC_WORDS + src_bases.len() + dst_bases.len() + 2 * pairs;
+        // u32 ids halve the table the host writes and the GPU reads before it starts.
+        let wide = src.config().num_blocks > u64::from(u32::MAX)
+            || dst.config().num_blocks > u64::from(u32::MAX);
+        let pair_words = if wide { 2 * pairs } else { pairs };
+        let words = src_regions.len() + dst_regions.len() + pair_words;
         let table = dev.table(words)?;
         let region = src.region_len();
         let outer = src.config().outer_dim;
@@ -169,8 +171,8 @@ impl Kernel {
         let items = pairs as u64 * layers * outer * pieces_per_region;
         let at = |word: usize| table.device + 8 * word as u64;
         let desc = Desc {
-            src: side(src, at(DESC_WORDS)),
-            dst: side(dst, at(DESC_WORDS + src_bases.len())),
+            src: side(src, at(0)),
+            dst: side(dst, at(src_regions.len())),
             region,
             outer,
             layer_begin: job.layers.start,
@@ -178,23 +180,29 @@ impl Kernel {
             piece: PIECE,
             pieces_per_region,
             pairs: pairs as u64,
-            pair_ids: at(DESC_WORDS + src_bases.len() + dst_bases.len()),
+            pair_ids: at(src_regions.len() + dst_regions.len()),
+            wide_ids: u64::from(wide),
             items,
         };
-        // SAFETY: the host table holds `words` u64s, none read by queued work (pool contract).
+        // SAFETY: the host table holds at least `words` u64s, none read by queued work (pool
+        // contract).
         let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
-        // SAFETY: Desc is plain u64 fields, DESC_WORDS long.
-        let desc_words: [u64; DESC_WORDS] = unsafe { std::mem::transmute(desc) };
-        host[..DESC_WORDS].copy_from_slice(&desc_words);
-        let mut w = DESC_WORDS;
-        for &b in src_bases.iter().chain(&dst_bases) {
-            host[w] = b;
-            w += 1;
+        let (bases, ids) = host.split_at_mut(src_regions.len() + dst_regions.len());
+        for (w, r) in bases.iter_mut().zip(src_regions.iter().chain(dst_regions)) {
+            *w = r.addr;
         }
-        for (s, d) in job.src_blocks.iter().zip(job.dst_blocks) {
-            host[w] = *s;
-            host[w + 1] = *d;
-            w += 2;
+        let pairs_in = job.src_blocks.iter().zip(job.dst_blocks);
+        if wide {
+            for (w, (s, d)) in ids.chunks_exact_mut(2).zip(pairs_in) {
+                w[0] = *s;
+                w[1] = *d;
+            }
+        } else {
+            // Little-endian: the low half is read as the u32 source id, the high as the
+            // destination id. Both fit (checked above).
+            for (w, (s, d)) in ids.iter_mut().zip(pairs_in) {
+                *w = *s | (*d << 32);
+            }
         }
         let launch = || -> Result<()> {
             // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
@@ -203,9 +211,9 @@ impl Kernel {
                 unsafe {
                     sys::cuMemcpyHtoDAsync_v2(table.device, table.host.cast(), words * 8, stream)
                 },
-                "cuMemcpyHtoDAsync (copy kernel descriptor)",
+                "cuMemcpyHtoDAsync (copy kernel tables)",
             )?;
-            self.launch(stream, table.device, items)
+            self.launch(stream, desc)
         };
         match launch() {
             Ok(()) => Ok(table),
@@ -218,15 +226,17 @@ impl Kernel {
         }
     }
 
-    fn launch(&self, stream: CUstream, desc: u64, items: u64) -> Result<()> {
+    fn launch(&self, stream: CUstream, desc: Desc) -> Result<()> {
         let warps_per_block = u64::from(THREADS / 32);
-        let blocks = items
+        let blocks = desc
+            .items
             .div_ceil(warps_per_block)
             .clamp(1, u64::from(self.max_blocks)) as u32;
         let mut desc = desc;
-        let mut params: [*mut c_void; 1] = [(&mut desc as *mut u64).cast()];
-        // SAFETY: the function takes (const Desc*), matching `params`; the caller bound the
-        // context and keeps the descriptor alive until the stream passes this launch.
+        let mut params: [*mut c_void; 1] = [(&mut desc as *mut Desc).cast()];
+        // SAFETY: the function takes (const Desc) by value, matching `params`; the driver
+        // copies the parameter during the call. The caller bound the context and keeps the
+        // tables alive until the stream passes this launch.
         check(
             unsafe {
                 sys::cuLaunchKernel(
