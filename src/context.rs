@@ -832,7 +832,7 @@ impl Context {
             // SAFETY: `stream` belongs to `dev`; the request was validated and `Pending` keeps
             // both memories alive until the progress engine saw the stream pass this work.
             let table = unsafe { kernel.enqueue(dev, stream, &job) }.map_err(|e| fail(e, None))?;
-            (Some(table), fragments)
+            (table, fragments)
         } else {
             // The whole list first, then the batch calls back to back: on an H100, pauses of
             // 200 µs or more between batch calls of small host-to-device copies (the time to

@@ -452,38 +452,43 @@ fn many_concurrent_transfers_all_complete() {
 
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
-fn block_ids_above_u32_reach_the_kernel_whole() {
-    // One-byte blocks, so that ids past u32::MAX fit in 4 GiB of device memory: the kernel
-    // reads u64 ids for such layouts (u32 otherwise).
+fn wide_block_ids_reach_the_kernel_whole() {
+    // The kernel's table holds ids in 2, 4 or 8 bytes, the narrowest that fits the layouts.
+    // One-byte blocks, so that ids past u16::MAX and u32::MAX fit in device memory (4 GiB).
     let ctx = ctx();
-    let hi = 1u64 << 32;
-    let c = LayoutConfig {
-        num_blocks: hi + 64,
-        num_layers: 1,
-        outer_dim: 1,
-        page_size: 1,
-        inner_dim: 1,
-        dtype_width: 1,
-        alignment: 1,
-        kind: LayoutKind::FullyContiguous,
-    };
-    let big = layout(&ctx, c, StorageKind::Device);
-    let sb = [hi + 3, 5, hi + 60, 7, hi + 1, 13, hi + 40, 17];
-    let db = [9, hi + 10, 11, hi + 61, 19, hi + 20, 23, hi + 62];
-    let guards = [hi + 2, hi + 63, 8, 10, 12, 0];
-    let touched: Vec<u64> = sb.iter().chain(&db).chain(&guards).copied().collect();
-    ctx.fill(&big, &touched, 77).unwrap();
-    let guard_before = ctx.checksum(&big, &guards).unwrap();
-    let src_before = ctx.checksum(&big, &sb).unwrap();
-    assert_ne!(src_before, ctx.checksum(&big, &db).unwrap());
-    let opts = TransferOptions {
-        copy_mode: CopyMode::Kernel,
-        ..Default::default()
-    };
-    let t = ctx.submit(&big, &sb, &big, &db, &opts).expect("submit");
-    t.wait(Some(Duration::from_secs(60))).expect("transfer");
-    assert_eq!(t.stats().mechanism, Mechanism::Kernel);
-    assert_eq!(ctx.checksum(&big, &db).unwrap(), src_before);
-    assert_eq!(ctx.checksum(&big, &sb).unwrap(), src_before);
-    assert_eq!(ctx.checksum(&big, &guards).unwrap(), guard_before);
+    for hi in [1u64 << 16, 1u64 << 32] {
+        let c = LayoutConfig {
+            num_blocks: hi + 64,
+            num_layers: 1,
+            outer_dim: 1,
+            page_size: 1,
+            inner_dim: 1,
+            dtype_width: 1,
+            alignment: 1,
+            kind: LayoutKind::FullyContiguous,
+        };
+        let big = layout(&ctx, c, StorageKind::Device);
+        let sb = [hi + 3, 5, hi + 60, 7, hi + 1, 13, hi + 40, 17];
+        let db = [9, hi + 10, 11, hi + 61, 19, hi + 20, 23, hi + 62];
+        let guards = [hi + 2, hi + 63, 8, 10, 12, 0];
+        let touched: Vec<u64> = sb.iter().chain(&db).chain(&guards).copied().collect();
+        ctx.fill(&big, &touched, 77).unwrap();
+        let guard_before = ctx.checksum(&big, &guards).unwrap();
+        let src_before = ctx.checksum(&big, &sb).unwrap();
+        assert_ne!(src_before, ctx.checksum(&big, &db).unwrap());
+        let opts = TransferOptions {
+            copy_mode: CopyMode::Kernel,
+            ..Default::default()
+        };
+        let t = ctx.submit(&big, &sb, &big, &db, &opts).expect("submit");
+        t.wait(Some(Duration::from_secs(60))).expect("transfer");
+        assert_eq!(t.stats().mechanism, Mechanism::Kernel);
+        assert_eq!(
+            ctx.checksum(&big, &db).unwrap(),
+            src_before,
+            "ids past {hi}"
+        );
+        assert_eq!(ctx.checksum(&big, &sb).unwrap(), src_before);
+        assert_eq!(ctx.checksum(&big, &guards).unwrap(), guard_before);
+    }
 }

@@ -4,6 +4,11 @@
 // as kvxfer's layout module. Host work is O(blocks), not O(fragments). Compiled with NVRTC at run
 // time (or nvcc at build), the same source either way.
 //
+// The table (both layouts' bases, then the pairs) travels inside the kernel parameter where it
+// fits (4 KB, or 32 KB on drivers from CUDA 12.1), so a transfer is one launch; larger tables
+// are uploaded to device memory first. The upload cost 10-14 us of GPU time before the kernel
+// on an H100 (kernel lab, device runs 2-6 of 2026-11-26), about 2% of a 1 GiB copy.
+//
 // A piece is copied by one warp with 16-byte accesses, eight in flight per lane, through plain
 // loads and stores: evict-first (.cs) accesses ran device-to-device copies 3-4% slower on an
 // H200 (device run 4), more blocks per SM or sixteen accesses in flight per lane did not help.
@@ -21,7 +26,7 @@ struct Side {
   u64 kind;
   u64 num_blocks;
   u64 block_stride;
-  u64 bases;  // device address of u64[allocations]: one base for FC, one per layer for LS
+  u64 bases;  // word index in the table of the bases: one for FC, one per layer for LS
 };
 
 struct Desc {
@@ -34,16 +39,30 @@ struct Desc {
   u64 piece;              // bytes a warp copies at most per item
   u64 pieces_per_region;
   u64 pairs;              // number of block pairs
-  u64 pair_ids;           // device address of the (src id, dst id) pairs
-  u64 wide_ids;           // ids are u64 (else u32: half the table to fill and upload)
+  u64 pair_ids;           // word index in the table of the (src id, dst id) pairs
+  u64 id_bytes;           // 2, 4 or 8: the narrowest width both layouts' ids fit
   u64 items;              // pairs * layers * outer * pieces_per_region
+  u64 table;              // device address of the table (kvx_copy_blocks only)
 };
 
-__device__ __forceinline__ u64 address(const Side& s, u64 outer, u64 region, u64 b, u64 l, u64 o) {
-  const u64* bases = (const u64*)s.bases;
+// Table sizes, in u64 words, that fit the two inline kernels' parameters (4096 and 32760 bytes
+// with the descriptor); kernel.rs mirrors these.
+#define KVX_INLINE_SMALL 493
+#define KVX_INLINE_LARGE 4076
+
+__device__ __forceinline__ u64 address(const Side& s, const u64* t, u64 outer, u64 region, u64 b,
+                                       u64 l, u64 o) {
+  const u64* bases = t + s.bases;
   if (s.kind == KVX_FC) return bases[0] + b * s.block_stride + (l * outer + o) * region;
   if (s.kind == KVX_LS_BLOCK_FIRST) return bases[l] + b * s.block_stride + o * region;
   return bases[l] + o * s.num_blocks * region + b * region;
+}
+
+__device__ __forceinline__ u64 block_id(const Desc& d, const u64* t, u64 i) {
+  const u64* ids = t + d.pair_ids;
+  if (d.id_bytes == 2) return ((const unsigned short*)ids)[i];
+  if (d.id_bytes == 4) return ((const unsigned*)ids)[i];
+  return ids[i];
 }
 
 __device__ __forceinline__ void copy_piece(const char* src, char* dst, u64 len, unsigned lane) {
@@ -66,13 +85,10 @@ __device__ __forceinline__ void copy_piece(const char* src, char* dst, u64 len, 
   }
 }
 
-// The descriptor is a kernel parameter; only the bases and the pairs live in device memory.
-extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks(const Desc d) {
+__device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
   const unsigned lane = threadIdx.x & 31u;
   const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const u64 warps = ((u64)gridDim.x * blockDim.x) >> 5;
-  const u64* wide = (const u64*)d.pair_ids;
-  const unsigned* narrow = (const unsigned*)d.pair_ids;
   for (u64 i = warp; i < d.items; i += warps) {
     u64 r = i;
     const u64 piece = r % d.pieces_per_region;
@@ -81,12 +97,35 @@ extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks(const Desc d) 
     r /= d.outer;
     const u64 l = d.layer_begin + r % d.layers;
     const u64 p = r / d.layers;
-    const u64 sb = d.wide_ids ? wide[2 * p] : narrow[2 * p];
-    const u64 db = d.wide_ids ? wide[2 * p + 1] : narrow[2 * p + 1];
+    const u64 sb = block_id(d, t, 2 * p);
+    const u64 db = block_id(d, t, 2 * p + 1);
     const u64 off = piece * d.piece;
     const u64 len = min(d.piece, d.region - off);
-    const u64 src = address(d.src, d.outer, d.region, sb, l, o) + off;
-    const u64 dst = address(d.dst, d.outer, d.region, db, l, o) + off;
+    const u64 src = address(d.src, t, d.outer, d.region, sb, l, o) + off;
+    const u64 dst = address(d.dst, t, d.outer, d.region, db, l, o) + off;
     copy_piece((const char*)src, (char*)dst, len, lane);
   }
+}
+
+// Table in device memory.
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks(const Desc d) {
+  copy_items(d, (const u64*)d.table);
+}
+
+template <int WORDS>
+struct Inline {
+  Desc d;
+  u64 table[WORDS];
+};
+
+// Table inside the parameter: __grid_constant__ lets the warps read it in place (constant
+// cache) instead of each thread copying the parameter to local memory.
+extern "C" __global__ void __launch_bounds__(256)
+    kvx_copy_blocks_p4k(const __grid_constant__ Inline<KVX_INLINE_SMALL> p) {
+  copy_items(p.d, p.table);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    kvx_copy_blocks_p32k(const __grid_constant__ Inline<KVX_INLINE_LARGE> p) {
+  copy_items(p.d, p.table);
 }

@@ -1,6 +1,8 @@
 //! The SM copy kernel (`copy_blocks.cu`): built with NVRTC (once per process and GPU
 //! architecture), loaded into each device's primary context, launched with a descriptor of the
-//! two layouts and the block pairs, so the host never expands fragments.
+//! two layouts and a table of their bases and the block pairs, so the host never expands
+//! fragments. The table rides in the kernel parameter where it fits (one launch, nothing to
+//! upload first), else in a pooled device buffer.
 
 use std::ffi::{CString, c_void};
 use std::sync::Mutex;
@@ -59,21 +61,41 @@ struct Desc {
     pieces_per_region: u64,
     pairs: u64,
     pair_ids: u64,
-    wide_ids: u64,
+    id_bytes: u64,
     items: u64,
+    table: u64,
+}
+
+const DESC_WORDS: usize = std::mem::size_of::<Desc>() / 8;
+/// Table words the inline kernels carry: `KVX_INLINE_SMALL` / `KVX_INLINE_LARGE` in
+/// copy_blocks.cu, so that descriptor and table make 4096 and 32760 bytes.
+const INLINE_SMALL: usize = 493;
+const INLINE_LARGE: usize = 4076;
+const _: () = assert!((DESC_WORDS + INLINE_SMALL) * 8 == 4096);
+const _: () = assert!((DESC_WORDS + INLINE_LARGE) * 8 <= 32764);
+
+/// One entry point of the module and how many of its blocks fill the GPU once.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    function: CUfunction,
+    max_blocks: u32,
 }
 
 #[derive(Debug)]
 pub struct Kernel {
     module: CUmodule,
-    function: CUfunction,
-    max_blocks: u32,
+    /// Table in device memory.
+    table: Entry,
+    /// Table inside a 4 KB parameter.
+    small: Entry,
+    /// Table inside a 32 KB parameter (CUDA 12.1 drivers and later).
+    large: Option<Entry>,
 }
 
-// SAFETY: a loaded module and its function may be used from any thread of the process once the
-// owning context is current there.
+// SAFETY: a loaded module and its functions may be used from any thread of the process once
+// the owning context is current there.
 unsafe impl Send for Kernel {}
-// SAFETY: as above; launching does not mutate the handle.
+// SAFETY: as above; launching does not mutate the handles.
 unsafe impl Sync for Kernel {}
 
 /// What the kernel moves: `pairs[i] = (src id, dst id)` for the layers in `layers`.
@@ -85,7 +107,7 @@ pub struct Job<'a> {
     pub layers: std::ops::Range<u64>,
 }
 
-fn side(l: &Layout, bases: u64) -> Side {
+fn side(l: &Layout, bases: usize) -> Side {
     Side {
         kind: match l.config().kind {
             LayoutKind::FullyContiguous => 0,
@@ -94,7 +116,81 @@ fn side(l: &Layout, bases: u64) -> Side {
         },
         num_blocks: l.config().num_blocks,
         block_stride: l.geometry().block_stride,
-        bases,
+        bases: bases as u64,
+    }
+}
+
+/// Looks up `name` and how many of its blocks are resident at once on the whole GPU.
+fn entry(dev: &CudaDevice, module: CUmodule, name: &std::ffi::CStr) -> Result<Entry> {
+    let mut function = std::ptr::null_mut();
+    // SAFETY: `module` is loaded; the name is NUL-terminated.
+    check(
+        unsafe { sys::cuModuleGetFunction(&mut function, module, name.as_ptr()) },
+        "cuModuleGetFunction",
+    )?;
+    // One wave of resident blocks: the grid-stride loop gives every block the same share, so a
+    // grid larger than what fits at once ends in a partly empty last wave (with 3 resident
+    // blocks per SM, 8 per SM ran as 2.67 waves).
+    let mut per_sm = 0;
+    // SAFETY: `function` is live; the out pointer is a local; no dynamic shared memory.
+    check(
+        unsafe {
+            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                &mut per_sm,
+                function,
+                THREADS as i32,
+                0,
+            )
+        },
+        "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+    )?;
+    Ok(Entry {
+        function,
+        max_blocks: dev.sm_count * (per_sm.max(1) as u32),
+    })
+}
+
+/// The narrowest id width (bytes) both layouts' ids fit.
+fn id_bytes(src: &Layout, dst: &Layout) -> usize {
+    let n = src.config().num_blocks.max(dst.config().num_blocks);
+    if n <= 1 << 16 {
+        2
+    } else if n <= 1 << 32 {
+        4
+    } else {
+        8
+    }
+}
+
+/// Writes `bases`, then the pairs with `width` bytes per id, into `out`.
+fn write_table(out: &mut [u64], bases: &[u64], src: &[u64], dst: &[u64], width: usize) {
+    let (b, ids) = out.split_at_mut(bases.len());
+    b.copy_from_slice(bases);
+    let mut pairs = src.iter().zip(dst);
+    // Little-endian: id i of the (src, dst, src, dst, ...) list sits at bytes
+    // [i * width, (i + 1) * width); the ids fit `width` (see `id_bytes`).
+    match width {
+        2 => {
+            for w in ids.iter_mut() {
+                *w = 0;
+                for k in 0..2 {
+                    if let Some((s, d)) = pairs.next() {
+                        *w |= (s << (32 * k)) | (d << (32 * k + 16));
+                    }
+                }
+            }
+        }
+        4 => {
+            for (w, (s, d)) in ids.iter_mut().zip(pairs) {
+                *w = s | (d << 32);
+            }
+        }
+        _ => {
+            for (w, (s, d)) in ids.chunks_exact_mut(2).zip(pairs) {
+                w[0] = *s;
+                w[1] = *d;
+            }
+        }
     }
 }
 
@@ -108,43 +204,31 @@ impl Kernel {
             unsafe { sys::cuModuleLoadData(&mut module, ptx.as_ptr().cast()) },
             "cuModuleLoadData (copy kernel)",
         )?;
-        let mut function = std::ptr::null_mut();
-        // SAFETY: `module` was just loaded; the name is NUL-terminated.
-        let r =
-            unsafe { sys::cuModuleGetFunction(&mut function, module, c"kvx_copy_blocks".as_ptr()) };
-        if let Err(e) = check(r, "cuModuleGetFunction") {
-            // SAFETY: unloading the module loaded above.
-            unsafe { sys::cuModuleUnload(module) };
-            return Err(e);
-        }
-        // One wave of resident blocks: the grid-stride loop gives every block the same share,
-        // so a grid larger than what fits at once ends in a partly empty last wave (with 3
-        // resident blocks per SM, 8 per SM ran as 2.67 waves).
-        let mut per_sm = 0;
-        // SAFETY: `function` is live; the out pointer is a local; no dynamic shared memory.
-        let r = unsafe {
-            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                &mut per_sm,
-                function,
-                THREADS as i32,
-                0,
-            )
+        let entries = (|| -> Result<(Entry, Entry)> {
+            Ok((
+                entry(dev, module, c"kvx_copy_blocks")?,
+                entry(dev, module, c"kvx_copy_blocks_p4k")?,
+            ))
+        })();
+        let (table, small) = match entries {
+            Ok(e) => e,
+            Err(e) => {
+                // SAFETY: unloading the module loaded above.
+                unsafe { sys::cuModuleUnload(module) };
+                return Err(e);
+            }
         };
-        if let Err(e) = check(r, "cuOccupancyMaxActiveBlocksPerMultiprocessor") {
-            // SAFETY: unloading the module loaded above.
-            unsafe { sys::cuModuleUnload(module) };
-            return Err(e);
-        }
         Ok(Self {
             module,
-            function,
-            max_blocks: dev.sm_count * (per_sm.max(1) as u32),
+            table,
+            small,
+            large: entry(dev, module, c"kvx_copy_blocks_p32k").ok(),
         })
     }
 
-    /// Writes the layouts' bases and the block pairs into a pooled table, copies it to the
-    /// device on `stream` and launches the kernel there with the descriptor as its parameter.
-    /// The returned table must stay untouched until the stream has passed this work.
+    /// Launches the kernel for `job` on `stream`. A table that fits a kernel parameter goes
+    /// with the launch; a larger one is written into a pooled buffer and uploaded first, and
+    /// that buffer is returned: it must stay untouched until the stream has passed this work.
     ///
     /// # Safety
     /// `stream` is a live stream of `dev`; the job was validated and both layouts' memory stays
@@ -154,25 +238,25 @@ impl Kernel {
         dev: &CudaDevice,
         stream: CUstream,
         job: &Job<'_>,
-    ) -> Result<TableBuffer> {
+    ) -> Result<Option<TableBuffer>> {
         let (src, dst) = (job.src, job.dst);
         let (src_regions, dst_regions) = (src.memory().regions(), dst.memory().regions());
+        let n_bases = src_regions.len() + dst_regions.len();
+        let bases: Vec<u64> = src_regions
+            .iter()
+            .chain(dst_regions)
+            .map(|r| r.addr)
+            .collect();
         let pairs = job.src_blocks.len();
-        // u32 ids halve the table the host writes and the GPU reads before it starts.
-        let wide = src.config().num_blocks > u64::from(u32::MAX)
-            || dst.config().num_blocks > u64::from(u32::MAX);
-        let pair_words = if wide { 2 * pairs } else { pairs };
-        let words = src_regions.len() + dst_regions.len() + pair_words;
-        let table = dev.table(words)?;
+        let width = id_bytes(src, dst);
+        let words = n_bases + (2 * pairs * width).div_ceil(8);
         let region = src.region_len();
         let outer = src.config().outer_dim;
         let layers = job.layers.end - job.layers.start;
         let pieces_per_region = region.div_ceil(PIECE);
-        let items = pairs as u64 * layers * outer * pieces_per_region;
-        let at = |word: usize| table.device + 8 * word as u64;
-        let desc = Desc {
-            src: side(src, at(0)),
-            dst: side(dst, at(src_regions.len())),
+        let mut desc = Desc {
+            src: side(src, 0),
+            dst: side(dst, src_regions.len()),
             region,
             outer,
             layer_begin: job.layers.start,
@@ -180,43 +264,55 @@ impl Kernel {
             piece: PIECE,
             pieces_per_region,
             pairs: pairs as u64,
-            pair_ids: at(src_regions.len() + dst_regions.len()),
-            wide_ids: u64::from(wide),
-            items,
+            pair_ids: n_bases as u64,
+            id_bytes: width as u64,
+            items: pairs as u64 * layers * outer * pieces_per_region,
+            table: 0,
         };
+        let inline = if words <= INLINE_SMALL {
+            Some((self.small, INLINE_SMALL))
+        } else if words <= INLINE_LARGE {
+            self.large.map(|e| (e, INLINE_LARGE))
+        } else {
+            None
+        };
+        if let Some((entry, capacity)) = inline {
+            let mut param = vec![0u64; DESC_WORDS + capacity];
+            let (head, table) = param.split_at_mut(DESC_WORDS);
+            head.copy_from_slice(&desc_words(&desc));
+            write_table(table, &bases, job.src_blocks, job.dst_blocks, width);
+            // SAFETY: `param` holds the whole Inline<capacity> parameter the entry takes; the
+            // driver copies it during the call.
+            unsafe { launch(entry, stream, param.as_mut_ptr().cast(), desc.items) }?;
+            return Ok(None);
+        }
+        let table = dev.table(words)?;
+        desc.table = table.device;
         // SAFETY: the host table holds at least `words` u64s, none read by queued work (pool
         // contract).
         let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
-        let (bases, ids) = host.split_at_mut(src_regions.len() + dst_regions.len());
-        for (w, r) in bases.iter_mut().zip(src_regions.iter().chain(dst_regions)) {
-            *w = r.addr;
-        }
-        let pairs_in = job.src_blocks.iter().zip(job.dst_blocks);
-        if wide {
-            for (w, (s, d)) in ids.chunks_exact_mut(2).zip(pairs_in) {
-                w[0] = *s;
-                w[1] = *d;
-            }
-        } else {
-            // Little-endian: the low half is read as the u32 source id, the high as the
-            // destination id. Both fit (checked above).
-            for (w, (s, d)) in ids.iter_mut().zip(pairs_in) {
-                *w = *s | (*d << 32);
-            }
-        }
-        let launch = || -> Result<()> {
+        write_table(host, &bases, job.src_blocks, job.dst_blocks, width);
+        let mut run = || -> Result<()> {
             // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
             // asynchronous and ordered before the launch on the same stream.
             check(
                 unsafe {
                     sys::cuMemcpyHtoDAsync_v2(table.device, table.host.cast(), words * 8, stream)
                 },
-                "cuMemcpyHtoDAsync (copy kernel tables)",
+                "cuMemcpyHtoDAsync (copy kernel table)",
             )?;
-            self.launch(stream, desc)
+            // SAFETY: the entry takes (const Desc) by value.
+            unsafe {
+                launch(
+                    self.table,
+                    stream,
+                    (&mut desc as *mut Desc).cast(),
+                    desc.items,
+                )
+            }
         };
-        match launch() {
-            Ok(()) => Ok(table),
+        match run() {
+            Ok(()) => Ok(Some(table)),
             Err(e) => {
                 // SAFETY: a live stream; queued work must finish before the table is reused.
                 unsafe { sys::cuStreamSynchronize(stream) };
@@ -225,37 +321,43 @@ impl Kernel {
             }
         }
     }
+}
 
-    fn launch(&self, stream: CUstream, desc: Desc) -> Result<()> {
-        let warps_per_block = u64::from(THREADS / 32);
-        let blocks = desc
-            .items
-            .div_ceil(warps_per_block)
-            .clamp(1, u64::from(self.max_blocks)) as u32;
-        let mut desc = desc;
-        let mut params: [*mut c_void; 1] = [(&mut desc as *mut Desc).cast()];
-        // SAFETY: the function takes (const Desc) by value, matching `params`; the driver
-        // copies the parameter during the call. The caller bound the context and keeps the
-        // tables alive until the stream passes this launch.
-        check(
-            unsafe {
-                sys::cuLaunchKernel(
-                    self.function,
-                    blocks,
-                    1,
-                    1,
-                    THREADS,
-                    1,
-                    1,
-                    0,
-                    stream,
-                    params.as_mut_ptr(),
-                    std::ptr::null_mut(),
-                )
-            },
-            "cuLaunchKernel (copy kernel)",
-        )
-    }
+fn desc_words(d: &Desc) -> [u64; DESC_WORDS] {
+    // SAFETY: Desc is DESC_WORDS plain u64 fields, no padding.
+    unsafe { std::mem::transmute(*d) }
+}
+
+/// Launches one entry with its single parameter at `param`.
+///
+/// # Safety
+/// `param` points to the parameter `entry` takes (a Desc, or an Inline<N>); the caller bound
+/// the context and keeps every table the launch reads alive until the stream passes it.
+unsafe fn launch(entry: Entry, stream: CUstream, param: *mut c_void, items: u64) -> Result<()> {
+    let warps_per_block = u64::from(THREADS / 32);
+    let blocks = items
+        .div_ceil(warps_per_block)
+        .clamp(1, u64::from(entry.max_blocks)) as u32;
+    let mut params: [*mut c_void; 1] = [param];
+    // SAFETY: forwarded to the caller; the driver copies the parameter during the call.
+    check(
+        unsafe {
+            sys::cuLaunchKernel(
+                entry.function,
+                blocks,
+                1,
+                1,
+                THREADS,
+                1,
+                1,
+                0,
+                stream,
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        },
+        "cuLaunchKernel (copy kernel)",
+    )
 }
 
 impl Drop for Kernel {
@@ -263,5 +365,41 @@ impl Drop for Kernel {
         // SAFETY: the module was loaded by `build` and is unloaded once; the owner bound the
         // context before dropping.
         unsafe { sys::cuModuleUnload(self.module) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_table;
+
+    /// Reads id `i` of the table's pair list the way copy_blocks.cu's `block_id` does.
+    fn id(ids: &[u64], width: usize, i: usize) -> u64 {
+        let bytes: Vec<u8> = ids.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut v = [0u8; 8];
+        v[..width].copy_from_slice(&bytes[i * width..(i + 1) * width]);
+        u64::from_le_bytes(v)
+    }
+
+    #[test]
+    fn tables_hold_bases_then_pairs_at_each_id_width() {
+        for (width, max) in [(2, (1u64 << 16) - 1), (4, (1 << 32) - 1), (8, u64::MAX)] {
+            for pairs in [0usize, 1, 2, 3, 7] {
+                let src: Vec<u64> = (0..pairs as u64).map(|i| max - 2 * i).collect();
+                let dst: Vec<u64> = (0..pairs as u64).map(|i| i * 3).collect();
+                let bases = [0x1000, 0x2000, 0x3000];
+                let words = bases.len() + (2 * pairs * width).div_ceil(8);
+                let mut out = vec![u64::MAX; words];
+                write_table(&mut out, &bases, &src, &dst, width);
+                assert_eq!(out[..3], bases);
+                for p in 0..pairs {
+                    assert_eq!(id(&out[3..], width, 2 * p), src[p], "width {width}");
+                    assert_eq!(id(&out[3..], width, 2 * p + 1), dst[p], "width {width}");
+                }
+                // Padding after an odd number of u16 pairs is zero, not stale.
+                if width == 2 && pairs % 2 == 1 {
+                    assert_eq!(out[words - 1] >> 32, 0);
+                }
+            }
+        }
     }
 }
