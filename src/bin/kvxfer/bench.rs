@@ -65,9 +65,10 @@ struct Point {
     naive: f64,
 }
 
+/// The median; NaN for no samples (a mode the run skipped).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Error text for the bench commands, which report failures as strings.
