@@ -313,7 +313,9 @@ typedef struct kvx_context_config {
    */
   int32_t cuda_device;
   /**
-   * 1 allows Device <-> Disk directly through GPUDirect Storage; default 0.
+   * 1 allows Device <-> Disk directly through GPUDirect Storage; default 0. With NIXL
+   * backends it needs KVX_BACKEND_GDS or KVX_BACKEND_GDS_MT among them (else the context is
+   * refused), and that backend needs cuFile (else the context is UNAVAILABLE).
    */
   uint8_t allow_gds;
   /**

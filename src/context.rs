@@ -200,6 +200,18 @@ impl Context {
                 "agent_name must not be empty (NULL generates one)"
             );
         }
+        // Without NIXL there are no disk transfers to route; a context without backends may
+        // still ask the planner what allow_gds would do.
+        if config.capabilities.allow_gds
+            && config.nixl_backends != 0
+            && config.nixl_backends & (backend::GDS | backend::GDS_MT) == 0
+        {
+            bail!(
+                InvalidArgument,
+                "allow_gds sends device <-> disk transfers through GPUDirect Storage, which needs \
+                 NIXL's GDS or GDS_MT backend in nixl_backends"
+            );
+        }
         let threads = match config.worker_threads {
             0 => std::thread::available_parallelism().map_or(4, |n| n.get()),
             n => n as usize,
@@ -550,21 +562,23 @@ impl Context {
                 Ok(self.submit_on_workers(&request, plan, Some((dev, dir)), gate))
             }
             Plan::TwoHop {
-                first: Strategy::NixlReadFlipped,
-                second: Strategy::NixlWrite,
-                ..
-            } if src.storage_kind() == StorageKind::Disk
-                && dst.storage_kind() == StorageKind::Disk =>
-            {
-                self.submit_disk_to_disk(&request, plan)
+                first: Strategy::NixlReadFlipped | Strategy::CudaAsyncD2H,
+                second: Strategy::NixlWrite | Strategy::CudaAsyncH2D,
+                bounce: StorageKind::Pinned,
+            } => {
+                let gate = self.gate(options.cuda_stream)?;
+                self.submit_two_hop(&request, plan, gate)
             }
-            Plan::Direct(s @ (Strategy::NixlWrite | Strategy::NixlReadFlipped)) => self
-                .submit_nixl(
-                    &request,
-                    plan,
-                    s == Strategy::NixlWrite,
-                    options.notify.as_deref(),
-                ),
+            // NixlRead is the GDS plan disk -> device: like NixlReadFlipped, the local side (the
+            // device) is the destination and reads from the file.
+            Plan::Direct(
+                s @ (Strategy::NixlWrite | Strategy::NixlReadFlipped | Strategy::NixlRead),
+            ) => self.submit_nixl(
+                &request,
+                plan,
+                s == Strategy::NixlWrite,
+                options.notify.as_deref(),
+            ),
             Plan::Direct(s) => bail!(
                 Unavailable,
                 "strategy {} ({} -> {}) is not available in this version of kvxfer",
@@ -599,9 +613,14 @@ impl Context {
             Some(peer) => (peer.to_string(), Error::Peer),
             None => (self.name.clone(), Error::Io),
         };
-        local.memory().ensure_nixl_registered(agent.agent())?;
+        let buffered = agent.buffered_file_args()?;
+        local
+            .memory()
+            .ensure_nixl_registered_with(agent.agent(), buffered.as_ref())?;
         if !remote.is_remote() {
-            remote.memory().ensure_nixl_registered(agent.agent())?;
+            remote
+                .memory()
+                .ensure_nixl_registered_with(agent.agent(), buffered.as_ref())?;
         }
         let list = request.build();
         let mut copies: Vec<CopyOp> = if write {
@@ -637,7 +656,17 @@ impl Context {
                     crate::exec::nixl::xfer::direct_fd(remote.memory(), &copies)
                 },
             };
-            agent.post(job, completion.clone(), error)?;
+            let gds = !remote.is_remote()
+                && [local.storage_kind(), remote.storage_kind()].contains(&StorageKind::Device);
+            agent
+                .post(job, completion.clone(), error)
+                .map_err(|e| match e {
+                    // Device <-> disk without a bounce buffer is GPUDirect Storage: say so.
+                    Error::Io(m) | Error::Nixl(m) if gds => Error::Unavailable(format!(
+                        "GPUDirect Storage could not take this transfer; NIXL's GDS backend                          needs cuFile to accept the file (nvidia-fs, or cuFile's compat mode)                          and the device memory: {m}"
+                    )),
+                    e => e,
+                })?;
         }
         let stats = TransferStats {
             copies: copies.len() as u64,
@@ -646,13 +675,35 @@ impl Context {
         Ok(Transfer::new(completion, stats, self.has_cuda()))
     }
 
-    /// Disk -> disk through the context's pinned bounce buffers (exec/two_hop.rs), pipelined on
-    /// a worker thread.
-    fn submit_disk_to_disk(&self, request: &Request<'_>, plan: Plan) -> Result<Transfer> {
+    /// Disk -> disk, device -> disk and disk -> device through the context's pinned bounce
+    /// buffers (exec/two_hop.rs), pipelined on a worker thread. A device-to-disk transfer with
+    /// `cuda_stream` starts after the work queued there (the worker waits for the gate).
+    fn submit_two_hop(
+        &self,
+        request: &Request<'_>,
+        plan: Plan,
+        gate: Option<Arc<StreamGate>>,
+    ) -> Result<Transfer> {
         let agent = self.nixl("disk transfers")?;
         let (src, dst) = (request.src.memory().clone(), request.dst.memory().clone());
-        src.ensure_nixl_registered(agent.agent())?;
-        dst.ensure_nixl_registered(agent.agent())?;
+        // The device of whichever side is device memory; none between two disks.
+        let device = match (src.kind(), dst.kind()) {
+            (StorageKind::Device, _) => Some(src.clone()),
+            (_, StorageKind::Device) => Some(dst.clone()),
+            _ => None,
+        }
+        .map(|m| {
+            m.device()
+                .cloned()
+                .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))
+        })
+        .transpose()?;
+        for m in [&src, &dst] {
+            if m.kind() == StorageKind::Disk {
+                let buffered = agent.buffered_file_args()?;
+                m.ensure_nixl_registered_with(agent.agent(), buffered.as_ref())?;
+            }
+        }
         let list = request.build();
         let stats = stats(&list, plan, Mechanism::Nixl, false);
         let completion = Completion::new(1);
@@ -664,6 +715,9 @@ impl Context {
         let cuda = self.cuda.as_ref().ok().map(|c| c.primary.clone());
         self.workers.spawn(Box::new(move || {
             let run = || -> Result<()> {
+                if let Some(g) = &gate {
+                    g.wait()?;
+                }
                 let make = || -> Result<Arc<Memory>> {
                     let sizes = [two_hop::CHUNK];
                     let m = match &cuda {
@@ -674,10 +728,17 @@ impl Context {
                     Ok(Arc::new(m))
                 };
                 let lease = pool.take(make)?;
-                two_hop::disk_to_disk(&nixl, &src, &dst, &list.copies, &lease)
+                match &device {
+                    None => two_hop::disk_to_disk(&nixl, &src, &dst, &list.copies, &lease),
+                    Some(dev) if src.kind() == StorageKind::Device => {
+                        two_hop::device_to_disk(&nixl, dev, &dst, &list.copies, &lease)
+                    }
+                    Some(dev) => two_hop::disk_to_device(&nixl, dev, &src, &list.copies, &lease),
+                }
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
                 .unwrap_or_else(|_| Err(Error::Internal("a two-hop worker panicked".into())));
+            drop(gate);
             done.part_done(r);
         }));
         Ok(Transfer::new(completion, stats, self.has_cuda()))

@@ -492,3 +492,205 @@ fn wide_block_ids_reach_the_kernel_whole() {
         assert_eq!(ctx.checksum(&big, &guards).unwrap(), guard_before);
     }
 }
+
+/// A context with CUDA and NIXL's POSIX backend. The GPU run carries NIXL (scripts/gpu-test):
+/// without it these tests fail, they never pass untested.
+fn ctx_disk() -> Context {
+    let c = Context::new(ContextConfig {
+        worker_threads: 4,
+        nixl_backends: kvxfer::ffi::context::KVX_BACKEND_POSIX,
+        ..Default::default()
+    })
+    .expect("context with NIXL's POSIX backend (set KVX_NIXL_LIB_DIR)");
+    assert!(c.has_cuda(), "these tests need a CUDA GPU and driver");
+    c
+}
+
+/// Bytes of (block, layer, outer) of a pinned layout.
+fn bytes(l: &Layout, b: u64, layer: u64, o: u64) -> Vec<u8> {
+    let r = l.region(b, layer, o).unwrap();
+    // SAFETY: a region of a live pinned host layout.
+    unsafe { std::slice::from_raw_parts(r.addr as *const u8, r.len as usize) }.to_vec()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL: run scripts/gpu-test"]
+fn device_disk_two_hop_round_trip_with_guards_and_layer_ranges() {
+    let ctx = ctx_disk();
+    // 128 blocks x 8 layers x 2 x 16 KiB = 32 MiB per layout: several 8 MiB bounce chunks.
+    // The 6000-byte regions cannot use O_DIRECT: they go through the buffered descriptor.
+    for (inner, layers) in [(1024u64, 0..0u64), (1024, 2..5), (375, 0..0)] {
+        let n = 128;
+        let c = cfg(LayoutKind::LayerSeparateOuterFirst, n, 8, 4, inner, 4);
+        let with = |kind| LayoutConfig { kind, ..c };
+        let src = layout(&ctx, c, StorageKind::Pinned);
+        let dev = layout(
+            &ctx,
+            with(LayoutKind::LayerSeparateBlockFirst),
+            StorageKind::Device,
+        );
+        let disk = layout(&ctx, with(LayoutKind::FullyContiguous), StorageKind::Disk);
+        let dev2 = layout(&ctx, with(LayoutKind::FullyContiguous), StorageKind::Device);
+        let back = layout(&ctx, c, StorageKind::Pinned);
+        ctx.fill(&src, &all(n), 1).unwrap();
+        ctx.fill(&dev, &all(n), 2).unwrap();
+        ctx.fill(&disk, &all(n), 3).unwrap();
+        ctx.fill(&dev2, &all(n), 4).unwrap();
+        ctx.fill(&back, &all(n), 5).unwrap();
+        let disk_before = ctx.checksum(&disk, &all(n)).unwrap();
+        let dev2_before = ctx.checksum(&dev2, &all(n)).unwrap();
+        let opts = TransferOptions {
+            layer_begin: layers.start,
+            layer_end: layers.end,
+            ..Default::default()
+        };
+        // src -> dev (all layers, identity), dev -> disk (reversed, 96 blocks), disk -> dev2
+        // (shifted), dev2 -> back (identity): block b of src ends in block f(b) of back.
+        let t = ctx.submit(&src, &all(n), &dev, &all(n), &TransferOptions::default());
+        t.unwrap().wait(None).unwrap();
+        let a: Vec<u64> = (0..96).collect();
+        let on_disk: Vec<u64> = a.iter().map(|b| n - 1 - b).collect();
+        let t = ctx.submit(&dev, &a, &disk, &on_disk, &opts).unwrap();
+        assert!(
+            matches!(t.stats().plan, Plan::TwoHop { .. }),
+            "{}",
+            t.stats().plan
+        );
+        t.wait(Some(Duration::from_secs(120))).unwrap();
+        let on_dev2: Vec<u64> = a.iter().map(|b| (b + 7) % n).collect();
+        let t = ctx.submit(&disk, &on_disk, &dev2, &on_dev2, &opts).unwrap();
+        assert!(
+            matches!(t.stats().plan, Plan::TwoHop { .. }),
+            "{}",
+            t.stats().plan
+        );
+        t.wait(Some(Duration::from_secs(120))).unwrap();
+        // Guards: blocks that no transfer wrote keep their bytes, on disk and on the device.
+        let disk_after = ctx.checksum(&disk, &all(n)).unwrap();
+        let dev2_after = ctx.checksum(&dev2, &all(n)).unwrap();
+        for b in 0..n {
+            if !on_disk.contains(&b) {
+                assert_eq!(
+                    disk_after[b as usize], disk_before[b as usize],
+                    "disk guard {b}"
+                );
+            }
+            if !on_dev2.contains(&b) {
+                assert_eq!(
+                    dev2_after[b as usize], dev2_before[b as usize],
+                    "device guard {b}"
+                );
+            }
+        }
+        let t = ctx.submit(&dev2, &all(n), &back, &all(n), &TransferOptions::default());
+        t.unwrap().wait(None).unwrap();
+        let moved = if layers.is_empty() {
+            0..8
+        } else {
+            layers.clone()
+        };
+        for (&s, &d) in a.iter().zip(&on_dev2) {
+            for l in 0..8 {
+                for o in 0..2 {
+                    let same = bytes(&src, s, l, o) == bytes(&back, d, l, o);
+                    assert_eq!(
+                        same,
+                        moved.contains(&l),
+                        "inner {inner}: block {s} layer {l} outer {o} (layers {layers:?})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU, NIXL's GDS backend and cuFile: run scripts/gpu-test"]
+fn gds_moves_device_blocks_or_is_refused_before_anything_moves() {
+    // Where cuFile takes the file, blocks go device -> disk -> device directly and arrive
+    // whole. Where it does not (no nvidia-fs and no compat mode, a file system it refuses),
+    // submit must say so, without hanging and without writing anything. KVX_REQUIRE_GDS=1
+    // makes the refusal a failure, for machines known to have GDS.
+    let ctx = Context::new(ContextConfig {
+        worker_threads: 4,
+        nixl_backends: kvxfer::ffi::context::KVX_BACKEND_POSIX
+            | kvxfer::ffi::context::KVX_BACKEND_GDS,
+        capabilities: kvxfer::Capabilities {
+            allow_gds: true,
+            allow_gpu_rdma: false,
+        },
+        ..Default::default()
+    })
+    .expect("a context with the GDS backend (cuFile and NIXL's GDS plugin)");
+    let n = 32;
+    let c = cfg(LayoutKind::LayerSeparateOuterFirst, n, 4, 4, 1024, 4);
+    let with = |kind| LayoutConfig { kind, ..c };
+    let src = layout(&ctx, c, StorageKind::Pinned);
+    let dev = layout(
+        &ctx,
+        with(LayoutKind::LayerSeparateBlockFirst),
+        StorageKind::Device,
+    );
+    let disk = layout(&ctx, with(LayoutKind::FullyContiguous), StorageKind::Disk);
+    let dev2 = layout(&ctx, c, StorageKind::Device);
+    ctx.fill(&src, &all(n), 1).unwrap();
+    ctx.fill(&disk, &all(n), 3).unwrap();
+    ctx.fill(&dev2, &all(n), 4).unwrap();
+    let disk_before = ctx.checksum(&disk, &all(n)).unwrap();
+    let dev2_before = ctx.checksum(&dev2, &all(n)).unwrap();
+    let one = TransferOptions::default();
+    ctx.submit(&src, &all(n), &dev, &all(n), &one)
+        .unwrap()
+        .wait(None)
+        .unwrap();
+    let a: Vec<u64> = (0..24).collect();
+    let on_disk: Vec<u64> = a.iter().map(|b| n - 1 - b).collect();
+    let on_dev2: Vec<u64> = a.iter().map(|b| (b + 5) % n).collect();
+    let started = std::time::Instant::now();
+    let t = match ctx.submit(&dev, &a, &disk, &on_disk, &one) {
+        Ok(t) => t,
+        Err(e) => {
+            let require = std::env::var_os("KVX_REQUIRE_GDS").is_some_and(|v| v == "1");
+            assert!(!require, "GDS required but refused: {e}");
+            assert!(
+                matches!(&e, kvxfer::Error::Unavailable(m) if m.contains("GPUDirect Storage")),
+                "a GDS refusal names GDS: {e:?}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "refused, but slowly"
+            );
+            assert_eq!(ctx.checksum(&disk, &all(n)).unwrap(), disk_before);
+            println!("GDS refused on this machine (checked: nothing written): {e}");
+            return;
+        }
+    };
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlWrite));
+    // A GDS transfer must end, one way or the other, not hang.
+    t.wait(Some(Duration::from_secs(60))).expect("GDS write");
+    let t = ctx.submit(&disk, &on_disk, &dev2, &on_dev2, &one).unwrap();
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlRead));
+    t.wait(Some(Duration::from_secs(60))).expect("GDS read");
+    assert_eq!(
+        ctx.checksum(&src, &a).unwrap(),
+        ctx.checksum(&dev2, &on_dev2).unwrap()
+    );
+    let (disk_after, dev2_after) = (
+        ctx.checksum(&disk, &all(n)).unwrap(),
+        ctx.checksum(&dev2, &all(n)).unwrap(),
+    );
+    for b in 0..n {
+        if !on_disk.contains(&b) {
+            assert_eq!(
+                disk_after[b as usize], disk_before[b as usize],
+                "disk guard {b}"
+            );
+        }
+        if !on_dev2.contains(&b) {
+            assert_eq!(
+                dev2_after[b as usize], dev2_before[b as usize],
+                "device guard {b}"
+            );
+        }
+    }
+}

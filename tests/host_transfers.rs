@@ -321,3 +321,44 @@ fn objects_can_be_dropped_in_any_order() {
     t.wait(None).unwrap();
     drop(t);
 }
+
+#[test]
+fn allow_gds_without_a_gds_backend_is_refused_when_the_context_is_made() {
+    let e = Context::new(ContextConfig {
+        nixl_backends: kvxfer::ffi::context::KVX_BACKEND_POSIX,
+        capabilities: kvxfer::Capabilities {
+            allow_gds: true,
+            allow_gpu_rdma: false,
+        },
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::InvalidArgument(m) if m.contains("GDS")),
+        "{e:?}"
+    );
+    // Without NIXL the planner can still be asked what allow_gds would do.
+    let ctx = Context::new(ContextConfig {
+        nixl_backends: 0,
+        capabilities: kvxfer::Capabilities {
+            allow_gds: true,
+            allow_gpu_rdma: false,
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(
+        ctx.plan_locations(
+            kvxfer::Location {
+                kind: StorageKind::Device,
+                remote: false
+            },
+            kvxfer::Location {
+                kind: StorageKind::Disk,
+                remote: false
+            }
+        )
+        .unwrap(),
+        Plan::Direct(Strategy::NixlWrite)
+    );
+}

@@ -1,14 +1,18 @@
-//! Two-hop transfers through the context's pool of pinned bounce buffers. Disk -> disk is the
-//! seed's plan: NixlReadFlipped into a bounce buffer, then NixlWrite out of it. Chunks
-//! alternate between the two buffers of a pair, so the read of chunk k+1 overlaps the write of
-//! chunk k; memory stays bounded (at most MAX_PAIRS pairs of CHUNK-byte buffers), and a job
-//! that finds every pair in use waits for one.
+//! Two-hop transfers through the context's pool of pinned bounce buffers, the seed's plans:
+//! disk -> disk is NixlReadFlipped into a bounce buffer, then NixlWrite out of it; device ->
+//! disk is a device-to-host copy into the buffer, then NixlWrite; disk -> device is
+//! NixlReadFlipped into the buffer, then a host-to-device copy. Chunks alternate between the
+//! two buffers of a pair, so the first hop of chunk k+1 overlaps the second hop of chunk k;
+//! memory stays bounded (at most MAX_PAIRS pairs of CHUNK-byte buffers), and a job that finds
+//! every pair in use waits for one.
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use nixl_sys::Agent;
+use cudarc::driver::sys::{self, CUevent};
+use nixl_sys::{Agent, XferRequest};
 
 use crate::error::{Error, Result};
+use crate::exec::cuda::{CudaDevice, Direction, check, copy::enqueue_copy_engine};
 use crate::exec::nixl::xfer::{Xfer, direct_fd, finish, start};
 use crate::memory::Memory;
 use crate::plan::CopyOp;
@@ -103,6 +107,194 @@ fn chunks(copies: &[CopyOp]) -> Vec<Vec<CopyOp>> {
     out
 }
 
+/// One hop of one chunk, in flight.
+enum InFlight<'d> {
+    Nixl(Option<XferRequest>),
+    /// Copies queued on `dev`'s stream, done when the event is.
+    Cuda(&'d CudaDevice, CUevent),
+}
+
+impl InFlight<'_> {
+    fn wait(self, agent: &Agent) -> Result<()> {
+        match self {
+            InFlight::Nixl(r) => finish(agent, r, Error::Io, true),
+            InFlight::Cuda(dev, event) => {
+                // SAFETY: a pooled event of `dev`, recorded after this hop's copies; the
+                // pool's events are blocking-sync, so this thread sleeps.
+                let r = check(
+                    unsafe { sys::cuEventSynchronize(event) },
+                    "copying through the bounce buffer",
+                );
+                dev.recycle_event(event);
+                r
+            }
+        }
+    }
+}
+
+/// Which hop of a chunk to start first when both buffers are busy. A CUDA hop's start blocks
+/// the calling thread for as long as the driver takes to queue its copies (milliseconds for an
+/// 8 MiB chunk of 4 KiB host-to-device copies, device run 11), so the NIXL hop, whose start
+/// returns at once, goes first and runs meanwhile.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Empty buffer i before filling the other one (the fill is the CUDA hop).
+    DrainFirst,
+    /// Fill the other buffer before emptying buffer i (the drain is the CUDA hop).
+    FillFirst,
+}
+
+/// Runs `n` chunks through the two buffers: `first(i)` fills buffer `i % 2` with chunk i,
+/// `second(i)` empties it. Everything started is finished before this returns, also on an
+/// error, because the buffers go back to the pool.
+fn pipeline<'d>(
+    agent: &Agent,
+    n: usize,
+    order: Order,
+    mut first: impl FnMut(usize) -> Result<InFlight<'d>>,
+    mut second: impl FnMut(usize) -> Result<InFlight<'d>>,
+) -> Result<()> {
+    // Hops started and not yet waited for, oldest first.
+    let mut flight: Vec<InFlight<'d>> = Vec::new();
+    let mut run = |flight: &mut Vec<InFlight<'d>>| -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        first(0)?.wait(agent)?;
+        for i in 0..n {
+            match order {
+                Order::DrainFirst => {
+                    // flight: [second(i - 1)]
+                    flight.push(second(i)?);
+                    // The other buffer is free once the previous chunk left it.
+                    if flight.len() > 1 {
+                        flight.remove(0).wait(agent)?;
+                    }
+                    if i + 1 < n {
+                        first(i + 1)?.wait(agent)?;
+                    }
+                }
+                Order::FillFirst => {
+                    // flight: [second(i - 1)]
+                    if let Some(d) = flight.pop() {
+                        d.wait(agent)?;
+                    }
+                    if i + 1 < n {
+                        flight.push(first(i + 1)?);
+                    }
+                    flight.push(second(i)?);
+                    if i + 1 < n {
+                        flight.remove(0).wait(agent)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    let r = run(&mut flight);
+    // On an error, let what is still running finish; its own errors add nothing.
+    let mut rest = Ok(());
+    for f in flight {
+        let w = f.wait(agent);
+        if rest.is_ok() {
+            rest = w;
+        }
+    }
+    r.and(rest)
+}
+
+/// Each piece of `chunk` packed into the buffer at `base`, as (buffer address, the piece's
+/// address on the other side, length); `from_src`: the other side is the piece's source.
+fn pack(chunk: &[CopyOp], base: u64, from_src: bool) -> Vec<CopyOp> {
+    let mut at = base;
+    chunk
+        .iter()
+        .map(|c| {
+            let p = CopyOp {
+                src: at,
+                dst: if from_src { c.src } else { c.dst },
+                len: c.len,
+            };
+            at += c.len;
+            p
+        })
+        .collect()
+}
+
+/// The NIXL hop between a bounce buffer and a disk: a read of the chunk's sources into the
+/// buffer (`read`), or a write of the buffer to the chunk's destinations.
+fn disk_hop<'d>(
+    agent: &Agent,
+    buf: &Arc<Memory>,
+    disk: &Arc<Memory>,
+    chunk: &[CopyOp],
+    read: bool,
+) -> Result<InFlight<'d>> {
+    let mut pieces = pack(chunk, buf.regions()[0].addr, read);
+    // Ascending file offsets; pieces next to each other on disk and in the buffer merge.
+    sort_by_dst(&mut pieces);
+    let name = agent.name();
+    let t = Xfer {
+        write: !read,
+        local: buf,
+        remote: disk,
+        remote_agent: &name,
+        copies: &pieces,
+        notify: None,
+        remote_fd: direct_fd(disk, &pieces),
+    };
+    Ok(InFlight::Nixl(start(agent, &t, Error::Io)?))
+}
+
+/// The CUDA hop between a bounce buffer and device memory, on the device's stream for that
+/// direction: device -> buffer (`to_buffer`) or buffer -> device.
+fn device_hop<'d>(
+    dev: &'d CudaDevice,
+    buf: &Arc<Memory>,
+    chunk: &[CopyOp],
+    to_buffer: bool,
+) -> Result<InFlight<'d>> {
+    let base = buf.regions()[0].addr;
+    let (direction, copies) = if to_buffer {
+        let copies: Vec<CopyOp> = pack(chunk, base, true)
+            .into_iter()
+            .map(|p| CopyOp {
+                src: p.dst,
+                dst: p.src,
+                len: p.len,
+            })
+            .collect();
+        (Direction::DeviceToHost, copies)
+    } else {
+        (Direction::HostToDevice, pack(chunk, base, false))
+    };
+    dev.bind()?;
+    let stream = dev.stream(direction);
+    // SAFETY: the stream belongs to `dev`; the device ranges were validated with the request
+    // and the buffer holds the chunk (at most CHUNK bytes); the caller keeps every memory alive
+    // until this hop is waited for.
+    unsafe { enqueue_copy_engine(dev, stream, direction, &copies) }?;
+    let event = dev.event()?;
+    // SAFETY: a live event and stream of this device.
+    if let Err(e) = check(
+        unsafe { sys::cuEventRecord(event, stream) },
+        "cuEventRecord",
+    ) {
+        // SAFETY: what was queued must finish before the buffer goes back to the pool.
+        unsafe { sys::cuStreamSynchronize(stream) };
+        dev.recycle_event(event);
+        return Err(e);
+    }
+    Ok(InFlight::Cuda(dev, event))
+}
+
+fn lease_pair<'l>(lease: &'l Lease<'_>) -> Result<&'l Pair> {
+    lease
+        .pair
+        .as_ref()
+        .ok_or_else(|| Error::Internal("empty bounce lease".into()))
+}
+
 /// Disk -> disk through `lease`'s two buffers, on the calling (worker) thread.
 pub fn disk_to_disk(
     agent: &Agent,
@@ -111,61 +303,62 @@ pub fn disk_to_disk(
     copies: &[CopyOp],
     lease: &Lease<'_>,
 ) -> Result<()> {
-    let pair = lease
-        .pair
-        .as_ref()
-        .ok_or_else(|| Error::Internal("empty bounce lease".into()))?;
-    let name = agent.name();
-    let hop = |i: usize, chunk: &[CopyOp], read: bool| {
-        let buf = &pair[i % 2];
-        let mut at = buf.regions()[0].addr;
-        // Each piece packed into the buffer: (buffer address, disk offset, length).
-        let mut pieces: Vec<CopyOp> = chunk
-            .iter()
-            .map(|c| {
-                let p = CopyOp {
-                    src: at,
-                    dst: if read { c.src } else { c.dst },
-                    len: c.len,
-                };
-                at += c.len;
-                p
-            })
-            .collect();
-        // Ascending file offsets; pieces next to each other on disk and in the buffer merge.
-        sort_by_dst(&mut pieces);
-        let remote = if read { src } else { dst };
-        let t = Xfer {
-            write: !read,
-            local: buf,
-            remote,
-            remote_agent: &name,
-            copies: &pieces,
-            notify: None,
-            remote_fd: direct_fd(remote, &pieces),
-        };
-        start(agent, &t, Error::Io)
-    };
+    let pair = lease_pair(lease)?;
     // In destination order, so that each chunk's write is a few long runs where ids allow.
     let mut copies = copies.to_vec();
     sort_by_dst(&mut copies);
     let chunks = chunks(&copies);
-    if chunks.is_empty() {
-        return Ok(());
-    }
-    finish(agent, hop(0, &chunks[0], true)?, Error::Io, true)?;
-    let mut writing: Option<nixl_sys::XferRequest> = None;
-    for i in 0..chunks.len() {
-        let w = hop(i, &chunks[i], false)?;
-        // The other buffer is free once the previous chunk's write finished.
-        finish(agent, writing.take(), Error::Io, true)?;
-        if i + 1 < chunks.len() {
-            let r = hop(i + 1, &chunks[i + 1], true)?;
-            finish(agent, r, Error::Io, true)?;
-        }
-        writing = w;
-    }
-    finish(agent, writing, Error::Io, true)
+    pipeline(
+        agent,
+        chunks.len(),
+        Order::DrainFirst,
+        |i| disk_hop(agent, &pair[i % 2], src, &chunks[i], true),
+        |i| disk_hop(agent, &pair[i % 2], dst, &chunks[i], false),
+    )
+}
+
+/// Device -> disk: device-to-host copies into the buffers, NIXL writes out of them.
+pub fn device_to_disk(
+    agent: &Agent,
+    dev: &CudaDevice,
+    dst: &Arc<Memory>,
+    copies: &[CopyOp],
+    lease: &Lease<'_>,
+) -> Result<()> {
+    let pair = lease_pair(lease)?;
+    // File-offset order: each chunk's write is ascending, and neighbours merge.
+    let mut copies = copies.to_vec();
+    sort_by_dst(&mut copies);
+    let chunks = chunks(&copies);
+    pipeline(
+        agent,
+        chunks.len(),
+        Order::DrainFirst,
+        |i| device_hop(dev, &pair[i % 2], &chunks[i], true),
+        |i| disk_hop(agent, &pair[i % 2], dst, &chunks[i], false),
+    )
+}
+
+/// Disk -> device: NIXL reads into the buffers, host-to-device copies out of them.
+pub fn disk_to_device(
+    agent: &Agent,
+    dev: &CudaDevice,
+    src: &Arc<Memory>,
+    copies: &[CopyOp],
+    lease: &Lease<'_>,
+) -> Result<()> {
+    let pair = lease_pair(lease)?;
+    // File-offset order of the reads: the disk reads ahead, and neighbours merge.
+    let mut copies = copies.to_vec();
+    copies.sort_unstable_by_key(|c| c.src);
+    let chunks = chunks(&copies);
+    pipeline(
+        agent,
+        chunks.len(),
+        Order::FillFirst,
+        |i| disk_hop(agent, &pair[i % 2], src, &chunks[i], true),
+        |i| device_hop(dev, &pair[i % 2], &chunks[i], false),
+    )
 }
 
 #[cfg(test)]

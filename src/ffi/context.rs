@@ -37,7 +37,9 @@ pub struct kvx_context_config {
     /// CUDA device ordinal to bind, or -1 for none; default 0. On a machine without an NVIDIA
     /// driver or device the context is made without CUDA (DEVICE storage is then UNAVAILABLE).
     pub cuda_device: i32,
-    /// 1 allows Device <-> Disk directly through GPUDirect Storage; default 0.
+    /// 1 allows Device <-> Disk directly through GPUDirect Storage; default 0. With NIXL
+    /// backends it needs KVX_BACKEND_GDS or KVX_BACKEND_GDS_MT among them (else the context is
+    /// refused), and that backend needs cuFile (else the context is UNAVAILABLE).
     pub allow_gds: u8,
     /// 1 allows Device <-> Remote through GPU RDMA; default 0.
     pub allow_gpu_rdma: u8,

@@ -250,6 +250,16 @@ impl Memory {
     /// Registers every region with `agent` unless that was done already; the registrations
     /// last as long as the memory.
     pub fn ensure_nixl_registered(&self, agent: &nixl_sys::Agent) -> Result<()> {
+        self.ensure_nixl_registered_with(agent, None)
+    }
+
+    /// As `ensure_nixl_registered`; a disk file's buffered descriptor is registered with
+    /// `buffered` (the backends to use) where given, its O_DIRECT descriptor with every backend.
+    pub fn ensure_nixl_registered_with(
+        &self,
+        agent: &nixl_sys::Agent,
+        buffered: Option<&nixl_sys::OptArgs>,
+    ) -> Result<()> {
         let mut regs = self.nixl.lock().unwrap_or_else(|p| p.into_inner());
         if !regs.is_empty() {
             return Ok(());
@@ -278,7 +288,12 @@ impl Memory {
                 mem,
                 device,
             };
-            let h = agent.register_memory(&d, None).map_err(|e| {
+            let args = if self.kind == StorageKind::Disk && device == devices[0] {
+                buffered
+            } else {
+                None
+            };
+            let h = agent.register_memory(&d, args).map_err(|e| {
                 Error::Nixl(format!(
                     "NIXL could not register {} bytes of {} memory at {:#x}: {e}",
                     r.len, self.kind, r.addr

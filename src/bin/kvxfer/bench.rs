@@ -53,6 +53,14 @@ pub struct Args {
     /// nixl-sys used directly; --total-mib defaults to 64 there.
     #[arg(long, conflicts_with = "gpu")]
     nixl: bool,
+    /// Benchmark device <-> disk through kvxfer's pinned bounce buffers against the D2H/H2D
+    /// and disk limits measured in the same run; --total-mib defaults to 1024, --iters to 3,
+    /// --fragments-kib to 4,16,64 there.
+    #[arg(long, conflicts_with_all = ["gpu", "nixl"])]
+    gpu_disk: bool,
+    /// With --gpu-disk: folder for the disk layouts (default: the system's temporary folder).
+    #[arg(long, requires = "gpu_disk")]
+    disk_dir: Option<std::path::PathBuf>,
 }
 
 struct Point {
@@ -236,6 +244,15 @@ pub fn run(a: &Args) -> Result<(), String> {
             directions: a.directions.clone(),
             cold: a.cold,
             quick: a.quick,
+        });
+    }
+    if a.gpu_disk {
+        return super::bench_gpu_disk::run(&super::bench_gpu_disk::GpuDiskArgs {
+            json: a.json,
+            total_mib: a.total_mib.unwrap_or(1024),
+            iters: a.iters.unwrap_or(3),
+            fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
+            disk_dir: a.disk_dir.clone(),
         });
     }
     if a.nixl {

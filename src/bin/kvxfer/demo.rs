@@ -96,8 +96,15 @@ pub fn run(a: &Args) -> Result<(), String> {
             (StorageKind::Device, LayoutKind::FullyContiguous),
             (pinned, LayoutKind::FullyContiguous),
             (StorageKind::Device, LayoutKind::LayerSeparateBlockFirst),
-            (StorageKind::System, LayoutKind::LayerSeparateOuterFirst),
         ]);
+        if has(StorageKind::Disk) {
+            // Device -> disk and back through the pinned bounce buffers (the two-hop plans).
+            route.extend([
+                (StorageKind::Disk, LayoutKind::FullyContiguous),
+                (StorageKind::Device, LayoutKind::LayerSeparateOuterFirst),
+            ]);
+        }
+        route.push((StorageKind::System, LayoutKind::LayerSeparateOuterFirst));
     } else {
         route.extend([
             (StorageKind::System, LayoutKind::LayerSeparateOuterFirst),

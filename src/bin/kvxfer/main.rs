@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_gpu;
+mod bench_gpu_disk;
 mod bench_nixl;
 mod demo;
 mod plan;

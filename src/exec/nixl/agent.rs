@@ -1,6 +1,6 @@
 //! A context's NIXL agent and its backends.
 
-use nixl_sys::{Agent, AgentConfig};
+use nixl_sys::{Agent, AgentConfig, Backend, OptArgs};
 
 use super::loader;
 use super::xfer::{NixlProgress, Xfer};
@@ -28,6 +28,8 @@ pub struct NixlAgent {
     progress: NixlProgress,
     agent: Agent,
     backends: Vec<&'static str>,
+    /// Handles of the backends, by plugin name, for registrations that must leave some out.
+    handles: Vec<(&'static str, Backend)>,
     /// Notifications fetched from NIXL and not yet handed out: (sender agent, message).
     notifications: Mutex<VecDeque<(String, Vec<u8>)>>,
 }
@@ -61,6 +63,7 @@ impl NixlAgent {
         let agent = Agent::new_configured(name, &config)
             .map_err(|e| Error::Nixl(format!("cannot create NIXL agent {name:?}: {e}")))?;
         let mut backends = Vec::new();
+        let mut handles = Vec::new();
         for (bit, plugin) in PLUGINS {
             if bits & bit == 0 {
                 continue;
@@ -68,11 +71,14 @@ impl NixlAgent {
             let created = agent
                 .get_plugin_params(plugin)
                 .and_then(|(_mems, params)| agent.create_backend(plugin, &params));
-            if let Err(e) = created {
-                return Err(Error::Unavailable(format!(
-                    "NIXL backend {plugin} could not be created ({e}); leave its bit out of \
-                     nixl_backends if this machine does not support it"
-                )));
+            match created {
+                Ok(b) => handles.push((plugin, b)),
+                Err(e) => {
+                    return Err(Error::Unavailable(format!(
+                        "NIXL backend {plugin} could not be created ({e}); leave its bit out \
+                         of nixl_backends if this machine does not support it"
+                    )));
+                }
             }
             backends.push(plugin);
         }
@@ -80,12 +86,29 @@ impl NixlAgent {
             progress: NixlProgress::new(&agent)?,
             agent,
             backends,
+            handles,
             notifications: Mutex::default(),
         })
     }
 
     pub fn name(&self) -> String {
         self.agent.name()
+    }
+
+    /// Registration arguments for a disk file's buffered descriptor when this agent has a GDS
+    /// backend: every backend but GDS and GDS_MT. cuFile accepts only O_DIRECT descriptors
+    /// (`cuFileHandleRegister`: unsupported file open flags, device run 12), so GDS gets the
+    /// file through its O_DIRECT descriptor alone. `None`: register with every backend.
+    pub fn buffered_file_args(&self) -> Result<Option<OptArgs>> {
+        if !self.handles.iter().any(|(n, _)| n.starts_with("GDS")) {
+            return Ok(None);
+        }
+        let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL registration: {e}"));
+        let mut args = OptArgs::new().map_err(nixl)?;
+        for (_, b) in self.handles.iter().filter(|(n, _)| !n.starts_with("GDS")) {
+            args.add_backend(b).map_err(nixl)?;
+        }
+        Ok(Some(args))
     }
 
     /// Posts a transfer whose completion NIXL's progress thread reports.
