@@ -663,7 +663,9 @@ impl Context {
                 .map_err(|e| match e {
                     // Device <-> disk without a bounce buffer is GPUDirect Storage: say so.
                     Error::Io(m) | Error::Nixl(m) if gds => Error::Unavailable(format!(
-                        "GPUDirect Storage could not take this transfer; NIXL's GDS backend                          needs cuFile to accept the file (nvidia-fs, or cuFile's compat mode)                          and the device memory: {m}"
+                        "GPUDirect Storage could not take this transfer; NIXL's GDS backend \
+                         needs cuFile to accept the file (nvidia-fs, or cuFile's compat \
+                         mode) and the device memory: {m}"
                     )),
                     e => e,
                 })?;

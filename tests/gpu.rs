@@ -517,7 +517,7 @@ fn bytes(l: &Layout, b: u64, layer: u64, o: u64) -> Vec<u8> {
 #[ignore = "needs a CUDA GPU and NIXL: run scripts/gpu-test"]
 fn device_disk_two_hop_round_trip_with_guards_and_layer_ranges() {
     let ctx = ctx_disk();
-    // 128 blocks x 8 layers x 2 x 16 KiB = 32 MiB per layout: several 8 MiB bounce chunks.
+    // 128 blocks x 8 layers x 2 x 16 KiB = 32 MiB per layout: 24 MiB moved, two bounce chunks.
     // The 6000-byte regions cannot use O_DIRECT: they go through the buffered descriptor.
     for (inner, layers) in [(1024u64, 0..0u64), (1024, 2..5), (375, 0..0)] {
         let n = 128;
@@ -693,4 +693,126 @@ fn gds_moves_device_blocks_or_is_refused_before_anything_moves() {
             );
         }
     }
+}
+
+const RDMA_ROLE: &str = "KVX_TEST_GPU_RDMA_SERVER";
+
+fn rdma_ctx() -> Context {
+    let c = Context::new(ContextConfig {
+        worker_threads: 2,
+        nixl_backends: kvxfer::ffi::context::KVX_BACKEND_UCX,
+        capabilities: kvxfer::Capabilities {
+            allow_gds: false,
+            allow_gpu_rdma: true,
+        },
+        ..Default::default()
+    })
+    .expect("a context with NIXL's UCX backend (set KVX_NIXL_LIB_DIR)");
+    assert!(c.has_cuda(), "these tests need a CUDA GPU and driver");
+    c
+}
+
+fn wait_for(path: &std::path::Path, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The server process of the GPU RDMA test: exports a filled device layout, waits for the
+/// client's notification, then reports checksums of the blocks the client wrote.
+fn gpu_rdma_server(dir: &std::path::Path) {
+    let ctx = rdma_ctx();
+    let c = cfg(LayoutKind::LayerSeparateBlockFirst, 12, 4, 16, 128, 2);
+    let pool = layout(&ctx, c, StorageKind::Device);
+    ctx.fill(&pool, &all(12), 42).unwrap();
+    let tmp = dir.join("server.peer.tmp");
+    std::fs::write(&tmp, ctx.export(&[&pool]).unwrap()).unwrap();
+    std::fs::rename(&tmp, dir.join("server.peer")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let msg = loop {
+        if let Some(m) = ctx.next_notification(|_, m| Ok(m.to_vec())).unwrap() {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "no notification");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(msg, b"wrote 0..6");
+    let sums = ctx.checksum(&pool, &(0..6).collect::<Vec<_>>()).unwrap();
+    let text: Vec<String> = sums.iter().map(|s| s.to_string()).collect();
+    std::fs::write(dir.join("server.sums"), text.join(",")).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
+fn gpu_rdma_between_two_processes_moves_device_blocks_both_ways() {
+    // This test is both halves: run as itself it is the client and starts itself again as
+    // the server process (RDMA_ROLE names the folder they share).
+    if let Some(dir) = std::env::var_os(RDMA_ROLE) {
+        gpu_rdma_server(std::path::Path::new(&dir));
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("kvx-gpu-rdma-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "gpu_rdma_between_two_processes_moves_device_blocks_both_ways",
+            "--include-ignored",
+            "--test-threads=1",
+        ])
+        .env(RDMA_ROLE, &dir)
+        .spawn()
+        .unwrap();
+    let peer_file = dir.join("server.peer");
+    wait_for(&peer_file, "the server's export");
+    let ctx = rdma_ctx();
+    let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
+    let remote = &peer.layouts()[0];
+    assert_eq!(remote.storage_kind(), StorageKind::Device);
+    let c = cfg(LayoutKind::LayerSeparateOuterFirst, 12, 4, 16, 128, 2);
+    let mine = layout(&ctx, c, StorageKind::Device);
+    ctx.fill(&mine, &all(12), 7).unwrap();
+    let back = layout(&ctx, c, StorageKind::Device);
+    // Remote device -> local device (NixlReadFlipped), checked against the server's seed.
+    let theirs: Vec<u64> = (6..12).collect();
+    let t = ctx
+        .submit(remote, &theirs, &back, &theirs, &TransferOptions::default())
+        .unwrap();
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlReadFlipped));
+    t.wait(Some(Duration::from_secs(30))).unwrap();
+    let expected = layout(&ctx, c, StorageKind::Pinned);
+    ctx.fill(&expected, &theirs, 42).unwrap();
+    assert_eq!(
+        ctx.checksum(&back, &theirs).unwrap(),
+        ctx.checksum(&expected, &theirs).unwrap()
+    );
+    // Local device -> remote device with a notification; the server reports what landed.
+    let ours: Vec<u64> = (0..6).collect();
+    let opts = TransferOptions {
+        notify: Some(b"wrote 0..6".to_vec()),
+        ..Default::default()
+    };
+    let t = ctx.submit(&mine, &ours, remote, &ours, &opts).unwrap();
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlWrite));
+    t.wait(Some(Duration::from_secs(30))).unwrap();
+    let sums_file = dir.join("server.sums");
+    wait_for(&sums_file, "the server's checksums");
+    let sent: Vec<String> = ctx
+        .checksum(&mine, &ours)
+        .unwrap()
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(std::fs::read_to_string(&sums_file).unwrap(), sent.join(","));
+    assert!(
+        server.wait().unwrap().success(),
+        "the server process failed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,8 +18,11 @@ use crate::memory::Memory;
 use crate::plan::CopyOp;
 use crate::plan::copy_list::sort_by_dst;
 
-/// Bytes of one bounce buffer: one chunk of the pipeline.
-pub const CHUNK: u64 = 8 << 20;
+/// Bytes of one bounce buffer: one chunk of the pipeline. Each chunk is one NIXL request, in
+/// flight one at a time per direction: larger chunks give the disk deeper queues (on the GPU
+/// machine's virtio disk, 8 MiB reads ran at the speed of a raw 8 MiB pread loop, 1.7-1.9 GB/s,
+/// against 2.2-2.3 for one large request; device run 14).
+pub const CHUNK: u64 = 16 << 20;
 /// Pairs of buffers at most, however many two-hop transfers run at once.
 pub const MAX_PAIRS: usize = 2;
 

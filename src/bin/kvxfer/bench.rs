@@ -58,6 +58,11 @@ pub struct Args {
     /// --fragments-kib to 4,16,64 there.
     #[arg(long, conflicts_with_all = ["gpu", "nixl"])]
     gpu_disk: bool,
+    /// Benchmark device -> peer device with GPU RDMA (NIXL's UCX backend, two contexts of one
+    /// process) against staging through pinned memory; --total-mib defaults to 256, --iters
+    /// to 3, --fragments-kib to 4,16,64 there.
+    #[arg(long, conflicts_with_all = ["gpu", "nixl", "gpu_disk"])]
+    gpu_rdma: bool,
     /// With --gpu-disk: folder for the disk layouts (default: the system's temporary folder).
     #[arg(long, requires = "gpu_disk")]
     disk_dir: Option<std::path::PathBuf>,
@@ -253,6 +258,14 @@ pub fn run(a: &Args) -> Result<(), String> {
             iters: a.iters.unwrap_or(3),
             fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
             disk_dir: a.disk_dir.clone(),
+        });
+    }
+    if a.gpu_rdma {
+        return super::bench_gpu_rdma::run(&super::bench_gpu_rdma::GpuRdmaArgs {
+            json: a.json,
+            total_mib: a.total_mib.unwrap_or(256),
+            iters: a.iters.unwrap_or(3),
+            fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
         });
     }
     if a.nixl {

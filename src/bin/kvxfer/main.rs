@@ -4,6 +4,7 @@
 mod bench;
 mod bench_gpu;
 mod bench_gpu_disk;
+mod bench_gpu_rdma;
 mod bench_nixl;
 mod demo;
 mod plan;
