@@ -830,9 +830,36 @@ impl Context {
             _ => Direction::DeviceToDevice,
         };
         let (src_mem, dst_mem) = (request.src.memory(), request.dst.memory());
-        let reachable = |m: &Memory| {
-            m.is_mapped() || (m.kind() == StorageKind::Device && m.device_id() == dev.ordinal)
+        // Work runs on the context's device; memory of another device is reached through peer
+        // access where the hardware has it (kernels and direct copies), else the copy engines
+        // go through the driver's staging.
+        let other = |m: &Memory| m.kind() == StorageKind::Device && m.device_id() != dev.ordinal;
+        if other(src_mem) && other(dst_mem) {
+            bail!(
+                Unsupported,
+                "device {} -> device {}: one side of a device transfer must be on the \
+                 context's cuda_device ({}); use a context made for one of the two",
+                src_mem.device_id(),
+                dst_mem.device_id(),
+                dev.ordinal
+            );
+        }
+        let mut peer = true;
+        for m in [src_mem, dst_mem] {
+            if other(m) {
+                let d = m
+                    .device()
+                    .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
+                peer = dev.peer_access(d)?;
+            }
+        }
+        let reachable =
+            |m: &Memory| m.is_mapped() || (m.kind() == StorageKind::Device && (!other(m) || peer));
+        let loc = |m: &Memory| match m.kind() {
+            StorageKind::Device => cuda::copy::Loc::Device(m.device_id()),
+            _ => cuda::copy::Loc::Host,
         };
+        let (src_loc, dst_loc) = (loc(src_mem), loc(dst_mem));
         if direction == Direction::HostToDevice && !src_mem.is_mapped()
             || direction == Direction::DeviceToHost && !dst_mem.is_mapped()
         {
@@ -903,7 +930,7 @@ impl Context {
             // third of the speed (kernel lab, device run 5 of 2026-11-26).
             let list = request.build();
             // SAFETY: as above.
-            unsafe { cuda::copy::enqueue_copy_engine(dev, stream, direction, &list.copies) }
+            unsafe { cuda::copy::enqueue_at(dev, stream, src_loc, dst_loc, &list.copies) }
                 .map_err(|e| fail(e, None))?;
             (None, list.copies.len() as u64)
         };

@@ -33,7 +33,8 @@ pub struct Args {
     /// layer-separate layouts plus one fully contiguous point].
     #[arg(long, value_delimiter = ',')]
     fragments_kib: Option<Vec<u64>>,
-    /// With --gpu: the directions to measure.
+    /// With --gpu: the directions to measure (h2d, d2h, d2d; p2p: device to the next device,
+    /// on machines with two GPUs).
     #[arg(long, value_delimiter = ',', default_values_t = ["h2d".to_string(), "d2h".to_string(), "d2d".to_string()])]
     directions: Vec<String>,
     /// Benchmark the GPU tiers (H2D, D2H, D2D) instead of host memory; --total-mib defaults

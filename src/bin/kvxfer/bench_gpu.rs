@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use cudarc::driver::sys;
-use kvxfer::exec::cuda::{CudaDevice, Direction, copy, symbol};
+use kvxfer::exec::cuda::{CudaDevice, copy, symbol};
 use kvxfer::plan::CopyOp;
 use kvxfer::{
     Context, ContextConfig, CopyMode, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
@@ -54,7 +54,8 @@ fn shape(kind: LayoutKind, blocks: u64, fragment: u64) -> LayoutConfig {
 
 struct Pair {
     name: &'static str,
-    direction: Direction,
+    /// Where the two sides live, for the batch baseline's hints.
+    locs: (copy::Loc, copy::Loc),
     src: Layout,
     dst: Layout,
 }
@@ -361,7 +362,7 @@ fn point(
         warm()?;
         let t0 = Instant::now();
         // SAFETY: the bench's live stream on `dev`; fragments of live layouts.
-        unsafe { copy::enqueue_copy_engine(dev, timer.stream, pair.direction, &frags) }
+        unsafe { copy::enqueue_at(dev, timer.stream, pair.locs.0, pair.locs.1, &frags) }
             .map_err(err)?;
         timer.sync()?;
         let batch = t0.elapsed().as_secs_f64();
@@ -608,6 +609,24 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
         points.push(("FC", fc, 32 << 10));
     }
     let want = |d: &str| a.directions.iter().any(|x| x.eq_ignore_ascii_case(d));
+    // P2P needs a second device: the limit's buffer lives there.
+    let peer = if want("p2p") {
+        let n = kvxfer::exec::cuda::driver().map_err(err)?.device_count;
+        if n < 2 {
+            return Err(format!(
+                "--directions p2p needs two CUDA devices; this machine has {n}"
+            ));
+        }
+        let other = if dev.ordinal == 0 { 1 } else { 0 };
+        let spec = StorageSpec {
+            kind: StorageKind::Device,
+            device_id: other,
+            path: None,
+        };
+        Some((other, ctx.new_layout(big, &spec).map_err(err)?))
+    } else {
+        None
+    };
     for (name, (host_kind, dev_kind), fragment) in points {
         if fragment < 64 || fragment % 64 != 0 {
             return Err(format!(
@@ -626,12 +645,12 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             .map_err(err)?;
         let h2d = Pair {
             name: "H2D",
-            direction: Direction::HostToDevice,
+            locs: (copy::Loc::Host, copy::Loc::Device(dev.ordinal)),
             src: host,
             dst: dev_a,
         };
-        if want("h2d") || want("d2d") {
-            // D2D needs the device layout filled: H2D does it even when not reported.
+        if want("h2d") || want("d2d") || want("p2p") {
+            // D2D and P2P need the device layout filled: H2D does it even when not reported.
             point(
                 &ctx,
                 &dev,
@@ -647,7 +666,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
         }
         let d2h = Pair {
             name: "D2H",
-            direction: Direction::DeviceToHost,
+            locs: (copy::Loc::Device(dev.ordinal), copy::Loc::Host),
             src: h2d.dst,
             dst: h2d.src,
         };
@@ -665,11 +684,15 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 true,
             )?;
         }
+        let mut dev_src = d2h.src;
         if want("d2d") {
             let d2d = Pair {
                 name: "D2D",
-                direction: Direction::DeviceToDevice,
-                src: d2h.src,
+                locs: (
+                    copy::Loc::Device(dev.ordinal),
+                    copy::Loc::Device(dev.ordinal),
+                ),
+                src: dev_src,
                 dst: mk(host_kind, StorageKind::Device)?,
             };
             point(
@@ -681,6 +704,38 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 name,
                 fragment,
                 (d, d2),
+                a,
+                true,
+            )?;
+            dev_src = d2d.src;
+        }
+        if let Some((peer_ordinal, peer_buf)) = &peer {
+            // P2P: this device -> the next one, against one large copy between them.
+            let c = shape(host_kind, blocks, fragment);
+            let spec = StorageSpec {
+                kind: StorageKind::Device,
+                device_id: *peer_ordinal,
+                path: None,
+            };
+            let p2p = Pair {
+                name: "P2P",
+                locs: (
+                    copy::Loc::Device(dev.ordinal),
+                    copy::Loc::Device(*peer_ordinal),
+                ),
+                src: dev_src,
+                dst: ctx.new_layout(c, &spec).map_err(err)?,
+            };
+            let pb = addr(peer_buf)?;
+            point(
+                &ctx,
+                &dev,
+                &timer,
+                &clock,
+                &p2p,
+                name,
+                fragment,
+                (d, pb),
                 a,
                 true,
             )?;

@@ -110,6 +110,56 @@ pub unsafe fn enqueue_copy_engine(
     direction: Direction,
     copies: &[CopyOp],
 ) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { enqueue_between(dev, stream, location(direction, dev.ordinal), copies) }
+}
+
+/// Where one side of a copy lives, for the batch API's hints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loc {
+    Host,
+    Device(i32),
+}
+
+impl Loc {
+    fn cu(self) -> CUmemLocation {
+        match self {
+            Loc::Host => CUmemLocation {
+                type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST,
+                id: 0,
+            },
+            Loc::Device(id) => CUmemLocation {
+                type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                id,
+            },
+        }
+    }
+}
+
+/// As `enqueue_copy_engine`, with each side's location given: device memory of a device other
+/// than `dev` (peer copies between two devices, or host copies to another device's memory).
+///
+/// # Safety
+/// As `enqueue_copy_engine`.
+pub unsafe fn enqueue_at(
+    dev: &CudaDevice,
+    stream: CUstream,
+    src: Loc,
+    dst: Loc,
+    copies: &[CopyOp],
+) -> Result<()> {
+    // SAFETY: forwarded to the caller.
+    unsafe { enqueue_between(dev, stream, (src.cu(), dst.cu()), copies) }
+}
+
+/// # Safety
+/// As `enqueue_copy_engine`; `(src_loc, dst_loc)` say where the copies' sides live.
+unsafe fn enqueue_between(
+    dev: &CudaDevice,
+    stream: CUstream,
+    (src_loc, dst_loc): (CUmemLocation, CUmemLocation),
+    copies: &[CopyOp],
+) -> Result<()> {
     let batch = dev.batch;
     if matches!(batch, BatchApi::None) || copies.len() < 2 {
         for c in copies {
@@ -120,7 +170,6 @@ pub unsafe fn enqueue_copy_engine(
         }
         return Ok(());
     }
-    let (src_loc, dst_loc) = location(direction, dev.ordinal);
     let mut attrs = sys::CUmemcpyAttributes {
         srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
         srcLocHint: src_loc,

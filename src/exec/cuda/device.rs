@@ -70,6 +70,7 @@ unsafe impl Send for TableBuffer {}
 #[derive(Debug)]
 pub struct CudaDevice {
     pub ordinal: i32,
+    device: sys::CUdevice,
     ctx: sys::CUcontext,
     pub sm_count: u32,
     pub compute_capability: (i32, i32),
@@ -80,6 +81,9 @@ pub struct CudaDevice {
     kernel: OnceLock<std::result::Result<Kernel, String>>,
     /// Bandwidth learned per direction, for waiters (pace.rs).
     pub(crate) pace: Pace,
+    /// Other devices by ordinal, and whether this device's kernels and copies reach their
+    /// memory directly (peer access enabled) or not (no peer path in the hardware).
+    peers: Mutex<Vec<(i32, bool)>>,
 }
 
 // SAFETY: a CUDA context, its streams and events may be used from any thread once the context
@@ -153,6 +157,7 @@ impl CudaDevice {
         };
         let mut this = Self {
             ordinal,
+            device: dev,
             ctx,
             sm_count,
             compute_capability,
@@ -162,6 +167,7 @@ impl CudaDevice {
             tables: Mutex::new(Vec::new()),
             kernel: OnceLock::new(),
             pace: Pace::default(),
+            peers: Mutex::new(Vec::new()),
         };
         this.bind()?;
         for s in &mut this.streams {
@@ -175,6 +181,39 @@ impl CudaDevice {
             )?;
         }
         Ok(Arc::new(this))
+    }
+
+    /// Lets this device's kernels and copies reach `other`'s memory directly, once per pair;
+    /// `false` where the hardware has no peer path between the two (copies between them then
+    /// go through the driver's staging, and kernels cannot address the other's memory).
+    pub fn peer_access(&self, other: &CudaDevice) -> Result<bool> {
+        if other.ordinal == self.ordinal {
+            return Ok(true);
+        }
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(_, ok)) = peers.iter().find(|(o, _)| *o == other.ordinal) {
+            return Ok(ok);
+        }
+        let mut can = 0;
+        // SAFETY: both devices are valid handles; the out pointer is a local.
+        check(
+            unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.device, other.device) },
+            "cuDeviceCanAccessPeer",
+        )?;
+        let ok = can == 1 && {
+            self.bind()?;
+            // SAFETY: `other.ctx` is a retained primary context; this device's is current.
+            match unsafe { sys::cuCtxEnablePeerAccess(other.ctx, 0) } {
+                sys::CUresult::CUDA_SUCCESS
+                | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => true,
+                r => {
+                    check(r, "cuCtxEnablePeerAccess")?;
+                    false
+                }
+            }
+        };
+        peers.push((other.ordinal, ok));
+        Ok(ok)
     }
 
     /// Makes this device's primary context current on the calling thread.
