@@ -25,22 +25,6 @@
 #endif
 
 /**
- * AUTO sends lists whose average copy is below this to the kernel: copy engines pay a fixed
- * cost per copy that small fragments cannot amortise.
- */
-#define AUTO_KERNEL_MAX_AVG (256 << 10)
-
-/**
- * Bytes of one bounce buffer: one chunk of the pipeline.
- */
-#define CHUNK (8 << 20)
-
-/**
- * Pairs of buffers at most, however many two-hop transfers run at once.
- */
-#define MAX_PAIRS 2
-
-/**
  * NIXL backend bit: UCX (remote peers).
  */
 #define KVX_BACKEND_UCX 1
