@@ -613,14 +613,14 @@ impl Context {
             Some(peer) => (peer.to_string(), Error::Peer),
             None => (self.name.clone(), Error::Io),
         };
-        let buffered = agent.buffered_file_args()?;
+        let buffered = || agent.buffered_file_args();
         local
             .memory()
-            .ensure_nixl_registered_with(agent.agent(), buffered.as_ref())?;
+            .ensure_nixl_registered_with(agent.agent(), buffered)?;
         if !remote.is_remote() {
             remote
                 .memory()
-                .ensure_nixl_registered_with(agent.agent(), buffered.as_ref())?;
+                .ensure_nixl_registered_with(agent.agent(), buffered)?;
         }
         let list = request.build();
         let mut copies: Vec<CopyOp> = if write {
@@ -702,8 +702,7 @@ impl Context {
         .transpose()?;
         for m in [&src, &dst] {
             if m.kind() == StorageKind::Disk {
-                let buffered = agent.buffered_file_args()?;
-                m.ensure_nixl_registered_with(agent.agent(), buffered.as_ref())?;
+                m.ensure_nixl_registered_with(agent.agent(), || agent.buffered_file_args())?;
             }
         }
         let list = request.build();

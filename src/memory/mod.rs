@@ -250,15 +250,16 @@ impl Memory {
     /// Registers every region with `agent` unless that was done already; the registrations
     /// last as long as the memory.
     pub fn ensure_nixl_registered(&self, agent: &nixl_sys::Agent) -> Result<()> {
-        self.ensure_nixl_registered_with(agent, None)
+        self.ensure_nixl_registered_with(agent, || Ok(None))
     }
 
-    /// As `ensure_nixl_registered`; a disk file's buffered descriptor is registered with
-    /// `buffered` (the backends to use) where given, its O_DIRECT descriptor with every backend.
+    /// As `ensure_nixl_registered`; a disk file's buffered descriptor is registered with the
+    /// backends `buffered` gives where it gives some (asked only when registering), its O_DIRECT
+    /// descriptor with every backend.
     pub fn ensure_nixl_registered_with(
         &self,
         agent: &nixl_sys::Agent,
-        buffered: Option<&nixl_sys::OptArgs>,
+        buffered: impl FnOnce() -> Result<Option<nixl_sys::OptArgs>>,
     ) -> Result<()> {
         let mut regs = self.nixl.lock().unwrap_or_else(|p| p.into_inner());
         if !regs.is_empty() {
@@ -277,6 +278,11 @@ impl Memory {
                     .map(|fd| fd as u64),
             )
             .collect();
+        let buffered = if self.kind == StorageKind::Disk {
+            buffered()?
+        } else {
+            None
+        };
         let mut made = Vec::with_capacity(self.regions.len() * devices.len());
         for (r, device) in self
             .regions
@@ -288,8 +294,8 @@ impl Memory {
                 mem,
                 device,
             };
-            let args = if self.kind == StorageKind::Disk && device == devices[0] {
-                buffered
+            let args = if device == devices[0] {
+                buffered.as_ref()
             } else {
                 None
             };

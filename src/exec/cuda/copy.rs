@@ -82,22 +82,6 @@ pub fn choose(
     }
 }
 
-fn location(direction: Direction, ordinal: i32) -> (CUmemLocation, CUmemLocation) {
-    let host = CUmemLocation {
-        type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST,
-        id: 0,
-    };
-    let device = CUmemLocation {
-        type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-        id: ordinal,
-    };
-    match direction {
-        Direction::HostToDevice => (host, device),
-        Direction::DeviceToHost => (device, host),
-        Direction::DeviceToDevice => (device, device),
-    }
-}
-
 /// Queues `copies` on the copy engines, as the COPY_ENGINE path does (also the raw-batch
 /// baseline of `kvxfer bench --gpu`).
 ///
@@ -110,8 +94,14 @@ pub unsafe fn enqueue_copy_engine(
     direction: Direction,
     copies: &[CopyOp],
 ) -> Result<()> {
+    let here = Loc::Device(dev.ordinal);
+    let (src, dst) = match direction {
+        Direction::HostToDevice => (Loc::Host, here),
+        Direction::DeviceToHost => (here, Loc::Host),
+        Direction::DeviceToDevice => (here, here),
+    };
     // SAFETY: forwarded to the caller.
-    unsafe { enqueue_between(dev, stream, location(direction, dev.ordinal), copies) }
+    unsafe { enqueue_at(dev, stream, src, dst, copies) }
 }
 
 /// Where one side of a copy lives, for the batch API's hints.
@@ -148,18 +138,6 @@ pub unsafe fn enqueue_at(
     dst: Loc,
     copies: &[CopyOp],
 ) -> Result<()> {
-    // SAFETY: forwarded to the caller.
-    unsafe { enqueue_between(dev, stream, (src.cu(), dst.cu()), copies) }
-}
-
-/// # Safety
-/// As `enqueue_copy_engine`; `(src_loc, dst_loc)` say where the copies' sides live.
-unsafe fn enqueue_between(
-    dev: &CudaDevice,
-    stream: CUstream,
-    (src_loc, dst_loc): (CUmemLocation, CUmemLocation),
-    copies: &[CopyOp],
-) -> Result<()> {
     let batch = dev.batch;
     if matches!(batch, BatchApi::None) || copies.len() < 2 {
         for c in copies {
@@ -172,8 +150,8 @@ unsafe fn enqueue_between(
     }
     let mut attrs = sys::CUmemcpyAttributes {
         srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
-        srcLocHint: src_loc,
-        dstLocHint: dst_loc,
+        srcLocHint: src.cu(),
+        dstLocHint: dst.cu(),
         flags: 0,
     };
     // Reused across calls, so that nothing but the driver runs between them (see
