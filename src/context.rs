@@ -947,13 +947,18 @@ impl Context {
         }
         let completion = Completion::new(1);
         let bytes = fragments * region;
+        let route = cuda::pace::Route {
+            direction,
+            kernel: choice.mechanism == Mechanism::Kernel,
+            peer: other(src_mem) || other(dst_mem),
+        };
         let gated = gate.is_some();
         cuda.progress.push(
             direction,
             Pending {
                 event,
                 bytes,
-                kernel: choice.mechanism == Mechanism::Kernel,
+                route,
                 completion: completion.clone(),
                 table,
                 memory: vec![src_mem.clone(), dst_mem.clone()],
@@ -969,7 +974,7 @@ impl Context {
             kernel_fallback: choice.kernel_fallback,
             elapsed_ns: 0,
         };
-        Ok(Transfer::new(completion, stats, true).with_event(dev.clone(), event, direction, gated))
+        Ok(Transfer::new(completion, stats, true).with_event(dev.clone(), event, route, gated))
     }
 
     /// Writes the verification pattern of `seed` into `blocks`.

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys;
 
 use crate::error::{Error, Result};
-use crate::exec::cuda::{CudaDevice, Direction, check};
+use crate::exec::cuda::pace::Route;
+use crate::exec::cuda::{CudaDevice, check};
 use crate::plan::Plan;
 
 /// What moved the bytes.
@@ -149,8 +150,7 @@ struct GpuEvent {
     /// How long the work should take after submit, from the device's pace; `None` when
     /// nothing is known yet or the start waits on a caller's stream.
     expected: Option<Duration>,
-    direction: Direction,
-    kernel: bool,
+    route: Route,
     bytes: u64,
 }
 
@@ -185,28 +185,26 @@ impl Transfer {
         }
     }
 
-    /// A GPU transfer in `direction` whose last copy is followed by `event` on one of
-    /// `dev`'s streams; `gated`: it starts only after work on a caller's stream.
+    /// A GPU transfer on `route` whose last copy is followed by `event` on one of `dev`'s
+    /// streams; `gated`: it starts only after work on a caller's stream.
     pub(crate) fn with_event(
         mut self,
         dev: Arc<CudaDevice>,
         event: sys::CUevent,
-        direction: Direction,
+        route: Route,
         gated: bool,
     ) -> Self {
         let bytes = self.stats.bytes;
-        let kernel = self.stats.mechanism == Mechanism::Kernel;
         let expected = if gated {
             None
         } else {
-            dev.pace.expected(direction, kernel, bytes)
+            dev.pace.expected(route, bytes)
         };
         self.gpu = Some(GpuEvent {
             dev,
             event,
             expected,
-            direction,
-            kernel,
+            route,
             bytes,
         });
         self
@@ -256,7 +254,7 @@ impl Transfer {
             // transfer (recorded before) finished.
             match unsafe { sys::cuEventQuery(g.event) } {
                 sys::CUresult::CUDA_SUCCESS => {
-                    g.dev.pace.learn(g.direction, g.kernel, g.bytes, c.age());
+                    g.dev.pace.learn(g.route, g.bytes, c.age());
                     c.observed_success();
                     return self.poll();
                 }

@@ -1,5 +1,5 @@
-//! What each copy direction and mechanism (copy engines or the SM kernel) of a device has been
-//! moving per microsecond, learned from finished transfers. A waiter uses it to sleep until shortly before a transfer should end and then
+//! What each route of a device (copy direction, copy engines or the SM kernel, local or to
+//! another device's memory) has been moving per microsecond, learned from finished transfers. A waiter uses it to sleep until shortly before a transfer should end and then
 //! watch the transfer's event itself: waking a sleeping thread (on a VM, a halted vCPU) costs
 //! tens of microseconds, which is a large share of a sub-millisecond device-to-device copy.
 
@@ -11,27 +11,36 @@ use super::device::Direction;
 /// Transfers smaller than this say more about fixed costs than about bandwidth.
 const MIN_BYTES: u64 = 4 << 20;
 
+/// What a rate is kept for: the copy direction, whether the SM kernel moves the bytes (else
+/// the copy engines), and whether another device's memory is one side (a peer link runs at
+/// its own speed, and must not teach a local copy's waiter to wake late).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub direction: Direction,
+    pub kernel: bool,
+    pub peer: bool,
+}
+
 #[derive(Debug, Default)]
 pub struct Pace {
-    /// Bytes per microsecond by direction, then copy engines (0) or kernel (1); 0 = nothing
-    /// learned yet.
-    bytes_per_us: [[AtomicU64; 2]; 3],
+    /// Bytes per microsecond by direction, peer, then copy engines (0) or kernel (1); 0 =
+    /// nothing learned yet.
+    bytes_per_us: [[[AtomicU64; 2]; 2]; 3],
 }
 
 impl Pace {
-    fn slot(&self, d: Direction, kernel: bool) -> &AtomicU64 {
-        &self.bytes_per_us[d as usize][usize::from(kernel)]
+    fn slot(&self, r: Route) -> &AtomicU64 {
+        &self.bytes_per_us[r.direction as usize][usize::from(r.peer)][usize::from(r.kernel)]
     }
 
-    /// How long `bytes` should take in direction `d` on the kernel or the copy engines, once
-    /// something was learned.
-    pub fn expected(&self, d: Direction, kernel: bool, bytes: u64) -> Option<Duration> {
-        let rate = self.slot(d, kernel).load(Ordering::Relaxed);
+    /// How long `bytes` should take on route `r`, once something was learned.
+    pub fn expected(&self, r: Route, bytes: u64) -> Option<Duration> {
+        let rate = self.slot(r).load(Ordering::Relaxed);
         (rate > 0).then(|| Duration::from_micros(bytes / rate))
     }
 
-    /// A transfer of `bytes` took `elapsed` from submit to completion.
-    pub fn learn(&self, d: Direction, kernel: bool, bytes: u64, elapsed: Duration) {
+    /// A transfer of `bytes` on route `r` took `elapsed` from submit to completion.
+    pub fn learn(&self, r: Route, bytes: u64, elapsed: Duration) {
         if bytes < MIN_BYTES {
             return;
         }
@@ -39,7 +48,7 @@ impl Pace {
             .unwrap_or(u64::MAX)
             .max(1);
         let sample = (bytes / us).max(1);
-        let slot = self.slot(d, kernel);
+        let slot = self.slot(r);
         let old = slot.load(Ordering::Relaxed);
         // The best recent rate, fading by an eighth per transfer: a transfer that waited
         // behind others looks slow, and one such must not push every later wake-up too late.
@@ -51,32 +60,51 @@ impl Pace {
 mod tests {
     use super::*;
 
+    fn route(direction: Direction, kernel: bool) -> Route {
+        Route {
+            direction,
+            kernel,
+            peer: false,
+        }
+    }
+
     #[test]
     fn learns_from_large_transfers_only() {
         let p = Pace::default();
         let d = Direction::DeviceToDevice;
-        assert_eq!(p.expected(d, true, 1 << 30), None);
-        p.learn(d, true, 4096, Duration::from_micros(20));
-        assert_eq!(p.expected(d, true, 1 << 30), None);
-        p.learn(d, true, 1 << 30, Duration::from_micros(500));
-        let e = p.expected(d, true, 1 << 30).unwrap();
+        assert_eq!(p.expected(route(d, true), 1 << 30), None);
+        p.learn(route(d, true), 4096, Duration::from_micros(20));
+        assert_eq!(p.expected(route(d, true), 1 << 30), None);
+        p.learn(route(d, true), 1 << 30, Duration::from_micros(500));
+        let e = p.expected(route(d, true), 1 << 30).unwrap();
         assert!((499..=501).contains(&e.as_micros()), "{e:?}");
-        // Other directions and the other mechanism learn apart.
-        assert_eq!(p.expected(Direction::HostToDevice, true, 1 << 30), None);
-        assert_eq!(p.expected(d, false, 1 << 30), None);
+        // Other directions, the other mechanism and peer links learn apart.
+        assert_eq!(
+            p.expected(route(Direction::HostToDevice, true), 1 << 30),
+            None
+        );
+        assert_eq!(p.expected(route(d, false), 1 << 30), None);
+        let peer = Route {
+            peer: true,
+            ..route(d, true)
+        };
+        assert_eq!(p.expected(peer, 1 << 30), None);
+        p.learn(peer, 1 << 30, Duration::from_micros(20_000));
+        let e = p.expected(route(d, true), 1 << 30).unwrap();
+        assert!((499..=501).contains(&e.as_micros()), "{e:?}");
     }
 
     #[test]
     fn one_slow_transfer_moves_the_rate_by_an_eighth() {
         let p = Pace::default();
         let d = Direction::HostToDevice;
-        p.learn(d, false, 1 << 30, Duration::from_micros(800));
-        p.learn(d, false, 1 << 30, Duration::from_micros(80_000));
-        let e = p.expected(d, false, 1 << 30).unwrap().as_micros();
+        p.learn(route(d, false), 1 << 30, Duration::from_micros(800));
+        p.learn(route(d, false), 1 << 30, Duration::from_micros(80_000));
+        let e = p.expected(route(d, false), 1 << 30).unwrap().as_micros();
         assert!((900..=920).contains(&e), "{e}");
         // A faster one is taken at once.
-        p.learn(d, false, 1 << 30, Duration::from_micros(400));
-        let e = p.expected(d, false, 1 << 30).unwrap().as_micros();
+        p.learn(route(d, false), 1 << 30, Duration::from_micros(400));
+        let e = p.expected(route(d, false), 1 << 30).unwrap().as_micros();
         assert!((399..=401).contains(&e), "{e}");
     }
 }

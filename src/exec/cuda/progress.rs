@@ -10,6 +10,7 @@ use cudarc::driver::sys::{self, CUevent};
 
 use super::device::{CudaDevice, Direction, TableBuffer};
 use super::driver::check;
+use super::pace::Route;
 use crate::error::{Error, Result};
 use crate::memory::Memory;
 use crate::transfer::Completion;
@@ -72,9 +73,9 @@ impl Drop for StreamGate {
 /// What a transfer holds until its last copy finished.
 pub(crate) struct Pending {
     pub event: CUevent,
-    /// Bytes the transfer moves and whether the SM kernel moves them, for the device's pace.
+    /// Bytes the transfer moves and its route, for the device's pace.
     pub bytes: u64,
-    pub kernel: bool,
+    pub route: Route,
     pub completion: Arc<Completion>,
     pub table: Option<TableBuffer>,
     pub memory: Vec<Arc<Memory>>,
@@ -97,11 +98,6 @@ impl Progress {
         for lane in 0..3 {
             let (tx, rx) = unbounded::<Pending>();
             let dev = dev.clone();
-            let direction = [
-                Direction::HostToDevice,
-                Direction::DeviceToHost,
-                Direction::DeviceToDevice,
-            ][lane];
             let t = std::thread::Builder::new()
                 .name(format!("kvx-progress-{lane}"))
                 .spawn(move || {
@@ -119,8 +115,7 @@ impl Progress {
                         // and one a waiter saw finish has taught the pace its exact time.
                         if r.is_ok() && p.gate.is_none() && !p.completion.is_done() {
                             // Late by this thread's wake-up, so a little slow.
-                            dev.pace
-                                .learn(direction, p.kernel, p.bytes, p.completion.age());
+                            dev.pace.learn(p.route, p.bytes, p.completion.age());
                         }
                         // Completed before the event goes back to the pool: a waiter that
                         // finds the transfer still pending may query the event, and it must
