@@ -1,7 +1,8 @@
 //! What each route of a device (copy direction, copy engines or the SM kernel, local or to
-//! another device's memory) has been moving per microsecond, learned from finished transfers. A waiter uses it to sleep until shortly before a transfer should end and then
-//! watch the transfer's event itself: waking a sleeping thread (on a VM, a halted vCPU) costs
-//! tens of microseconds, which is a large share of a sub-millisecond device-to-device copy.
+//! another device's memory) has been moving per microsecond, learned from finished transfers.
+//! A waiter uses it to sleep until shortly before a transfer should end and then watch the
+//! transfer's event itself: waking a sleeping thread (on a VM, a halted vCPU) costs tens of
+//! microseconds, which is a large share of a sub-millisecond device-to-device copy.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
