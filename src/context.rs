@@ -729,13 +729,17 @@ impl Context {
                     Ok(Arc::new(m))
                 };
                 let lease = pool.take(make)?;
-                match &device {
-                    None => two_hop::disk_to_disk(&nixl, &src, &dst, &list.copies, &lease),
+                let ends = match &device {
+                    None => two_hop::Ends::DiskToDisk {
+                        src: &src,
+                        dst: &dst,
+                    },
                     Some(dev) if src.kind() == StorageKind::Device => {
-                        two_hop::device_to_disk(&nixl, dev, &dst, &list.copies, &lease)
+                        two_hop::Ends::DeviceToDisk { dev, dst: &dst }
                     }
-                    Some(dev) => two_hop::disk_to_device(&nixl, dev, &src, &list.copies, &lease),
-                }
+                    Some(dev) => two_hop::Ends::DiskToDevice { dev, src: &src },
+                };
+                two_hop::run(&nixl, ends, &list.copies, &lease)
             };
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
                 .unwrap_or_else(|_| Err(Error::Internal("a two-hop worker panicked".into())));

@@ -298,70 +298,55 @@ fn lease_pair<'l>(lease: &'l Lease<'_>) -> Result<&'l Pair> {
         .ok_or_else(|| Error::Internal("empty bounce lease".into()))
 }
 
-/// Disk -> disk through `lease`'s two buffers, on the calling (worker) thread.
-pub fn disk_to_disk(
-    agent: &Agent,
-    src: &Arc<Memory>,
-    dst: &Arc<Memory>,
-    copies: &[CopyOp],
-    lease: &Lease<'_>,
-) -> Result<()> {
-    let pair = lease_pair(lease)?;
-    // In destination order, so that each chunk's write is a few long runs where ids allow.
-    let mut copies = copies.to_vec();
-    sort_by_dst(&mut copies);
-    let chunks = chunks(&copies);
-    pipeline(
-        chunks.len(),
-        Order::DrainFirst,
-        |i| disk_hop(agent, &pair[i % 2], src, &chunks[i], true),
-        |i| disk_hop(agent, &pair[i % 2], dst, &chunks[i], false),
-        |h| h.wait(agent),
-    )
+/// The two ends of a two-hop transfer.
+pub enum Ends<'a> {
+    /// NIXL reads into the buffers, NIXL writes out of them.
+    DiskToDisk {
+        src: &'a Arc<Memory>,
+        dst: &'a Arc<Memory>,
+    },
+    /// Device-to-host copies into the buffers, NIXL writes out of them.
+    DeviceToDisk {
+        dev: &'a CudaDevice,
+        dst: &'a Arc<Memory>,
+    },
+    /// NIXL reads into the buffers, host-to-device copies out of them.
+    DiskToDevice {
+        dev: &'a CudaDevice,
+        src: &'a Arc<Memory>,
+    },
 }
 
-/// Device -> disk: device-to-host copies into the buffers, NIXL writes out of them.
-pub fn device_to_disk(
-    agent: &Agent,
-    dev: &CudaDevice,
-    dst: &Arc<Memory>,
-    copies: &[CopyOp],
-    lease: &Lease<'_>,
-) -> Result<()> {
+/// Moves `copies` between `ends` through `lease`'s two buffers, on the calling (worker)
+/// thread.
+pub fn run(agent: &Agent, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'_>) -> Result<()> {
     let pair = lease_pair(lease)?;
-    // File-offset order: each chunk's write is ascending, and neighbours merge.
+    // In file-offset order of the disk side that sets the pace: a write's destinations, or
+    // the sources of disk -> device. Each chunk's disk request is then ascending and its
+    // neighbours merge; the disk reads ahead.
     let mut copies = copies.to_vec();
-    sort_by_dst(&mut copies);
+    match ends {
+        Ends::DiskToDevice { .. } => copies.sort_unstable_by_key(|c| c.src),
+        _ => sort_by_dst(&mut copies),
+    }
     let chunks = chunks(&copies);
-    pipeline(
-        chunks.len(),
-        Order::DrainFirst,
-        |i| device_hop(dev, &pair[i % 2], &chunks[i], true),
-        |i| disk_hop(agent, &pair[i % 2], dst, &chunks[i], false),
-        |h| h.wait(agent),
-    )
-}
-
-/// Disk -> device: NIXL reads into the buffers, host-to-device copies out of them.
-pub fn disk_to_device(
-    agent: &Agent,
-    dev: &CudaDevice,
-    src: &Arc<Memory>,
-    copies: &[CopyOp],
-    lease: &Lease<'_>,
-) -> Result<()> {
-    let pair = lease_pair(lease)?;
-    // File-offset order of the reads: the disk reads ahead, and neighbours merge.
-    let mut copies = copies.to_vec();
-    copies.sort_unstable_by_key(|c| c.src);
-    let chunks = chunks(&copies);
-    pipeline(
-        chunks.len(),
-        Order::FillFirst,
-        |i| disk_hop(agent, &pair[i % 2], src, &chunks[i], true),
-        |i| device_hop(dev, &pair[i % 2], &chunks[i], false),
-        |h| h.wait(agent),
-    )
+    let fill = |i: usize| match ends {
+        Ends::DiskToDisk { src, .. } | Ends::DiskToDevice { src, .. } => {
+            disk_hop(agent, &pair[i % 2], src, &chunks[i], true)
+        }
+        Ends::DeviceToDisk { dev, .. } => device_hop(dev, &pair[i % 2], &chunks[i], true),
+    };
+    let drain = |i: usize| match ends {
+        Ends::DiskToDisk { dst, .. } | Ends::DeviceToDisk { dst, .. } => {
+            disk_hop(agent, &pair[i % 2], dst, &chunks[i], false)
+        }
+        Ends::DiskToDevice { dev, .. } => device_hop(dev, &pair[i % 2], &chunks[i], false),
+    };
+    let order = match ends {
+        Ends::DiskToDevice { .. } => Order::FillFirst,
+        _ => Order::DrainFirst,
+    };
+    pipeline(chunks.len(), order, fill, drain, |h| h.wait(agent))
 }
 
 #[cfg(test)]

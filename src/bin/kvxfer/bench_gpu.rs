@@ -38,8 +38,9 @@ fn ck(r: sys::CUresult, what: &str) -> Result<(), String> {
 }
 
 /// A Llama-like layer-separate shape: 32 layers, K and V, 16-token pages, bf16, with `inner`
-/// chosen so that one (block, layer, outer) fragment is `fragment` bytes.
-fn shape(kind: LayoutKind, blocks: u64, fragment: u64) -> LayoutConfig {
+/// chosen so that one (block, layer, outer) fragment is `fragment` bytes. Shared by the GPU
+/// benches.
+pub(super) fn shape(kind: LayoutKind, blocks: u64, fragment: u64) -> LayoutConfig {
     LayoutConfig {
         num_blocks: blocks,
         num_layers: 32,

@@ -20,6 +20,7 @@ use kvxfer::{
 };
 
 use super::bench::{err, median};
+use super::bench_gpu::shape;
 
 pub struct GpuDiskArgs {
     pub json: bool,
@@ -58,20 +59,6 @@ fn one_block(bytes: u64) -> LayoutConfig {
         dtype_width: 1,
         alignment: 4096,
         kind: LayoutKind::FullyContiguous,
-    }
-}
-
-/// The GPU bench's Llama-like shape: 32 layers, K and V, `fragment` bytes per piece.
-fn shape(kind: LayoutKind, blocks: u64, fragment: u64) -> LayoutConfig {
-    LayoutConfig {
-        num_blocks: blocks,
-        num_layers: 32,
-        outer_dim: 2,
-        page_size: 16,
-        inner_dim: fragment / 32,
-        dtype_width: 2,
-        alignment: 4096,
-        kind,
     }
 }
 

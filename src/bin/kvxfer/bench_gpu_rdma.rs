@@ -8,30 +8,18 @@ use std::time::Instant;
 
 use kvxfer::ffi::context::KVX_BACKEND_UCX;
 use kvxfer::{
-    Capabilities, Context, ContextConfig, Layout, LayoutConfig, LayoutKind, StorageKind,
-    StorageSpec, TransferOptions,
+    Capabilities, Context, ContextConfig, Layout, LayoutKind, StorageKind, StorageSpec,
+    TransferOptions,
 };
 
 use super::bench::{err, median};
+use super::bench_gpu::shape;
 
 pub struct GpuRdmaArgs {
     pub json: bool,
     pub total_mib: u64,
     pub iters: usize,
     pub fragments_kib: Vec<u64>,
-}
-
-fn shape(kind: LayoutKind, blocks: u64, fragment: u64) -> LayoutConfig {
-    LayoutConfig {
-        num_blocks: blocks,
-        num_layers: 32,
-        outer_dim: 2,
-        page_size: 16,
-        inner_dim: fragment / 32,
-        dtype_width: 2,
-        alignment: 256,
-        kind,
-    }
 }
 
 fn context() -> Result<Context, String> {
