@@ -506,6 +506,16 @@ fn ctx_disk() -> Context {
     c
 }
 
+/// Every block of `l` outside `written` still has the checksum it had in `before`.
+fn assert_guards(ctx: &Context, l: &Layout, written: &[u64], before: &[u64], what: &str) {
+    let after = ctx.checksum(l, &all(l.config().num_blocks)).unwrap();
+    for b in 0..l.config().num_blocks {
+        if !written.contains(&b) {
+            assert_eq!(after[b as usize], before[b as usize], "{what} guard {b}");
+        }
+    }
+}
+
 /// Bytes of (block, layer, outer) of a pinned layout.
 fn bytes(l: &Layout, b: u64, layer: u64, o: u64) -> Vec<u8> {
     let r = l.region(b, layer, o).unwrap();
@@ -566,22 +576,8 @@ fn device_disk_two_hop_round_trip_with_guards_and_layer_ranges() {
         );
         t.wait(Some(Duration::from_secs(120))).unwrap();
         // Guards: blocks that no transfer wrote keep their bytes, on disk and on the device.
-        let disk_after = ctx.checksum(&disk, &all(n)).unwrap();
-        let dev2_after = ctx.checksum(&dev2, &all(n)).unwrap();
-        for b in 0..n {
-            if !on_disk.contains(&b) {
-                assert_eq!(
-                    disk_after[b as usize], disk_before[b as usize],
-                    "disk guard {b}"
-                );
-            }
-            if !on_dev2.contains(&b) {
-                assert_eq!(
-                    dev2_after[b as usize], dev2_before[b as usize],
-                    "device guard {b}"
-                );
-            }
-        }
+        assert_guards(&ctx, &disk, &on_disk, &disk_before, "disk");
+        assert_guards(&ctx, &dev2, &on_dev2, &dev2_before, "device");
         let t = ctx.submit(&dev2, &all(n), &back, &all(n), &TransferOptions::default());
         t.unwrap().wait(None).unwrap();
         let moved = if layers.is_empty() {
@@ -675,24 +671,8 @@ fn gds_moves_device_blocks_or_is_refused_before_anything_moves() {
         ctx.checksum(&src, &a).unwrap(),
         ctx.checksum(&dev2, &on_dev2).unwrap()
     );
-    let (disk_after, dev2_after) = (
-        ctx.checksum(&disk, &all(n)).unwrap(),
-        ctx.checksum(&dev2, &all(n)).unwrap(),
-    );
-    for b in 0..n {
-        if !on_disk.contains(&b) {
-            assert_eq!(
-                disk_after[b as usize], disk_before[b as usize],
-                "disk guard {b}"
-            );
-        }
-        if !on_dev2.contains(&b) {
-            assert_eq!(
-                dev2_after[b as usize], dev2_before[b as usize],
-                "device guard {b}"
-            );
-        }
-    }
+    assert_guards(&ctx, &disk, &on_disk, &disk_before, "disk");
+    assert_guards(&ctx, &dev2, &on_dev2, &dev2_before, "device");
 }
 
 const RDMA_ROLE: &str = "KVX_TEST_GPU_RDMA_SERVER";
