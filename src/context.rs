@@ -242,7 +242,11 @@ impl Context {
         };
         let nixl = match config.nixl_backends {
             0 => None,
-            bits => Some(NixlAgent::new(&name, bits)?),
+            bits => Some(NixlAgent::new(
+                &name,
+                bits,
+                config.capabilities.allow_gpu_rdma,
+            )?),
         };
         let workers = Workers::new(threads, "kvx-worker")?;
         Ok(Self {
@@ -357,7 +361,9 @@ impl Context {
                     .disk_dir
                     .clone()
                     .unwrap_or_else(std::env::temp_dir);
-                DiskFile::temporary(&dir, total)?
+                // cuFile re-opens files by name (GDS and its compat mode alike).
+                let named = self.nixl.as_ref().is_some_and(|n| n.has_gds());
+                DiskFile::temporary(&dir, total, named)?
             }
         };
         let regions = (0..g.allocations)

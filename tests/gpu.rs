@@ -676,10 +676,12 @@ fn gds_moves_device_blocks_or_is_refused_before_anything_moves() {
 }
 
 const RDMA_ROLE: &str = "KVX_TEST_GPU_RDMA_SERVER";
+const RDMA_DEVICE: &str = "KVX_TEST_GPU_RDMA_DEVICE";
 
-fn rdma_ctx() -> Context {
+fn rdma_ctx(device: i32) -> Context {
     let c = Context::new(ContextConfig {
         worker_threads: 2,
+        cuda_device: device,
         nixl_backends: kvxfer::ffi::context::KVX_BACKEND_UCX,
         capabilities: kvxfer::Capabilities {
             allow_gds: false,
@@ -705,10 +707,10 @@ fn wait_for(path: &std::path::Path, what: &str) {
 
 /// The server process of the GPU RDMA test: exports a filled device layout, waits for the
 /// client's notification, then reports checksums of the blocks the client wrote.
-fn gpu_rdma_server(dir: &std::path::Path) {
-    let ctx = rdma_ctx();
+fn gpu_rdma_server(dir: &std::path::Path, device: i32) {
+    let ctx = rdma_ctx(device);
     let c = cfg(LayoutKind::LayerSeparateBlockFirst, 12, 4, 16, 128, 2);
-    let pool = layout(&ctx, c, StorageKind::Device);
+    let pool = layout_on(&ctx, c, device);
     ctx.fill(&pool, &all(12), 42).unwrap();
     let tmp = dir.join("server.peer.tmp");
     std::fs::write(&tmp, ctx.export(&[&pool]).unwrap()).unwrap();
@@ -730,31 +732,46 @@ fn gpu_rdma_server(dir: &std::path::Path) {
 #[test]
 #[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
 fn gpu_rdma_between_two_processes_moves_device_blocks_both_ways() {
-    // This test is both halves: run as itself it is the client and starts itself again as
-    // the server process (RDMA_ROLE names the folder they share).
+    gpu_rdma_between_processes(
+        "gpu_rdma_between_two_processes_moves_device_blocks_both_ways",
+        0,
+    );
+}
+
+#[test]
+#[ignore = "needs two CUDA GPUs and NIXL's UCX backend: run scripts/gpu-test on a two-GPU machine"]
+fn two_gpus_rdma_between_processes_on_their_own_gpus() {
+    gpu_rdma_between_processes("two_gpus_rdma_between_processes_on_their_own_gpus", 1);
+}
+
+/// Both halves of a GPU RDMA test: run as a test it is the client on device 0 and starts
+/// itself again (`test`, with RDMA_ROLE naming the folder they share) as the server on
+/// `server_device`.
+fn gpu_rdma_between_processes(test: &str, server_device: i32) {
     if let Some(dir) = std::env::var_os(RDMA_ROLE) {
-        gpu_rdma_server(std::path::Path::new(&dir));
+        let device = std::env::var(RDMA_DEVICE)
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .expect("the server's device");
+        gpu_rdma_server(std::path::Path::new(&dir), device);
         return;
     }
     let dir = std::env::temp_dir().join(format!("kvx-gpu-rdma-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mut server = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "gpu_rdma_between_two_processes_moves_device_blocks_both_ways",
-            "--include-ignored",
-            "--test-threads=1",
-        ])
+        .args(["--exact", test, "--include-ignored", "--test-threads=1"])
         .env(RDMA_ROLE, &dir)
+        .env(RDMA_DEVICE, server_device.to_string())
         .spawn()
         .unwrap();
     let peer_file = dir.join("server.peer");
     wait_for(&peer_file, "the server's export");
-    let ctx = rdma_ctx();
+    let ctx = rdma_ctx(0);
     let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
     let remote = &peer.layouts()[0];
     assert_eq!(remote.storage_kind(), StorageKind::Device);
+    assert_eq!(remote.memory().device_id(), server_device);
     let c = cfg(LayoutKind::LayerSeparateOuterFirst, 12, 4, 16, 128, 2);
     let mine = layout(&ctx, c, StorageKind::Device);
     ctx.fill(&mine, &all(12), 7).unwrap();

@@ -376,6 +376,90 @@ fn write_to_and_read_from_a_peer_with_a_notification() {
     assert!(matches!(bad, Err(Error::InvalidArgument(_))));
 }
 
+/// Contexts with `allow_gpu_rdma` run NIXL's UCX backend with dedicated worker threads that
+/// split descriptor lists (kvxfer's GPU RDMA setup). Host blocks through it: a list of 3 x 2048
+/// descriptors, past the 1024 a thread takes at once, written with a notification and read
+/// back, both ways checked block by block.
+fn gpu_rdma_setup_splits_long_lists_over_ucx_threads() {
+    let rdma = || {
+        Context::new(ContextConfig {
+            capabilities: kvxfer::Capabilities {
+                allow_gds: false,
+                allow_gpu_rdma: true,
+            },
+            ..Default::default()
+        })
+        .expect("a context with kvxfer's GPU RDMA UCX parameters")
+    };
+    let (a, b) = (rdma(), rdma());
+    let c = LayoutConfig {
+        num_blocks: 2048,
+        num_layers: 3,
+        outer_dim: 1,
+        page_size: 4,
+        inner_dim: 32,
+        dtype_width: 2,
+        alignment: 1,
+        kind: LayoutKind::LayerSeparateBlockFirst,
+    };
+    let all: Vec<u64> = (0..2048).collect();
+    let a_pool = a
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    a.fill(&a_pool, &all, 1).unwrap();
+    let peer = b.import(&a.export(&[&a_pool]).unwrap()).unwrap();
+    let remote = &peer.layouts()[0];
+    let fc = LayoutConfig {
+        kind: LayoutKind::FullyContiguous,
+        ..c
+    };
+    let src = b
+        .new_layout(fc, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    b.fill(&src, &all, 2).unwrap();
+    let mut db = all.clone();
+    fastrand::Rng::with_seed(5).shuffle(&mut db);
+    let (sb, db) = (&all[..2000], &db[..2000]);
+    let untouched: Vec<u64> = all.iter().copied().filter(|i| !db.contains(i)).collect();
+    let before = a.checksum(&a_pool, &untouched).unwrap();
+    let opts = TransferOptions {
+        notify: Some(b"2000 blocks".to_vec()),
+        ..Default::default()
+    };
+    let t = b.submit(&src, sb, remote, db, &opts).unwrap();
+    t.wait(Some(std::time::Duration::from_secs(60))).unwrap();
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlWrite));
+    assert!(t.stats().copies > 3 * 1024, "{:?}", t.stats());
+    assert_eq!(
+        a.checksum(&a_pool, db).unwrap(),
+        b.checksum(&src, sb).unwrap()
+    );
+    assert_eq!(a.checksum(&a_pool, &untouched).unwrap(), before);
+    let mut got = None;
+    for _ in 0..2000 {
+        got = a
+            .next_notification(|who, msg| Ok((who.to_string(), msg.to_vec())))
+            .unwrap();
+        if got.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(got, Some((b.name().to_string(), b"2000 blocks".to_vec())));
+    let back = b
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let t = b
+        .submit(remote, db, &back, sb, &TransferOptions::default())
+        .unwrap();
+    t.wait(Some(std::time::Duration::from_secs(60))).unwrap();
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlReadFlipped));
+    assert_eq!(
+        b.checksum(&back, sb).unwrap(),
+        b.checksum(&src, sb).unwrap()
+    );
+}
+
 const ROLE: &str = "KVX_TEST_PEER_ROLE";
 const HOLD_ROLE: &str = "KVX_TEST_HOLD_ROLE";
 const CLIENT_ROLE: &str = "KVX_TEST_CLIENT_ROLE";
@@ -911,7 +995,7 @@ fn main() {
         peer_server(std::path::Path::new(&dir));
         return;
     }
-    let tests: [(&str, fn()); 16] = [
+    let tests: [(&str, fn()); 17] = [
         (
             "default_context_makes_an_agent_with_ucx_and_posix",
             default_context_makes_an_agent_with_ucx_and_posix,
@@ -947,6 +1031,10 @@ fn main() {
         (
             "write_to_and_read_from_a_peer_with_a_notification",
             write_to_and_read_from_a_peer_with_a_notification,
+        ),
+        (
+            "gpu_rdma_setup_splits_long_lists_over_ucx_threads",
+            gpu_rdma_setup_splits_long_lists_over_ucx_threads,
         ),
         (
             "two_processes_move_data_both_ways",

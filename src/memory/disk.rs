@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
@@ -18,6 +18,16 @@ pub struct DiskFile {
     /// The same file opened with O_DIRECT, where the file system allows it: I/O that is
     /// DIRECT_ALIGN-aligned bypasses the page cache through it.
     direct: Option<File>,
+    /// A temporary file that keeps its name while open, removed on drop.
+    remove: Option<PathBuf>,
+}
+
+impl Drop for DiskFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.remove {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Opens `file` again with O_DIRECT through /proc (which also works for unlinked files);
@@ -37,37 +47,57 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> Error {
 }
 
 impl DiskFile {
-    /// A new file in `dir`, unlinked at once, `len` bytes long (sparse).
-    pub fn temporary(dir: &Path, len: u64) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
-            .open(dir)
-            .or_else(|_| {
-                // File systems without O_TMPFILE: a unique name, removed right away.
-                let name = dir.join(format!(
-                    ".kvxfer-{}-{}",
-                    std::process::id(),
-                    fastrand::u64(..)
-                ));
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&name)?;
-                std::fs::remove_file(&name)?;
-                Ok(f)
-            })
-            .map_err(|e| io("cannot create a disk layout file in", dir, e))?;
-        file.set_len(len)
-            .map_err(|e| io("cannot size a disk layout file in", dir, e))?;
-        Ok(Self {
+    /// A new file in `dir`, `len` bytes long (sparse), never seen by others: unlinked at once,
+    /// or with `named`, under a unique dot-name until it is dropped. cuFile needs the name: in
+    /// compat mode it opens the file again by the path /proc gives, which an unlinked file
+    /// does not have (device run 3 of 2026-11-26: "open call failed for file /tmp/#8118299
+    /// (deleted)").
+    pub fn temporary(dir: &Path, len: u64, named: bool) -> Result<Self> {
+        let unique = || {
+            dir.join(format!(
+                ".kvxfer-{}-{:016x}",
+                std::process::id(),
+                fastrand::u64(..)
+            ))
+        };
+        let create = |name: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(name)
+        };
+        let (file, remove) = if named {
+            let name = unique();
+            let f = create(&name).map_err(|e| io("cannot create a disk layout file in", dir, e))?;
+            (f, Some(name))
+        } else {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .mode(0o600)
+                .open(dir)
+                .or_else(|_| {
+                    // File systems without O_TMPFILE: a unique name, removed right away.
+                    let name = unique();
+                    let f = create(&name)?;
+                    std::fs::remove_file(&name)?;
+                    Ok(f)
+                })
+                .map_err(|e| io("cannot create a disk layout file in", dir, e))?;
+            (f, None)
+        };
+        let this = Self {
             direct: reopen_direct(&file),
             file,
-        })
+            remove,
+        };
+        this.file
+            .set_len(len)
+            .map_err(|e| io("cannot size a disk layout file in", dir, e))?;
+        Ok(this)
     }
 
     /// The file at `path`, created if missing and grown to `len` bytes if shorter; kept after
@@ -92,6 +122,7 @@ impl DiskFile {
         Ok(Self {
             direct: reopen_direct(&file),
             file,
+            remove: None,
         })
     }
 

@@ -59,11 +59,14 @@ pub struct Args {
     /// --fragments-kib to 4,16,64 there.
     #[arg(long, conflicts_with_all = ["gpu", "nixl"])]
     gpu_disk: bool,
-    /// Benchmark device -> peer device with GPU RDMA (NIXL's UCX backend, two contexts of one
-    /// process) against staging through pinned memory; --total-mib defaults to 256, --iters
-    /// to 3, --fragments-kib to 4,16,64 there.
+    /// Benchmark writes and reads between this process's device 0 and a device of a second
+    /// kvxfer process with GPU RDMA (NIXL's UCX backend) against staging through pinned memory;
+    /// --total-mib defaults to 256, --iters to 3, --fragments-kib to 4,16,64 there.
     #[arg(long, conflicts_with_all = ["gpu", "nixl", "gpu_disk"])]
     gpu_rdma: bool,
+    /// With --gpu-rdma: the CUDA device of the peer process.
+    #[arg(long, requires = "gpu_rdma", default_value_t = 0)]
+    peer_device: i32,
     /// With --gpu-disk: folder for the disk layouts (default: the system's temporary folder).
     #[arg(long, requires = "gpu_disk")]
     disk_dir: Option<std::path::PathBuf>,
@@ -267,6 +270,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             total_mib: a.total_mib.unwrap_or(256),
             iters: a.iters.unwrap_or(3),
             fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
+            peer_device: a.peer_device,
         });
     }
     if a.nixl {

@@ -1,9 +1,17 @@
-//! `kvxfer bench --gpu-rdma`: device -> remote device through NIXL's UCX backend with GPU RDMA
-//! (`allow_gpu_rdma`: UCX's CUDA transports read and write device memory), against staging
-//! through pinned memory, measured in the same run: device -> pinned on the sender, pinned ->
-//! the peer's pinned memory through UCX, pinned -> device on the receiver. Two contexts of one
-//! process are the two sides (each its own NIXL agent, connected through UCX).
+//! `kvxfer bench --gpu-rdma`: device <-> device of another process through NIXL's UCX backend
+//! with GPU RDMA (`allow_gpu_rdma`: UCX's CUDA transports read and write device memory),
+//! against staging through pinned memory, measured in the same run. The peer is a second
+//! `kvxfer` process (the hidden `rdma-peer` command) on `--peer-device`, driven over its
+//! stdin/stdout: it exports its layouts through a file, runs its half of the staged path
+//! (pinned <-> device on its side) when asked, and reports checksums of what landed.
+//!
+//! Write: local device -> peer device (NixlWrite), against D2H here + pinned -> peer pinned
+//! (UCX) + H2D there. Read: peer device -> local device (NixlReadFlipped), against D2H there +
+//! peer pinned -> pinned here (UCX) + H2D here.
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use kvxfer::ffi::context::KVX_BACKEND_UCX;
@@ -20,11 +28,30 @@ pub struct GpuRdmaArgs {
     pub total_mib: u64,
     pub iters: usize,
     pub fragments_kib: Vec<u64>,
+    pub peer_device: i32,
 }
 
-fn context() -> Result<Context, String> {
+/// The peer process's arguments (`kvxfer rdma-peer`, started by the bench, not by hand).
+#[derive(clap::Args)]
+pub struct PeerArgs {
+    #[arg(long)]
+    device: i32,
+    #[arg(long)]
+    total_mib: u64,
+    #[arg(long, value_delimiter = ',')]
+    fragments_kib: Vec<u64>,
+    /// Where to write the exported layouts.
+    #[arg(long)]
+    export: PathBuf,
+}
+
+/// Marks the peer's replies among whatever else the libraries below print to its stdout.
+const REPLY: &str = "kvx-peer: ";
+
+fn context(device: i32) -> Result<Context, String> {
     Context::new(ContextConfig {
         nixl_backends: KVX_BACKEND_UCX,
+        cuda_device: device,
         capabilities: Capabilities {
             allow_gds: false,
             allow_gpu_rdma: true,
@@ -34,104 +61,320 @@ fn context() -> Result<Context, String> {
     .map_err(err)
 }
 
-pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
-    let (sender, receiver) = (context()?, context()?);
-    if !sender.has_cuda() {
-        return Err("bench --gpu-rdma needs a CUDA GPU and driver; this machine has none".into());
+fn blocks_for(total_mib: u64, fragment: u64) -> u64 {
+    ((total_mib << 20) / (64 * fragment)).max(1)
+}
+
+/// The block orders both processes use: source ids here, destination ids at the peer.
+fn orders(kib: u64, blocks: u64) -> (Vec<u64>, Vec<u64>) {
+    let mut sb: Vec<u64> = (0..blocks).collect();
+    let mut db = sb.clone();
+    let mut rng = fastrand::Rng::with_seed(kib);
+    rng.shuffle(&mut sb);
+    rng.shuffle(&mut db);
+    (sb, db)
+}
+
+fn make(
+    ctx: &Context,
+    kind: LayoutKind,
+    storage: StorageKind,
+    device: i32,
+    blocks: u64,
+    fragment: u64,
+) -> Result<Layout, String> {
+    let spec = StorageSpec {
+        kind: storage,
+        device_id: device,
+        path: None,
+    };
+    ctx.new_layout(shape(kind, blocks, fragment), &spec)
+        .map_err(err)
+}
+
+fn go(ctx: &Context, s: &Layout, sids: &[u64], d: &Layout, dids: &[u64]) -> Result<(), String> {
+    ctx.submit(s, sids, d, dids, &TransferOptions::default())
+        .and_then(|t| t.wait(None))
+        .map_err(err)
+}
+
+fn sums(ctx: &Context, l: &Layout, ids: &[u64]) -> Result<String, String> {
+    let s = ctx.checksum(l, ids).map_err(err)?;
+    Ok(s.iter().map(u64::to_string).collect::<Vec<_>>().join(","))
+}
+
+/// `kvxfer rdma-peer`: one device layout and one pinned staging layout per fragment size,
+/// exported, then commands from stdin until EOF: `h2d I` / `d2h I` run this side's staging hop
+/// of fragment size I, `sum I` prints the checksums of the device layout's destination blocks.
+pub fn peer(a: &PeerArgs) -> Result<(), String> {
+    let ctx = context(a.device)?;
+    if !ctx.has_cuda() {
+        return Err("rdma-peer needs a CUDA GPU".into());
     }
-    let total = a.total_mib << 20;
-    if !a.json {
-        println!(
-            "device -> peer device: {} MiB per point, median of {} (GB/s; GPU RDMA against D2H + UCX host write + H2D)",
-            a.total_mib, a.iters
-        );
-        println!(
-            "{:>8} {:>7} {:>9} {:>9} {:>7}",
-            "fragment", "frags", "GPU RDMA", "staged", "ratio"
-        );
-    }
+    let mut sides = Vec::new();
     for &kib in &a.fragments_kib {
         let fragment = kib << 10;
-        if fragment < 64 || fragment % 64 != 0 {
-            return Err(format!("fragment {kib} KiB: use a multiple of 64 bytes"));
-        }
-        let blocks = (total / (64 * fragment)).max(1);
-        let mk = |ctx: &Context, kind, storage| {
-            ctx.new_layout(shape(kind, blocks, fragment), &StorageSpec::new(storage))
-                .map_err(err)
-        };
-        let src = mk(
-            &sender,
-            LayoutKind::LayerSeparateBlockFirst,
-            StorageKind::Device,
-        )?;
-        let stage_out = mk(&sender, LayoutKind::FullyContiguous, StorageKind::Pinned)?;
-        let dst = mk(
-            &receiver,
+        let blocks = blocks_for(a.total_mib, fragment);
+        let dev = make(
+            &ctx,
             LayoutKind::LayerSeparateOuterFirst,
             StorageKind::Device,
+            a.device,
+            blocks,
+            fragment,
         )?;
-        let stage_in = mk(&receiver, LayoutKind::FullyContiguous, StorageKind::Pinned)?;
-        let peer = sender
-            .import(&receiver.export(&[&dst, &stage_in]).map_err(err)?)
-            .map_err(err)?;
-        let (remote_dst, remote_stage) = (&peer.layouts()[0], &peer.layouts()[1]);
-        let ids: Vec<u64> = (0..blocks).collect();
-        let mut sb = ids.clone();
-        let mut db = ids.clone();
-        let mut rng = fastrand::Rng::with_seed(kib);
-        rng.shuffle(&mut sb);
-        rng.shuffle(&mut db);
-        sender.fill(&src, &ids, 3).map_err(err)?;
-        let one = TransferOptions::default();
-        let go = |ctx: &Context, s: &Layout, sids: &[u64], d: &Layout, dids: &[u64]| {
-            ctx.submit(s, sids, d, dids, &one)
-                .and_then(|t| t.wait(None))
-                .map_err(err)
+        let stage = make(
+            &ctx,
+            LayoutKind::FullyContiguous,
+            StorageKind::Pinned,
+            a.device,
+            blocks,
+            fragment,
+        )?;
+        let all: Vec<u64> = (0..blocks).collect();
+        ctx.fill(&dev, &all, 11).map_err(err)?;
+        let (_, db) = orders(kib, blocks);
+        sides.push((dev, stage, all, db));
+    }
+    let layouts: Vec<&Layout> = sides.iter().flat_map(|(d, s, ..)| [d, s]).collect();
+    let tmp = a.export.with_extension("tmp");
+    std::fs::write(&tmp, ctx.export(&layouts).map_err(err)?).map_err(err)?;
+    std::fs::rename(&tmp, &a.export).map_err(err)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{REPLY}ready").map_err(err)?;
+    out.flush().map_err(err)?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.map_err(err)?;
+        let (cmd, i) = line
+            .split_once(' ')
+            .ok_or_else(|| format!("rdma-peer: bad command {line:?}"))?;
+        let (dev, stage, all, db) = i
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| sides.get(i))
+            .ok_or_else(|| format!("rdma-peer: bad index in {line:?}"))?;
+        let reply = match cmd {
+            "h2d" => go(&ctx, stage, all, dev, db).map(|()| "ok".to_string())?,
+            "d2h" => go(&ctx, dev, db, stage, all).map(|()| "ok".to_string())?,
+            "sum" => sums(&ctx, dev, db)?,
+            _ => return Err(format!("rdma-peer: unknown command {line:?}")),
         };
+        writeln!(out, "{REPLY}{reply}").map_err(err)?;
+        out.flush().map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The peer process and its command pipe. Dropping it closes stdin (the peer exits) and reaps.
+struct Peer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    dir: PathBuf,
+}
+
+impl Peer {
+    fn start(a: &GpuRdmaArgs) -> Result<(Self, Vec<u8>), String> {
+        let dir = std::env::temp_dir().join(format!("kvx-rdma-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let export = dir.join("peer.bin");
+        let kib: Vec<String> = a.fragments_kib.iter().map(u64::to_string).collect();
+        let exe = std::env::current_exe().map_err(err)?;
+        let mut child = Command::new(exe)
+            .arg("rdma-peer")
+            .arg("--device")
+            .arg(a.peer_device.to_string())
+            .arg("--total-mib")
+            .arg(a.total_mib.to_string())
+            .arg("--fragments-kib")
+            .arg(kib.join(","))
+            .arg("--export")
+            .arg(&export)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting the peer process: {e}"))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("the peer process has no pipes".into());
+        };
+        let mut peer = Peer {
+            child,
+            stdin: Some(stdin),
+            stdout: BufReader::new(stdout),
+            dir,
+        };
+        peer.expect_line("ready")?;
+        let blob = std::fs::read(&export).map_err(err)?;
+        Ok((peer, blob))
+    }
+
+    /// The peer's next reply. Other lines on its stdout (UCX_PROTO_INFO tables, logs of the
+    /// libraries below) are passed on to stderr.
+    fn line(&mut self) -> Result<String, String> {
+        loop {
+            let mut s = String::new();
+            if self.stdout.read_line(&mut s).map_err(err)? == 0 {
+                return Err("the peer process exited (its error is above)".into());
+            }
+            // Found anywhere in the line: the C libraries' buffered stdout may end up in front.
+            match s.trim_end().split_once(REPLY) {
+                Some((before, reply)) => {
+                    if !before.is_empty() {
+                        eprintln!("peer: {before}");
+                    }
+                    return Ok(reply.to_string());
+                }
+                None => eprint!("peer: {s}"),
+            }
+        }
+    }
+
+    fn expect_line(&mut self, want: &str) -> Result<(), String> {
+        let got = self.line()?;
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("the peer process said {got:?}, not {want:?}"))
+        }
+    }
+
+    fn ask(&mut self, cmd: &str, i: usize) -> Result<String, String> {
+        let stdin = self.stdin.as_mut().ok_or("the peer's stdin is closed")?;
+        writeln!(stdin, "{cmd} {i}").map_err(err)?;
+        stdin.flush().map_err(err)?;
+        self.line()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn report(a: &GpuRdmaArgs, op: &str, kib: u64, bytes: u64, frags: u64, d: Vec<f64>, s: Vec<f64>) {
+    let (g, s) = (
+        bytes as f64 / median(d) / 1e9,
+        bytes as f64 / median(s) / 1e9,
+    );
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": "gpu_rdma", "op": op, "processes": 2, "local_device": 0,
+                "peer_device": a.peer_device, "fragment_bytes": kib << 10, "fragments": frags,
+                "bytes": bytes, "iters": a.iters, "gpu_rdma_gbps": g, "staged_gbps": s,
+                "ratio": g / s,
+            })
+        );
+    } else {
+        println!(
+            "{op:>5} {kib:>5} KiB {frags:>7} {g:>9.2} {s:>9.2} {:>7.3}",
+            g / s
+        );
+    }
+}
+
+pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
+    let ctx = context(0)?;
+    if !ctx.has_cuda() {
+        return Err("bench --gpu-rdma needs a CUDA GPU and driver; this machine has none".into());
+    }
+    for &kib in &a.fragments_kib {
+        if kib == 0 || (kib << 10) > (a.total_mib << 20) / 64 {
+            return Err(format!(
+                "fragment {kib} KiB: use 1 KiB to total/64 ({} MiB total)",
+                a.total_mib
+            ));
+        }
+    }
+    let (mut peer, blob) = Peer::start(a)?;
+    let remote = ctx.import(&blob).map_err(err)?;
+    if !a.json {
+        println!(
+            "device 0 <-> device {} of another process: {} MiB per point, median of {} \
+             (GB/s; GPU RDMA against staging through pinned memory on both sides)",
+            a.peer_device, a.total_mib, a.iters
+        );
+        println!(
+            "{:>5} {:>9} {:>7} {:>9} {:>9} {:>7}",
+            "op", "fragment", "frags", "GPU RDMA", "staged", "ratio"
+        );
+    }
+    for (i, &kib) in a.fragments_kib.iter().enumerate() {
+        let fragment = kib << 10;
+        let blocks = blocks_for(a.total_mib, fragment);
+        let (sb, db) = orders(kib, blocks);
+        let ids: Vec<u64> = (0..blocks).collect();
+        let dev = |kind| make(&ctx, kind, StorageKind::Device, 0, blocks, fragment);
+        let src = dev(LayoutKind::LayerSeparateBlockFirst)?;
+        let back = dev(LayoutKind::LayerSeparateBlockFirst)?;
+        let stage = make(
+            &ctx,
+            LayoutKind::FullyContiguous,
+            StorageKind::Pinned,
+            0,
+            blocks,
+            fragment,
+        )?;
+        let (r_dev, r_stage) = (&remote.layouts()[2 * i], &remote.layouts()[2 * i + 1]);
+        ctx.fill(&src, &ids, 3).map_err(err)?;
+        let bytes = blocks * 64 * fragment;
+        let frags = blocks * 64;
+
         let (mut direct, mut staged) = (Vec::new(), Vec::new());
-        for i in 0..=a.iters {
+        for round in 0..=a.iters {
             let t0 = Instant::now();
-            go(&sender, &src, &sb, remote_dst, &db)?;
+            go(&ctx, &src, &sb, r_dev, &db)?;
             let d = t0.elapsed().as_secs_f64();
             let t0 = Instant::now();
-            go(&sender, &src, &sb, &stage_out, &ids)?;
-            go(&sender, &stage_out, &ids, remote_stage, &ids)?;
-            go(&receiver, &stage_in, &ids, &dst, &db)?;
+            go(&ctx, &src, &sb, &stage, &ids)?;
+            go(&ctx, &stage, &ids, r_stage, &ids)?;
+            let ok = peer.ask("h2d", i)?;
             let s = t0.elapsed().as_secs_f64();
-            if i > 0 {
+            if ok != "ok" {
+                return Err(format!("the peer's H2D failed: {ok}"));
+            }
+            if round > 0 {
                 direct.push(d);
                 staged.push(s);
             }
         }
-        // Both paths leave src[sb[i]] in dst[db[i]].
-        if sender.checksum(&src, &sb).map_err(err)? != receiver.checksum(&dst, &db).map_err(err)? {
+        // Both paths leave src[sb[k]] in the peer's dev[db[k]].
+        if peer.ask("sum", i)? != sums(&ctx, &src, &sb)? {
             return Err(format!(
-                "{kib} KiB: the peer's blocks differ from the sent ones"
+                "write {kib} KiB: the peer's blocks differ from the sent ones"
             ));
         }
-        let bytes = blocks * 64 * fragment;
-        let (g, s) = (
-            bytes as f64 / median(direct) / 1e9,
-            bytes as f64 / median(staged) / 1e9,
-        );
-        if a.json {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "name": "gpu_rdma", "fragment_bytes": fragment, "fragments": blocks * 64,
-                    "bytes": bytes, "iters": a.iters, "gpu_rdma_gbps": g, "staged_gbps": s,
-                    "ratio": g / s,
-                })
-            );
-        } else {
-            println!(
-                "{:>5} KiB {:>7} {g:>9.2} {s:>9.2} {:>7.3}",
-                kib,
-                blocks * 64,
-                g / s
-            );
+        report(a, "write", kib, bytes, frags, direct, staged);
+
+        let (mut direct, mut staged) = (Vec::new(), Vec::new());
+        for round in 0..=a.iters {
+            let t0 = Instant::now();
+            go(&ctx, r_dev, &db, &back, &sb)?;
+            let d = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            let ok = peer.ask("d2h", i)?;
+            if ok != "ok" {
+                return Err(format!("the peer's D2H failed: {ok}"));
+            }
+            go(&ctx, r_stage, &ids, &stage, &ids)?;
+            go(&ctx, &stage, &ids, &back, &sb)?;
+            let s = t0.elapsed().as_secs_f64();
+            if round > 0 {
+                direct.push(d);
+                staged.push(s);
+            }
         }
+        if peer.ask("sum", i)? != sums(&ctx, &back, &sb)? {
+            return Err(format!(
+                "read {kib} KiB: the blocks read differ from the peer's"
+            ));
+        }
+        report(a, "read", kib, bytes, frags, direct, staged);
     }
+    drop(peer);
     Ok(())
 }

@@ -30,6 +30,9 @@ enum Command {
     Demo(demo::Args),
     /// Measure transfers against baselines run in the same process.
     Bench(bench::Args),
+    /// The peer process of `bench --gpu-rdma` (started by the bench).
+    #[command(hide = true)]
+    RdmaPeer(bench_gpu_rdma::PeerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(a) => plan::run(&a),
         Command::Demo(a) => demo::run(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::RdmaPeer(a) => bench_gpu_rdma::peer(&a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
