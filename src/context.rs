@@ -248,6 +248,13 @@ impl Context {
                 config.capabilities.allow_gpu_rdma,
             )?),
         };
+        if let Some(agent) = &nixl
+            && config.capabilities.allow_gds
+            && agent.has_gds()
+        {
+            let dir = config.disk_dir.clone().unwrap_or_else(std::env::temp_dir);
+            agent.probe_gds(&dir)?;
+        }
         let workers = Workers::new(threads, "kvx-worker")?;
         Ok(Self {
             id,
@@ -665,7 +672,7 @@ impl Context {
             let gds = !remote.is_remote()
                 && [local.storage_kind(), remote.storage_kind()].contains(&StorageKind::Device);
             agent
-                .post(job, completion.clone(), error)
+                .post(job, completion.clone(), error, gds)
                 .map_err(|e| match e {
                     // Device <-> disk without a bounce buffer is GPUDirect Storage: say so.
                     Error::Io(m) | Error::Nixl(m) if gds => Error::Unavailable(format!(

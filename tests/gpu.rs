@@ -604,20 +604,39 @@ fn device_disk_two_hop_round_trip_with_guards_and_layer_ranges() {
 #[ignore = "needs a CUDA GPU, NIXL's GDS backend and cuFile: run scripts/gpu-test"]
 fn gds_moves_device_blocks_or_is_refused_before_anything_moves() {
     // Where cuFile takes the file, blocks go device -> disk -> device directly and arrive
-    // whole. Where it does not (no nvidia-fs and no compat mode, a file system it refuses),
-    // submit must say so, without hanging and without writing anything. KVX_REQUIRE_GDS=1
-    // makes the refusal a failure, for machines known to have GDS.
-    let ctx = Context::new(ContextConfig {
+    // whole. Where it does not (no nvidia-fs and no compat mode, a file system it refuses, no
+    // udev inside a container), the context says so when it is made (a probe file in its
+    // disk folder), or submit for a file elsewhere, without hanging and without writing
+    // anything. KVX_REQUIRE_GDS=1 makes the refusal a failure, for machines known to have GDS.
+    // KVX_TEST_GDS_BACKEND=GDS_MT tries NIXL's multi-threaded GDS backend instead.
+    let gds = match std::env::var("KVX_TEST_GDS_BACKEND").as_deref() {
+        Ok("GDS_MT") => kvxfer::ffi::context::KVX_BACKEND_GDS_MT,
+        _ => kvxfer::ffi::context::KVX_BACKEND_GDS,
+    };
+    let require = std::env::var_os("KVX_REQUIRE_GDS").is_some_and(|v| v == "1");
+    let made = std::time::Instant::now();
+    let ctx = match Context::new(ContextConfig {
         worker_threads: 4,
-        nixl_backends: kvxfer::ffi::context::KVX_BACKEND_POSIX
-            | kvxfer::ffi::context::KVX_BACKEND_GDS,
+        nixl_backends: kvxfer::ffi::context::KVX_BACKEND_POSIX | gds,
         capabilities: kvxfer::Capabilities {
             allow_gds: true,
             allow_gpu_rdma: false,
         },
         ..Default::default()
-    })
-    .expect("a context with the GDS backend (cuFile and NIXL's GDS plugin)");
+    }) {
+        Ok(c) => c,
+        // cuFile refuses the probe file: said when the context is made, with the reason.
+        Err(kvxfer::Error::Unavailable(m)) if m.contains("GPUDirect Storage is not usable") => {
+            assert!(!require, "GDS required but refused: {m}");
+            assert!(
+                made.elapsed() < Duration::from_secs(10),
+                "refused, but slowly"
+            );
+            println!("GDS refused on this machine when the context was made: {m}");
+            return;
+        }
+        Err(e) => panic!("a context with the GDS backend (cuFile and NIXL's GDS plugin): {e:?}"),
+    };
     let n = 32;
     let c = cfg(LayoutKind::LayerSeparateOuterFirst, n, 4, 4, 1024, 4);
     let with = |kind| LayoutConfig { kind, ..c };
@@ -639,14 +658,19 @@ fn gds_moves_device_blocks_or_is_refused_before_anything_moves() {
         .unwrap()
         .wait(None)
         .unwrap();
-    let a: Vec<u64> = (0..24).collect();
+    // KVX_TEST_GDS_BLOCKS: how many blocks move (default 24, 8 pieces each).
+    let moved = std::env::var("KVX_TEST_GDS_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24u64)
+        .min(n);
+    let a: Vec<u64> = (0..moved).collect();
     let on_disk: Vec<u64> = a.iter().map(|b| n - 1 - b).collect();
     let on_dev2: Vec<u64> = a.iter().map(|b| (b + 5) % n).collect();
     let started = std::time::Instant::now();
     let t = match ctx.submit(&dev, &a, &disk, &on_disk, &one) {
         Ok(t) => t,
         Err(e) => {
-            let require = std::env::var_os("KVX_REQUIRE_GDS").is_some_and(|v| v == "1");
             assert!(!require, "GDS required but refused: {e}");
             assert!(
                 matches!(&e, kvxfer::Error::Unavailable(m) if m.contains("GPUDirect Storage")),
@@ -673,6 +697,37 @@ fn gds_moves_device_blocks_or_is_refused_before_anything_moves() {
     );
     assert_guards(&ctx, &disk, &on_disk, &disk_before, "disk");
     assert_guards(&ctx, &dev2, &on_dev2, &dev2_before, "device");
+    // A file cuFile cannot take on a context that can use GDS (tmpfs has no O_DIRECT): refused
+    // at submit, promptly, naming GDS, with nothing written.
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        let path = shm.join(format!("kvx-gds-refused-{}", std::process::id()));
+        let tmpfs = ctx
+            .new_layout(
+                with(LayoutKind::FullyContiguous),
+                &StorageSpec {
+                    kind: StorageKind::Disk,
+                    device_id: 0,
+                    path: Some(path.clone()),
+                },
+            )
+            .unwrap();
+        ctx.fill(&tmpfs, &all(n), 8).unwrap();
+        let before = ctx.checksum(&tmpfs, &all(n)).unwrap();
+        let started = std::time::Instant::now();
+        let e = ctx
+            .submit(&dev, &a, &tmpfs, &on_disk, &one)
+            .map(|_| ())
+            .expect_err("GDS to a tmpfs file");
+        assert!(
+            matches!(&e, kvxfer::Error::Unavailable(m) if m.contains("GPUDirect Storage")),
+            "{e:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(ctx.checksum(&tmpfs, &all(n)).unwrap(), before);
+        drop(tmpfs);
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 const RDMA_ROLE: &str = "KVX_TEST_GPU_RDMA_SERVER";

@@ -106,10 +106,10 @@ enum Owner {
 
 /// One region as NIXL registers it.
 #[derive(Debug)]
-struct NixlRegion {
-    region: Region,
-    mem: MemType,
-    device: u64,
+pub(crate) struct NixlRegion {
+    pub(crate) region: Region,
+    pub(crate) mem: MemType,
+    pub(crate) device: u64,
 }
 
 impl MemoryRegion for NixlRegion {

@@ -70,6 +70,9 @@ pub struct Args {
     /// With --gpu-disk: folder for the disk layouts (default: the system's temporary folder).
     #[arg(long, requires = "gpu_disk")]
     disk_dir: Option<std::path::PathBuf>,
+    /// With --gpu-disk: compare with GDS through NIXL's GDS_MT backend instead of GDS.
+    #[arg(long, requires = "gpu_disk")]
+    gds_mt: bool,
 }
 
 struct Point {
@@ -262,6 +265,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             iters: a.iters.unwrap_or(3),
             fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
             disk_dir: a.disk_dir.clone(),
+            gds_mt: a.gds_mt,
         });
     }
     if a.gpu_rdma {

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use cudarc::driver::sys;
-use kvxfer::ffi::context::{KVX_BACKEND_GDS, KVX_BACKEND_POSIX};
+use kvxfer::ffi::context::{KVX_BACKEND_GDS, KVX_BACKEND_GDS_MT, KVX_BACKEND_POSIX};
 use kvxfer::{
     Capabilities, Context, ContextConfig, Layout, LayoutConfig, LayoutKind, StorageKind,
     StorageSpec, TransferOptions,
@@ -29,6 +29,8 @@ pub struct GpuDiskArgs {
     pub fragments_kib: Vec<u64>,
     /// Folder for the disk layouts and the raw baseline's file.
     pub disk_dir: Option<PathBuf>,
+    /// The GDS comparison through NIXL's GDS_MT backend instead of GDS.
+    pub gds_mt: bool,
 }
 
 /// Raw I/O piece of the disk baseline.
@@ -242,7 +244,12 @@ pub fn run(a: &GpuDiskArgs) -> Result<(), String> {
     let gbps = |bytes: u64, t: f64| bytes as f64 / t / 1e9;
     let (d2h, h2d) = (gbps(total, median(d2h)), gbps(total, median(h2d)));
     let mut gds = Context::new(ContextConfig {
-        nixl_backends: KVX_BACKEND_POSIX | KVX_BACKEND_GDS,
+        nixl_backends: KVX_BACKEND_POSIX
+            | if a.gds_mt {
+                KVX_BACKEND_GDS_MT
+            } else {
+                KVX_BACKEND_GDS
+            },
         capabilities: Capabilities {
             allow_gds: true,
             allow_gpu_rdma: false,

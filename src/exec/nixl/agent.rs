@@ -150,6 +150,43 @@ impl NixlAgent {
         self.agent.name()
     }
 
+    /// Whether cuFile takes files in `dir`, asked once when a context that allows GDS is made:
+    /// a 4 KiB file there (named, O_DIRECT, as kvxfer's own) registered with the GDS backends
+    /// alone. Where cuFile refuses it (no nvidia-fs and no compat mode, a file system it does
+    /// not know, no udev description of the block device inside a container), the context is
+    /// UNAVAILABLE with the reason instead of every device <-> disk transfer failing later.
+    pub fn probe_gds(&self, dir: &std::path::Path) -> Result<()> {
+        let refuse = |why: String| {
+            Error::Unavailable(format!(
+                "GPUDirect Storage is not usable for files in {}: {why}. cuFile needs \
+                 nvidia-fs or its compat mode (allow_compat_mode in cufile.json), a file system \
+                 it supports, and, inside a container, udev's description of the block device \
+                 (/run/udev); leave allow_gds off to move device <-> disk through pinned memory",
+                dir.display()
+            ))
+        };
+        let file = crate::memory::disk::DiskFile::temporary(dir, 4096, true)?;
+        let Some(fd) = file.direct_fd() else {
+            return Err(refuse("the file system refuses O_DIRECT".into()));
+        };
+        let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL registration: {e}"));
+        let mut args = OptArgs::new().map_err(nixl)?;
+        for (_, b) in self.handles.iter().filter(|(n, _)| n.starts_with("GDS")) {
+            args.add_backend(b).map_err(nixl)?;
+        }
+        let region = crate::memory::NixlRegion {
+            region: crate::memory::Region { addr: 0, len: 4096 },
+            mem: nixl_sys::MemType::File,
+            device: fd as u64,
+        };
+        let handle = self
+            .agent
+            .register_memory(&region, Some(&args))
+            .map_err(|e| refuse(format!("cuFile did not register the file ({e})")))?;
+        drop(handle);
+        Ok(())
+    }
+
     /// Whether a GDS or GDS_MT backend was created.
     pub fn has_gds(&self) -> bool {
         self.handles.iter().any(|(n, _)| n.starts_with("GDS"))
@@ -172,13 +209,17 @@ impl NixlAgent {
     }
 
     /// Posts a transfer whose completion NIXL's progress thread reports.
+    /// Hands `t` to the progress thread (see `NixlProgress::post`); `gds` marks a device <->
+    /// disk transfer, cut into batches where this agent has NIXL's GDS (batch) backend.
     pub(crate) fn post(
         &self,
         t: Xfer<'_>,
         completion: Arc<Completion>,
         error: fn(String) -> Error,
+        gds: bool,
     ) -> Result<()> {
-        self.progress.post(&self.agent, t, completion, error)
+        let batch = gds && self.handles.iter().any(|(n, _)| *n == "GDS");
+        self.progress.post(&self.agent, t, completion, error, batch)
     }
 
     /// The oldest notification sent to this agent, if `fits(sender, message)` accepts it (the

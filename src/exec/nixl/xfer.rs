@@ -5,6 +5,7 @@
 //! pause (10 µs to PEER_CHECK_MAX; every DISK_CHECK while disk requests run); with none in
 //! flight it sleeps on its channel.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -29,11 +30,24 @@ const DISK_CHECK: Duration = Duration::from_micros(20);
 /// noticed ~0.1 ms late on average, a few percent of it.
 const PEER_CHECK_MAX: Duration = Duration::from_micros(50);
 
+/// Most descriptors in one request to NIXL's GDS backend (cuFile's batch API). Where cuFile
+/// runs in compat mode (no nvidia-fs) each descriptor holds one of its bounce buffers for the
+/// whole batch, 64 per size class by default (cufile.json `posix_pool_slab_count`); a request
+/// of 192 descriptors waited for its own buffers forever (device run 4 of 2026-11-26), 48 went
+/// through (run 5). Together with one GDS request in flight per agent, no batch can wait on
+/// another. NIXL's GDS_MT backend does one I/O per thread and needs neither.
+pub(crate) const GDS_BATCH_MAX: usize = 32;
+
 struct Pending {
     /// Made by the submitting thread, posted by the progress thread: a post may move the data
     /// itself before it returns (UCX over shared memory copied 1 GiB inside it, ~80 ms), which
     /// must not hold up the thread that submitted.
     req: XferRequest,
+    /// Requests of the same transfer to post, one after the other, once `req` finished (a GDS
+    /// transfer cut into GDS_BATCH_MAX pieces); all were made before anything was posted.
+    then: VecDeque<XferRequest>,
+    /// One at a time per agent: a request for NIXL's GDS (batch) backend.
+    serial: bool,
     /// The write notification, passed again when posting.
     notify: Option<Vec<u8>>,
     completion: Arc<Completion>,
@@ -92,36 +106,74 @@ impl std::fmt::Debug for NixlProgress {
 
 fn run(agent: Agent, rx: Receiver<Pending>) {
     let mut pending: Vec<Pending> = Vec::new();
+    // Serial requests waiting for the one in flight (see GDS_BATCH_MAX).
+    let mut queued: VecDeque<Pending> = VecDeque::new();
     let mut pause = Duration::from_micros(10);
     loop {
-        if pending.is_empty() {
+        let received = if pending.is_empty() && queued.is_empty() {
             match rx.recv() {
-                Ok(p) => pending.extend(post_pending(&agent, p)),
+                Ok(p) => Some(p),
                 Err(_) => return, // closed and nothing in flight
             }
         } else {
             match rx.recv_timeout(pause) {
-                Ok(p) => pending.extend(post_pending(&agent, p)),
-                Err(RecvTimeoutError::Timeout) => {}
+                Ok(p) => Some(p),
+                Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => {
                     // Closing: finish what is in flight before leaving.
                     std::thread::sleep(pause);
+                    None
                 }
+            }
+        };
+        if let Some(p) = received {
+            if p.serial {
+                queued.push_back(p);
+            } else {
+                pending.extend(post_pending(&agent, p));
             }
         }
         let before = pending.len();
-        pending.retain(|p| match agent.get_xfer_status(&p.req) {
+        let mut next = Vec::new();
+        pending.retain_mut(|p| match agent.get_xfer_status(&p.req) {
             Ok(XferStatus::InProgress) => true,
-            Ok(XferStatus::Success) => {
-                p.completion.part_done(Ok(()));
-                false
-            }
+            Ok(XferStatus::Success) => match p.then.pop_front() {
+                // The next piece of the same transfer takes this one's place.
+                Some(req) => {
+                    next.push(std::mem::replace(&mut p.req, req));
+                    match post(&agent, &p.req, p.notify_now(), p.error) {
+                        Ok(true) => true,
+                        Ok(false) => {
+                            // Finished at once: checked again on the next round.
+                            true
+                        }
+                        Err(e) => {
+                            p.completion.part_done(Err(e));
+                            false
+                        }
+                    }
+                }
+                None => {
+                    p.completion.part_done(Ok(()));
+                    false
+                }
+            },
             Err(e) => {
                 p.completion
                     .part_done(Err((p.error)(format!("NIXL transfer failed: {e}"))));
                 false
             }
         });
+        // Finished requests are released outside the status loop.
+        drop(next);
+        if !pending.iter().any(|p| p.serial) {
+            while let Some(p) = queued.pop_front() {
+                if let Some(p) = post_pending(&agent, p) {
+                    pending.push(p);
+                    break;
+                }
+            }
+        }
         // NIXL's POSIX backend advances its I/O queue only inside status checks: with disk
         // requests in flight the checks come every DISK_CHECK.
         let disk = pending.iter().any(|p| p.disk);
@@ -135,9 +187,22 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
     }
 }
 
+impl Pending {
+    /// The notification goes with the last request of a transfer, after all its data.
+    fn notify_now(&self) -> Option<&[u8]> {
+        if self.then.is_empty() {
+            self.notify.as_deref()
+        } else {
+            None
+        }
+    }
+}
+
 /// Posts a request handed to the progress thread; `Some` while it is in flight.
 fn post_pending(agent: &Agent, p: Pending) -> Option<Pending> {
-    match post(agent, &p.req, p.notify.as_deref(), p.error) {
+    match post(agent, &p.req, p.notify_now(), p.error) {
+        // Finished at once with pieces left: the status check of the next round moves on.
+        Ok(false) if !p.then.is_empty() => Some(p),
         Ok(true) => Some(p),
         Ok(false) => {
             p.completion.part_done(Ok(()));
@@ -166,18 +231,42 @@ impl NixlProgress {
 
     /// Makes the request of `t` here (a refused request is an error of this call) and hands
     /// it to the progress thread, which posts it; `completion` (one part) completes when NIXL
-    /// reports the request finished. Failures are `error` (IO for disk, PEER for peers).
+    /// reports the request finished. Failures are `error` (IO for disk, PEER for peers). With
+    /// `gds_batch` (a device <-> disk transfer on an agent with NIXL's GDS backend) the copies
+    /// go as requests of at most GDS_BATCH_MAX, all made here first, posted one after the
+    /// other and one GDS request at a time per agent.
     pub(crate) fn post(
         &self,
         agent: &Agent,
         t: Xfer<'_>,
         completion: Arc<Completion>,
         error: fn(String) -> Error,
+        gds_batch: bool,
     ) -> Result<()> {
-        let req = prepare(agent, &t, error)?;
+        let mut reqs: VecDeque<XferRequest> = if gds_batch && t.copies.len() > GDS_BATCH_MAX {
+            let n = t.copies.len().div_ceil(GDS_BATCH_MAX);
+            let mut v = VecDeque::with_capacity(n);
+            for (i, piece) in t.copies.chunks(GDS_BATCH_MAX).enumerate() {
+                let last = i + 1 == n;
+                let part = Xfer {
+                    copies: piece,
+                    notify: if last { t.notify } else { None },
+                    ..t
+                };
+                v.push_back(prepare(agent, &part, error)?);
+            }
+            v
+        } else {
+            VecDeque::from([prepare(agent, &t, error)?])
+        };
+        let Some(req) = reqs.pop_front() else {
+            return Ok(());
+        };
         if let Some(tx) = &self.tx {
             let _ = tx.send(Pending {
                 req,
+                then: reqs,
+                serial: gds_batch,
                 notify: t.notify.map(<[u8]>::to_vec),
                 completion,
                 _hold: vec![t.local.clone(), t.remote.clone()],
