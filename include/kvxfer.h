@@ -299,11 +299,13 @@ typedef struct kvx_context_config {
   /**
    * 1 allows Device <-> Disk directly through GPUDirect Storage; default 0. With NIXL
    * backends it needs KVX_BACKEND_GDS or KVX_BACKEND_GDS_MT among them (else the context is
-   * refused), and that backend needs cuFile (else the context is UNAVAILABLE).
+   * refused), that backend needs cuFile, and cuFile must take a probe file in disk_dir
+   * (else the context is UNAVAILABLE, kvx_last_error() saying why).
    */
   uint8_t allow_gds;
   /**
-   * 1 allows Device <-> Remote through GPU RDMA; default 0.
+   * 1 allows Device <-> Remote through GPU RDMA; default 0. With it, NIXL's UCX backend
+   * runs four dedicated worker threads and UCX's cuda_ipc GET (see the README).
    */
   uint8_t allow_gpu_rdma;
   /**
