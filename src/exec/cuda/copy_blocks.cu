@@ -129,3 +129,23 @@ extern "C" __global__ void __launch_bounds__(256)
     kvx_copy_blocks_p32k(const __grid_constant__ Inline<KVX_INLINE_LARGE> p) {
   copy_items(p.d, p.table);
 }
+
+// A list of (source address, destination address, length) copies, three words each, in device
+// memory: the two-hop path's hop between device memory and a pinned bounce buffer, whose pieces
+// follow no layout. One warp per copy; the host cuts copies to at most 64 KiB. On copy engines
+// a 16 MiB chunk of 4 KiB copies took milliseconds of driver time to queue and ran at ~9 GB/s
+// (device runs 11-15 of 2026-11-26), which left the disk waiting.
+struct List {
+  u64 ops;  // device address of the copies
+  u64 n;
+};
+
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_list(const List l) {
+  const u64* ops = (const u64*)l.ops;
+  const unsigned lane = threadIdx.x & 31u;
+  const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const u64 warps = ((u64)gridDim.x * blockDim.x) >> 5;
+  for (u64 i = warp; i < l.n; i += warps) {
+    copy_piece((const char*)ops[3 * i], (char*)ops[3 * i + 1], ops[3 * i + 2], lane);
+  }
+}

@@ -14,6 +14,7 @@ use super::driver::check;
 use super::nvrtc;
 use crate::error::Result;
 use crate::layout::{Layout, LayoutKind};
+use crate::plan::CopyOp;
 
 const SOURCE: &str = include_str!("copy_blocks.cu");
 const THREADS: u32 = 256;
@@ -90,6 +91,8 @@ pub struct Kernel {
     small: Entry,
     /// Table inside a 32 KB parameter (CUDA 12.1 drivers and later).
     large: Option<Entry>,
+    /// Copies of an explicit list (`kvx_copy_list`).
+    list: Option<Entry>,
 }
 
 // SAFETY: a loaded module and its functions may be used from any thread of the process once
@@ -223,7 +226,65 @@ impl Kernel {
             table,
             small,
             large: entry(dev, module, c"kvx_copy_blocks_p32k").ok(),
+            list: entry(dev, module, c"kvx_copy_list").ok(),
         })
+    }
+
+    /// Whether `enqueue_list` can run.
+    pub fn has_list(&self) -> bool {
+        self.list.is_some()
+    }
+
+    /// Launches `kvx_copy_list` for `copies` on `stream`, copies longer than PIECE cut into
+    /// PIECE-sized ones so that many warps share them. The list is uploaded through a pooled
+    /// table, which is returned: it must stay untouched until the stream has passed this work.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of `dev`; every copy's two ranges are memory the SMs of `dev`
+    /// can address (its device memory, CUDA-pinned host memory), valid and not written by
+    /// anything else until the stream has passed this work.
+    pub unsafe fn enqueue_list(
+        &self,
+        dev: &CudaDevice,
+        stream: CUstream,
+        copies: &[CopyOp],
+    ) -> Result<TableBuffer> {
+        let Some(entry) = self.list else {
+            return Err(crate::error::Error::Unavailable(
+                "the copy kernel has no list entry".into(),
+            ));
+        };
+        let n: u64 = copies.iter().map(|c| c.len.div_ceil(PIECE)).sum();
+        let words = (3 * n) as usize;
+        let table = dev.table(words.max(1))?;
+        // SAFETY: the host table holds at least `words` u64s, none read by queued work (pool
+        // contract).
+        let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
+        for (t, op) in host.chunks_exact_mut(3).zip(list_ops(copies)) {
+            t.copy_from_slice(&op);
+        }
+        let mut list = [table.device, n];
+        let mut run = || -> Result<()> {
+            // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
+            // asynchronous and ordered before the launch on the same stream.
+            check(
+                unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(table.device, table.host.cast(), words * 8, stream)
+                },
+                "cuMemcpyHtoDAsync (copy list)",
+            )?;
+            // SAFETY: the entry takes (const List) by value: two u64s.
+            unsafe { launch(entry, stream, list.as_mut_ptr().cast(), n) }
+        };
+        match run() {
+            Ok(()) => Ok(table),
+            Err(e) => {
+                // SAFETY: a live stream; queued work must finish before the table is reused.
+                unsafe { sys::cuStreamSynchronize(stream) };
+                dev.recycle_table(table);
+                Err(e)
+            }
+        }
     }
 
     /// Launches the kernel for `job` on `stream`. A table that fits a kernel parameter goes
@@ -323,6 +384,16 @@ impl Kernel {
     }
 }
 
+/// `copies` as kvx_copy_list's (source, destination, length) entries of at most PIECE bytes.
+fn list_ops(copies: &[CopyOp]) -> impl Iterator<Item = [u64; 3]> + '_ {
+    copies.iter().flat_map(|c| {
+        (0..c.len.div_ceil(PIECE)).map(move |i| {
+            let off = i * PIECE;
+            [c.src + off, c.dst + off, PIECE.min(c.len - off)]
+        })
+    })
+}
+
 fn desc_words(d: &Desc) -> [u64; DESC_WORDS] {
     // SAFETY: Desc is DESC_WORDS plain u64 fields, no padding.
     unsafe { std::mem::transmute(*d) }
@@ -370,7 +441,42 @@ impl Drop for Kernel {
 
 #[cfg(test)]
 mod tests {
-    use super::write_table;
+    use super::{PIECE, list_ops, write_table};
+    use crate::plan::CopyOp;
+
+    #[test]
+    fn list_entries_cover_every_byte_once_in_pieces() {
+        let copies = [
+            CopyOp {
+                src: 0x1000,
+                dst: 0x9000_0000,
+                len: 4096,
+            },
+            CopyOp {
+                src: 0x10_0000,
+                dst: 0x20_0000,
+                len: 2 * PIECE + 24,
+            },
+            CopyOp {
+                src: 7,
+                dst: 9,
+                len: PIECE,
+            },
+        ];
+        let ops: Vec<[u64; 3]> = list_ops(&copies).collect();
+        assert_eq!(
+            ops,
+            vec![
+                [0x1000, 0x9000_0000, 4096],
+                [0x10_0000, 0x20_0000, PIECE],
+                [0x10_0000 + PIECE, 0x20_0000 + PIECE, PIECE],
+                [0x10_0000 + 2 * PIECE, 0x20_0000 + 2 * PIECE, 24],
+                [7, 9, PIECE],
+            ]
+        );
+        let n: u64 = copies.iter().map(|c| c.len.div_ceil(PIECE)).sum();
+        assert_eq!(ops.len() as u64, n);
+    }
 
     /// Reads id `i` of the table's pair list the way copy_blocks.cu's `block_id` does.
     fn id(ids: &[u64], width: usize, i: usize) -> u64 {
