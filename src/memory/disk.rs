@@ -50,8 +50,8 @@ impl DiskFile {
     /// A new file in `dir`, `len` bytes long (sparse), never seen by others: unlinked at once,
     /// or with `named`, under a unique dot-name until it is dropped. cuFile needs the name: in
     /// compat mode it opens the file again by the path /proc gives, which an unlinked file
-    /// does not have (device run 3 of 2026-11-26: "open call failed for file /tmp/#8118299
-    /// (deleted)").
+    /// does not have (session 4 device run 3 of 2026-11-26: "open call failed for file
+    /// /tmp/#8118299 (deleted)").
     pub fn temporary(dir: &Path, len: u64, named: bool) -> Result<Self> {
         let unique = || {
             dir.join(format!(

@@ -134,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // memory: the two-hop path's hop between device memory and a pinned bounce buffer, whose pieces
 // follow no layout. One warp per copy; the host cuts copies to at most 64 KiB. On copy engines
 // a 16 MiB chunk of 4 KiB copies took milliseconds of driver time to queue and ran at ~9 GB/s
-// (device runs 11-15 of 2026-11-26), which left the disk waiting.
+// (device runs 11-15 of 2026-11-26, session 3), which left the disk waiting.
 struct List {
   u64 ops;  // device address of the copies
   u64 n;

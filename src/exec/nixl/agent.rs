@@ -43,8 +43,9 @@ impl std::fmt::Debug for NixlAgent {
     }
 }
 
-/// NIXL UCX backend parameters of a context with `allow_gpu_rdma`, from device runs 2–3 of
-/// 2026-11-26 (two processes, one H100 without NVLink, layer-separate layouts, 4/16/64 KiB):
+/// NIXL UCX backend parameters of a context with `allow_gpu_rdma`, from session 4 device runs
+/// 2–3 of 2026-11-26 (two processes, one H100 without NVLink, layer-separate layouts, 4, 16
+/// and 64 KiB pieces):
 /// - `engine_config` (UCX settings): UCX turns cuda_ipc's GET off where it sees no NVLink, so
 ///   reads of another process's device memory fell to software emulation over TCP: 0.24-0.52
 ///   GB/s. With GET on: 0.46 / 1.85 / 7.1 GB/s. A `UCX_CUDA_IPC_ENABLE_GET_ZCOPY` in the

@@ -33,9 +33,9 @@ const PEER_CHECK_MAX: Duration = Duration::from_micros(50);
 /// Most descriptors in one request to NIXL's GDS backend (cuFile's batch API). Where cuFile
 /// runs in compat mode (no nvidia-fs) each descriptor holds one of its bounce buffers for the
 /// whole batch, 64 per size class by default (cufile.json `posix_pool_slab_count`); a request
-/// of 192 descriptors waited for its own buffers forever (device run 4 of 2026-11-26), 48 went
-/// through (run 5). Together with one GDS request in flight per agent, no batch can wait on
-/// another. NIXL's GDS_MT backend does one I/O per thread and needs neither.
+/// of 192 descriptors waited for its own buffers forever (session 4 device run 4 of
+/// 2026-11-26), 48 went through (run 5). Together with one GDS request in flight per agent, no
+/// batch can wait on another. NIXL's GDS_MT backend does one I/O per thread and needs neither.
 pub(crate) const GDS_BATCH_MAX: usize = 32;
 
 struct Pending {
