@@ -426,7 +426,7 @@ impl Context {
         }
     }
 
-    fn nixl(&self, what: &str) -> Result<&NixlAgent> {
+    pub(crate) fn nixl(&self, what: &str) -> Result<&NixlAgent> {
         self.nixl.as_ref().ok_or_else(|| {
             Error::Unavailable(format!(
                 "{what} needs NIXL; this context was made with nixl_backends = 0"
@@ -672,7 +672,7 @@ impl Context {
             let gds = !remote.is_remote()
                 && [local.storage_kind(), remote.storage_kind()].contains(&StorageKind::Device);
             agent
-                .post(job, completion.clone(), error, gds)
+                .post(job, completion.clone(), error, gds && agent.has_gds_batch())
                 .map_err(|e| match e {
                     // Device <-> disk without a bounce buffer is GPUDirect Storage: say so.
                     Error::Io(m) | Error::Nixl(m) if gds => Error::Unavailable(format!(

@@ -210,17 +210,23 @@ impl NixlAgent {
     }
 
     /// Posts a transfer whose completion NIXL's progress thread reports.
-    /// Hands `t` to the progress thread (see `NixlProgress::post`); `gds` marks a device <->
-    /// disk transfer, cut into batches where this agent has NIXL's GDS (batch) backend.
+    /// Hands `t` to the progress thread (see `NixlProgress::post`); `gds_batch`: cut it into
+    /// pieces posted one after the other, one such transfer at a time (a device <-> disk
+    /// transfer on an agent with NIXL's GDS batch backend, `has_gds_batch`).
     pub(crate) fn post(
         &self,
         t: Xfer<'_>,
         completion: Arc<Completion>,
         error: fn(String) -> Error,
-        gds: bool,
+        gds_batch: bool,
     ) -> Result<()> {
-        let batch = gds && self.handles.iter().any(|(n, _)| *n == "GDS");
-        self.progress.post(&self.agent, t, completion, error, batch)
+        self.progress
+            .post(&self.agent, t, completion, error, gds_batch)
+    }
+
+    /// Whether NIXL's GDS (batch) backend was created; GDS_MT needs no batching.
+    pub fn has_gds_batch(&self) -> bool {
+        self.handles.iter().any(|(n, _)| *n == "GDS")
     }
 
     /// The oldest notification sent to this agent, if `fits(sender, message)` accepts it (the

@@ -370,3 +370,117 @@ impl Drop for NixlProgress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::ffi::context::KVX_BACKEND_POSIX;
+    use crate::plan::{CopyOp, Plan, Strategy};
+    use crate::transfer::{Completion, Mechanism, Transfer, TransferStats};
+    use crate::{
+        Context, ContextConfig, Error, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
+    };
+
+    use super::{GDS_BATCH_MAX, Xfer};
+
+    /// The GDS path's mechanics without cuFile, over NIXL's POSIX backend: transfers cut into
+    /// pieces of GDS_BATCH_MAX posted one after the other, two such transfers of one agent
+    /// one at a time, every byte where it belongs.
+    #[test]
+    #[ignore = "needs NIXL: the project's test command (scripts/dev test) runs it"]
+    fn chained_serial_requests_move_every_piece() {
+        let ctx = Context::new(ContextConfig {
+            nixl_backends: KVX_BACKEND_POSIX,
+            worker_threads: 2,
+            ..Default::default()
+        })
+        .expect("a context with NIXL's POSIX backend (KVX_NIXL_LIB_DIR)");
+        let cfg = LayoutConfig {
+            num_blocks: 64,
+            num_layers: 2,
+            outer_dim: 2,
+            page_size: 4,
+            inner_dim: 256,
+            dtype_width: 2,
+            alignment: 1,
+            kind: LayoutKind::FullyContiguous,
+        };
+        let ls = LayoutConfig {
+            kind: LayoutKind::LayerSeparateBlockFirst,
+            ..cfg
+        };
+        let src = ctx
+            .new_layout(ls, &StorageSpec::new(StorageKind::System))
+            .unwrap();
+        let disk = ctx
+            .new_layout(cfg, &StorageSpec::new(StorageKind::Disk))
+            .unwrap();
+        let all: Vec<u64> = (0..64).collect();
+        ctx.fill(&src, &all, 5).unwrap();
+        ctx.fill(&disk, &all, 6).unwrap();
+        let agent = ctx.nixl("test").unwrap();
+        for l in [&src, &disk] {
+            l.memory()
+                .ensure_nixl_registered_with(agent.agent(), || Ok(None))
+                .unwrap();
+        }
+        // Block b goes to disk block 63 - b: two transfers of 32 blocks, 128 copies each.
+        let copies = |blocks: std::ops::Range<u64>| -> Vec<CopyOp> {
+            let mut v = Vec::new();
+            for b in blocks {
+                for l in 0..2 {
+                    for o in 0..2 {
+                        let s = src.region(b, l, o).unwrap();
+                        let d = disk.region(63 - b, l, o).unwrap();
+                        v.push(CopyOp {
+                            src: s.addr,
+                            dst: d.addr,
+                            len: s.len,
+                        });
+                    }
+                }
+            }
+            v
+        };
+        let name = ctx.name().to_string();
+        let transfers: Vec<Transfer> = [0..32, 32..64]
+            .into_iter()
+            .map(|blocks| {
+                let c = copies(blocks);
+                assert!(c.len() > 3 * GDS_BATCH_MAX);
+                let completion = Completion::new(1);
+                let job = Xfer {
+                    write: true,
+                    local: src.memory(),
+                    remote: disk.memory(),
+                    remote_agent: &name,
+                    copies: &c,
+                    notify: None,
+                    remote_fd: None,
+                };
+                agent
+                    .post(job, completion.clone(), Error::Io, true)
+                    .unwrap();
+                let stats = TransferStats {
+                    bytes: 0,
+                    fragments: 0,
+                    copies: c.len() as u64,
+                    plan: Plan::Direct(Strategy::NixlWrite),
+                    mechanism: Mechanism::Nixl,
+                    kernel_fallback: false,
+                    elapsed_ns: 0,
+                };
+                Transfer::new(completion, stats, false)
+            })
+            .collect();
+        for t in &transfers {
+            t.wait(Some(Duration::from_secs(30))).unwrap();
+        }
+        let reversed: Vec<u64> = all.iter().map(|b| 63 - b).collect();
+        assert_eq!(
+            ctx.checksum(&disk, &reversed).unwrap(),
+            ctx.checksum(&src, &all).unwrap()
+        );
+    }
+}
