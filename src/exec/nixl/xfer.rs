@@ -134,19 +134,15 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
             }
         }
         let before = pending.len();
-        let mut next = Vec::new();
         pending.retain_mut(|p| match agent.get_xfer_status(&p.req) {
             Ok(XferStatus::InProgress) => true,
             Ok(XferStatus::Success) => match p.then.pop_front() {
-                // The next piece of the same transfer takes this one's place.
+                // The next piece of the same transfer takes the finished one's place; one that
+                // finished inside its post is seen done at the next check.
                 Some(req) => {
-                    next.push(std::mem::replace(&mut p.req, req));
+                    drop(std::mem::replace(&mut p.req, req));
                     match post(&agent, &p.req, p.notify_now(), p.error) {
-                        Ok(true) => true,
-                        Ok(false) => {
-                            // Finished at once: checked again on the next round.
-                            true
-                        }
+                        Ok(_) => true,
                         Err(e) => {
                             p.completion.part_done(Err(e));
                             false
@@ -164,8 +160,6 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
                 false
             }
         });
-        // Finished requests are released outside the status loop.
-        drop(next);
         if !pending.iter().any(|p| p.serial) {
             while let Some(p) = queued.pop_front() {
                 if let Some(p) = post_pending(&agent, p) {
