@@ -70,6 +70,10 @@ fn ucx_params_from_env() -> Result<Vec<(String, String)>> {
     let Some(v) = v.to_str() else {
         bail!(InvalidArgument, "KVX_UCX_PARAMS is not UTF-8");
     };
+    parse_ucx_params(v)
+}
+
+fn parse_ucx_params(v: &str) -> Result<Vec<(String, String)>> {
     v.split(',')
         .filter(|kv| !kv.is_empty())
         .map(|kv| match kv.split_once('=') {
@@ -209,7 +213,6 @@ impl NixlAgent {
         Ok(Some(args))
     }
 
-    /// Posts a transfer whose completion NIXL's progress thread reports.
     /// Hands `t` to the progress thread (see `NixlProgress::post`); `gds_batch`: cut it into
     /// pieces posted one after the other, one such transfer at a time (a device <-> disk
     /// transfer on an agent with NIXL's GDS batch backend, `has_gds_batch`).
@@ -269,5 +272,28 @@ impl NixlAgent {
     /// The backends this agent created, by NIXL plugin name.
     pub fn backends(&self) -> &[&'static str] {
         &self.backends
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_ucx_params;
+
+    #[test]
+    fn ucx_params_are_key_value_pairs_split_at_the_first_equals_sign() {
+        let p = parse_ucx_params("num_threads=8,engine_config=CUDA_IPC_ENABLE_GET_ZCOPY=n,,x=")
+            .unwrap();
+        let want = [
+            ("num_threads", "8"),
+            ("engine_config", "CUDA_IPC_ENABLE_GET_ZCOPY=n"),
+            ("x", ""),
+        ];
+        assert_eq!(
+            p,
+            want.map(|(k, v)| (k.to_string(), v.to_string())).to_vec()
+        );
+        assert!(parse_ucx_params("num_threads").is_err());
+        assert!(parse_ucx_params("=4").is_err());
+        assert_eq!(parse_ucx_params("").unwrap(), Vec::new());
     }
 }
