@@ -51,6 +51,13 @@ pub struct ContextConfig {
     pub worker_threads: u32,
 }
 
+impl ContextConfig {
+    /// The folder for unnamed disk layouts.
+    pub(crate) fn disk_dir(&self) -> PathBuf {
+        self.disk_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
 impl Default for ContextConfig {
     fn default() -> Self {
         Self {
@@ -252,8 +259,7 @@ impl Context {
             && config.capabilities.allow_gds
             && agent.has_gds()
         {
-            let dir = config.disk_dir.clone().unwrap_or_else(std::env::temp_dir);
-            agent.probe_gds(&dir)?;
+            agent.probe_gds(&config.disk_dir())?;
         }
         let workers = Workers::new(threads, "kvx-worker")?;
         Ok(Self {
@@ -363,11 +369,7 @@ impl Context {
         let file = match &storage.path {
             Some(p) => DiskFile::at(p, total)?,
             None => {
-                let dir = self
-                    .config
-                    .disk_dir
-                    .clone()
-                    .unwrap_or_else(std::env::temp_dir);
+                let dir = self.config.disk_dir();
                 // cuFile re-opens files by name (GDS and its compat mode alike).
                 let named = self.nixl.as_ref().is_some_and(|n| n.has_gds());
                 DiskFile::temporary(&dir, total, named)?

@@ -238,6 +238,14 @@ impl Peer {
         }
     }
 
+    /// Runs the peer's staging hop `cmd` (h2d, d2h) of fragment size `i`.
+    fn run(&mut self, cmd: &str, i: usize) -> Result<(), String> {
+        match self.ask(cmd, i)?.as_str() {
+            "ok" => Ok(()),
+            e => Err(format!("the peer's {cmd} failed: {e}")),
+        }
+    }
+
     fn ask(&mut self, cmd: &str, i: usize) -> Result<String, String> {
         let stdin = self.stdin.as_mut().ok_or("the peer's stdin is closed")?;
         writeln!(stdin, "{cmd} {i}").map_err(err)?;
@@ -252,6 +260,29 @@ impl Drop for Peer {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Times `iters` + 1 rounds of `direct` then `staged`; the first round warms up and is not
+/// kept.
+fn rounds(
+    iters: usize,
+    mut direct: impl FnMut() -> Result<(), String>,
+    mut staged: impl FnMut() -> Result<(), String>,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let (mut d, mut s) = (Vec::new(), Vec::new());
+    for round in 0..=iters {
+        let t0 = Instant::now();
+        direct()?;
+        let td = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        staged()?;
+        let ts = t0.elapsed().as_secs_f64();
+        if round > 0 {
+            d.push(td);
+            s.push(ts);
+        }
+    }
+    Ok((d, s))
 }
 
 fn report(a: &GpuRdmaArgs, op: &str, kib: u64, bytes: u64, frags: u64, d: Vec<f64>, s: Vec<f64>) {
@@ -324,24 +355,15 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
         let bytes = blocks * 64 * fragment;
         let frags = blocks * 64;
 
-        let (mut direct, mut staged) = (Vec::new(), Vec::new());
-        for round in 0..=a.iters {
-            let t0 = Instant::now();
-            go(&ctx, &src, &sb, r_dev, &db)?;
-            let d = t0.elapsed().as_secs_f64();
-            let t0 = Instant::now();
-            go(&ctx, &src, &sb, &stage, &ids)?;
-            go(&ctx, &stage, &ids, r_stage, &ids)?;
-            let ok = peer.ask("h2d", i)?;
-            let s = t0.elapsed().as_secs_f64();
-            if ok != "ok" {
-                return Err(format!("the peer's H2D failed: {ok}"));
-            }
-            if round > 0 {
-                direct.push(d);
-                staged.push(s);
-            }
-        }
+        let (direct, staged) = rounds(
+            a.iters,
+            || go(&ctx, &src, &sb, r_dev, &db),
+            || {
+                go(&ctx, &src, &sb, &stage, &ids)?;
+                go(&ctx, &stage, &ids, r_stage, &ids)?;
+                peer.run("h2d", i)
+            },
+        )?;
         // Both paths leave src[sb[k]] in the peer's dev[db[k]].
         if peer.ask("sum", i)? != sums(&ctx, &src, &sb)? {
             return Err(format!(
@@ -350,24 +372,15 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
         }
         report(a, "write", kib, bytes, frags, direct, staged);
 
-        let (mut direct, mut staged) = (Vec::new(), Vec::new());
-        for round in 0..=a.iters {
-            let t0 = Instant::now();
-            go(&ctx, r_dev, &db, &back, &sb)?;
-            let d = t0.elapsed().as_secs_f64();
-            let t0 = Instant::now();
-            let ok = peer.ask("d2h", i)?;
-            if ok != "ok" {
-                return Err(format!("the peer's D2H failed: {ok}"));
-            }
-            go(&ctx, r_stage, &ids, &stage, &ids)?;
-            go(&ctx, &stage, &ids, &back, &sb)?;
-            let s = t0.elapsed().as_secs_f64();
-            if round > 0 {
-                direct.push(d);
-                staged.push(s);
-            }
-        }
+        let (direct, staged) = rounds(
+            a.iters,
+            || go(&ctx, r_dev, &db, &back, &sb),
+            || {
+                peer.run("d2h", i)?;
+                go(&ctx, r_stage, &ids, &stage, &ids)?;
+                go(&ctx, &stage, &ids, &back, &sb)
+            },
+        )?;
         if peer.ask("sum", i)? != sums(&ctx, &back, &sb)? {
             return Err(format!(
                 "read {kib} KiB: the blocks read differ from the peer's"
