@@ -249,11 +249,9 @@
  */
 #define KVX_COPY_MODE_KERNEL 2
 
-#define VERSION 1
-
 /**
  * A context: capabilities, worker threads, the CUDA device (its primary context, one stream per
- * copy direction, the copy kernel) and, in later versions, the NIXL agent. Thread-safe: any
+ * copy direction, the copy kernel) and the NIXL agent with its backends. Thread-safe: any
  * number of threads may use one context at once. Layouts and transfers made from it stay valid
  * after kvx_context_free(); freeing the context waits for the work already submitted on it.
  */
@@ -518,7 +516,8 @@ int32_t kvx_layout_new(struct kvx_context *context,
  * kvxfer never frees this memory; the caller keeps it valid until the layout and every transfer
  * using it are freed. DEVICE regions must lie inside CUDA allocations of storage->device_id
  * (checked); PINNED regions on a context with CUDA are registered with CUDA (and unregistered
- * with the layout) unless CUDA already knows them. DISK: UNAVAILABLE in this version.
+ * with the layout) unless CUDA already knows them. DISK: UNAVAILABLE (kvx_layout_new makes
+ * disk layouts, over a file).
  * On error *layout_out is untouched.
  */
 KVX_NODISCARD

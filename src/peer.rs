@@ -17,7 +17,87 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Error, Result, bail};
 use crate::layout::{Layout, LayoutConfig, LayoutKind, check_regions};
-use crate::memory::{Region, StorageKind};
+use crate::memory::{Memory, Region, StorageKind};
+use crate::nixl::NixlAgent;
+
+/// The bytes a peer imports: `agent`'s metadata and descriptors of `layouts` (local layouts of
+/// the context whose agent this is), which are registered with the agent (for as long as they
+/// live) so that the peer can reach them.
+pub(crate) fn export(agent: &NixlAgent, name: &str, layouts: &[&Layout]) -> Result<Vec<u8>> {
+    let mut descriptors = Vec::with_capacity(layouts.len());
+    for (i, l) in layouts.iter().enumerate() {
+        if l.is_remote() {
+            bail!(
+                InvalidArgument,
+                "layouts[{i}] belongs to a peer; only local layouts can be exported"
+            );
+        }
+        if l.storage_kind() == StorageKind::Disk {
+            bail!(
+                InvalidArgument,
+                "layouts[{i}] is a disk layout; peers cannot reach disk layouts"
+            );
+        }
+        descriptors.push(LayoutDescriptor {
+            config: *l.config(),
+            kind: l.storage_kind(),
+            device_id: l.memory().device_id(),
+            regions: l.memory().regions().to_vec(),
+        });
+    }
+    for l in layouts {
+        l.memory().ensure_nixl_registered(agent.agent())?;
+    }
+    let nixl_md = agent
+        .agent()
+        .get_local_md()
+        .map_err(|e| Error::Nixl(format!("NIXL could not produce this agent's metadata: {e}")))?;
+    PeerBlob {
+        agent: name.to_string(),
+        nixl_md,
+        layouts: descriptors,
+    }
+    .encode()
+}
+
+/// Imports a decoded export into `agent` (named `own_name`, of context `context_id`): NIXL
+/// only sees metadata of a blob whose checks held, and a peer layout that does not hold is
+/// `Error::Peer`.
+pub(crate) fn import(
+    agent: &NixlAgent,
+    own_name: &str,
+    context_id: u64,
+    blob: PeerBlob,
+) -> Result<Peer> {
+    if blob.agent == own_name {
+        bail!(Peer, "this export comes from this context itself");
+    }
+    let nixl = agent.agent();
+    let loaded = nixl
+        .load_remote_md(&blob.nixl_md)
+        .map_err(|e| Error::Peer(format!("NIXL refused the peer's metadata: {e}")))?;
+    if loaded != blob.agent {
+        let _ = nixl.invalidate_remote_md(&loaded);
+        bail!(
+            Peer,
+            "the metadata is agent {loaded:?} but the export says {:?}",
+            blob.agent
+        );
+    }
+    let name: Arc<str> = Arc::from(loaded.as_str());
+    let mut layouts = Vec::with_capacity(blob.layouts.len());
+    for d in blob.layouts {
+        let memory = Memory::remote(d.kind, d.device_id, d.regions);
+        match Layout::new_remote(d.config, memory, context_id, name.clone()) {
+            Ok(l) => layouts.push(Arc::new(l)),
+            Err(e) => {
+                let _ = nixl.invalidate_remote_md(&name);
+                return Err(Error::Peer(format!("peer layout: {e}")));
+            }
+        }
+    }
+    Ok(Peer::new(name, layouts, nixl.clone()))
+}
 
 /// An imported peer: its agent (loaded into the importing context's NIXL agent) and the layouts
 /// it shared. Dropping it unloads the peer's metadata; its layout handles stay valid objects.
@@ -37,7 +117,7 @@ impl std::fmt::Debug for Peer {
 }
 
 impl Peer {
-    pub(crate) fn new(agent: Arc<str>, layouts: Vec<Arc<Layout>>, nixl: nixl_sys::Agent) -> Self {
+    fn new(agent: Arc<str>, layouts: Vec<Arc<Layout>>, nixl: nixl_sys::Agent) -> Self {
         Self {
             agent,
             layouts,
@@ -61,7 +141,7 @@ impl Drop for Peer {
 }
 
 const MAGIC: &[u8; 8] = b"KVXPEER\0";
-pub const VERSION: u16 = 1;
+const VERSION: u16 = 1;
 const HEADER: usize = 8 + 2 + 2 + 4 + 8;
 /// Bounds that keep a hostile blob from asking for absurd allocations.
 const MAX_LAYOUTS: u32 = 4096;
@@ -124,16 +204,7 @@ impl PeerBlob {
                 body.extend_from_slice(&r.len.to_le_bytes());
             }
         }
-        let total = u32::try_from(HEADER + body.len())
-            .map_err(|_| Error::InvalidArgument("export is larger than 4 GiB".into()))?;
-        let mut out = Vec::with_capacity(total as usize);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&total.to_le_bytes());
-        out.extend_from_slice(&xxh3_64(&body).to_le_bytes());
-        out.extend_from_slice(&body);
-        Ok(out)
+        seal(&body)
     }
 
     /// Parses untrusted bytes; anything malformed is `Error::Peer`.
@@ -290,6 +361,20 @@ impl<'a> Reader<'a> {
             regions,
         })
     }
+}
+
+/// `body` behind the header: magic, version, flags, total length, checksum of the body.
+pub(crate) fn seal(body: &[u8]) -> Result<Vec<u8>> {
+    let total = u32::try_from(HEADER + body.len())
+        .map_err(|_| Error::InvalidArgument("export is larger than 4 GiB".into()))?;
+    let mut out = Vec::with_capacity(total as usize);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&total.to_le_bytes());
+    out.extend_from_slice(&xxh3_64(body).to_le_bytes());
+    out.extend_from_slice(body);
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -8,40 +8,9 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::sys;
 
+use crate::cuda::{CudaDevice, Route, check};
 use crate::error::{Error, Result};
-use crate::exec::cuda::pace::Route;
-use crate::exec::cuda::{CudaDevice, check};
-use crate::plan::Plan;
-
-/// What moved the bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mechanism {
-    /// CPU copies on the context's worker threads.
-    Memcpy = 0,
-    /// The GPU's copy engines (`cuMemcpyBatchAsync`, `cuMemcpyAsync` or a blocking copy).
-    CopyEngine = 1,
-    /// kvxfer's SM gather/scatter kernel.
-    Kernel = 2,
-    /// A NIXL transfer (disk or remote).
-    Nixl = 3,
-}
-
-/// What a transfer moves, known when it is submitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TransferStats {
-    /// Bytes moved (source to destination, counted once).
-    pub bytes: u64,
-    /// (block, layer, outer) pieces requested.
-    pub fragments: u64,
-    /// Copies issued after coalescing.
-    pub copies: u64,
-    pub plan: Plan,
-    pub mechanism: Mechanism,
-    /// AUTO wanted the SM kernel, but it could not be built or loaded: copy engines ran.
-    pub kernel_fallback: bool,
-    /// Submit to completion; 0 while the transfer is pending.
-    pub elapsed_ns: u64,
-}
+use crate::options::TransferStats;
 
 #[derive(Debug)]
 struct State {
@@ -356,7 +325,8 @@ impl Drop for Transfer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Strategy;
+    use crate::options::Mechanism;
+    use crate::plan::{Plan, Strategy};
 
     fn stats() -> TransferStats {
         TransferStats {

@@ -8,8 +8,8 @@ use std::ffi::c_void;
 use cudarc::driver::sys;
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::cuda::{CudaDevice, check};
 use crate::error::{Result, bail};
-use crate::exec::cuda::{CudaDevice, check};
 use crate::layout::Layout;
 use crate::memory::StorageKind;
 

@@ -95,3 +95,48 @@ fn header_declares_every_exported_function() {
         );
     }
 }
+
+/// Every name the header puts into a C or C++ program carries kvxfer's prefix (macros KVX_,
+/// types and functions kvx_): a bare name such as `VERSION` breaks code that has its own.
+#[test]
+fn every_name_in_the_header_is_prefixed() {
+    let header = generate();
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut names = Vec::new();
+    // File-scope lines only: members and parameters are indented.
+    for line in header
+        .lines()
+        .filter(|l| !l.starts_with([' ', '*', '/', '}']))
+    {
+        if let Some(rest) = line.strip_prefix("#define ") {
+            names.push(ident(rest));
+        } else if let Some(rest) = line
+            .strip_prefix("typedef struct ")
+            .or_else(|| line.strip_prefix("struct "))
+        {
+            names.push(ident(rest));
+        } else if let Some(open) = line.find('(')
+            && !line.starts_with('#')
+        {
+            // `T kvx_f(` or `typedef T (*kvx_fn)(`: the identifier before the first '('.
+            let before = line[..open].trim_end();
+            let start = before
+                .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .map_or(0, |i| i + 1);
+            names.push(before[start..].to_string());
+        }
+    }
+    let bad: Vec<&String> = names
+        .iter()
+        .filter(|n| !n.starts_with("KVX_") && !n.starts_with("kvx_") && *n != "KVXFER_H")
+        .collect();
+    assert!(names.len() > 40, "too few names found: {names:?}");
+    assert!(
+        bad.is_empty(),
+        "names without the kvx_/KVX_ prefix: {bad:?}"
+    );
+}

@@ -12,7 +12,7 @@ use kvxfer::{
 fn ctx() -> Context {
     Context::new(ContextConfig {
         worker_threads: 3,
-        nixl_backends: 0, // host transfers need no NIXL
+        nixl_backends: kvxfer::Backends::empty(), // host transfers need no NIXL
         ..Default::default()
     })
     .unwrap()
@@ -217,7 +217,7 @@ fn device_storage_needs_a_gpu_and_disk_needs_nixl() {
     let ctx = ctx();
     let c = config(LayoutKind::FullyContiguous, 2, 1);
     let device = ctx.new_layout(c, &StorageSpec::new(StorageKind::Device));
-    if kvxfer::exec::cuda::driver().is_ok() {
+    if kvxfer::device_count().is_ok() {
         assert!(ctx.has_cuda());
         device.expect("a machine with a GPU makes device layouts");
     } else {
@@ -325,7 +325,7 @@ fn objects_can_be_dropped_in_any_order() {
 #[test]
 fn allow_gds_without_a_gds_backend_is_refused_when_the_context_is_made() {
     let e = Context::new(ContextConfig {
-        nixl_backends: kvxfer::ffi::context::KVX_BACKEND_POSIX,
+        nixl_backends: kvxfer::Backends::POSIX,
         capabilities: kvxfer::Capabilities {
             allow_gds: true,
             allow_gpu_rdma: false,
@@ -339,7 +339,7 @@ fn allow_gds_without_a_gds_backend_is_refused_when_the_context_is_made() {
     );
     // Without NIXL the planner can still be asked what allow_gds would do.
     let ctx = Context::new(ContextConfig {
-        nixl_backends: 0,
+        nixl_backends: kvxfer::Backends::empty(),
         capabilities: kvxfer::Capabilities {
             allow_gds: true,
             allow_gpu_rdma: false,

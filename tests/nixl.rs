@@ -1,11 +1,13 @@
 //! NIXL loading and agents. Without NIXL these tests report themselves skipped (not passed);
 //! with KVX_REQUIRE_NIXL set (the project's test command sets it) a missing NIXL fails them.
 
+mod common;
+
 use std::panic::catch_unwind;
+use std::path::Path;
 use std::process::Command;
 
-use kvxfer::exec::nixl::loader;
-use kvxfer::ffi::context::{KVX_BACKEND_GDS, KVX_BACKEND_POSIX};
+use kvxfer::Backends;
 use kvxfer::{
     Context, ContextConfig, Error, LayoutConfig, LayoutKind, Plan, StorageKind, StorageSpec,
     Strategy, TransferOptions,
@@ -24,7 +26,7 @@ fn generated_agent_names_are_unique() {
     assert_ne!(a.name(), b.name());
     let named = Context::new(ContextConfig {
         agent_name: Some("prefill-7".into()),
-        nixl_backends: KVX_BACKEND_POSIX,
+        nixl_backends: Backends::POSIX,
         ..Default::default()
     })
     .unwrap();
@@ -35,7 +37,7 @@ fn generated_agent_names_are_unique() {
 /// GDS needs cuFile and a GPU: where it cannot be created, the error names it.
 fn a_backend_that_cannot_be_created_is_named() {
     let r = Context::new(ContextConfig {
-        nixl_backends: KVX_BACKEND_POSIX | KVX_BACKEND_GDS,
+        nixl_backends: Backends::POSIX | Backends::GDS,
         ..Default::default()
     });
     match r {
@@ -45,24 +47,24 @@ fn a_backend_that_cannot_be_created_is_named() {
     }
 }
 
-/// Run in a child process with every NIXL location hidden: the context is refused with
-/// instructions, and the process does not abort (nixl-sys's stubs would abort it).
+/// Run in a child process (this test binary again, as NO_NIXL_ROLE) with every NIXL location
+/// hidden: the context is refused with instructions, and the process does not abort
+/// (nixl-sys's stubs would abort it).
 fn missing_nixl_is_unavailable_not_an_abort() {
-    let empty = std::env::temp_dir().join(format!("kvx-no-nixl-{}", std::process::id()));
-    std::fs::create_dir_all(&empty).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kvxfer"))
-        .args(["demo", "--blocks", "1"])
+    let empty = common::scratch_dir("no-nixl");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env(NO_NIXL_ROLE, &empty)
         .env("KVX_NIXL_LIB_DIR", empty.join("nothing-here"))
         .env("KVX_NIXL_ONLY_LIB_DIR", "1")
         .env("HOME", &empty)
         .env("XDG_DATA_HOME", &empty)
         .env_remove("LD_LIBRARY_PATH")
         .output()
-        .expect("run kvxfer demo");
+        .expect("run the test binary as NO_NIXL_ROLE");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "demo failed: {stdout} {}",
+        "the child failed: {stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("NIXL is not available"), "{stdout}");
@@ -71,6 +73,23 @@ fn missing_nixl_is_unavailable_not_an_abort() {
         "{stdout}"
     );
     let _ = std::fs::remove_dir_all(&empty);
+}
+
+/// NO_NIXL_ROLE: a default context (UCX | POSIX) must be refused as Unavailable; the reason
+/// goes to stdout for the parent to check.
+fn no_nixl_child(_: &Path) {
+    match Context::new(ContextConfig::default()) {
+        Err(Error::Unavailable(m)) => println!("{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let without = Context::new(ContextConfig {
+        nixl_backends: Backends::empty(),
+        ..Default::default()
+    });
+    assert!(
+        without.is_ok(),
+        "a context without NIXL backends needs no NIXL"
+    );
 }
 
 /// Two agents in one process: B imports what A exported and sees A's layouts as remote.
@@ -460,107 +479,46 @@ fn gpu_rdma_setup_splits_long_lists_over_ucx_threads() {
     );
 }
 
+const NO_NIXL_ROLE: &str = "KVX_TEST_NO_NIXL_ROLE";
 const ROLE: &str = "KVX_TEST_PEER_ROLE";
 const HOLD_ROLE: &str = "KVX_TEST_HOLD_ROLE";
 const CLIENT_ROLE: &str = "KVX_TEST_CLIENT_ROLE";
 const HOLD_ROLE_BIG: &str = "KVX_TEST_HOLD_BIG_ROLE";
 
-/// The server half of `two_processes_move_data_both_ways`: exports a filled layout, waits for
-/// the client's notification, then writes checksums of the blocks the client wrote.
-fn peer_server(dir: &std::path::Path) {
+/// The server half of `two_processes_move_data_both_ways` (common::serve on host memory).
+fn peer_server(dir: &Path) {
     let ctx = Context::new(ContextConfig::default()).unwrap();
     let c = disk_config(LayoutKind::LayerSeparateBlockFirst);
     let pool = ctx
         .new_layout(c, &StorageSpec::new(StorageKind::System))
         .unwrap();
-    let all: Vec<u64> = (0..12).collect();
-    ctx.fill(&pool, &all, 42).unwrap();
-    let tmp = dir.join("server.peer.tmp");
-    std::fs::write(&tmp, ctx.export(&[&pool]).unwrap()).unwrap();
-    std::fs::rename(&tmp, dir.join("server.peer")).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let msg = loop {
-        if let Some(m) = ctx.next_notification(|_, m| Ok(m.to_vec())).unwrap() {
-            break m;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no notification from the client"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    };
-    assert_eq!(msg, b"wrote 0..6");
-    let sums = ctx.checksum(&pool, &(0..6).collect::<Vec<_>>()).unwrap();
-    let text: Vec<String> = sums.iter().map(|s| s.to_string()).collect();
-    std::fs::write(dir.join("server.sums"), text.join(",")).unwrap();
+    common::serve(&ctx, &pool, dir);
 }
 
-fn wait_for(path: &std::path::Path, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !path.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} never appeared"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-}
-
-/// The client half of the peer tests: imports the server's export, reads the server's blocks
-/// (checked against the same seed), writes its own with a notification, then compares the
-/// checksums the server reports for what landed in its memory.
-fn peer_client(dir: &std::path::Path) {
+/// The client half of the peer tests (common::exchange, pinned and host memory here).
+fn peer_client(dir: &Path) {
     let peer_file = dir.join("server.peer");
-    wait_for(&peer_file, "the server's export");
+    common::wait_for(&peer_file, "the server's export");
     let ctx = Context::new(ContextConfig::default()).unwrap();
     let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
-    let remote = &peer.layouts()[0];
     let c = disk_config(LayoutKind::LayerSeparateBlockFirst);
-    let mine = ctx
-        .new_layout(c, &StorageSpec::new(StorageKind::Pinned))
-        .unwrap();
-    let all: Vec<u64> = (0..12).collect();
-    ctx.fill(&mine, &all, 7).unwrap();
-    let back = ctx
-        .new_layout(c, &StorageSpec::new(StorageKind::System))
-        .unwrap();
-    let theirs: Vec<u64> = (6..12).collect();
-    let t = ctx
-        .submit(remote, &theirs, &back, &theirs, &TransferOptions::default())
-        .unwrap();
-    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
-    let expected = ctx
-        .new_layout(c, &StorageSpec::new(StorageKind::System))
-        .unwrap();
-    ctx.fill(&expected, &theirs, 42).unwrap();
-    assert_eq!(
-        ctx.checksum(&back, &theirs).unwrap(),
-        ctx.checksum(&expected, &theirs).unwrap()
+    let new = |kind| ctx.new_layout(c, &StorageSpec::new(kind)).unwrap();
+    let (mine, back, expected) = (
+        new(StorageKind::Pinned),
+        new(StorageKind::System),
+        new(StorageKind::System),
     );
-    let ours: Vec<u64> = (0..6).collect();
-    let opts = TransferOptions {
-        notify: Some(b"wrote 0..6".to_vec()),
-        ..Default::default()
+    let layouts = common::ClientLayouts {
+        mine: &mine,
+        back: &back,
+        expected: &expected,
     };
-    let t = ctx.submit(&mine, &ours, remote, &ours, &opts).unwrap();
-    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
-    let sums_file = dir.join("server.sums");
-    wait_for(&sums_file, "the server's checksums");
-    let sums = std::fs::read_to_string(&sums_file).unwrap();
-    let sent: Vec<String> = ctx
-        .checksum(&mine, &ours)
-        .unwrap()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    assert_eq!(sums, sent.join(","));
+    common::exchange(&ctx, &peer.layouts()[0], layouts, dir);
 }
 
 /// Two processes exchange metadata through files and move data both ways, with a notification.
 fn two_processes_move_data_both_ways() {
-    let dir = std::env::temp_dir().join(format!("kvx-2proc-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("2proc");
     let mut server = Command::new(std::env::current_exe().unwrap())
         .env(ROLE, &dir)
         .spawn()
@@ -629,37 +587,26 @@ fn two_hosts_over_tcp_in_network_namespaces() {
 }
 
 /// Server role that exports a layout and then waits to be killed.
-fn peer_holder(dir: &std::path::Path) {
+fn peer_holder(dir: &Path) {
     let ctx = Context::new(ContextConfig::default()).unwrap();
     let c = disk_config(LayoutKind::FullyContiguous);
     let pool = ctx
         .new_layout(c, &StorageSpec::new(StorageKind::System))
         .unwrap();
-    let tmp = dir.join("holder.peer.tmp");
-    std::fs::write(&tmp, ctx.export(&[&pool]).unwrap()).unwrap();
-    std::fs::rename(&tmp, dir.join("holder.peer")).unwrap();
+    common::publish(dir, "holder.peer", &ctx.export(&[&pool]).unwrap());
     std::thread::sleep(std::time::Duration::from_secs(120));
 }
 
 /// After a peer dies, transfers to and from it fail with Error::Peer within 5 s, and nothing
 /// hangs: submit, wait and free all return.
 fn a_dead_peer_fails_within_five_seconds() {
-    let dir = std::env::temp_dir().join(format!("kvx-dead-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("dead");
     let mut holder = Command::new(std::env::current_exe().unwrap())
         .env(HOLD_ROLE, &dir)
         .spawn()
         .unwrap();
     let peer_file = dir.join("holder.peer");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !peer_file.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the holder never exported"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    common::wait_for(&peer_file, "the holder's export");
     let ctx = Context::new(ContextConfig::default()).unwrap();
     let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
     let remote = &peer.layouts()[0];
@@ -837,22 +784,20 @@ fn big_config() -> LayoutConfig {
 }
 
 /// Holder for the in-flight test: exports 1 GiB, records its pid, waits to be killed.
-fn inflight_holder(dir: &std::path::Path) {
+fn inflight_holder(dir: &Path) {
     let ctx = Context::new(ContextConfig::default()).unwrap();
     let pool = ctx
         .new_layout(big_config(), &StorageSpec::new(StorageKind::System))
         .unwrap();
     std::fs::write(dir.join("holder.pid"), std::process::id().to_string()).unwrap();
-    let tmp = dir.join("big.peer.tmp");
-    std::fs::write(&tmp, ctx.export(&[&pool]).unwrap()).unwrap();
-    std::fs::rename(&tmp, dir.join("big.peer")).unwrap();
+    common::publish(dir, "big.peer", &ctx.export(&[&pool]).unwrap());
     std::thread::sleep(std::time::Duration::from_secs(120));
 }
 
 /// Client for the in-flight test: starts a 1 GiB write, kills the holder while it runs, and
 /// expects Error::Peer within 5 s and a free that returns.
-fn inflight_client(dir: &std::path::Path) {
-    wait_for(&dir.join("big.peer"), "the holder's export");
+fn inflight_client(dir: &Path) {
+    common::wait_for(&dir.join("big.peer"), "the holder's export");
     let pid: i32 = std::fs::read_to_string(dir.join("holder.pid"))
         .unwrap()
         .parse()
@@ -894,9 +839,7 @@ fn a_peer_killed_mid_transfer_fails_within_five_seconds() {
     let exe = std::env::current_exe().unwrap();
     // (UCX_TLS, when to kill): shared memory moves the 1 GiB in well under a second.
     for (tls, kill_after) in [(Some("tcp,self"), "100"), (None, "10")] {
-        let dir = std::env::temp_dir().join(format!("kvx-inflight-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::scratch_dir("inflight");
         let spawn = |role: &str| {
             let mut c = Command::new(&exe);
             c.env(role, &dir).env(KILL_AFTER_MS, kill_after);
@@ -974,95 +917,53 @@ fn o_direct_where_the_file_system_allows() {
     );
 }
 
+/// A child process's part: the environment variable that selects it (holding the folder the
+/// processes share) and what it runs.
+type Role = (&'static str, fn(&Path));
+
+/// `[(name, test)]` of the listed test functions.
+macro_rules! tests {
+    ($($test:ident),* $(,)?) => {
+        [$((stringify!($test), $test as fn())),*]
+    };
+}
+
 fn main() {
-    if let Some(dir) = std::env::var_os(HOLD_ROLE_BIG) {
-        inflight_holder(std::path::Path::new(&dir));
-        return;
-    }
-    if let Some(dir) = std::env::var_os(INFLIGHT_ROLE) {
-        inflight_client(std::path::Path::new(&dir));
-        return;
-    }
-    if let Some(dir) = std::env::var_os(CLIENT_ROLE) {
-        peer_client(std::path::Path::new(&dir));
-        return;
-    }
-    if let Some(dir) = std::env::var_os(HOLD_ROLE) {
-        peer_holder(std::path::Path::new(&dir));
-        return;
-    }
-    if let Some(dir) = std::env::var_os(ROLE) {
-        peer_server(std::path::Path::new(&dir));
-        return;
-    }
-    let tests: [(&str, fn()); 17] = [
-        (
-            "default_context_makes_an_agent_with_ucx_and_posix",
-            default_context_makes_an_agent_with_ucx_and_posix,
-        ),
-        (
-            "generated_agent_names_are_unique",
-            generated_agent_names_are_unique,
-        ),
-        (
-            "a_backend_that_cannot_be_created_is_named",
-            a_backend_that_cannot_be_created_is_named,
-        ),
-        (
-            "missing_nixl_is_unavailable_not_an_abort",
-            missing_nixl_is_unavailable_not_an_abort,
-        ),
-        (
-            "export_and_import_between_two_contexts",
-            export_and_import_between_two_contexts,
-        ),
-        (
-            "malformed_imports_are_refused",
-            malformed_imports_are_refused,
-        ),
-        (
-            "host_disk_host_with_reversed_ids",
-            host_disk_host_with_reversed_ids,
-        ),
-        (
-            "disk_layout_persists_across_reopen",
-            disk_layout_persists_across_reopen,
-        ),
-        (
-            "write_to_and_read_from_a_peer_with_a_notification",
-            write_to_and_read_from_a_peer_with_a_notification,
-        ),
-        (
-            "gpu_rdma_setup_splits_long_lists_over_ucx_threads",
-            gpu_rdma_setup_splits_long_lists_over_ucx_threads,
-        ),
-        (
-            "two_processes_move_data_both_ways",
-            two_processes_move_data_both_ways,
-        ),
-        (
-            "a_dead_peer_fails_within_five_seconds",
-            a_dead_peer_fails_within_five_seconds,
-        ),
-        (
-            "host_disk_disk_host_with_reversed_ids",
-            host_disk_disk_host_with_reversed_ids,
-        ),
-        ("a_full_disk_is_an_io_error", a_full_disk_is_an_io_error),
-        (
-            "two_hosts_over_tcp_in_network_namespaces",
-            two_hosts_over_tcp_in_network_namespaces,
-        ),
-        (
-            "a_peer_killed_mid_transfer_fails_within_five_seconds",
-            a_peer_killed_mid_transfer_fails_within_five_seconds,
-        ),
-        (
-            "o_direct_where_the_file_system_allows",
-            o_direct_where_the_file_system_allows,
-        ),
+    // Child processes of the tests: the role named in the environment, nothing else.
+    let roles: [Role; 6] = [
+        (NO_NIXL_ROLE, no_nixl_child),
+        (HOLD_ROLE_BIG, inflight_holder),
+        (INFLIGHT_ROLE, inflight_client),
+        (CLIENT_ROLE, peer_client),
+        (HOLD_ROLE, peer_holder),
+        (ROLE, peer_server),
     ];
-    if let Err(e) = loader::load() {
+    for (role, run) in roles {
+        if let Some(dir) = std::env::var_os(role) {
+            run(Path::new(&dir));
+            return;
+        }
+    }
+    let tests = tests![
+        default_context_makes_an_agent_with_ucx_and_posix,
+        generated_agent_names_are_unique,
+        a_backend_that_cannot_be_created_is_named,
+        missing_nixl_is_unavailable_not_an_abort,
+        export_and_import_between_two_contexts,
+        malformed_imports_are_refused,
+        host_disk_host_with_reversed_ids,
+        disk_layout_persists_across_reopen,
+        write_to_and_read_from_a_peer_with_a_notification,
+        gpu_rdma_setup_splits_long_lists_over_ucx_threads,
+        two_processes_move_data_both_ways,
+        a_dead_peer_fails_within_five_seconds,
+        host_disk_disk_host_with_reversed_ids,
+        a_full_disk_is_an_io_error,
+        two_hosts_over_tcp_in_network_namespaces,
+        a_peer_killed_mid_transfer_fails_within_five_seconds,
+        o_direct_where_the_file_system_allows,
+    ];
+    if let Err(e) = kvxfer::load_nixl() {
         if std::env::var_os("KVX_REQUIRE_NIXL").is_some() {
             println!("NIXL must load here (KVX_REQUIRE_NIXL is set): {e}");
             println!("0 passed, {} failed", tests.len());

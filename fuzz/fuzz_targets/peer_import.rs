@@ -4,20 +4,8 @@
 //! the field checks behind the checksum.
 #![no_main]
 
-use kvxfer::peer::{PeerBlob, VERSION};
+use kvxfer::fuzzing::{PeerBlob, seal};
 use libfuzzer_sys::fuzz_target;
-use xxhash_rust::xxh3::xxh3_64;
-
-fn sealed(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24 + body.len());
-    out.extend_from_slice(b"KVXPEER\0");
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&((24 + body.len()) as u32).to_le_bytes());
-    out.extend_from_slice(&xxh3_64(body).to_le_bytes());
-    out.extend_from_slice(body);
-    out
-}
 
 fn check(data: &[u8]) {
     if let Ok(blob) = PeerBlob::decode(data) {
@@ -28,5 +16,7 @@ fn check(data: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     check(data);
-    check(&sealed(data));
+    if let Ok(sealed) = seal(data) {
+        check(&sealed);
+    }
 });

@@ -1,9 +1,173 @@
-//! Executors: how a copy list is carried out. Host ↔ host copies run on the context's worker
-//! threads; CUDA copies on the device's streams (copy engines or the SM kernel), completed by
-//! the CUDA progress engine; NIXL and two-hop executors join with the NIXL tier.
+//! Executors: how a validated request is carried out. `dispatch` is the one entry point: it
+//! takes the plan and starts the executor that serves it: `host` (memcpy and blocking CUDA
+//! copies on the worker threads), `cuda` (copy engines or the SM kernel on the device's
+//! streams), `nixl` (disk and peers through the NIXL agent), `two_hop` (through the pinned
+//! bounce pool). Executors run on the `Resources` the context lends them and never see the
+//! context itself.
 
-pub mod cuda;
-pub mod memcpy;
-pub mod nixl;
-pub mod two_hop;
-pub mod workers;
+pub(crate) mod cuda;
+mod host;
+pub(crate) mod memcpy;
+pub(crate) mod nixl;
+mod two_hop;
+mod workers;
+
+use std::sync::Arc;
+
+use crate::cuda::Direction;
+use crate::error::{Error, Result, bail};
+use crate::memory::StorageKind;
+use crate::options::TransferOptions;
+use crate::plan::{Plan, Request, Strategy};
+use crate::transfer::Transfer;
+use cuda::CudaExec;
+use nixl::NixlExec;
+use two_hop::BouncePool;
+pub(crate) use workers::Workers;
+
+/// What executors run on, owned by a context. Fields drop in order: queued host copies finish
+/// before the devices they may touch go away, GPU work before the NIXL agent.
+#[derive(Debug)]
+pub(crate) struct Resources {
+    pub(crate) workers: Workers,
+    /// The context's CUDA device, or why it has none.
+    pub(crate) cuda: std::result::Result<CudaExec, String>,
+    /// Present when the context asked for NIXL backends.
+    pub(crate) nixl: Option<NixlExec>,
+    /// Pinned bounce buffers for two-hop plans, made on first use and reused.
+    bounce: Arc<BouncePool>,
+}
+
+impl Resources {
+    pub(crate) fn new(
+        workers: Workers,
+        cuda: std::result::Result<CudaExec, String>,
+        nixl: Option<NixlExec>,
+    ) -> Self {
+        Self {
+            workers,
+            cuda,
+            nixl,
+            bounce: Arc::default(),
+        }
+    }
+
+    /// The CUDA side, or `Unavailable` saying why there is none.
+    pub(crate) fn cuda(&self) -> Result<&CudaExec> {
+        self.cuda.as_ref().map_err(|why| {
+            Error::Unavailable(format!("CUDA is not available in this context: {why}"))
+        })
+    }
+
+    /// The NIXL agent, or `Unavailable` saying that `what` needs one.
+    pub(crate) fn nixl(&self, what: &str) -> Result<&NixlExec> {
+        self.nixl.as_ref().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "{what} needs NIXL; this context was made with nixl_backends = 0"
+            ))
+        })
+    }
+
+    fn gate(&self, stream: Option<usize>) -> Result<Option<Arc<crate::cuda::StreamGate>>> {
+        match stream {
+            None => Ok(None),
+            Some(_) => self.cuda()?.gate(stream),
+        }
+    }
+}
+
+/// Starts the executor that serves `plan` for the validated `request`; returns before the bytes
+/// have moved. An error means nothing was queued.
+pub(crate) fn dispatch(
+    plan: Plan,
+    request: &Request<'_>,
+    options: &TransferOptions,
+    res: &Resources,
+) -> Result<Transfer> {
+    if options.cuda_stream.is_some() {
+        res.cuda()?;
+    }
+    if options.notify.is_some()
+        && !(request.dst.is_remote() && plan == Plan::Direct(Strategy::NixlWrite))
+    {
+        bail!(
+            InvalidArgument,
+            "notify_msg applies only to writes to a remote peer; this transfer is not one"
+        );
+    }
+    let has_cuda = res.cuda.is_ok();
+    match plan {
+        Plan::Direct(Strategy::Memcpy) => {
+            let gate = res.gate(options.cuda_stream)?;
+            Ok(host::submit(
+                &res.workers,
+                request,
+                plan,
+                None,
+                gate,
+                has_cuda,
+            ))
+        }
+        Plan::Direct(
+            s @ (Strategy::CudaAsyncH2D | Strategy::CudaAsyncD2H | Strategy::CudaAsyncD2D),
+        ) => cuda::submit(res.cuda()?, request, plan, s, options),
+        Plan::Direct(s @ (Strategy::CudaBlockingH2D | Strategy::CudaBlockingD2H)) => {
+            let (dir, dev_mem) = if s == Strategy::CudaBlockingH2D {
+                (Direction::HostToDevice, request.dst.memory())
+            } else {
+                (Direction::DeviceToHost, request.src.memory())
+            };
+            let dev = dev_mem
+                .device()
+                .cloned()
+                .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
+            let gate = res.gate(options.cuda_stream)?;
+            let cuda = Some((dev, dir));
+            Ok(host::submit(
+                &res.workers,
+                request,
+                plan,
+                cuda,
+                gate,
+                has_cuda,
+            ))
+        }
+        Plan::TwoHop {
+            first: Strategy::NixlReadFlipped | Strategy::CudaAsyncD2H,
+            second: Strategy::NixlWrite | Strategy::CudaAsyncH2D,
+            bounce: StorageKind::Pinned,
+        } => {
+            let nixl = res.nixl("disk transfers")?;
+            let gate = res.gate(options.cuda_stream)?;
+            let cuda = res.cuda.as_ref().ok();
+            two_hop::submit(request, plan, nixl, cuda, &res.workers, &res.bounce, gate)
+        }
+        // NixlRead is the GDS plan disk -> device: like NixlReadFlipped, the local side (the
+        // device) is the destination and reads from the file.
+        Plan::Direct(
+            s @ (Strategy::NixlWrite | Strategy::NixlReadFlipped | Strategy::NixlRead),
+        ) => {
+            let nixl = res.nixl("disk and peer transfers")?;
+            let write = s == Strategy::NixlWrite;
+            nixl::submit(
+                nixl,
+                request,
+                plan,
+                write,
+                options.notify.as_deref(),
+                has_cuda,
+            )
+        }
+        Plan::Direct(s) => bail!(
+            Unavailable,
+            "strategy {} ({} -> {}) is not available in this version of kvxfer",
+            s.name(),
+            request.src.storage_kind(),
+            request.dst.storage_kind()
+        ),
+        Plan::TwoHop { .. } => bail!(
+            Unavailable,
+            "two-hop plan {plan} is not available in this version of kvxfer"
+        ),
+    }
+}

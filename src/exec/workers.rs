@@ -3,22 +3,25 @@
 //! transfer's completion, which wakes its waiters. Dropping the pool finishes the queued jobs,
 //! then joins.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, unbounded};
 
+use crate::cuda::StreamGate;
 use crate::error::{Error, Result};
+use crate::transfer::Completion;
 
-pub type Job = Box<dyn FnOnce() + Send + 'static>;
+type Job = Box<dyn FnOnce() + Send + 'static>;
 
 #[derive(Debug)]
-pub struct Workers {
+pub(crate) struct Workers {
     tx: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Workers {
-    pub fn new(count: usize, name: &str) -> Result<Self> {
+    pub(crate) fn new(count: usize, name: &str) -> Result<Self> {
         let (tx, rx) = unbounded::<Job>();
         let mut threads = Vec::with_capacity(count);
         for i in 0..count {
@@ -39,15 +42,35 @@ impl Workers {
         })
     }
 
-    pub fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.threads.len()
     }
 
-    /// Queues `job`; it runs on one of the workers.
-    pub fn spawn(&self, job: Job) {
+    /// Queues `job` as one part of `completion`. It starts once `gate` passed; its result, or
+    /// an internal error if it panics, is the part's outcome; `keep` (the memory it reads and
+    /// writes) is released only after it ran, so freeing a layout cannot release memory under
+    /// it.
+    pub(crate) fn spawn_part<K: Send + 'static>(
+        &self,
+        completion: Arc<Completion>,
+        gate: Option<Arc<StreamGate>>,
+        keep: K,
+        job: impl FnOnce() -> Result<()> + Send + 'static,
+    ) {
+        let run = move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if let Some(g) = &gate {
+                    g.wait()?;
+                }
+                job()
+            }))
+            .unwrap_or_else(|_| Err(Error::Internal("a worker job panicked".into())));
+            drop((keep, gate));
+            completion.part_done(result);
+        };
         if let Some(tx) = &self.tx {
             // Sending only fails once every receiver is gone, which happens after drop.
-            let _ = tx.send(job);
+            let _ = tx.send(Box::new(run));
         }
     }
 }

@@ -4,17 +4,20 @@ use std::ffi::{CStr, c_char};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use super::boundary::{deref, flag, null_argument, opt_str, write_out};
+use super::boundary::{deref, fail, flag, null_argument, opt_str, write_out};
 use super::status::KVX_STATUS_OK;
-use crate::context::{Context, ContextConfig, backend};
+use crate::context::Context;
+use crate::error::Error;
+use crate::nixl::Backends;
+use crate::options::ContextConfig;
+use crate::plan::Capabilities;
 
 const _: () = assert!(
-    KVX_BACKEND_UCX == backend::UCX
-        && KVX_BACKEND_POSIX == backend::POSIX
-        && KVX_BACKEND_GDS == backend::GDS
-        && KVX_BACKEND_GDS_MT == backend::GDS_MT
+    KVX_BACKEND_UCX == Backends::UCX.bits()
+        && KVX_BACKEND_POSIX == Backends::POSIX.bits()
+        && KVX_BACKEND_GDS == Backends::GDS.bits()
+        && KVX_BACKEND_GDS_MT == Backends::GDS_MT.bits()
 );
-use crate::plan::Capabilities;
 
 /// NIXL backend bit: UCX (remote peers).
 pub const KVX_BACKEND_UCX: u32 = 1;
@@ -52,7 +55,7 @@ pub struct kvx_context_config {
 }
 
 /// A context: capabilities, worker threads, the CUDA device (its primary context, one stream per
-/// copy direction, the copy kernel) and, in later versions, the NIXL agent. Thread-safe: any
+/// copy direction, the copy kernel) and the NIXL agent with its backends. Thread-safe: any
 /// number of threads may use one context at once. Layouts and transfers made from it stay valid
 /// after kvx_context_free(); freeing the context waits for the work already submitted on it.
 pub struct kvx_context {
@@ -74,7 +77,7 @@ pub unsafe extern "C" fn kvx_context_config_init(config: *mut kvx_context_config
         let d = ContextConfig::default();
         let c = kvx_context_config {
             agent_name: std::ptr::null(),
-            nixl_backends: d.nixl_backends,
+            nixl_backends: d.nixl_backends.bits(),
             cuda_device: d.cuda_device,
             allow_gds: 0,
             allow_gpu_rdma: 0,
@@ -114,9 +117,15 @@ pub unsafe extern "C" fn kvx_context_new(
             let bytes = unsafe { CStr::from_ptr(c.disk_dir) }.to_bytes();
             Some(PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
         };
+        let Some(nixl_backends) = Backends::from_bits(c.nixl_backends) else {
+            return fail(Error::InvalidArgument(format!(
+                "unknown NIXL backend bits {:#x} (known: UCX=1, POSIX=2, GDS=4, GDS_MT=8)",
+                c.nixl_backends & !Backends::all().bits()
+            )));
+        };
         let config = ContextConfig {
             agent_name,
-            nixl_backends: c.nixl_backends,
+            nixl_backends,
             cuda_device: c.cuda_device,
             capabilities: Capabilities {
                 allow_gds: try_status!(flag(c.allow_gds, "allow_gds")),

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use super::boundary::{deref, fail, null_argument, slice, write_out};
 use super::context::kvx_context;
 use super::status::KVX_STATUS_OK;
-use crate::context::{Context, StorageSpec};
+use crate::context::Context;
 use crate::error::Error;
 use crate::layout::{Layout, LayoutConfig, LayoutKind};
 use crate::memory::{Region, StorageKind};
+use crate::options::StorageSpec;
 
 /// Pageable host memory.
 pub const KVX_STORAGE_KIND_SYSTEM: i32 = 0;
@@ -215,7 +216,8 @@ pub unsafe extern "C" fn kvx_layout_new(
 /// kvxfer never frees this memory; the caller keeps it valid until the layout and every transfer
 /// using it are freed. DEVICE regions must lie inside CUDA allocations of storage->device_id
 /// (checked); PINNED regions on a context with CUDA are registered with CUDA (and unregistered
-/// with the layout) unless CUDA already knows them. DISK: UNAVAILABLE in this version.
+/// with the layout) unless CUDA already knows them. DISK: UNAVAILABLE (kvx_layout_new makes
+/// disk layouts, over a file).
 /// On error *layout_out is untouched.
 #[unsafe(no_mangle)]
 #[must_use]

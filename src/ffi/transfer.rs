@@ -7,8 +7,8 @@ use super::context::kvx_context;
 use super::layout::kvx_layout;
 use super::plan::kvx_plan;
 use super::status::{KVX_STATUS_OK, KVX_STATUS_PENDING};
-use crate::context::{CopyMode, TransferOptions, timeout_from_us};
 use crate::error::Error;
+use crate::options::{CopyMode, TransferOptions};
 use crate::transfer::Transfer;
 
 /// CPU copies on the context's worker threads (host to host).
@@ -256,4 +256,9 @@ pub unsafe extern "C" fn kvx_transfer_free(transfer: *mut kvx_transfer) {
             drop(unsafe { Box::from_raw(transfer) });
         }
     }
+}
+
+/// Converts a C-style timeout (µs, negative = forever) to a wait bound.
+fn timeout_from_us(us: i64) -> Option<std::time::Duration> {
+    u64::try_from(us).ok().map(std::time::Duration::from_micros)
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use cudarc::driver::sys::{self, CUresult};
 
 use super::Region;
+use crate::cuda::{CudaDevice, check};
 use crate::error::{Error, Result};
-use crate::exec::cuda::{CudaDevice, check};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {

@@ -50,7 +50,8 @@ impl DiskFile {
     /// A new file in `dir`, `len` bytes long (sparse), never seen by others: unlinked at once,
     /// or with `named`, under a unique dot-name until it is dropped. cuFile needs the name: in
     /// compat mode it opens the file again by the path /proc gives, which an unlinked file
-    /// does not have (session 4 device run 3 of 2026-11-26: "open call failed for file
+    /// does not have (docs/BENCHMARKS.md,
+    /// "Two GPUs, GPU RDMA between processes, GDS, two-hop again": "open call failed for file
     /// /tmp/#8118299 (deleted)").
     pub fn temporary(dir: &Path, len: u64, named: bool) -> Result<Self> {
         let unique = || {
@@ -152,4 +153,37 @@ impl DiskFile {
             ))
         })
     }
+}
+
+/// Whether cuFile takes files in `dir`, asked once when a context that allows GDS is made: a
+/// 4 KiB file there (named, O_DIRECT, as kvxfer's own) registered with the GDS backends alone.
+/// Where cuFile refuses it (no nvidia-fs and no compat mode, a file system it does not know, no
+/// udev description of the block device inside a container), the context is UNAVAILABLE with
+/// the reason instead of every device <-> disk transfer failing later.
+pub(crate) fn probe_gds(agent: &crate::nixl::NixlAgent, dir: &Path) -> Result<()> {
+    let refuse = |why: String| {
+        Error::Unavailable(format!(
+            "GPUDirect Storage is not usable for files in {}: {why}. cuFile needs nvidia-fs or \
+             its compat mode (allow_compat_mode in cufile.json), a file system it supports, and, \
+             inside a container, udev's description of the block device (/run/udev); leave \
+             allow_gds off to move device <-> disk through pinned memory",
+            dir.display()
+        ))
+    };
+    let file = DiskFile::temporary(dir, 4096, true)?;
+    let Some(fd) = file.direct_fd() else {
+        return Err(refuse("the file system refuses O_DIRECT".into()));
+    };
+    let region = crate::nixl::NixlRegion {
+        addr: 0,
+        len: 4096,
+        mem: nixl_sys::MemType::File,
+        device: fd as u64,
+    };
+    let handle = agent
+        .agent()
+        .register_memory(&region, Some(&agent.gds_args()?))
+        .map_err(|e| refuse(format!("cuFile did not register the file ({e})")))?;
+    drop(handle);
+    Ok(())
 }

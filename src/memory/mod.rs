@@ -9,13 +9,13 @@ pub use host::HostAllocation;
 
 use std::sync::{Arc, Mutex};
 
-use nixl_sys::{MemType, MemoryRegion, NixlDescriptor, RegistrationHandle};
+use nixl_sys::{MemType, RegistrationHandle};
 
-use crate::exec::cuda::CudaDevice;
+use crate::cuda::CudaDevice;
+use crate::error::{Error, Result, bail};
+use crate::nixl::NixlRegion;
 use cuda::{CudaAllocation, HostRegistration};
 use disk::DiskFile;
-
-use crate::error::{Error, Result, bail};
 
 /// Where the bytes of a layout live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -104,34 +104,6 @@ enum Owner {
     Disk(DiskFile),
 }
 
-/// One region as NIXL registers it.
-#[derive(Debug)]
-pub(crate) struct NixlRegion {
-    pub(crate) region: Region,
-    pub(crate) mem: MemType,
-    pub(crate) device: u64,
-}
-
-impl MemoryRegion for NixlRegion {
-    unsafe fn as_ptr(&self) -> *const u8 {
-        self.region.addr as *const u8
-    }
-
-    fn size(&self) -> usize {
-        self.region.len as usize
-    }
-}
-
-impl NixlDescriptor for NixlRegion {
-    fn mem_type(&self) -> MemType {
-        self.mem
-    }
-
-    fn device_id(&self) -> u64 {
-        self.device
-    }
-}
-
 /// The memory of one layout: one region (fully contiguous) or one per layer.
 #[derive(Debug)]
 pub struct Memory {
@@ -172,6 +144,19 @@ impl Memory {
             nixl: Mutex::default(),
             owner: Owner::Host(allocations),
         })
+    }
+
+    /// Page-locked host memory: CUDA-pinned (portable, device-mapped) when there is a device to
+    /// pin it for, else `mmap` + `mlock`.
+    pub fn allocate_pinned(
+        dev: Option<&Arc<CudaDevice>>,
+        sizes: &[u64],
+        alignment: u64,
+    ) -> Result<Self> {
+        match dev {
+            Some(d) => Self::allocate_cuda(d, StorageKind::Pinned, sizes, alignment),
+            None => Self::allocate_host(StorageKind::Pinned, sizes, alignment),
+        }
     }
 
     /// Pinned (`Pinned`, portable and device-mapped) or device (`Device`) memory from CUDA.
@@ -290,7 +275,8 @@ impl Memory {
             .flat_map(|r| devices.iter().map(move |&d| (r, d)))
         {
             let d = NixlRegion {
-                region: *r,
+                addr: r.addr,
+                len: r.len,
                 mem,
                 device,
             };

@@ -18,6 +18,18 @@ pub struct CopyOp {
     pub len: u64,
 }
 
+impl CopyOp {
+    /// The same bytes seen from the other end: source and destination swapped. NIXL's flipped
+    /// reads and a bounce buffer's fill describe a copy from its destination's side.
+    pub fn flipped(self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+            len: self.len,
+        }
+    }
+}
+
 /// The copies of one transfer, after coalescing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CopyList {

@@ -3,5 +3,5 @@
 pub mod copy_list;
 mod strategy;
 
-pub use copy_list::{CopyList, CopyOp, Request};
+pub use copy_list::{CopyOp, Request};
 pub use strategy::{Capabilities, Location, Plan, Strategy, select};

@@ -109,6 +109,14 @@ pub struct Location {
 }
 
 impl Location {
+    /// Where `layout` lives.
+    pub fn of(layout: &crate::layout::Layout) -> Self {
+        Self {
+            kind: layout.storage_kind(),
+            remote: layout.is_remote(),
+        }
+    }
+
     pub fn local(kind: StorageKind) -> Self {
         Self {
             kind,

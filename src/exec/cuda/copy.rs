@@ -6,38 +6,44 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys::{self, CUmemLocation, CUmemLocationType, CUstream};
 
-use super::device::{BatchApi, CudaDevice, Direction};
-use super::driver::check;
-use crate::context::CopyMode;
+use crate::cuda::{BatchApi, CudaDevice, Direction, check};
 use crate::error::{Error, Result, bail};
+use crate::options::{CopyMode, Mechanism};
 use crate::plan::CopyOp;
-use crate::transfer::Mechanism;
 
 /// AUTO sends lists whose average copy is below this to the kernel: copy engines pay a fixed
 /// cost per copy that small fragments cannot amortise.
-pub const AUTO_KERNEL_MAX_AVG: u64 = 256 << 10;
+const AUTO_KERNEL_MAX_AVG: u64 = 256 << 10;
 /// Copies per batch call.
 const BATCH_MAX: usize = 1 << 14;
 
-pub struct Plan {
-    pub mechanism: Mechanism,
+pub(crate) struct Choice {
+    pub(crate) mechanism: Mechanism,
     /// AUTO wanted the kernel but it could not be built or loaded.
-    pub kernel_fallback: bool,
+    pub(crate) kernel_fallback: bool,
 }
 
-/// Chooses the mechanism. `unit`: bytes of the contiguous pieces the transfer is made of (a
-/// whole block between fully contiguous layouts, else one region); `pieces`: how many there
-/// are; `reachable`: both sides are memory the SMs can address (device memory of this device,
-/// or CUDA-pinned host memory).
-pub fn choose(
-    dev: &CudaDevice,
+/// AUTO's rule: the SM kernel for more than one piece when the pieces average at most
+/// AUTO_KERNEL_MAX_AVG bytes, and for all device-to-device work. Copy engines reach a fraction of
+/// HBM bandwidth on device-to-device copies of any size short of one huge copy (measured on an
+/// H100: 2 MiB copies ~400 GB/s against 1.46 TB/s for one 1 GiB copy).
+pub(crate) fn prefers_kernel(direction: Direction, avg_piece: u64, pieces: u64) -> bool {
+    pieces > 1 && (avg_piece <= AUTO_KERNEL_MAX_AVG || direction == Direction::DeviceToDevice)
+}
+
+/// Chooses the mechanism. `kernel`: the copy kernel of the device, or why there is none;
+/// `unit`: bytes of the contiguous pieces the transfer is made of (a whole block between fully
+/// contiguous layouts, else one region); `pieces`: how many there are; `reachable`: both sides
+/// are memory the SMs can address (device memory of this device, or CUDA-pinned host memory).
+pub(crate) fn choose(
+    kernel: std::result::Result<&super::Kernel, &str>,
     direction: Direction,
     unit: u64,
     pieces: u64,
     mode: CopyMode,
     reachable: bool,
-) -> Result<Plan> {
-    let ce = Plan {
+) -> Result<Choice> {
+    let ce = Choice {
         mechanism: Mechanism::CopyEngine,
         kernel_fallback: false,
     };
@@ -51,29 +57,22 @@ pub fn choose(
                      or in CUDA-pinned host memory"
                 );
             }
-            dev.kernel()
-                .map_err(|why| Error::Unavailable(why.to_string()))?;
-            Ok(Plan {
+            kernel.map_err(|why| Error::Unavailable(why.to_string()))?;
+            Ok(Choice {
                 mechanism: Mechanism::Kernel,
                 kernel_fallback: false,
             })
         }
         CopyMode::Auto => {
-            let small = unit <= AUTO_KERNEL_MAX_AVG;
-            // Copy engines reach a fraction of HBM bandwidth on device-to-device copies of any
-            // size short of one huge copy (measured on an H100: 2 MiB copies ~400 GB/s against
-            // 1.46 TB/s for one 1 GiB copy), so device-to-device work always prefers the kernel.
-            let wants_kernel =
-                reachable && pieces > 1 && (small || direction == Direction::DeviceToDevice);
-            if !wants_kernel {
+            if !(reachable && prefers_kernel(direction, unit, pieces)) {
                 return Ok(ce);
             }
-            Ok(match dev.kernel() {
-                Ok(_) => Plan {
+            Ok(match kernel {
+                Ok(_) => Choice {
                     mechanism: Mechanism::Kernel,
                     kernel_fallback: false,
                 },
-                Err(_) => Plan {
+                Err(_) => Choice {
                     kernel_fallback: true,
                     ..ce
                 },
@@ -88,7 +87,7 @@ pub fn choose(
 /// # Safety
 /// `stream` is a live stream of `dev`'s context, and every copy is a validated range of memory
 /// that stays alive until the stream has passed this work.
-pub unsafe fn enqueue_copy_engine(
+pub(crate) unsafe fn enqueue_copy_engine(
     dev: &CudaDevice,
     stream: CUstream,
     direction: Direction,
@@ -155,7 +154,7 @@ pub unsafe fn enqueue_at(
         flags: 0,
     };
     // Reused across calls, so that nothing but the driver runs between them (see
-    // `Context::submit_cuda_async` on pauses between batch calls).
+    // `exec::cuda::submit` on pauses between batch calls).
     let cap = copies.len().min(BATCH_MAX);
     let (mut dsts, mut srcs, mut sizes) = (
         Vec::with_capacity(cap),
@@ -210,7 +209,7 @@ pub unsafe fn enqueue_at(
 ///
 /// # Safety
 /// Every range is validated memory that stays alive for the call.
-pub unsafe fn copy_blocking(
+pub(crate) unsafe fn copy_blocking(
     dev: &CudaDevice,
     direction: Direction,
     copies: &[CopyOp],

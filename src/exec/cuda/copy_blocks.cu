@@ -7,11 +7,11 @@
 // The table (both layouts' bases, then the pairs) travels inside the kernel parameter where it
 // fits (4 KB, or 32 KB on drivers from CUDA 12.1), so a transfer is one launch; larger tables
 // are uploaded to device memory first. The upload cost 10-14 us of GPU time before the kernel
-// on an H100 (kernel lab, device runs 2-6 of 2026-11-26), about 2% of a 1 GiB copy.
+// on an H100 (docs/BENCHMARKS.md, "GPU tiers, third pass"), about 2% of a 1 GiB copy.
 //
 // A piece is copied by one warp with 16-byte accesses, eight in flight per lane, through plain
 // loads and stores: evict-first (.cs) accesses ran device-to-device copies 3-4% slower on an
-// H200 (device run 4), more blocks per SM or sixteen accesses in flight per lane did not help.
+// H200 (docs/BENCHMARKS.md, "GPU tiers, second pass"), more blocks per SM or sixteen accesses in flight per lane did not help.
 // Nor did (H100, 2026-11-26): 32-bit index math, lanes computing 32 items' addresses at once,
 // contiguous item ranges per warp, two items in flight per warp, or Hopper bulk copies through
 // shared memory (0.82-0.87 of a 1 GiB cudaMemcpy against 0.93-0.94 for this kernel).
@@ -134,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // memory: the two-hop path's hop between device memory and a pinned bounce buffer, whose pieces
 // follow no layout. One warp per copy; the host cuts copies to at most 64 KiB. On copy engines
 // a 16 MiB chunk of 4 KiB copies took milliseconds of driver time to queue and ran at ~9 GB/s
-// (device runs 11-15 of 2026-11-26, session 3), which left the disk waiting.
+// (docs/BENCHMARKS.md, "GPU ↔ disk and GPU ↔ peer"), which left the disk waiting.
 struct List {
   u64 ops;  // device address of the copies
   u64 n;

@@ -4,15 +4,13 @@
 //! fragments. The table rides in the kernel parameter where it fits (one launch, nothing to
 //! upload first), else in a pooled device buffer.
 
-use std::ffi::{CString, c_void};
-use std::sync::Mutex;
+use std::ffi::c_void;
+use std::sync::Arc;
 
-use cudarc::driver::sys::{self, CUfunction, CUmodule, CUstream};
+use cudarc::driver::sys::{self, CUstream};
 
-use super::device::{CudaDevice, TableBuffer};
-use super::driver::check;
-use super::nvrtc;
-use crate::error::Result;
+use crate::cuda::{CudaDevice, Entry, Module, TableBuffer, check};
+use crate::error::{Error, Result};
 use crate::layout::{Layout, LayoutKind};
 use crate::plan::CopyOp;
 
@@ -20,23 +18,6 @@ const SOURCE: &str = include_str!("copy_blocks.cu");
 const THREADS: u32 = 256;
 /// Bytes one warp copies per item: regions larger than this are shared between warps.
 const PIECE: u64 = 64 << 10;
-
-/// PTX by compute capability: NVRTC runs once per process and architecture.
-static PTX: Mutex<Vec<((i32, i32), CString)>> = Mutex::new(Vec::new());
-
-fn ptx(cc: (i32, i32)) -> Result<CString> {
-    let mut cache = PTX.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, p)) = cache.iter().find(|(k, _)| *k == cc) {
-        return Ok(p.clone());
-    }
-    let p = nvrtc::compile_ptx(
-        SOURCE,
-        "copy_blocks.cu",
-        &format!("compute_{}{}", cc.0, cc.1),
-    )?;
-    cache.push((cc, p.clone()));
-    Ok(p)
-}
 
 /// One side of the descriptor; mirrors `struct Side` in copy_blocks.cu.
 #[repr(C)]
@@ -75,16 +56,10 @@ const INLINE_LARGE: usize = 4076;
 const _: () = assert!((DESC_WORDS + INLINE_SMALL) * 8 == 4096);
 const _: () = assert!((DESC_WORDS + INLINE_LARGE) * 8 <= 32764);
 
-/// One entry point of the module and how many of its blocks fill the GPU once.
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    function: CUfunction,
-    max_blocks: u32,
-}
-
+/// The copy kernel's module on one device, with its entry points.
 #[derive(Debug)]
-pub struct Kernel {
-    module: CUmodule,
+pub(crate) struct Kernel {
+    _module: Module,
     /// Table in device memory.
     table: Entry,
     /// Table inside a 4 KB parameter.
@@ -95,14 +70,8 @@ pub struct Kernel {
     list: Option<Entry>,
 }
 
-// SAFETY: a loaded module and its functions may be used from any thread of the process once
-// the owning context is current there.
-unsafe impl Send for Kernel {}
-// SAFETY: as above; launching does not mutate the handles.
-unsafe impl Sync for Kernel {}
-
 /// What the kernel moves: `pairs[i] = (src id, dst id)` for the layers in `layers`.
-pub struct Job<'a> {
+pub(crate) struct Job<'a> {
     pub src: &'a Layout,
     pub dst: &'a Layout,
     pub src_blocks: &'a [u64],
@@ -121,36 +90,6 @@ fn side(l: &Layout, bases: usize) -> Side {
         block_stride: l.geometry().block_stride,
         bases: bases as u64,
     }
-}
-
-/// Looks up `name` and how many of its blocks are resident at once on the whole GPU.
-fn entry(dev: &CudaDevice, module: CUmodule, name: &std::ffi::CStr) -> Result<Entry> {
-    let mut function = std::ptr::null_mut();
-    // SAFETY: `module` is loaded; the name is NUL-terminated.
-    check(
-        unsafe { sys::cuModuleGetFunction(&mut function, module, name.as_ptr()) },
-        "cuModuleGetFunction",
-    )?;
-    // One wave of resident blocks: the grid-stride loop gives every block the same share, so a
-    // grid larger than what fits at once ends in a partly empty last wave (with 3 resident
-    // blocks per SM, 8 per SM ran as 2.67 waves).
-    let mut per_sm = 0;
-    // SAFETY: `function` is live; the out pointer is a local; no dynamic shared memory.
-    check(
-        unsafe {
-            sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                &mut per_sm,
-                function,
-                THREADS as i32,
-                0,
-            )
-        },
-        "cuOccupancyMaxActiveBlocksPerMultiprocessor",
-    )?;
-    Ok(Entry {
-        function,
-        max_blocks: dev.sm_count * (per_sm.max(1) as u32),
-    })
 }
 
 /// The narrowest id width (bytes) both layouts' ids fit.
@@ -198,40 +137,21 @@ fn write_table(out: &mut [u64], bases: &[u64], src: &[u64], dst: &[u64], width: 
 }
 
 impl Kernel {
-    pub fn build(dev: &CudaDevice) -> Result<Self> {
-        let ptx = ptx(dev.compute_capability)?;
-        dev.bind()?;
-        let mut module = std::ptr::null_mut();
-        // SAFETY: `ptx` is a NUL-terminated PTX image; the context is current.
-        check(
-            unsafe { sys::cuModuleLoadData(&mut module, ptx.as_ptr().cast()) },
-            "cuModuleLoadData (copy kernel)",
-        )?;
-        let entries = (|| -> Result<(Entry, Entry)> {
-            Ok((
-                entry(dev, module, c"kvx_copy_blocks")?,
-                entry(dev, module, c"kvx_copy_blocks_p4k")?,
-            ))
-        })();
-        let (table, small) = match entries {
-            Ok(e) => e,
-            Err(e) => {
-                // SAFETY: unloading the module loaded above.
-                unsafe { sys::cuModuleUnload(module) };
-                return Err(e);
-            }
-        };
+    /// Compiles (once per architecture) and loads the kernel on `dev`.
+    pub(crate) fn build(dev: &Arc<CudaDevice>) -> Result<Self> {
+        let module = Module::build(dev, "copy_blocks.cu", SOURCE)
+            .map_err(|e| Error::Unavailable(format!("the copy kernel: {e}")))?;
         Ok(Self {
-            module,
-            table,
-            small,
-            large: entry(dev, module, c"kvx_copy_blocks_p32k").ok(),
-            list: entry(dev, module, c"kvx_copy_list").ok(),
+            table: module.entry(c"kvx_copy_blocks", THREADS)?,
+            small: module.entry(c"kvx_copy_blocks_p4k", THREADS)?,
+            large: module.entry(c"kvx_copy_blocks_p32k", THREADS).ok(),
+            list: module.entry(c"kvx_copy_list", THREADS).ok(),
+            _module: module,
         })
     }
 
     /// Whether `enqueue_list` can run.
-    pub fn has_list(&self) -> bool {
+    pub(crate) fn has_list(&self) -> bool {
         self.list.is_some()
     }
 
@@ -243,14 +163,14 @@ impl Kernel {
     /// `stream` is a live stream of `dev`; every copy's two ranges are memory the SMs of `dev`
     /// can address (its device memory, CUDA-pinned host memory), valid and not written by
     /// anything else until the stream has passed this work.
-    pub unsafe fn enqueue_list(
+    pub(crate) unsafe fn enqueue_list(
         &self,
         dev: &CudaDevice,
         stream: CUstream,
         copies: &[CopyOp],
     ) -> Result<TableBuffer> {
         let Some(entry) = self.list else {
-            return Err(crate::error::Error::Unavailable(
+            return Err(Error::Unavailable(
                 "the copy kernel has no list entry".into(),
             ));
         };
@@ -279,9 +199,7 @@ impl Kernel {
         match run() {
             Ok(()) => Ok(table),
             Err(e) => {
-                // SAFETY: a live stream; queued work must finish before the table is reused.
-                unsafe { sys::cuStreamSynchronize(stream) };
-                dev.recycle_table(table);
+                dev.abandon(stream, Some(table));
                 Err(e)
             }
         }
@@ -294,7 +212,7 @@ impl Kernel {
     /// # Safety
     /// `stream` is a live stream of `dev`; the job was validated and both layouts' memory stays
     /// alive until the stream has passed this work.
-    pub unsafe fn enqueue(
+    pub(crate) unsafe fn enqueue(
         &self,
         dev: &CudaDevice,
         stream: CUstream,
@@ -375,9 +293,7 @@ impl Kernel {
         match run() {
             Ok(()) => Ok(Some(table)),
             Err(e) => {
-                // SAFETY: a live stream; queued work must finish before the table is reused.
-                unsafe { sys::cuStreamSynchronize(stream) };
-                dev.recycle_table(table);
+                dev.abandon(stream, Some(table));
                 Err(e)
             }
         }
@@ -399,44 +315,15 @@ fn desc_words(d: &Desc) -> [u64; DESC_WORDS] {
     unsafe { std::mem::transmute(*d) }
 }
 
-/// Launches one entry with its single parameter at `param`.
+/// Launches `entry` with enough warps for `items` (at most one wave).
 ///
 /// # Safety
-/// `param` points to the parameter `entry` takes (a Desc, or an Inline<N>); the caller bound
-/// the context and keeps every table the launch reads alive until the stream passes it.
+/// As `Entry::launch`.
 unsafe fn launch(entry: Entry, stream: CUstream, param: *mut c_void, items: u64) -> Result<()> {
     let warps_per_block = u64::from(THREADS / 32);
-    let blocks = items
-        .div_ceil(warps_per_block)
-        .clamp(1, u64::from(entry.max_blocks)) as u32;
-    let mut params: [*mut c_void; 1] = [param];
-    // SAFETY: forwarded to the caller; the driver copies the parameter during the call.
-    check(
-        unsafe {
-            sys::cuLaunchKernel(
-                entry.function,
-                blocks,
-                1,
-                1,
-                THREADS,
-                1,
-                1,
-                0,
-                stream,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
-        },
-        "cuLaunchKernel (copy kernel)",
-    )
-}
-
-impl Drop for Kernel {
-    fn drop(&mut self) {
-        // SAFETY: the module was loaded by `build` and is unloaded once; the owner bound the
-        // context before dropping.
-        unsafe { sys::cuModuleUnload(self.module) };
-    }
+    let blocks = items.div_ceil(warps_per_block).min(u64::from(u32::MAX)) as u32;
+    // SAFETY: forwarded to the caller.
+    unsafe { entry.launch(stream, param, blocks) }
 }
 
 #[cfg(test)]

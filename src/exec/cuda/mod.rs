@@ -1,14 +1,78 @@
-//! CUDA through cudarc, loaded at run time: building needs no CUDA toolkit, and a machine
-//! without a driver gets `Unavailable` for CUDA storage while everything else works.
+//! The CUDA executor: transfers between pinned host memory and devices, and between devices, on
+//! the context's device's streams: copy engines (`copy.rs`) or kvxfer's SM copy kernel
+//! (`kernel.rs`), completed by the progress engine (`progress.rs`) when their event fires.
 
-pub mod copy;
-mod device;
-mod driver;
-pub mod kernel;
-mod nvrtc;
-pub(crate) mod pace;
-pub(crate) mod progress;
+pub(crate) mod copy;
+mod kernel;
+mod progress;
+mod submit;
 
-pub use device::{BatchApi, CudaDevice, Direction, TableBuffer};
-pub use driver::{Driver, check, driver, symbol};
-pub use kernel::{Job as KernelJob, Kernel};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub(crate) use kernel::Kernel;
+pub(crate) use submit::submit;
+
+use crate::cuda::{CudaDevice, StreamGate};
+use crate::error::Result;
+use progress::Progress;
+
+/// The CUDA side of a context: the configured device (its streams carry asynchronous
+/// transfers, its progress engine completes them), any other device a layout was made on, and
+/// each device's copy kernel. Fields drop in order: the progress engine first (it waits for what
+/// is queued), the devices last.
+#[derive(Debug)]
+pub(crate) struct CudaExec {
+    progress: Progress,
+    /// The copy kernel by device ordinal, built on first use; `Err` says why it cannot be.
+    kernels: Mutex<HashMap<i32, std::result::Result<Arc<Kernel>, String>>>,
+    others: Mutex<HashMap<i32, Arc<CudaDevice>>>,
+    pub(crate) primary: Arc<CudaDevice>,
+}
+
+impl CudaExec {
+    /// Opens device `ordinal` and starts its progress engine. The copy kernel is built now
+    /// rather than on the first, latency-critical transfer; if it cannot be built, AUTO falls
+    /// back to copy engines and says so per transfer.
+    pub(crate) fn open(ordinal: i32) -> Result<Self> {
+        let primary = CudaDevice::open(ordinal)?;
+        let this = Self {
+            progress: Progress::new(&primary)?,
+            kernels: Mutex::default(),
+            others: Mutex::default(),
+            primary,
+        };
+        let _ = this.kernel(&this.primary);
+        Ok(this)
+    }
+
+    /// The device of `ordinal`, opened on first use.
+    pub(crate) fn device(&self, ordinal: i32) -> Result<Arc<CudaDevice>> {
+        if ordinal == self.primary.ordinal {
+            return Ok(self.primary.clone());
+        }
+        let mut others = self.others.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = others.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let d = CudaDevice::open(ordinal)?;
+        others.insert(ordinal, d.clone());
+        Ok(d)
+    }
+
+    /// The copy kernel on `dev`, built on first use; `Err` says why it is unavailable.
+    pub(crate) fn kernel(&self, dev: &Arc<CudaDevice>) -> std::result::Result<Arc<Kernel>, String> {
+        let mut kernels = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
+        kernels
+            .entry(dev.ordinal)
+            .or_insert_with(|| Kernel::build(dev).map(Arc::new).map_err(|e| e.to_string()))
+            .clone()
+    }
+
+    /// An event on the caller's stream, after which a transfer must start.
+    pub(crate) fn gate(&self, stream: Option<usize>) -> Result<Option<Arc<StreamGate>>> {
+        stream
+            .map(|s| StreamGate::record(&self.primary, s).map(Arc::new))
+            .transpose()
+    }
+}

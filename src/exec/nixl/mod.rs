@@ -1,7 +1,56 @@
-//! NIXL (disk and remote tiers), loaded at run time from NVIDIA's wheel or a system install.
+//! The NIXL executor: host <-> disk through the context agent's POSIX (or GDS) backend and
+//! local <-> peer through UCX. Descriptor lists come from the copy list; requests are made by
+//! the submitting thread and posted and watched by one progress thread per context (`xfer.rs`).
 
-mod agent;
-pub mod loader;
-pub mod xfer;
+mod submit;
+pub(crate) mod xfer;
 
-pub use agent::NixlAgent;
+use std::sync::Arc;
+
+pub(crate) use submit::submit;
+
+use crate::error::{Error, Result};
+use crate::nixl::{Backends, NixlAgent};
+use crate::transfer::Completion;
+use xfer::{NixlProgress, Xfer};
+
+/// A context's agent and the thread that posts and completes its requests.
+pub(crate) struct NixlExec {
+    // Dropped first: in-flight requests finish before the agent goes.
+    progress: NixlProgress,
+    pub(crate) agent: NixlAgent,
+    /// The agent's name: a disk transfer's "remote" agent is the agent itself.
+    pub(crate) name: String,
+}
+
+impl std::fmt::Debug for NixlExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.agent.fmt(f)
+    }
+}
+
+impl NixlExec {
+    /// Loads NIXL if needed and makes the agent `name` with `backends` (see `NixlAgent::new`).
+    pub(crate) fn new(name: &str, backends: Backends, gpu_rdma: bool) -> Result<Self> {
+        let agent = NixlAgent::new(name, backends, gpu_rdma)?;
+        Ok(Self {
+            progress: NixlProgress::new(agent.agent())?,
+            agent,
+            name: name.to_string(),
+        })
+    }
+
+    /// Hands `t` to the progress thread (see `NixlProgress::post`); `gds_batch`: cut it into
+    /// pieces posted one after the other, one such transfer at a time (a device <-> disk
+    /// transfer on an agent with NIXL's GDS batch backend).
+    pub(crate) fn post(
+        &self,
+        t: Xfer<'_>,
+        completion: Arc<Completion>,
+        error: fn(String) -> Error,
+        gds_batch: bool,
+    ) -> Result<()> {
+        self.progress
+            .post(self.agent.agent(), t, completion, error, gds_batch)
+    }
+}

@@ -33,8 +33,8 @@ const PEER_CHECK_MAX: Duration = Duration::from_micros(50);
 /// Most descriptors in one request to NIXL's GDS backend (cuFile's batch API). Where cuFile
 /// runs in compat mode (no nvidia-fs) each descriptor holds one of its bounce buffers for the
 /// whole batch, 64 per size class by default (cufile.json `posix_pool_slab_count`); a request
-/// of 192 descriptors waited for its own buffers forever (session 4 device run 4 of
-/// 2026-11-26), 48 went through (run 5). Together with one GDS request in flight per agent, no
+/// of 192 descriptors waited for its own buffers forever (docs/BENCHMARKS.md,
+/// "Two GPUs, GPU RDMA between processes, GDS, two-hop again"), 48 went through. Together with one GDS request in flight per agent, no
 /// batch can wait on another. NIXL's GDS_MT backend does one I/O per thread and needs neither.
 pub(crate) const GDS_BATCH_MAX: usize = 32;
 
@@ -61,16 +61,16 @@ struct Pending {
 /// One NIXL transfer: NIXL's local side (host memory of this process, or device memory) and its
 /// "remote" side (a disk file of this agent, or a peer's memory), with `copies` given as
 /// (local address, remote address, length). `write` moves local -> remote.
-pub struct Xfer<'a> {
-    pub write: bool,
-    pub local: &'a Arc<Memory>,
-    pub remote: &'a Arc<Memory>,
-    pub remote_agent: &'a str,
-    pub copies: &'a [CopyOp],
-    pub notify: Option<&'a [u8]>,
+pub(crate) struct Xfer<'a> {
+    pub(crate) write: bool,
+    pub(crate) local: &'a Arc<Memory>,
+    pub(crate) remote: &'a Arc<Memory>,
+    pub(crate) remote_agent: &'a str,
+    pub(crate) copies: &'a [CopyOp],
+    pub(crate) notify: Option<&'a [u8]>,
     /// For a disk: the descriptor to use instead of the file's buffered one (its O_DIRECT
     /// descriptor, when every copy is aligned for it).
-    pub remote_fd: Option<u64>,
+    pub(crate) remote_fd: Option<u64>,
 }
 
 /// The O_DIRECT descriptor of `disk` when it has one and every copy, given as (host address,
@@ -93,7 +93,7 @@ fn mem_type(m: &Memory) -> (MemType, u64) {
     }
 }
 
-pub struct NixlProgress {
+pub(crate) struct NixlProgress {
     tx: Option<Sender<Pending>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -210,7 +210,7 @@ fn post_pending(agent: &Agent, p: Pending) -> Option<Pending> {
 }
 
 impl NixlProgress {
-    pub fn new(agent: &Agent) -> Result<Self> {
+    pub(crate) fn new(agent: &Agent) -> Result<Self> {
         let (tx, rx) = unbounded();
         let agent = agent.clone();
         let thread = std::thread::Builder::new()
@@ -367,16 +367,20 @@ impl Drop for NixlProgress {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
 
-    use crate::ffi::context::KVX_BACKEND_POSIX;
-    use crate::plan::{CopyOp, Plan, Strategy};
-    use crate::transfer::{Completion, Mechanism, Transfer, TransferStats};
-    use crate::{
-        Context, ContextConfig, Error, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
-    };
-
     use super::{GDS_BATCH_MAX, Xfer};
+    use crate::error::Error;
+    use crate::exec::nixl::NixlExec;
+    use crate::layout::{Layout, LayoutConfig, LayoutKind};
+    use crate::memory::disk::DiskFile;
+    use crate::memory::{Memory, Region, StorageKind};
+    use crate::nixl::Backends;
+    use crate::options::{Mechanism, TransferStats};
+    use crate::plan::{CopyOp, Plan, Strategy};
+    use crate::transfer::{Completion, Transfer};
+    use crate::verify;
 
     /// The GDS path's mechanics without cuFile, over NIXL's POSIX backend: transfers cut into
     /// pieces of GDS_BATCH_MAX posted one after the other, two such transfers of one agent
@@ -384,12 +388,8 @@ mod tests {
     #[test]
     #[ignore = "needs NIXL: the project's test command (scripts/dev test) runs it"]
     fn chained_serial_requests_move_every_piece() {
-        let ctx = Context::new(ContextConfig {
-            nixl_backends: KVX_BACKEND_POSIX,
-            worker_threads: 2,
-            ..Default::default()
-        })
-        .expect("a context with NIXL's POSIX backend (KVX_NIXL_LIB_DIR)");
+        let nixl = NixlExec::new("kvx-xfer-test", Backends::POSIX, false)
+            .expect("an agent with NIXL's POSIX backend (KVX_NIXL_LIB_DIR)");
         let cfg = LayoutConfig {
             num_blocks: 64,
             num_layers: 2,
@@ -404,19 +404,23 @@ mod tests {
             kind: LayoutKind::LayerSeparateBlockFirst,
             ..cfg
         };
-        let src = ctx
-            .new_layout(ls, &StorageSpec::new(StorageKind::System))
-            .unwrap();
-        let disk = ctx
-            .new_layout(cfg, &StorageSpec::new(StorageKind::Disk))
-            .unwrap();
+        let g = ls.validate().unwrap();
+        let sizes = vec![g.allocation_len; g.allocations as usize];
+        let src = Memory::allocate_host(StorageKind::System, &sizes, 1).unwrap();
+        let src = Layout::new(ls, src, 0).unwrap();
+        let g = cfg.validate().unwrap();
+        let file = DiskFile::temporary(&std::env::temp_dir(), g.allocation_len, false).unwrap();
+        let region = Region {
+            addr: 0,
+            len: g.allocation_len,
+        };
+        let disk = Layout::new(cfg, Memory::disk(file, vec![region]), 0).unwrap();
         let all: Vec<u64> = (0..64).collect();
-        ctx.fill(&src, &all, 5).unwrap();
-        ctx.fill(&disk, &all, 6).unwrap();
-        let agent = ctx.nixl("test").unwrap();
+        verify::fill(&src, &all, 5, 2).unwrap();
+        verify::fill(&disk, &all, 6, 2).unwrap();
         for l in [&src, &disk] {
             l.memory()
-                .ensure_nixl_registered_with(agent.agent(), || Ok(None))
+                .ensure_nixl_registered(nixl.agent.agent())
                 .unwrap();
         }
         // Block b goes to disk block 63 - b: two transfers of 32 blocks, 128 copies each.
@@ -437,25 +441,22 @@ mod tests {
             }
             v
         };
-        let name = ctx.name().to_string();
         let transfers: Vec<Transfer> = [0..32, 32..64]
             .into_iter()
             .map(|blocks| {
                 let c = copies(blocks);
                 assert!(c.len() > 3 * GDS_BATCH_MAX);
-                let completion = Completion::new(1);
+                let completion: Arc<Completion> = Completion::new(1);
                 let job = Xfer {
                     write: true,
                     local: src.memory(),
                     remote: disk.memory(),
-                    remote_agent: &name,
+                    remote_agent: &nixl.name,
                     copies: &c,
                     notify: None,
                     remote_fd: None,
                 };
-                agent
-                    .post(job, completion.clone(), Error::Io, true)
-                    .unwrap();
+                nixl.post(job, completion.clone(), Error::Io, true).unwrap();
                 let stats = TransferStats {
                     bytes: 0,
                     fragments: 0,
@@ -473,8 +474,8 @@ mod tests {
         }
         let reversed: Vec<u64> = all.iter().map(|b| 63 - b).collect();
         assert_eq!(
-            ctx.checksum(&disk, &reversed).unwrap(),
-            ctx.checksum(&src, &all).unwrap()
+            verify::checksum(&disk, &reversed, 2).unwrap(),
+            verify::checksum(&src, &all, 2).unwrap()
         );
     }
 }

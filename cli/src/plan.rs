@@ -1,6 +1,6 @@
 //! `kvxfer plan`: the strategy table.
 
-use kvxfer::{Capabilities, Location, StorageKind, plan::select};
+use kvxfer::{Capabilities, Location, StorageKind, select};
 
 #[derive(clap::Args)]
 pub struct Args {

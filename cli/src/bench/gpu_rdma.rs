@@ -14,14 +14,12 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
-use kvxfer::ffi::context::KVX_BACKEND_UCX;
 use kvxfer::{
-    Capabilities, Context, ContextConfig, Layout, LayoutKind, StorageKind, StorageSpec,
+    Backends, Capabilities, Context, ContextConfig, Layout, LayoutKind, StorageKind, StorageSpec,
     TransferOptions,
 };
 
-use super::bench::{err, median};
-use super::bench_gpu::shape;
+use super::common::{err, median, shape};
 
 pub struct GpuRdmaArgs {
     pub json: bool,
@@ -50,7 +48,7 @@ const REPLY: &str = "kvx-peer: ";
 
 fn context(device: i32) -> Result<Context, String> {
     Context::new(ContextConfig {
-        nixl_backends: KVX_BACKEND_UCX,
+        nixl_backends: Backends::UCX,
         cuda_device: device,
         capabilities: Capabilities {
             allow_gds: false,

@@ -2,26 +2,17 @@
 //! CUDA work), one stream per copy direction, and pools of events and pinned pointer tables that
 //! are reused across transfers.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{self, CUdevice_attribute, CUevent, CUstream};
 
+use super::Direction;
 use super::driver::{check, driver, symbol};
-use super::kernel::Kernel;
 use super::pace::Pace;
 use crate::error::{Error, Result, bail};
 
-/// Which way bytes cross; each direction has its own stream so H2D and D2H overlap on the two
-/// copy engines.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    HostToDevice = 0,
-    DeviceToHost = 1,
-    DeviceToDevice = 2,
-}
-
 /// `cuMemcpyBatchAsync` of CUDA 12.8–12.9, with a `failIdx` out-parameter.
-pub type BatchV1 = unsafe extern "C" fn(
+pub(crate) type BatchV1 = unsafe extern "C" fn(
     *mut u64,
     *mut u64,
     *mut usize,
@@ -34,7 +25,7 @@ pub type BatchV1 = unsafe extern "C" fn(
 ) -> sys::CUresult;
 
 /// `cuMemcpyBatchAsync_v2` of CUDA 13, without `failIdx`.
-pub type BatchV2 = unsafe extern "C" fn(
+pub(crate) type BatchV2 = unsafe extern "C" fn(
     *mut u64,
     *mut u64,
     *mut usize,
@@ -48,38 +39,39 @@ pub type BatchV2 = unsafe extern "C" fn(
 /// How `cuMemcpyBatchAsync` is called on this driver: its signature changed in CUDA 13, so the
 /// entry point is looked up by driver version when the device is opened.
 #[derive(Debug, Clone, Copy)]
-pub enum BatchApi {
+pub(crate) enum BatchApi {
     None,
     V1(BatchV1),
     V2(BatchV2),
 }
 
-/// The copy kernel's descriptor table: written by the host into pinned memory, copied to the
-/// device buffer on the transfer's stream. Pooled: reused once its transfer completed.
+/// A table a kernel reads: written by the host into pinned memory, copied to the device buffer
+/// on the stream of the work that reads it. Pooled: reused once that work completed.
 #[derive(Debug)]
-pub struct TableBuffer {
-    pub host: *mut u64,
-    pub device: u64,
+pub(crate) struct TableBuffer {
+    pub(crate) host: *mut u64,
+    pub(crate) device: u64,
     /// Capacity in u64 words.
-    pub words: usize,
+    pub(crate) words: usize,
 }
 
 // SAFETY: the buffer is plain pinned memory owned by the pool; one transfer uses it at a time.
 unsafe impl Send for TableBuffer {}
 
+/// One CUDA device as a context uses it. Its memory, modules and the work on its streams keep
+/// it alive (`Arc`), so it is released after everything that needs its context.
 #[derive(Debug)]
 pub struct CudaDevice {
-    pub ordinal: i32,
+    pub(crate) ordinal: i32,
     device: sys::CUdevice,
     ctx: sys::CUcontext,
-    pub sm_count: u32,
-    pub compute_capability: (i32, i32),
+    pub(crate) sm_count: u32,
+    pub(crate) compute_capability: (i32, i32),
     streams: [CUstream; 3],
-    pub batch: BatchApi,
+    pub(crate) batch: BatchApi,
     events: Mutex<Vec<CUevent>>,
     tables: Mutex<Vec<TableBuffer>>,
-    kernel: OnceLock<std::result::Result<Kernel, String>>,
-    /// Bandwidth learned per direction, for waiters (pace.rs).
+    /// Bandwidth learned per route, for waiters (pace.rs).
     pub(crate) pace: Pace,
     /// Other devices by ordinal, and whether this device's kernels and copies reach their
     /// memory directly (peer access enabled) or not (no peer path in the hardware).
@@ -104,7 +96,7 @@ fn attribute(dev: sys::CUdevice, a: CUdevice_attribute) -> Result<i32> {
 
 impl CudaDevice {
     /// Retains the primary context of device `ordinal` and makes it current on this thread.
-    pub fn open(ordinal: i32) -> Result<Arc<Self>> {
+    pub(crate) fn open(ordinal: i32) -> Result<Arc<Self>> {
         let drv = driver()?;
         if ordinal < 0 || ordinal >= drv.device_count {
             bail!(
@@ -165,7 +157,6 @@ impl CudaDevice {
             batch,
             events: Mutex::new(Vec::new()),
             tables: Mutex::new(Vec::new()),
-            kernel: OnceLock::new(),
             pace: Pace::default(),
             peers: Mutex::new(Vec::new()),
         };
@@ -186,7 +177,7 @@ impl CudaDevice {
     /// Lets this device's kernels and copies reach `other`'s memory directly, once per pair;
     /// `false` where the hardware has no peer path between the two (copies between them then
     /// go through the driver's staging, and kernels cannot address the other's memory).
-    pub fn peer_access(&self, other: &CudaDevice) -> Result<bool> {
+    pub(crate) fn peer_access(&self, other: &CudaDevice) -> Result<bool> {
         if other.ordinal == self.ordinal {
             return Ok(true);
         }
@@ -216,18 +207,23 @@ impl CudaDevice {
         Ok(ok)
     }
 
+    /// The device's ordinal.
+    pub fn ordinal(&self) -> i32 {
+        self.ordinal
+    }
+
     /// Makes this device's primary context current on the calling thread.
     pub fn bind(&self) -> Result<()> {
         // SAFETY: `ctx` is a retained primary context, valid until Drop.
         check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
     }
 
-    pub fn stream(&self, d: Direction) -> CUstream {
+    pub(crate) fn stream(&self, d: Direction) -> CUstream {
         self.streams[d as usize]
     }
 
     /// An event from the pool (blocking-sync: a waiting thread sleeps instead of spinning).
-    pub fn event(&self) -> Result<CUevent> {
+    pub(crate) fn event(&self) -> Result<CUevent> {
         if let Some(e) = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             return Ok(e);
         }
@@ -242,7 +238,7 @@ impl CudaDevice {
         Ok(e)
     }
 
-    pub fn recycle_event(&self, e: CUevent) {
+    pub(crate) fn recycle_event(&self, e: CUevent) {
         self.events
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -250,7 +246,7 @@ impl CudaDevice {
     }
 
     /// A table of at least `words` u64s, from the pool when one fits.
-    pub fn table(&self, words: usize) -> Result<TableBuffer> {
+    pub(crate) fn table(&self, words: usize) -> Result<TableBuffer> {
         {
             let mut pool = self.tables.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(i) = pool.iter().position(|t| t.words >= words) {
@@ -279,24 +275,55 @@ impl CudaDevice {
         })
     }
 
-    pub fn recycle_table(&self, t: TableBuffer) {
+    pub(crate) fn recycle_table(&self, t: TableBuffer) {
         self.tables
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(t);
     }
 
-    /// The gather/scatter kernel, built on first use; `Err` says why it is unavailable.
-    pub fn kernel(&self) -> std::result::Result<&Kernel, &str> {
-        self.kernel
-            .get_or_init(|| Kernel::build(self).map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|s| s.as_str())
+    /// Work was queued on `stream` (one of this device's) but the operation it belongs to
+    /// fails: waits until the stream has passed that work, which may still read or write memory
+    /// the caller is about to give back, then returns `table` to the pool.
+    pub(crate) fn abandon(&self, stream: CUstream, table: Option<TableBuffer>) {
+        // SAFETY: a live stream of this device.
+        unsafe { sys::cuStreamSynchronize(stream) };
+        if let Some(t) = table {
+            self.recycle_table(t);
+        }
+    }
+
+    /// Records a pooled event on `stream` after the work queued there. On failure the work is
+    /// abandoned (`abandon`, `table` included) and the error returned.
+    pub(crate) fn record_or_abandon(
+        &self,
+        stream: CUstream,
+        table: Option<TableBuffer>,
+    ) -> Result<(CUevent, Option<TableBuffer>)> {
+        let event = match self.event() {
+            Ok(e) => e,
+            Err(e) => {
+                self.abandon(stream, table);
+                return Err(e);
+            }
+        };
+        // SAFETY: the event and stream are live handles of this device.
+        match check(
+            unsafe { sys::cuEventRecord(event, stream) },
+            "cuEventRecord",
+        ) {
+            Ok(()) => Ok((event, table)),
+            Err(e) => {
+                self.recycle_event(event);
+                self.abandon(stream, table);
+                Err(e)
+            }
+        }
     }
 
     /// Runs every strategy-independent check a pointer from a caller needs: that `addr` lies
     /// in memory this device can reach with `len` bytes after it.
-    pub fn check_device_range(&self, addr: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_device_range(&self, addr: u64, len: u64) -> Result<()> {
         let mut base = 0;
         let mut size = 0;
         self.bind()?;
@@ -335,7 +362,8 @@ impl Drop for CudaDevice {
             return;
         }
         // SAFETY: every handle below was created by this device and is destroyed once; the
-        // streams are drained first so no queued work uses a freed table.
+        // streams are drained first so no queued work uses a freed table. Modules and memory of
+        // the device hold it alive, so none is left to unload or free.
         unsafe {
             for s in self.streams {
                 if !s.is_null() {
@@ -359,9 +387,6 @@ impl Drop for CudaDevice {
             {
                 sys::cuMemFreeHost(t.host.cast());
                 sys::cuMemFree_v2(t.device);
-            }
-            if let Some(Ok(k)) = self.kernel.take() {
-                drop(k);
             }
             let mut dev = 0;
             if sys::cuDeviceGet(&mut dev, self.ordinal) == sys::CUresult::CUDA_SUCCESS {

@@ -1,31 +1,17 @@
 //! A context's NIXL agent and its backends.
 
-use nixl_sys::{Agent, AgentConfig, Backend, OptArgs};
-
-use super::loader;
-use super::xfer::{NixlProgress, Xfer};
-use crate::context::backend;
-use crate::error::bail;
-use crate::error::{Error, Result};
-use crate::transfer::Completion;
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::Mutex;
 
-/// NIXL plugin names by kvxfer backend bit.
-const PLUGINS: [(u32, &str); 4] = [
-    (backend::UCX, "UCX"),
-    (backend::POSIX, "POSIX"),
-    (backend::GDS, "GDS"),
-    (backend::GDS_MT, "GDS_MT"),
-];
+use nixl_sys::{Agent, AgentConfig, Backend, MemType, MemoryRegion, NixlDescriptor, OptArgs};
+
+use super::{Backends, loader};
+use crate::error::{Error, Result, bail};
 
 /// Fallback wake-up of NIXL's progress thread, whose wake-ups are otherwise event driven.
 const PROGRESS_TIMEOUT_US: u64 = 1000;
 
-pub struct NixlAgent {
-    // Dropped first: in-flight requests finish before the agent goes.
-    progress: NixlProgress,
+pub(crate) struct NixlAgent {
     agent: Agent,
     backends: Vec<&'static str>,
     /// Handles of the backends, by plugin name, for registrations that must leave some out.
@@ -43,9 +29,9 @@ impl std::fmt::Debug for NixlAgent {
     }
 }
 
-/// NIXL UCX backend parameters of a context with `allow_gpu_rdma`, from session 4 device runs
-/// 2–3 of 2026-11-26 (two processes, one H100 without NVLink, layer-separate layouts, 4, 16
-/// and 64 KiB pieces):
+/// NIXL UCX backend parameters of a context with `allow_gpu_rdma`, measured between two
+/// processes on one H100 without NVLink, layer-separate layouts, 4, 16 and 64 KiB pieces
+/// (docs/BENCHMARKS.md, "Two GPUs, GPU RDMA between processes, GDS, two-hop again"):
 /// - `engine_config` (UCX settings): UCX turns cuda_ipc's GET off where it sees no NVLink, so
 ///   reads of another process's device memory fell to software emulation over TCP: 0.24-0.52
 ///   GB/s. With GET on: 0.46 / 1.85 / 7.1 GB/s. A `UCX_CUDA_IPC_ENABLE_GET_ZCOPY` in the
@@ -89,7 +75,7 @@ impl NixlAgent {
     /// Loads NIXL if needed, then makes an agent named `name` with the backends in `bits`. The
     /// agent runs its own progress thread, so transfers progress without kvxfer polling. With
     /// `gpu_rdma`, the UCX backend is set up for device memory (`UCX_GPU_RDMA_PARAMS`).
-    pub fn new(name: &str, bits: u32, gpu_rdma: bool) -> Result<Self> {
+    pub(crate) fn new(name: &str, bits: Backends, gpu_rdma: bool) -> Result<Self> {
         loader::load()?;
         let config = AgentConfig {
             enable_prog_thread: true,
@@ -100,7 +86,7 @@ impl NixlAgent {
             pthr_delay_us: PROGRESS_TIMEOUT_US,
             ..AgentConfig::default()
         };
-        if bits == 0 {
+        if bits.is_empty() {
             bail!(InvalidArgument, "a NIXL agent needs at least one backend");
         }
         let mut ucx_overrides: Vec<(String, String)> = Vec::new();
@@ -117,8 +103,8 @@ impl NixlAgent {
             .map_err(|e| Error::Nixl(format!("cannot create NIXL agent {name:?}: {e}")))?;
         let mut backends = Vec::new();
         let mut handles = Vec::new();
-        for (bit, plugin) in PLUGINS {
-            if bits & bit == 0 {
+        for (bit, plugin) in Backends::PLUGINS {
+            if !bits.contains(bit) {
                 continue;
             }
             let created = agent
@@ -143,7 +129,6 @@ impl NixlAgent {
             backends.push(plugin);
         }
         Ok(Self {
-            progress: NixlProgress::new(&agent)?,
             agent,
             backends,
             handles,
@@ -151,45 +136,18 @@ impl NixlAgent {
         })
     }
 
-    pub fn name(&self) -> String {
-        self.agent.name()
+    /// Registration arguments that name the GDS and GDS_MT backends alone.
+    pub(crate) fn gds_args(&self) -> Result<OptArgs> {
+        self.args_of(|name| name.starts_with("GDS"))
     }
 
-    /// Whether cuFile takes files in `dir`, asked once when a context that allows GDS is made:
-    /// a 4 KiB file there (named, O_DIRECT, as kvxfer's own) registered with the GDS backends
-    /// alone. Where cuFile refuses it (no nvidia-fs and no compat mode, a file system it does
-    /// not know, no udev description of the block device inside a container), the context is
-    /// UNAVAILABLE with the reason instead of every device <-> disk transfer failing later.
-    pub fn probe_gds(&self, dir: &std::path::Path) -> Result<()> {
-        let refuse = |why: String| {
-            Error::Unavailable(format!(
-                "GPUDirect Storage is not usable for files in {}: {why}. cuFile needs \
-                 nvidia-fs or its compat mode (allow_compat_mode in cufile.json), a file system \
-                 it supports, and, inside a container, udev's description of the block device \
-                 (/run/udev); leave allow_gds off to move device <-> disk through pinned memory",
-                dir.display()
-            ))
-        };
-        let file = crate::memory::disk::DiskFile::temporary(dir, 4096, true)?;
-        let Some(fd) = file.direct_fd() else {
-            return Err(refuse("the file system refuses O_DIRECT".into()));
-        };
+    fn args_of(&self, pick: impl Fn(&str) -> bool) -> Result<OptArgs> {
         let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL registration: {e}"));
         let mut args = OptArgs::new().map_err(nixl)?;
-        for (_, b) in self.handles.iter().filter(|(n, _)| n.starts_with("GDS")) {
+        for (_, b) in self.handles.iter().filter(|(n, _)| pick(n)) {
             args.add_backend(b).map_err(nixl)?;
         }
-        let region = crate::memory::NixlRegion {
-            region: crate::memory::Region { addr: 0, len: 4096 },
-            mem: nixl_sys::MemType::File,
-            device: fd as u64,
-        };
-        let handle = self
-            .agent
-            .register_memory(&region, Some(&args))
-            .map_err(|e| refuse(format!("cuFile did not register the file ({e})")))?;
-        drop(handle);
-        Ok(())
+        Ok(args)
     }
 
     /// Whether a GDS or GDS_MT backend was created.
@@ -199,32 +157,14 @@ impl NixlAgent {
 
     /// Registration arguments for a disk file's buffered descriptor when this agent has a GDS
     /// backend: every backend but GDS and GDS_MT. cuFile accepts only O_DIRECT descriptors
-    /// (`cuFileHandleRegister`: unsupported file open flags, device run 12), so GDS gets the
+    /// (`cuFileHandleRegister`: unsupported file open flags; docs/BENCHMARKS.md,
+    /// "Two GPUs, GPU RDMA between processes, GDS, two-hop again"), so GDS gets the
     /// file through its O_DIRECT descriptor alone. `None`: register with every backend.
     pub fn buffered_file_args(&self) -> Result<Option<OptArgs>> {
         if !self.has_gds() {
             return Ok(None);
         }
-        let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL registration: {e}"));
-        let mut args = OptArgs::new().map_err(nixl)?;
-        for (_, b) in self.handles.iter().filter(|(n, _)| !n.starts_with("GDS")) {
-            args.add_backend(b).map_err(nixl)?;
-        }
-        Ok(Some(args))
-    }
-
-    /// Hands `t` to the progress thread (see `NixlProgress::post`); `gds_batch`: cut it into
-    /// pieces posted one after the other, one such transfer at a time (a device <-> disk
-    /// transfer on an agent with NIXL's GDS batch backend, `has_gds_batch`).
-    pub(crate) fn post(
-        &self,
-        t: Xfer<'_>,
-        completion: Arc<Completion>,
-        error: fn(String) -> Error,
-        gds_batch: bool,
-    ) -> Result<()> {
-        self.progress
-            .post(&self.agent, t, completion, error, gds_batch)
+        self.args_of(|name| !name.starts_with("GDS")).map(Some)
     }
 
     /// Whether NIXL's GDS (batch) backend was created; GDS_MT needs no batching.
@@ -272,6 +212,36 @@ impl NixlAgent {
     /// The backends this agent created, by NIXL plugin name.
     pub fn backends(&self) -> &[&'static str] {
         &self.backends
+    }
+}
+
+/// One span of memory (a host or device address, or a file offset) as NIXL registers it.
+#[derive(Debug)]
+pub(crate) struct NixlRegion {
+    pub(crate) addr: u64,
+    pub(crate) len: u64,
+    pub(crate) mem: MemType,
+    /// The device ordinal, or a file's descriptor.
+    pub(crate) device: u64,
+}
+
+impl MemoryRegion for NixlRegion {
+    unsafe fn as_ptr(&self) -> *const u8 {
+        self.addr as *const u8
+    }
+
+    fn size(&self) -> usize {
+        self.len as usize
+    }
+}
+
+impl NixlDescriptor for NixlRegion {
+    fn mem_type(&self) -> MemType {
+        self.mem
+    }
+
+    fn device_id(&self) -> u64 {
+        self.device
     }
 }
 

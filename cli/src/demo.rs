@@ -2,8 +2,8 @@
 //! and layer-separate layouts with permuted ids; every hop is verified by checksums.
 
 use kvxfer::{
-    Context, ContextConfig, Error, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
-    TransferOptions,
+    Backends, Context, ContextConfig, Error, Layout, LayoutConfig, LayoutKind, StorageKind,
+    StorageSpec, TransferOptions,
 };
 
 #[derive(clap::Args)]
@@ -43,7 +43,7 @@ pub fn run(a: &Args) -> Result<(), String> {
         Err(Error::Unavailable(why)) => {
             println!("NIXL: skipped ({why})");
             Context::new(ContextConfig {
-                nixl_backends: 0,
+                nixl_backends: Backends::empty(),
                 ..Default::default()
             })
             .map_err(e)?

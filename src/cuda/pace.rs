@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::device::Direction;
+use super::Direction;
 
 /// Transfers smaller than this say more about fixed costs than about bandwidth.
 const MIN_BYTES: u64 = 4 << 20;
@@ -16,14 +16,14 @@ const MIN_BYTES: u64 = 4 << 20;
 /// the copy engines), and whether another device's memory is one side (a peer link runs at
 /// its own speed, and must not teach a local copy's waiter to wake late).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route {
+pub(crate) struct Route {
     pub direction: Direction,
     pub kernel: bool,
     pub peer: bool,
 }
 
 #[derive(Debug, Default)]
-pub struct Pace {
+pub(crate) struct Pace {
     /// Bytes per microsecond by direction, peer, then copy engines (0) or kernel (1); 0 =
     /// nothing learned yet.
     bytes_per_us: [[[AtomicU64; 2]; 2]; 3],

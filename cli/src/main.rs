@@ -2,10 +2,6 @@
 //! across the tiers this machine has, `bench` measures transfers against baselines.
 
 mod bench;
-mod bench_gpu;
-mod bench_gpu_disk;
-mod bench_gpu_rdma;
-mod bench_nixl;
 mod demo;
 mod plan;
 
@@ -32,7 +28,7 @@ enum Command {
     Bench(bench::Args),
     /// The peer process of `bench --gpu-rdma` (started by the bench).
     #[command(hide = true)]
-    RdmaPeer(bench_gpu_rdma::PeerArgs),
+    RdmaPeer(bench::gpu_rdma::PeerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,7 +40,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(a) => plan::run(&a),
         Command::Demo(a) => demo::run(&a),
         Command::Bench(a) => bench::run(&a),
-        Command::RdmaPeer(a) => bench_gpu_rdma::peer(&a),
+        Command::RdmaPeer(a) => bench::gpu_rdma::peer(&a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -13,14 +13,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use cudarc::driver::sys;
-use kvxfer::ffi::context::{KVX_BACKEND_GDS, KVX_BACKEND_GDS_MT, KVX_BACKEND_POSIX};
 use kvxfer::{
-    Capabilities, Context, ContextConfig, Layout, LayoutConfig, LayoutKind, StorageKind,
+    Backends, Capabilities, Context, ContextConfig, Layout, LayoutConfig, LayoutKind, StorageKind,
     StorageSpec, TransferOptions,
 };
 
-use super::bench::{err, median};
-use super::bench_gpu::shape;
+use super::common::{ck, err, median, shape};
 
 pub struct GpuDiskArgs {
     pub json: bool,
@@ -35,14 +33,6 @@ pub struct GpuDiskArgs {
 
 /// Raw I/O piece of the disk baseline.
 const PIECE: usize = 8 << 20;
-
-fn ck(r: sys::CUresult, what: &str) -> Result<(), String> {
-    if r == sys::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(format!("{what}: {r:?}"))
-    }
-}
 
 fn secs(f: impl FnOnce() -> Result<(), String>) -> Result<f64, String> {
     let t0 = Instant::now();
@@ -192,7 +182,7 @@ fn measure(
 
 pub fn run(a: &GpuDiskArgs) -> Result<(), String> {
     let ctx = Context::new(ContextConfig {
-        nixl_backends: KVX_BACKEND_POSIX,
+        nixl_backends: Backends::POSIX,
         disk_dir: a.disk_dir.clone(),
         ..Default::default()
     })
@@ -244,11 +234,11 @@ pub fn run(a: &GpuDiskArgs) -> Result<(), String> {
     let gbps = |bytes: u64, t: f64| bytes as f64 / t / 1e9;
     let (d2h, h2d) = (gbps(total, median(d2h)), gbps(total, median(h2d)));
     let mut gds = Context::new(ContextConfig {
-        nixl_backends: KVX_BACKEND_POSIX
+        nixl_backends: Backends::POSIX
             | if a.gds_mt {
-                KVX_BACKEND_GDS_MT
+                Backends::GDS_MT
             } else {
-                KVX_BACKEND_GDS
+                Backends::GDS
             },
         capabilities: Capabilities {
             allow_gds: true,

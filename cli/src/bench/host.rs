@@ -7,73 +7,11 @@
 
 use std::time::Instant;
 
-use kvxfer::exec::memcpy::copy_all;
-use kvxfer::memory::HostAllocation;
-use kvxfer::plan::CopyOp;
-use kvxfer::{
-    Context, ContextConfig, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
-    TransferOptions,
-};
+use kvxfer::baseline::{CopyOp, HostAllocation, host_copy as copy_all};
+use kvxfer::{Backends, Context, ContextConfig, Layout, StorageKind, StorageSpec, TransferOptions};
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// One JSON object per line instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Bytes moved per measurement, in MiB [default: 256, with --gpu 1024].
-    #[arg(long)]
-    total_mib: Option<u64>,
-    /// Measurements per point, the median is reported [default: 9, with --gpu 5].
-    #[arg(long)]
-    iters: Option<usize>,
-    /// Worker threads (0 = number of CPUs); the `limit` baseline uses as many.
-    #[arg(long, default_value_t = 0)]
-    threads: u32,
-    /// Fragment sizes in KiB [default: 4,16,64,256,1024,2048; with --gpu 4,16,32,64 for
-    /// layer-separate layouts plus one fully contiguous point].
-    #[arg(long, value_delimiter = ',')]
-    fragments_kib: Option<Vec<u64>>,
-    /// With --gpu: the directions to measure (h2d, d2h, d2d; p2p: device to the next device,
-    /// on machines with two GPUs).
-    #[arg(long, value_delimiter = ',', default_values_t = ["h2d".to_string(), "d2h".to_string(), "d2d".to_string()])]
-    directions: Vec<String>,
-    /// Benchmark the GPU tiers (H2D, D2H, D2D) instead of host memory; --total-mib defaults
-    /// to 1024 there.
-    #[arg(long)]
-    gpu: bool,
-    /// With --gpu: no untimed copy before each measurement (the GPU may then start a
-    /// measurement with its clocks down after a slow baseline).
-    #[arg(long, requires = "gpu")]
-    cold: bool,
-    /// With --gpu: skip the per-fragment baselines (naive, batch) and COPY_ENGINE mode, which
-    /// take seconds per round at small fragments; they are reported as NaN. For tuning the
-    /// kernel path on a short device lease.
-    #[arg(long, requires = "gpu")]
-    quick: bool,
-    /// Benchmark NIXL (UCX write/read between two agents, POSIX disk write/read) against
-    /// nixl-sys used directly; --total-mib defaults to 64 there.
-    #[arg(long, conflicts_with = "gpu")]
-    nixl: bool,
-    /// Benchmark device <-> disk through kvxfer's pinned bounce buffers against the D2H/H2D
-    /// and disk limits measured in the same run; --total-mib defaults to 1024, --iters to 3,
-    /// --fragments-kib to 4,16,64 there.
-    #[arg(long, conflicts_with_all = ["gpu", "nixl"])]
-    gpu_disk: bool,
-    /// Benchmark writes and reads between this process's device 0 and a device of a second
-    /// kvxfer process with GPU RDMA (NIXL's UCX backend) against staging through pinned memory;
-    /// --total-mib defaults to 256, --iters to 3, --fragments-kib to 4,16,64 there.
-    #[arg(long, conflicts_with_all = ["gpu", "nixl", "gpu_disk"])]
-    gpu_rdma: bool,
-    /// With --gpu-rdma: the CUDA device of the peer process.
-    #[arg(long, requires = "gpu_rdma", default_value_t = 0)]
-    peer_device: i32,
-    /// With --gpu-disk: folder for the disk layouts (default: the system's temporary folder).
-    #[arg(long, requires = "gpu_disk")]
-    disk_dir: Option<std::path::PathBuf>,
-    /// With --gpu-disk: compare with GDS through NIXL's GDS_MT backend instead of GDS.
-    #[arg(long, requires = "gpu_disk")]
-    gds_mt: bool,
-}
+use super::Args;
+use super::common::{err, fragment_shape, median};
 
 struct Point {
     fragment: u64,
@@ -85,17 +23,6 @@ struct Point {
     naive: f64,
 }
 
-/// The median; NaN for no samples (a mode the run skipped).
-pub fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-/// Error text for the bench commands, which report failures as strings.
-pub fn err<E: std::fmt::Display>(e: E) -> String {
-    e.to_string()
-}
-
 fn scattered_layout(
     ctx: &Context,
     storage: StorageKind,
@@ -104,20 +31,6 @@ fn scattered_layout(
 ) -> Result<Layout, String> {
     let cfg = fragment_shape(blocks, fragment, 1);
     ctx.new_layout(cfg, &StorageSpec::new(storage)).map_err(err)
-}
-
-/// One layer, one outer, bf16: every block is exactly one `fragment`-byte piece.
-pub fn fragment_shape(blocks: u64, fragment: u64, alignment: u32) -> LayoutConfig {
-    LayoutConfig {
-        num_blocks: blocks,
-        num_layers: 1,
-        outer_dim: 1,
-        page_size: 1,
-        inner_dim: fragment / 2,
-        dtype_width: 2,
-        alignment,
-        kind: LayoutKind::FullyContiguous,
-    }
 }
 
 /// One copy of `len` bytes cut into `threads` contiguous shares: glibc's memcpy, or with
@@ -243,55 +156,12 @@ fn measure(
     })
 }
 
+/// `kvxfer bench` without a tier flag: host scatter System -> Pinned.
 pub fn run(a: &Args) -> Result<(), String> {
-    if a.iters == Some(0) || a.total_mib == Some(0) {
-        return Err("--iters and --total-mib must be at least 1".into());
-    }
-    if a.gpu {
-        return super::bench_gpu::run(&super::bench_gpu::GpuArgs {
-            json: a.json,
-            total_mib: a.total_mib.unwrap_or(1024),
-            iters: a.iters.unwrap_or(5),
-            fragments_kib: a.fragments_kib.clone(),
-            directions: a.directions.clone(),
-            cold: a.cold,
-            quick: a.quick,
-        });
-    }
-    if a.gpu_disk {
-        return super::bench_gpu_disk::run(&super::bench_gpu_disk::GpuDiskArgs {
-            json: a.json,
-            total_mib: a.total_mib.unwrap_or(1024),
-            iters: a.iters.unwrap_or(3),
-            fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
-            disk_dir: a.disk_dir.clone(),
-            gds_mt: a.gds_mt,
-        });
-    }
-    if a.gpu_rdma {
-        return super::bench_gpu_rdma::run(&super::bench_gpu_rdma::GpuRdmaArgs {
-            json: a.json,
-            total_mib: a.total_mib.unwrap_or(256),
-            iters: a.iters.unwrap_or(3),
-            fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
-            peer_device: a.peer_device,
-        });
-    }
-    if a.nixl {
-        return super::bench_nixl::run(&super::bench_nixl::NixlArgs {
-            json: a.json,
-            total_mib: a.total_mib.unwrap_or(64),
-            iters: a.iters.unwrap_or(5),
-            fragments_kib: a
-                .fragments_kib
-                .clone()
-                .unwrap_or_else(|| vec![4, 16, 64, 256, 1024, 2048]),
-        });
-    }
     let (total_mib, iters) = (a.total_mib.unwrap_or(256), a.iters.unwrap_or(9));
     let ctx = Context::new(ContextConfig {
         worker_threads: a.threads,
-        nixl_backends: 0,
+        nixl_backends: Backends::empty(),
         ..Default::default()
     })
     .map_err(err)?;

@@ -6,14 +6,14 @@
 use std::time::Instant;
 
 use cudarc::driver::sys;
-use kvxfer::exec::cuda::{CudaDevice, copy, symbol};
-use kvxfer::plan::CopyOp;
+use kvxfer::CudaDevice;
+use kvxfer::baseline::{CopyOp, Loc, copy_engine_batch, cuda_symbol as symbol};
 use kvxfer::{
-    Context, ContextConfig, CopyMode, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
-    TransferOptions,
+    Backends, Context, ContextConfig, CopyMode, Layout, LayoutConfig, LayoutKind, StorageKind,
+    StorageSpec, TransferOptions,
 };
 
-use super::bench::{err, median};
+use super::common::{ck, err, median, shape};
 
 pub struct GpuArgs {
     pub json: bool,
@@ -29,34 +29,10 @@ pub struct GpuArgs {
     pub quick: bool,
 }
 
-fn ck(r: sys::CUresult, what: &str) -> Result<(), String> {
-    if r == sys::CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(format!("{what}: {r:?}"))
-    }
-}
-
-/// A Llama-like layer-separate shape: 32 layers, K and V, 16-token pages, bf16, with `inner`
-/// chosen so that one (block, layer, outer) fragment is `fragment` bytes. Shared by the GPU
-/// benches.
-pub(super) fn shape(kind: LayoutKind, blocks: u64, fragment: u64) -> LayoutConfig {
-    LayoutConfig {
-        num_blocks: blocks,
-        num_layers: 32,
-        outer_dim: 2,
-        page_size: 16,
-        inner_dim: fragment / 32,
-        dtype_width: 2,
-        alignment: 256,
-        kind,
-    }
-}
-
 struct Pair {
     name: &'static str,
     /// Where the two sides live, for the batch baseline's hints.
-    locs: (copy::Loc, copy::Loc),
+    locs: (Loc, Loc),
     src: Layout,
     dst: Layout,
 }
@@ -316,7 +292,7 @@ fn point(
     };
     // Two phases: `limit`, AUTO and KERNEL first, then the per-fragment baselines and
     // COPY_ENGINE. Right after 262144 single cuMemcpyAsync calls the driver takes longer for
-    // the next calls (kvxfer's submit ran 2.5x slower on an H100, device run 9 of 2026-11-26),
+    // the next calls (kvxfer's submit ran 2.5x slower on an H100; docs/BENCHMARKS.md, "GPU tiers, third pass"),
     // which would charge the baselines' aftermath to the mode measured next. Round 0 of each
     // phase is a warm-up and not recorded.
     for i in 0..=a.iters {
@@ -363,7 +339,7 @@ fn point(
         warm()?;
         let t0 = Instant::now();
         // SAFETY: the bench's live stream on `dev`; fragments of live layouts.
-        unsafe { copy::enqueue_at(dev, timer.stream, pair.locs.0, pair.locs.1, &frags) }
+        unsafe { copy_engine_batch(dev, timer.stream, pair.locs.0, pair.locs.1, &frags) }
             .map_err(err)?;
         timer.sync()?;
         let batch = t0.elapsed().as_secs_f64();
@@ -523,7 +499,7 @@ fn latency(ctx: &Context, timer: &Timer, a: &GpuArgs) -> Result<(), String> {
 
 pub fn run(a: &GpuArgs) -> Result<(), String> {
     let ctx = Context::new(ContextConfig {
-        nixl_backends: 0,
+        nixl_backends: Backends::empty(),
         ..Default::default()
     })
     .map_err(err)?;
@@ -612,13 +588,13 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
     let want = |d: &str| a.directions.iter().any(|x| x.eq_ignore_ascii_case(d));
     // P2P needs a second device: the limit's buffer lives there.
     let peer = if want("p2p") {
-        let n = kvxfer::exec::cuda::driver().map_err(err)?.device_count;
+        let n = kvxfer::device_count().map_err(err)?;
         if n < 2 {
             return Err(format!(
                 "--directions p2p needs two CUDA devices; this machine has {n}"
             ));
         }
-        let other = if dev.ordinal == 0 { 1 } else { 0 };
+        let other = if dev.ordinal() == 0 { 1 } else { 0 };
         let spec = StorageSpec {
             kind: StorageKind::Device,
             device_id: other,
@@ -646,7 +622,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             .map_err(err)?;
         let h2d = Pair {
             name: "H2D",
-            locs: (copy::Loc::Host, copy::Loc::Device(dev.ordinal)),
+            locs: (Loc::Host, Loc::Device(dev.ordinal())),
             src: host,
             dst: dev_a,
         };
@@ -667,7 +643,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
         }
         let d2h = Pair {
             name: "D2H",
-            locs: (copy::Loc::Device(dev.ordinal), copy::Loc::Host),
+            locs: (Loc::Device(dev.ordinal()), Loc::Host),
             src: h2d.dst,
             dst: h2d.src,
         };
@@ -689,10 +665,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
         if want("d2d") {
             let d2d = Pair {
                 name: "D2D",
-                locs: (
-                    copy::Loc::Device(dev.ordinal),
-                    copy::Loc::Device(dev.ordinal),
-                ),
+                locs: (Loc::Device(dev.ordinal()), Loc::Device(dev.ordinal())),
                 src: dev_src,
                 dst: mk(host_kind, StorageKind::Device)?,
             };
@@ -720,10 +693,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             };
             let p2p = Pair {
                 name: "P2P",
-                locs: (
-                    copy::Loc::Device(dev.ordinal),
-                    copy::Loc::Device(*peer_ordinal),
-                ),
+                locs: (Loc::Device(dev.ordinal()), Loc::Device(*peer_ordinal)),
                 src: dev_src,
                 dst: ctx.new_layout(c, &spec).map_err(err)?,
             };

@@ -9,7 +9,7 @@ use std::time::Instant;
 use kvxfer::{Context, ContextConfig, Layout, StorageKind, StorageSpec, TransferOptions};
 use nixl_sys::{Agent, MemType, XferDescList, XferOp, XferStatus};
 
-use super::bench::{err, fragment_shape, median};
+use super::common::{err, fragment_shape, median};
 
 /// (name, local side writes, the other layout, its NIXL memory type and id, its agent).
 type Case<'a> = (&'a str, bool, &'a Layout, (MemType, u64), String);

@@ -1,0 +1,54 @@
+//! Helpers every bench shares: medians, error text, block shapes, CUDA result checks.
+
+use cudarc::driver::sys;
+use kvxfer::{LayoutConfig, LayoutKind};
+
+/// The median; NaN for no samples (a mode the run skipped).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Error text for the bench commands, which report failures as strings.
+pub fn err<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+/// One layer, one outer, bf16: every block is exactly one `fragment`-byte piece.
+pub fn fragment_shape(blocks: u64, fragment: u64, alignment: u32) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: blocks,
+        num_layers: 1,
+        outer_dim: 1,
+        page_size: 1,
+        inner_dim: fragment / 2,
+        dtype_width: 2,
+        alignment,
+        kind: LayoutKind::FullyContiguous,
+    }
+}
+
+/// A CUDA result as the benches report errors.
+pub fn ck(r: sys::CUresult, what: &str) -> Result<(), String> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{what}: {r:?}"))
+    }
+}
+
+/// A Llama-like layer-separate shape: 32 layers, K and V, 16-token pages, bf16, with `inner`
+/// chosen so that one (block, layer, outer) fragment is `fragment` bytes. Shared by the GPU
+/// benches.
+pub fn shape(kind: LayoutKind, blocks: u64, fragment: u64) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: blocks,
+        num_layers: 32,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: fragment / 32,
+        dtype_width: 2,
+        alignment: 256,
+        kind,
+    }
+}

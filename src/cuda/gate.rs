@@ -1,0 +1,64 @@
+//! A caller's stream as a gate: an event recorded on it, after which kvxfer's work starts.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUevent};
+
+use super::device::CudaDevice;
+use super::driver::check;
+use crate::error::Result;
+
+/// An event recorded on a caller's stream: work ordered after it starts after the work queued
+/// there. It returns to the pool only when dropped, after everything that waits on it.
+pub(crate) struct StreamGate {
+    dev: Arc<CudaDevice>,
+    event: CUevent,
+}
+
+// SAFETY: the event is usable from any thread with the context bound (every use binds it).
+unsafe impl Send for StreamGate {}
+// SAFETY: as above; nothing mutates the handle.
+unsafe impl Sync for StreamGate {}
+
+impl StreamGate {
+    /// Records an event on the caller's CUstream `stream`.
+    pub(crate) fn record(dev: &Arc<CudaDevice>, stream: usize) -> Result<Self> {
+        dev.bind()?;
+        let event = dev.event()?;
+        // SAFETY: the caller passes a live CUstream of this process (the option's contract).
+        let r = unsafe { sys::cuEventRecord(event, stream as sys::CUstream) };
+        if let Err(e) = check(r, "cuEventRecord on cuda_stream") {
+            dev.recycle_event(event);
+            return Err(e);
+        }
+        Ok(Self {
+            dev: dev.clone(),
+            event,
+        })
+    }
+
+    /// Makes `stream` (one of kvxfer's) wait for the gate.
+    pub(crate) fn stream_waits(&self, stream: sys::CUstream) -> Result<()> {
+        // SAFETY: both handles are live.
+        check(
+            unsafe { sys::cuStreamWaitEvent(stream, self.event, 0) },
+            "cuStreamWaitEvent",
+        )
+    }
+
+    /// Blocks the calling thread until the gate passed (host-side executors).
+    pub(crate) fn wait(&self) -> Result<()> {
+        self.dev.bind()?;
+        // SAFETY: the event was recorded in `record` and lives until drop.
+        check(
+            unsafe { sys::cuEventSynchronize(self.event) },
+            "waiting for cuda_stream",
+        )
+    }
+}
+
+impl Drop for StreamGate {
+    fn drop(&mut self) {
+        self.dev.recycle_event(self.event);
+    }
+}

@@ -1,0 +1,294 @@
+//! Two-hop transfers through the context's pool of pinned bounce buffers, the seed's plans:
+//! disk -> disk is NixlReadFlipped into a bounce buffer, then NixlWrite out of it; device ->
+//! disk is a device-to-host copy into the buffer, then NixlWrite; disk -> device is
+//! NixlReadFlipped into the buffer, then a host-to-device copy. Chunks alternate between the
+//! two buffers of a pair, so the first hop of chunk k+1 overlaps the second hop of chunk k;
+//! memory stays bounded (at most MAX_PAIRS pairs of CHUNK-byte buffers), and a job that finds
+//! every pair in use waits for one.
+
+mod pipeline;
+mod pool;
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUevent};
+use nixl_sys::{Agent, XferRequest};
+
+pub(crate) use pool::BouncePool;
+
+use super::cuda::copy::{enqueue_copy_engine, prefers_kernel};
+use super::cuda::{CudaExec, Kernel};
+use super::nixl::NixlExec;
+use super::nixl::xfer::{Xfer, direct_fd, finish, start};
+use super::workers::Workers;
+use crate::cuda::{CudaDevice, Direction, StreamGate, TableBuffer, check};
+use crate::error::{Error, Result};
+use crate::memory::{Memory, StorageKind};
+use crate::options::{Mechanism, TransferStats};
+use crate::plan::copy_list::sort_by_dst;
+use crate::plan::{CopyOp, Plan, Request};
+use crate::transfer::{Completion, Transfer};
+use pipeline::{Order, chunks, pipeline};
+use pool::Lease;
+
+/// Bytes of one bounce buffer: one chunk of the pipeline. Each chunk is one NIXL request, in
+/// flight one at a time per direction: larger chunks give the disk deeper queues (on the GPU
+/// machine's virtio disk, 8 MiB reads ran at the speed of a raw 8 MiB pread loop, 1.7-1.9 GB/s,
+/// against 2.2-2.3 for one large request; docs/BENCHMARKS.md, "GPU ↔ disk and GPU ↔ peer").
+const CHUNK: u64 = 16 << 20;
+/// Pairs of buffers at most, however many two-hop transfers run at once.
+const MAX_PAIRS: usize = 2;
+
+/// One hop of one chunk, in flight.
+enum InFlight<'d> {
+    Nixl(Option<XferRequest>),
+    /// Copies queued on `dev`'s stream, done when the event is; the copy kernel's list table
+    /// goes back to the pool then.
+    Cuda(&'d CudaDevice, CUevent, Option<TableBuffer>),
+}
+
+impl InFlight<'_> {
+    fn wait(self, agent: &Agent) -> Result<()> {
+        match self {
+            InFlight::Nixl(r) => finish(agent, r, Error::Io, true),
+            InFlight::Cuda(dev, event, table) => {
+                // SAFETY: a pooled event of `dev`, recorded after this hop's copies; the
+                // pool's events are blocking-sync, so this thread sleeps.
+                let r = check(
+                    unsafe { sys::cuEventSynchronize(event) },
+                    "copying through the bounce buffer",
+                );
+                dev.recycle_event(event);
+                // After a failed wait the stream may not have passed the table: it stays out of
+                // the pool (its pinned memory is leaked, not reused under a running kernel).
+                if let Some(t) = table.filter(|_| r.is_ok()) {
+                    dev.recycle_table(t);
+                }
+                r
+            }
+        }
+    }
+}
+
+/// Each piece of `chunk` packed into the buffer at `base`, as (buffer address, the piece's
+/// address on the other side, length); `from_src`: the other side is the piece's source.
+fn pack(chunk: &[CopyOp], base: u64, from_src: bool) -> Vec<CopyOp> {
+    let mut at = base;
+    chunk
+        .iter()
+        .map(|c| {
+            let p = CopyOp {
+                src: at,
+                dst: if from_src { c.src } else { c.dst },
+                len: c.len,
+            };
+            at += c.len;
+            p
+        })
+        .collect()
+}
+
+/// The NIXL hop between a bounce buffer and a disk: a read of the chunk's sources into the
+/// buffer (`read`), or a write of the buffer to the chunk's destinations.
+fn disk_hop<'d>(
+    agent: &Agent,
+    buf: &Arc<Memory>,
+    disk: &Arc<Memory>,
+    chunk: &[CopyOp],
+    read: bool,
+) -> Result<InFlight<'d>> {
+    let mut pieces = pack(chunk, buf.regions()[0].addr, read);
+    // Ascending file offsets; pieces next to each other on disk and in the buffer merge.
+    sort_by_dst(&mut pieces);
+    let name = agent.name();
+    let t = Xfer {
+        write: !read,
+        local: buf,
+        remote: disk,
+        remote_agent: &name,
+        copies: &pieces,
+        notify: None,
+        remote_fd: direct_fd(disk, &pieces),
+    };
+    Ok(InFlight::Nixl(start(agent, &t, Error::Io)?))
+}
+
+/// A device end of a two-hop transfer: the device and its copy kernel, where it has one.
+#[derive(Clone, Copy)]
+struct DeviceEnd<'a> {
+    dev: &'a CudaDevice,
+    kernel: Option<&'a Kernel>,
+}
+
+impl<'a> DeviceEnd<'a> {
+    fn of((dev, kernel): &'a (Arc<CudaDevice>, Option<Arc<Kernel>>)) -> Self {
+        Self {
+            dev,
+            kernel: kernel.as_deref(),
+        }
+    }
+}
+
+/// The CUDA hop between a bounce buffer and device memory, on the device's stream for that
+/// direction: device -> buffer (`to_buffer`) or buffer -> device.
+fn device_hop<'d>(
+    end: DeviceEnd<'d>,
+    buf: &Arc<Memory>,
+    chunk: &[CopyOp],
+    to_buffer: bool,
+) -> Result<InFlight<'d>> {
+    let dev = end.dev;
+    let base = buf.regions()[0].addr;
+    let (direction, copies) = if to_buffer {
+        let copies: Vec<CopyOp> = pack(chunk, base, true)
+            .into_iter()
+            .map(CopyOp::flipped)
+            .collect();
+        (Direction::DeviceToHost, copies)
+    } else {
+        (Direction::HostToDevice, pack(chunk, base, false))
+    };
+    dev.bind()?;
+    let stream = dev.stream(direction);
+    // Small pieces go to the copy kernel: on copy engines a 16 MiB chunk of 4 KiB copies took
+    // milliseconds of driver time to queue and ran at ~9 GB/s, against the kernel's ~50 GB/s
+    // to and from pinned memory.
+    let bytes: u64 = copies.iter().map(|c| c.len).sum();
+    let n = copies.len() as u64;
+    let kernel = end
+        .kernel
+        .filter(|k| k.has_list() && prefers_kernel(direction, bytes / n.max(1), n));
+    let table = match kernel {
+        // SAFETY: the stream belongs to `dev`; the device ranges were validated with the
+        // request, the buffer is CUDA-pinned and holds the chunk; the caller keeps every memory
+        // alive until this hop is waited for.
+        Some(k) => Some(unsafe { k.enqueue_list(dev, stream, &copies) }?),
+        // SAFETY: as above.
+        None => {
+            unsafe { enqueue_copy_engine(dev, stream, direction, &copies) }
+                .inspect_err(|_| dev.abandon(stream, None))?;
+            None
+        }
+    };
+    let (event, table) = dev.record_or_abandon(stream, table)?;
+    Ok(InFlight::Cuda(dev, event, table))
+}
+
+/// The two ends of a two-hop transfer.
+enum Ends<'a> {
+    /// NIXL reads into the buffers, NIXL writes out of them.
+    DiskToDisk {
+        src: &'a Arc<Memory>,
+        dst: &'a Arc<Memory>,
+    },
+    /// Device-to-host copies into the buffers, NIXL writes out of them.
+    DeviceToDisk {
+        dev: DeviceEnd<'a>,
+        dst: &'a Arc<Memory>,
+    },
+    /// NIXL reads into the buffers, host-to-device copies out of them.
+    DiskToDevice {
+        dev: DeviceEnd<'a>,
+        src: &'a Arc<Memory>,
+    },
+}
+
+/// Moves `copies` between `ends` through `lease`'s two buffers, on the calling (worker)
+/// thread.
+fn run(agent: &Agent, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'_>) -> Result<()> {
+    let pair = lease.pair()?;
+    // In file-offset order of the disk side that sets the pace: a write's destinations, or
+    // the sources of disk -> device. Each chunk's disk request is then ascending and its
+    // neighbours merge; the disk reads ahead.
+    let mut copies = copies.to_vec();
+    match ends {
+        Ends::DiskToDevice { .. } => copies.sort_unstable_by_key(|c| c.src),
+        _ => sort_by_dst(&mut copies),
+    }
+    let chunks = chunks(&copies);
+    let fill = |i: usize| match ends {
+        Ends::DiskToDisk { src, .. } | Ends::DiskToDevice { src, .. } => {
+            disk_hop(agent, &pair[i % 2], src, &chunks[i], true)
+        }
+        Ends::DeviceToDisk { dev, .. } => device_hop(dev, &pair[i % 2], &chunks[i], true),
+    };
+    let drain = |i: usize| match ends {
+        Ends::DiskToDisk { dst, .. } | Ends::DeviceToDisk { dst, .. } => {
+            disk_hop(agent, &pair[i % 2], dst, &chunks[i], false)
+        }
+        Ends::DiskToDevice { dev, .. } => device_hop(dev, &pair[i % 2], &chunks[i], false),
+    };
+    let order = match ends {
+        Ends::DiskToDevice { .. } => Order::FillFirst,
+        _ => Order::DrainFirst,
+    };
+    pipeline(chunks.len(), order, fill, drain, |h| h.wait(agent))
+}
+
+/// Disk -> disk, device -> disk and disk -> device through the context's pinned bounce buffers,
+/// pipelined on a worker thread. `gate`: start after the work queued on a caller's stream.
+pub(crate) fn submit(
+    request: &Request<'_>,
+    plan: Plan,
+    nixl: &NixlExec,
+    cuda: Option<&CudaExec>,
+    workers: &Workers,
+    pool: &Arc<BouncePool>,
+    gate: Option<Arc<StreamGate>>,
+) -> Result<Transfer> {
+    let (src, dst) = (request.src.memory().clone(), request.dst.memory().clone());
+    // The device of whichever side is device memory, with its kernel; none between two disks.
+    let device = match (src.kind(), dst.kind()) {
+        (StorageKind::Device, _) => Some(&src),
+        (_, StorageKind::Device) => Some(&dst),
+        _ => None,
+    }
+    .map(|m| -> Result<_> {
+        let dev = m
+            .device()
+            .cloned()
+            .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
+        let kernel = cuda.and_then(|c| c.kernel(&dev).ok());
+        Ok((dev, kernel))
+    })
+    .transpose()?;
+    let agent = &nixl.agent;
+    for m in [&src, &dst] {
+        if m.kind() == StorageKind::Disk {
+            m.ensure_nixl_registered_with(agent.agent(), || agent.buffered_file_args())?;
+        }
+    }
+    let list = request.build();
+    let stats = TransferStats {
+        bytes: list.bytes,
+        fragments: list.fragments,
+        copies: list.copies.len() as u64,
+        plan,
+        mechanism: Mechanism::Nixl,
+        kernel_fallback: false,
+        elapsed_ns: 0,
+    };
+    let completion = Completion::new(1);
+    let (nixl_agent, pool) = (agent.agent().clone(), pool.clone());
+    let pin_for = cuda.map(|c| c.primary.clone());
+    let keep = (src.clone(), dst.clone());
+    workers.spawn_part(completion.clone(), gate, keep, move || {
+        let lease = pool.take(|| pool::make_buffer(pin_for.as_ref(), &nixl_agent))?;
+        let ends = match &device {
+            None => Ends::DiskToDisk {
+                src: &src,
+                dst: &dst,
+            },
+            Some(d) if src.kind() == StorageKind::Device => Ends::DeviceToDisk {
+                dev: DeviceEnd::of(d),
+                dst: &dst,
+            },
+            Some(d) => Ends::DiskToDevice {
+                dev: DeviceEnd::of(d),
+                src: &src,
+            },
+        };
+        run(&nixl_agent, ends, &list.copies, &lease)
+    });
+    Ok(Transfer::new(completion, stats, cuda.is_some()))
+}

@@ -1,0 +1,265 @@
+//! The two-hop pipeline: chunks of at most CHUNK bytes alternate between the two buffers of a
+//! pair, so the first hop of chunk k+1 overlaps the second hop of chunk k.
+
+use super::CHUNK;
+use crate::error::Result;
+use crate::plan::CopyOp;
+
+/// Cuts (src offset, dst offset, len) copies into chunks of at most CHUNK bytes each.
+pub(super) fn chunks(copies: &[CopyOp]) -> Vec<Vec<CopyOp>> {
+    let mut out = vec![Vec::new()];
+    let mut room = CHUNK;
+    for &c in copies {
+        let mut c = c;
+        while c.len > 0 {
+            if room == 0 {
+                out.push(Vec::new());
+                room = CHUNK;
+            }
+            let n = c.len.min(room);
+            out.last_mut()
+                .expect("non-empty")
+                .push(CopyOp { len: n, ..c });
+            c = CopyOp {
+                src: c.src + n,
+                dst: c.dst + n,
+                len: c.len - n,
+            };
+            room -= n;
+        }
+    }
+    out.retain(|c| !c.is_empty());
+    out
+}
+
+/// Which hop of a chunk to start first when both buffers are busy. A CUDA hop's start blocks
+/// the calling thread for as long as the driver takes to queue its copies (milliseconds for an
+/// 8 MiB chunk of 4 KiB host-to-device copies; docs/BENCHMARKS.md, "GPU ↔ disk and GPU ↔ peer"), so the NIXL hop, whose start
+/// returns at once, goes first and runs meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Order {
+    /// Empty buffer i before filling the other one (the fill is the CUDA hop).
+    DrainFirst,
+    /// Fill the other buffer before emptying buffer i (the drain is the CUDA hop).
+    FillFirst,
+}
+
+/// Runs `n` chunks through the two buffers: `first(i)` fills buffer `i % 2` with chunk i,
+/// `second(i)` empties it. Everything started is finished before this returns, also on an
+/// error, because the buffers go back to the pool.
+pub(super) fn pipeline<H>(
+    n: usize,
+    order: Order,
+    mut first: impl FnMut(usize) -> Result<H>,
+    mut second: impl FnMut(usize) -> Result<H>,
+    wait: impl Fn(H) -> Result<()>,
+) -> Result<()> {
+    // Hops started and not yet waited for, oldest first.
+    let mut flight: Vec<H> = Vec::new();
+    let mut run = |flight: &mut Vec<H>| -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        wait(first(0)?)?;
+        for i in 0..n {
+            match order {
+                Order::DrainFirst => {
+                    // flight: [second(i - 1)]
+                    flight.push(second(i)?);
+                    // The other buffer is free once the previous chunk left it.
+                    if flight.len() > 1 {
+                        wait(flight.remove(0))?;
+                    }
+                    if i + 1 < n {
+                        wait(first(i + 1)?)?;
+                    }
+                }
+                Order::FillFirst => {
+                    // flight: [second(i - 1)]
+                    if let Some(d) = flight.pop() {
+                        wait(d)?;
+                    }
+                    if i + 1 < n {
+                        flight.push(first(i + 1)?);
+                    }
+                    flight.push(second(i)?);
+                    if i + 1 < n {
+                        wait(flight.remove(0))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    let r = run(&mut flight);
+    // On an error, let what is still running finish; its own errors add nothing.
+    let mut rest = Ok(());
+    for f in flight {
+        let w = wait(f);
+        if rest.is_ok() {
+            rest = w;
+        }
+    }
+    r.and(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use std::cell::RefCell;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Ev {
+        Fill(usize),
+        Drain(usize),
+        /// A hop waited for: (was it a fill, its chunk).
+        Done(bool, usize),
+        /// The start that `fail` names, refused.
+        Failed,
+    }
+
+    /// Runs the pipeline over fake hops that log what happens; `fail` makes the start of that
+    /// hop (a fill or a drain of that chunk) fail.
+    fn simulate(n: usize, order: Order, fail: Option<Ev>) -> (Result<()>, Vec<Ev>) {
+        let log = RefCell::new(Vec::new());
+        let start = |e: Ev, hop: (bool, usize)| {
+            if Some(e) == fail {
+                log.borrow_mut().push(Ev::Failed);
+                return Err(Error::Io("refused".into()));
+            }
+            log.borrow_mut().push(e);
+            Ok(hop)
+        };
+        let r = pipeline(
+            n,
+            order,
+            |i| start(Ev::Fill(i), (true, i)),
+            |i| start(Ev::Drain(i), (false, i)),
+            |(fill, i)| {
+                log.borrow_mut().push(Ev::Done(fill, i));
+                Ok(())
+            },
+        );
+        (r, log.into_inner())
+    }
+
+    fn at(log: &[Ev], e: Ev) -> usize {
+        log.iter()
+            .position(|x| *x == e)
+            .unwrap_or_else(|| panic!("{e:?} missing: {log:?}"))
+    }
+
+    #[test]
+    fn pipeline_never_reuses_a_buffer_early_and_overlaps_the_hops() {
+        for order in [Order::DrainFirst, Order::FillFirst] {
+            for n in 0..7 {
+                let (r, log) = simulate(n, order, None);
+                r.unwrap();
+                assert_eq!(log.len(), 4 * n, "{log:?}");
+                for i in 0..n {
+                    // A chunk leaves its buffer only after it arrived there.
+                    assert!(at(&log, Ev::Done(true, i)) < at(&log, Ev::Drain(i)));
+                    // Buffer i % 2 is filled again only after chunk i - 2 left it.
+                    if i >= 2 {
+                        assert!(at(&log, Ev::Done(false, i - 2)) < at(&log, Ev::Fill(i)));
+                    }
+                    // The two hops of neighbouring chunks run at the same time.
+                    if i + 1 < n {
+                        let (fill_next, drain) =
+                            (at(&log, Ev::Fill(i + 1)), at(&log, Ev::Drain(i)));
+                        let drained = at(&log, Ev::Done(false, i));
+                        assert!(fill_next < drained && drain < at(&log, Ev::Done(true, i + 1)));
+                        match order {
+                            Order::FillFirst => assert!(fill_next < drain, "{log:?}"),
+                            Order::DrainFirst => assert!(drain < fill_next, "{log:?}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pipeline_waits_for_everything_it_started_when_a_hop_fails() {
+        for order in [Order::DrainFirst, Order::FillFirst] {
+            for fail in [
+                Ev::Fill(0),
+                Ev::Fill(3),
+                Ev::Drain(0),
+                Ev::Drain(2),
+                Ev::Drain(5),
+            ] {
+                let (r, log) = simulate(6, order, Some(fail));
+                assert!(r.is_err(), "{order:?} {fail:?}");
+                let started: Vec<Ev> = log
+                    .iter()
+                    .copied()
+                    .filter(|e| matches!(e, Ev::Fill(_) | Ev::Drain(_)))
+                    .collect();
+                for e in &started {
+                    let done = match *e {
+                        Ev::Fill(i) => Ev::Done(true, i),
+                        Ev::Drain(i) => Ev::Done(false, i),
+                        _ => unreachable!(),
+                    };
+                    assert_eq!(
+                        log.iter().filter(|x| **x == done).count(),
+                        1,
+                        "{fail:?}: {log:?}"
+                    );
+                }
+                // Nothing starts after the refused hop.
+                let failed = at(&log, Ev::Failed);
+                assert!(
+                    log[failed..]
+                        .iter()
+                        .all(|e| !matches!(e, Ev::Fill(_) | Ev::Drain(_))),
+                    "{fail:?}: {log:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_cover_every_byte_once() {
+        let copies = vec![
+            CopyOp {
+                src: 0,
+                dst: 1 << 40,
+                len: CHUNK + 5,
+            },
+            CopyOp {
+                src: 3 << 30,
+                dst: 2 << 40,
+                len: 7,
+            },
+        ];
+        let c = chunks(&copies);
+        assert_eq!(c.len(), 2);
+        assert_eq!(
+            c[0],
+            vec![CopyOp {
+                src: 0,
+                dst: 1 << 40,
+                len: CHUNK
+            }]
+        );
+        assert_eq!(
+            c[1],
+            vec![
+                CopyOp {
+                    src: CHUNK,
+                    dst: (1 << 40) + CHUNK,
+                    len: 5
+                },
+                CopyOp {
+                    src: 3 << 30,
+                    dst: 2 << 40,
+                    len: 7
+                },
+            ]
+        );
+        assert!(chunks(&[]).is_empty());
+    }
+}

@@ -1,0 +1,115 @@
+//! Helpers the integration tests share: scratch folders, files two processes exchange, and
+//! both halves of the peer exchange the NIXL and GPU tests run between two processes.
+// Each test crate uses some of these.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kvxfer::{Context, Layout, Plan, TransferOptions};
+
+/// Block ids 0..n.
+pub fn all(n: u64) -> Vec<u64> {
+    (0..n).collect()
+}
+
+/// An empty folder of this process named after `what`.
+pub fn scratch_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvx-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Waits up to a minute for another process to publish `path`.
+pub fn wait_for(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what} never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Writes `bytes` to `dir/name` so that a reader never sees half of it.
+pub fn publish(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn sums_text(ctx: &Context, l: &Layout, ids: &[u64]) -> String {
+    let sums = ctx.checksum(l, ids).unwrap();
+    let text: Vec<String> = sums.iter().map(|s| s.to_string()).collect();
+    text.join(",")
+}
+
+/// Seed of the server's blocks; the client checks what it reads against it.
+pub const SERVER_SEED: u64 = 42;
+/// The notification the client's write carries.
+pub const NOTE: &[u8] = b"wrote 0..6";
+
+/// The server half of a peer exchange: fills `pool` (12 blocks) with SERVER_SEED, exports it to
+/// `dir/server.peer`, waits for the client's notification, then publishes checksums of the
+/// blocks the client wrote (0..6) as `dir/server.sums`.
+pub fn serve(ctx: &Context, pool: &Layout, dir: &Path) {
+    ctx.fill(pool, &all(12), SERVER_SEED).unwrap();
+    publish(dir, "server.peer", &ctx.export(&[pool]).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let msg = loop {
+        if let Some(m) = ctx.next_notification(|_, m| Ok(m.to_vec())).unwrap() {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no notification from the client");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(msg, NOTE);
+    publish(dir, "server.sums", sums_text(ctx, pool, &all(6)).as_bytes());
+}
+
+/// Local layouts of the client half, all of the remote layout's shape: `mine` is written to
+/// the server, `back` receives what is read from it, `expected` is filled here with the
+/// server's seed to compare.
+pub struct ClientLayouts<'a> {
+    pub mine: &'a Layout,
+    pub back: &'a Layout,
+    pub expected: &'a Layout,
+}
+
+/// The client half of a peer exchange with `serve`: reads the server's blocks 6..12 (checked
+/// against its seed), writes its own 0..6 with NOTE, then compares the checksums the server
+/// reports for what landed. Returns the plans of the read and the write.
+pub fn exchange(ctx: &Context, remote: &Layout, l: ClientLayouts<'_>, dir: &Path) -> (Plan, Plan) {
+    ctx.fill(l.mine, &all(12), 7).unwrap();
+    let theirs: Vec<u64> = (6..12).collect();
+    let t = ctx
+        .submit(
+            remote,
+            &theirs,
+            l.back,
+            &theirs,
+            &TransferOptions::default(),
+        )
+        .unwrap();
+    t.wait(Some(Duration::from_secs(30))).unwrap();
+    let read = t.stats().plan;
+    ctx.fill(l.expected, &theirs, SERVER_SEED).unwrap();
+    assert_eq!(
+        ctx.checksum(l.back, &theirs).unwrap(),
+        ctx.checksum(l.expected, &theirs).unwrap()
+    );
+    let ours = all(6);
+    let opts = TransferOptions {
+        notify: Some(NOTE.to_vec()),
+        ..Default::default()
+    };
+    let t = ctx.submit(l.mine, &ours, remote, &ours, &opts).unwrap();
+    t.wait(Some(Duration::from_secs(30))).unwrap();
+    let sums_file = dir.join("server.sums");
+    wait_for(&sums_file, "the server's checksums");
+    assert_eq!(
+        std::fs::read_to_string(&sums_file).unwrap(),
+        sums_text(ctx, l.mine, &ours)
+    );
+    (read, t.stats().plan)
+}
+pub mod gpu;

@@ -1,0 +1,421 @@
+//! GPU tests of the local tiers (pinned, device, copy modes, streams).
+//! They need a CUDA GPU, so they are `#[ignore]`d: on a machine without one, cargo lists them as
+//! ignored (never as passed). `scripts/gpu-test` builds them and runs them with
+//! `--include-ignored` on a GPU machine.
+
+mod common;
+
+use std::ffi::c_void;
+use std::time::Duration;
+
+use cudarc::driver::sys;
+use kvxfer::{
+    CopyMode, LayoutConfig, LayoutKind, Mechanism, Plan, StorageKind, StorageSpec, Strategy,
+    TransferOptions,
+};
+
+use common::all;
+use common::gpu::*;
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn every_cuda_strategy_layout_kind_and_copy_mode() {
+    let ctx = ctx();
+    use StorageKind::*;
+    let pairs = [
+        (Pinned, Device, Strategy::CudaAsyncH2D),
+        (Device, Pinned, Strategy::CudaAsyncD2H),
+        (Device, Device, Strategy::CudaAsyncD2D),
+        (System, Device, Strategy::CudaBlockingH2D),
+        (Device, System, Strategy::CudaBlockingD2H),
+    ];
+    // 2 KiB bf16 regions (16-byte aligned) and 15-byte FP8 regions (the kernel's byte path).
+    let shapes = [(16, 64, 2), (3, 5, 1)];
+    for (ss, ds, strategy) in pairs {
+        let async_ = !matches!(
+            strategy,
+            Strategy::CudaBlockingH2D | Strategy::CudaBlockingD2H
+        );
+        for sk in KINDS {
+            for dk in KINDS {
+                for &(page, inner, width) in &shapes {
+                    let src = layout(&ctx, cfg(sk, 16, 3, page, inner, width), ss);
+                    let dst = layout(&ctx, cfg(dk, 16, 3, page, inner, width), ds);
+                    assert_eq!(ctx.plan(&src, &dst).unwrap(), Plan::Direct(strategy));
+                    let modes: &[CopyMode] = if async_ {
+                        &[CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel]
+                    } else {
+                        &[CopyMode::Auto]
+                    };
+                    for &mode in modes {
+                        let opts = TransferOptions {
+                            copy_mode: mode,
+                            ..Default::default()
+                        };
+                        let m = check_move(&ctx, &src, &dst, &opts);
+                        match mode {
+                            CopyMode::Kernel => assert_eq!(m, Mechanism::Kernel),
+                            CopyMode::CopyEngine => assert_eq!(m, Mechanism::CopyEngine),
+                            CopyMode::Auto if !async_ => assert_eq!(m, Mechanism::CopyEngine),
+                            CopyMode::Auto => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn auto_uses_the_kernel_for_small_fragments_and_engines_for_large() {
+    let ctx = ctx();
+    let small = cfg(LayoutKind::LayerSeparateBlockFirst, 64, 4, 16, 64, 2); // 2 KiB
+    let src = layout(&ctx, small, StorageKind::Pinned);
+    let dst = layout(&ctx, small, StorageKind::Device);
+    let ids: Vec<u64> = (0..64).rev().collect();
+    let t = ctx
+        .submit(&src, &all(64), &dst, &ids, &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    let s = t.stats();
+    assert!(
+        !s.kernel_fallback,
+        "the kernel must build on a GPU machine with NVRTC"
+    );
+    assert_eq!(s.mechanism, Mechanism::Kernel);
+
+    let big = cfg(LayoutKind::FullyContiguous, 8, 2, 256, 1024, 2); // 512 KiB regions
+    let src = layout(&ctx, big, StorageKind::Pinned);
+    let dst = layout(&ctx, big, StorageKind::Device);
+    let t = ctx
+        .submit(&src, &[7, 3], &dst, &[0, 1], &TransferOptions::default())
+        .unwrap();
+    t.wait(None).unwrap();
+    assert_eq!(t.stats().mechanism, Mechanism::CopyEngine);
+    assert_eq!(
+        ctx.checksum(&src, &[7, 3]).unwrap(),
+        ctx.checksum(&dst, &[0, 1]).unwrap()
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn layer_ranges_on_the_gpu() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::LayerSeparateOuterFirst, 8, 4, 16, 64, 2);
+    let src = layout(&ctx, c, StorageKind::Pinned);
+    let mid = layout(
+        &ctx,
+        LayoutConfig {
+            kind: LayoutKind::FullyContiguous,
+            ..c
+        },
+        StorageKind::Device,
+    );
+    let back = layout(&ctx, c, StorageKind::Pinned);
+    for mode in [CopyMode::CopyEngine, CopyMode::Kernel] {
+        ctx.fill(&src, &all(8), 5).unwrap();
+        ctx.fill(&mid, &all(8), 6).unwrap();
+        ctx.fill(&back, &all(8), 7).unwrap();
+        let opts = TransferOptions {
+            layer_begin: 1,
+            layer_end: 3,
+            copy_mode: mode,
+            ..Default::default()
+        };
+        let t = ctx.submit(&src, &[2], &mid, &[5], &opts).unwrap();
+        t.wait(None).unwrap();
+        assert_eq!(t.stats().fragments, 2 * 2);
+        let t = ctx.submit(&mid, &[5], &back, &[1], &opts).unwrap();
+        t.wait(None).unwrap();
+        for l in 0..4 {
+            for o in 0..2 {
+                let a = src.region(2, l, o).unwrap();
+                let b = back.region(1, l, o).unwrap();
+                // SAFETY: both are regions of live pinned host layouts.
+                let (a, b) = unsafe {
+                    (
+                        std::slice::from_raw_parts(a.addr as *const u8, a.len as usize),
+                        std::slice::from_raw_parts(b.addr as *const u8, b.len as usize),
+                    )
+                };
+                assert_eq!(
+                    a == b,
+                    (1..3).contains(&l),
+                    "layer {l} outer {o} with {mode:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn wrapped_device_and_host_memory() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::FullyContiguous, 32, 2, 16, 64, 2);
+    let bytes = c.validate().unwrap().allocation_len;
+    // A runtime's own KV pool: device memory from cuMemAlloc, host memory from malloc.
+    let mut dptr = 0;
+    // SAFETY: ctx made the primary context current on this thread.
+    check(unsafe { sys::cuMemAlloc_v2(&mut dptr, bytes as usize) });
+    let mut host = vec![0u8; bytes as usize + 4096];
+    let haddr = (host.as_mut_ptr() as u64).next_multiple_of(4096);
+    let dev_spec = StorageSpec {
+        kind: StorageKind::Device,
+        device_id: 0,
+        path: None,
+    };
+    let pin_spec = StorageSpec::new(StorageKind::Pinned);
+    let region = |addr| kvxfer::Region { addr, len: bytes };
+    let dev = ctx.wrap_layout(c, &dev_spec, &[region(dptr)]).unwrap();
+    let pinned = ctx.wrap_layout(c, &pin_spec, &[region(haddr)]).unwrap();
+    // Outside any allocation: refused.
+    assert!(
+        ctx.wrap_layout(c, &dev_spec, &[region(dptr + 4096)])
+            .is_err()
+    );
+    for mode in [CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel] {
+        let opts = TransferOptions {
+            copy_mode: mode,
+            ..Default::default()
+        };
+        check_move(&ctx, &pinned, &dev, &opts);
+        check_move(&ctx, &dev, &pinned, &opts);
+    }
+    drop((dev, pinned));
+    // kvxfer never frees wrapped memory: the caller still can.
+    // SAFETY: allocated above, freed once.
+    check(unsafe { sys::cuMemFree_v2(dptr) });
+    drop(host);
+}
+
+extern "C" fn sleep_300ms(_: *mut c_void) {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+extern "C" fn sleep_500ms(_: *mut c_void) {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn transfer_starts_after_work_queued_on_the_callers_stream() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::FullyContiguous, 16, 2, 16, 64, 2);
+    for (ss, ds, mode) in [
+        (StorageKind::Pinned, StorageKind::Device, CopyMode::Kernel),
+        (
+            StorageKind::Pinned,
+            StorageKind::Device,
+            CopyMode::CopyEngine,
+        ),
+        (StorageKind::System, StorageKind::Device, CopyMode::Auto),
+        (StorageKind::Pinned, StorageKind::System, CopyMode::Auto),
+    ] {
+        let src = layout(&ctx, c, ss);
+        let dst = layout(&ctx, c, ds);
+        ctx.fill(&src, &all(16), 1).unwrap();
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: the context is current on this thread; the stream is destroyed below.
+        check(unsafe { sys::cuStreamCreate(&mut stream, 1) });
+        // Long work on the caller's stream: the transfer must not start before it ends.
+        let queued = std::time::Instant::now();
+        // SAFETY: a host function with no captured state.
+        check(unsafe { sys::cuLaunchHostFunc(stream, Some(sleep_500ms), std::ptr::null_mut()) });
+        let opts = TransferOptions {
+            cuda_stream: Some(stream as usize),
+            copy_mode: mode,
+            ..Default::default()
+        };
+        let t = ctx.submit(&src, &all(16), &dst, &all(16), &opts).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let early = t.poll();
+        assert!(
+            early.is_none(),
+            "{ss}->{ds} {mode:?}: done ({early:?}, {:?}) {:?} after queueing the stream's work",
+            t.stats(),
+            queued.elapsed()
+        );
+        t.wait(Some(Duration::from_secs(30))).unwrap();
+        assert!(queued.elapsed() >= Duration::from_millis(500));
+        assert_eq!(
+            ctx.checksum(&src, &all(16)).unwrap(),
+            ctx.checksum(&dst, &all(16)).unwrap()
+        );
+        // SAFETY: the stream is idle now.
+        check(unsafe { sys::cuStreamDestroy_v2(stream) });
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn callers_stream_waits_for_the_transfer_without_blocking_the_host() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::FullyContiguous, 16, 2, 16, 64, 2);
+    let src = layout(&ctx, c, StorageKind::Pinned);
+    let dst = layout(&ctx, c, StorageKind::Device);
+    let readback = layout(&ctx, c, StorageKind::Pinned);
+    ctx.fill(&src, &all(16), 3).unwrap();
+    let (mut gate, mut consumer) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: the context is current on this thread; both streams are destroyed below.
+    unsafe {
+        check(sys::cuStreamCreate(&mut gate, 1));
+        check(sys::cuStreamCreate(&mut consumer, 1));
+        check(sys::cuLaunchHostFunc(
+            gate,
+            Some(sleep_300ms),
+            std::ptr::null_mut(),
+        ));
+    }
+    // The transfer is held back 300 ms by `gate`; `consumer` must wait for it.
+    let opts = TransferOptions {
+        cuda_stream: Some(gate as usize),
+        ..Default::default()
+    };
+    let t = ctx.submit(&src, &all(16), &dst, &all(16), &opts).unwrap();
+    let started = std::time::Instant::now();
+    t.stream_wait(consumer as usize).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "stream_wait blocked the host"
+    );
+    let bytes = c.validate().unwrap().allocation_len as usize;
+    let (d, r) = (
+        dst.region(0, 0, 0).unwrap().addr,
+        readback.region(0, 0, 0).unwrap().addr,
+    );
+    // SAFETY: both layouts hold `bytes` bytes from their first region on (FC, one allocation).
+    unsafe {
+        check(sys::cuMemcpyAsync(r, d, bytes, consumer));
+        check(sys::cuStreamSynchronize(consumer));
+    }
+    assert_eq!(
+        ctx.checksum(&src, &all(16)).unwrap(),
+        ctx.checksum(&readback, &all(16)).unwrap()
+    );
+    t.wait(None).unwrap();
+    // SAFETY: idle streams.
+    unsafe {
+        check(sys::cuStreamDestroy_v2(gate));
+        check(sys::cuStreamDestroy_v2(consumer));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn lists_of_1k_to_16k_blocks() {
+    let ctx = ctx();
+    for blocks in [1024u64, 4096, 16384] {
+        // Llama-like layer slice: 16 tokens x 8 heads x 128 x bf16 = 32 KiB regions, 1 layer.
+        let c = cfg(LayoutKind::LayerSeparateBlockFirst, blocks, 1, 16, 1024, 2);
+        let host = layout(&ctx, c, StorageKind::Pinned);
+        let dev = layout(
+            &ctx,
+            LayoutConfig {
+                kind: LayoutKind::LayerSeparateOuterFirst,
+                ..c
+            },
+            StorageKind::Device,
+        );
+        let back = layout(&ctx, c, StorageKind::Pinned);
+        ctx.fill(&host, &all(blocks), blocks).unwrap();
+        let mut perm = all(blocks);
+        fastrand::Rng::with_seed(blocks).shuffle(&mut perm);
+        for mode in [CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel] {
+            let opts = TransferOptions {
+                copy_mode: mode,
+                ..Default::default()
+            };
+            let t = ctx.submit(&host, &all(blocks), &dev, &perm, &opts).unwrap();
+            t.wait(None).unwrap();
+            let t = ctx.submit(&dev, &perm, &back, &all(blocks), &opts).unwrap();
+            t.wait(None).unwrap();
+            assert_eq!(
+                ctx.checksum(&host, &all(blocks)).unwrap(),
+                ctx.checksum(&back, &all(blocks)).unwrap(),
+                "{blocks} blocks, {mode:?}"
+            );
+            ctx.fill(&back, &all(blocks), 0).unwrap();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn many_concurrent_transfers_all_complete() {
+    let ctx = std::sync::Arc::new(ctx());
+    let c = cfg(LayoutKind::FullyContiguous, 256, 2, 16, 64, 2);
+    let src = std::sync::Arc::new(layout(&ctx, c, StorageKind::Pinned));
+    let dst = std::sync::Arc::new(layout(&ctx, c, StorageKind::Device));
+    ctx.fill(&src, &all(256), 9).unwrap();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let (ctx, src, dst) = (ctx.clone(), src.clone(), dst.clone());
+            std::thread::spawn(move || {
+                let ids: Vec<u64> = (t * 32..t * 32 + 32).collect();
+                // Many in flight at once, then all waited: none may be lost.
+                let pending: Vec<_> = (0..100)
+                    .map(|_| {
+                        ctx.submit(&src, &ids, &dst, &ids, &TransferOptions::default())
+                            .unwrap()
+                    })
+                    .collect();
+                for p in pending {
+                    p.wait(Some(Duration::from_secs(60))).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        ctx.checksum(&src, &all(256)).unwrap(),
+        ctx.checksum(&dst, &all(256)).unwrap()
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn wide_block_ids_reach_the_kernel_whole() {
+    // The kernel's table holds ids in 2, 4 or 8 bytes, the narrowest that fits the layouts.
+    // One-byte blocks, so that ids past u16::MAX and u32::MAX fit in device memory (4 GiB).
+    let ctx = ctx();
+    for hi in [1u64 << 16, 1u64 << 32] {
+        let c = LayoutConfig {
+            num_blocks: hi + 64,
+            num_layers: 1,
+            outer_dim: 1,
+            page_size: 1,
+            inner_dim: 1,
+            dtype_width: 1,
+            alignment: 1,
+            kind: LayoutKind::FullyContiguous,
+        };
+        let big = layout(&ctx, c, StorageKind::Device);
+        let sb = [hi + 3, 5, hi + 60, 7, hi + 1, 13, hi + 40, 17];
+        let db = [9, hi + 10, 11, hi + 61, 19, hi + 20, 23, hi + 62];
+        let guards = [hi + 2, hi + 63, 8, 10, 12, 0];
+        let touched: Vec<u64> = sb.iter().chain(&db).chain(&guards).copied().collect();
+        ctx.fill(&big, &touched, 77).unwrap();
+        let guard_before = ctx.checksum(&big, &guards).unwrap();
+        let src_before = ctx.checksum(&big, &sb).unwrap();
+        assert_ne!(src_before, ctx.checksum(&big, &db).unwrap());
+        let opts = TransferOptions {
+            copy_mode: CopyMode::Kernel,
+            ..Default::default()
+        };
+        let t = ctx.submit(&big, &sb, &big, &db, &opts).expect("submit");
+        t.wait(Some(Duration::from_secs(60))).expect("transfer");
+        assert_eq!(t.stats().mechanism, Mechanism::Kernel);
+        assert_eq!(
+            ctx.checksum(&big, &db).unwrap(),
+            src_before,
+            "ids past {hi}"
+        );
+        assert_eq!(ctx.checksum(&big, &sb).unwrap(), src_before);
+        assert_eq!(ctx.checksum(&big, &guards).unwrap(), guard_before);
+    }
+}
