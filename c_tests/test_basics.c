@@ -124,6 +124,29 @@ static void context_errors_leave_output_untouched(void) {
   CHECK(ctx == SENTINEL(kvx_context *));
 }
 
+/* An ordinal the driver does not list is refused where there is a driver; without one, the
+ * context is made without CUDA, as with -1, and DEVICE storage is UNAVAILABLE. */
+static void missing_cuda_device(void) {
+  kvx_context_config c;
+  kvx_context_config_init(&c);
+  c.nixl_backends = 0;
+  c.cuda_device = 99;
+  kvx_context *ctx = SENTINEL(kvx_context *);
+  int32_t s = kvx_context_new(&c, &ctx);
+  if (s == KVX_STATUS_INVALID_ARGUMENT) {
+    CHECK(strstr(kvx_last_error(), "99") != NULL);
+    CHECK(ctx == SENTINEL(kvx_context *));
+    return;
+  }
+  CHECK_OK(s);
+  kvx_layout_config lc = test_layout_config(2, 1, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS);
+  kvx_storage dev = {KVX_STORAGE_KIND_DEVICE, 0, NULL};
+  kvx_layout *l = SENTINEL(kvx_layout *);
+  CHECK_STATUS(kvx_layout_new(ctx, &lc, &dev, &l), KVX_STATUS_UNAVAILABLE);
+  CHECK(l == SENTINEL(kvx_layout *));
+  kvx_context_free(ctx);
+}
+
 static void last_error_survives_success(void) {
   kvx_context *ctx = NULL;
   CHECK_STATUS(kvx_context_new(NULL, &ctx), KVX_STATUS_NULL_ARGUMENT);
@@ -140,6 +163,7 @@ int main(void) {
   RUN(config_defaults);
   RUN(context_lifecycle);
   RUN(context_errors_leave_output_untouched);
+  RUN(missing_cuda_device);
   RUN(last_error_survives_success);
   return FINISH();
 }

@@ -187,6 +187,11 @@ static void wrapped_memory_is_used_and_never_freed(void) {
   regions[2].addr = 0;
   CHECK_STATUS(kvx_layout_wrap(ctx, &c, &sys, regions, 3, &l), KVX_STATUS_INVALID_ARGUMENT);
   regions[2].addr = (uint64_t)(uintptr_t)mem[2];
+  /* Layer 1 starting 256 B after layer 0: the layers would share bytes. */
+  regions[1].addr = regions[0].addr + 256;
+  CHECK_STATUS(kvx_layout_wrap(ctx, &c, &sys, regions, 3, &l), KVX_STATUS_INVALID_ARGUMENT);
+  CHECK(strstr(kvx_last_error(), "overlap") != NULL);
+  regions[1].addr = (uint64_t)(uintptr_t)mem[1];
   CHECK_STATUS(kvx_layout_wrap(ctx, &c, &sys, NULL, 3, &l), KVX_STATUS_NULL_ARGUMENT);
   CHECK(l == SENTINEL(kvx_layout *));
 

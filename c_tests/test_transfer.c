@@ -277,6 +277,10 @@ static void later_entry_points_are_unavailable(void) {
   CHECK_STATUS(kvx_context_export(ctx, list, 1, NULL), KVX_STATUS_NULL_ARGUMENT);
   kvx_bytes_free(&bytes);
   kvx_bytes_free(NULL);
+  /* data NULL is a no-op: the struct stays as it is. */
+  kvx_bytes odd = {NULL, 5};
+  kvx_bytes_free(&odd);
+  CHECK(odd.data == NULL && odd.len == 5);
 
   kvx_peer *peer = SENTINEL(kvx_peer *);
   const uint8_t junk[4] = {1, 2, 3, 4};

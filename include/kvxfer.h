@@ -16,7 +16,7 @@
 #include <stdint.h>
 
 #define KVX_VERSION_MAJOR 0
-#define KVX_VERSION_MINOR 1
+#define KVX_VERSION_MINOR 2
 #define KVX_VERSION_PATCH 0
 #if defined(__GNUC__) || defined(__clang__)
 #  define KVX_NODISCARD __attribute__((warn_unused_result))
@@ -266,7 +266,8 @@ typedef struct kvx_layout kvx_layout;
 
 /**
  * A remote peer imported from its exported bytes: its agent and layouts. Thread-safe.
- * kvx_peer_free() unloads the peer's metadata; layout handles taken from it stay valid.
+ * kvx_peer_free() of the last peer of an agent unloads its metadata; layout handles taken from
+ * it stay valid (transfers through them then fail with KVX_STATUS_PEER).
  */
 typedef struct kvx_peer kvx_peer;
 
@@ -290,8 +291,10 @@ typedef struct kvx_context_config {
    */
   uint32_t nixl_backends;
   /**
-   * CUDA device ordinal to bind, or -1 for none; default 0. On a machine without an NVIDIA
-   * driver or device the context is made without CUDA (DEVICE storage is then UNAVAILABLE).
+   * CUDA device ordinal to bind, or -1 for none; default 0. With a driver, an ordinal the
+   * driver does not list is INVALID_ARGUMENT. On a machine without an NVIDIA driver or device
+   * any ordinal >= 0 makes the context without CUDA (DEVICE storage is then UNAVAILABLE), as
+   * -1 does everywhere.
    */
   int32_t cuda_device;
   /**
@@ -314,6 +317,20 @@ typedef struct kvx_context_config {
    * Worker threads for host copies; 0 picks the number of CPUs; at most 256.
    */
   uint32_t worker_threads;
+  /**
+   * The deployment's shared secret (0.2; copied), at least 16 bytes, or NULL with
+   * peer_key_len 0 (the default). With it, kvx_context_export() authenticates the blob with
+   * a keyed MAC (BLAKE3) over all its bytes, and kvx_context_import() refuses any blob not
+   * made with the same secret (KVX_STATUS_PEER) before NIXL sees a byte of it. Without it,
+   * the peer's NIXL metadata is trusted: kvxfer checks what it can (checksum, every field,
+   * the agent name), but UCX parses the addresses inside, and forged metadata can crash
+   * the importing process there. Give every context of a deployment the same secret.
+   */
+  const uint8_t *peer_key;
+  /**
+   * Bytes at peer_key; 0 without a key.
+   */
+  size_t peer_key_len;
 } kvx_context_config;
 
 /**
@@ -468,9 +485,10 @@ void kvx_context_config_init(struct kvx_context_config *config);
 /**
  * Creates a context. On KVX_STATUS_OK *context_out owns a new context, released with
  * kvx_context_free(). On error *context_out is untouched.
- * Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend bits, cuda_device < -1 or not a
- * device of this machine, flags other than 0/1, empty or non-UTF-8 agent_name, too many
- * threads), UNAVAILABLE (nixl_backends asks for NIXL but it cannot be loaded, with how to
+ * Errors: NULL_ARGUMENT (also peer_key NULL with peer_key_len > 0), INVALID_ARGUMENT (a
+ * peer_key shorter than 16 bytes, unknown backend bits, cuda_device < -1 or an ordinal the
+ * driver does not list where there is a driver, flags other than 0/1, empty or non-UTF-8
+ * agent_name, too many threads), UNAVAILABLE (nixl_backends asks for NIXL but it cannot be loaded, with how to
  * install it in kvx_last_error(); or a backend cannot be created, named there), NIXL, CUDA,
  * OUT_OF_MEMORY.
  */
@@ -547,7 +565,8 @@ void kvx_layout_free(struct kvx_layout *layout);
 
 /**
  * Serialises the context's NIXL agent metadata and descriptors of `layouts` (local layouts of
- * this context, not DISK) into a versioned, checksummed blob for a peer's kvx_context_import().
+ * this context, not DISK) into a versioned, checksummed blob for a peer's kvx_context_import(),
+ * authenticated with the context's peer_key where it has one.
  * The layouts are registered with the agent for as long as they live, so the peer can reach
  * them. On KVX_STATUS_OK *bytes_out holds the blob, released with kvx_bytes_free(); on error it
  * is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT (a layout of another context, a peer's
@@ -561,16 +580,19 @@ int32_t kvx_context_export(struct kvx_context *context,
 
 /**
  * Releases bytes from kvx_context_export() and sets data to NULL and len to 0. NULL, or a
- * kvx_bytes whose data is NULL, is a no-op.
+ * kvx_bytes whose data is NULL, is a no-op: the struct is left as it is.
  */
 void kvx_bytes_free(struct kvx_bytes *bytes);
 
 /**
  * Imports a peer from bytes it exported with kvx_context_export(). The bytes are untrusted:
  * version, length, checksum and every field are checked, and malformed, truncated or foreign
- * bytes give KVX_STATUS_PEER, never a crash. On KVX_STATUS_OK *peer_out owns the peer, released
- * with kvx_peer_free(); on error it is untouched. Errors: NULL_ARGUMENT, PEER, UNAVAILABLE
- * (context without NIXL).
+ * bytes give KVX_STATUS_PEER, never a crash. With a peer_key in the context's config, a blob
+ * not made with the same key is KVX_STATUS_PEER before NIXL sees any of it; without one, the
+ * peer's NIXL metadata is trusted (see kvx_context_config.peer_key). Importing one peer
+ * several times gives peers that each keep its metadata loaded until they are freed. On
+ * KVX_STATUS_OK *peer_out owns the peer, released with kvx_peer_free(); on error it is
+ * untouched. Errors: NULL_ARGUMENT, PEER, UNAVAILABLE (context without NIXL).
  */
 KVX_NODISCARD
 int32_t kvx_context_import(struct kvx_context *context,

@@ -245,13 +245,16 @@ impl Context {
         for l in layouts {
             self.check_owned(l, "exported")?;
         }
-        peer::export(&nixl.agent, &self.name, layouts)
+        let key = self.config.peer_key.as_ref();
+        peer::export(&nixl.agent, &self.name, layouts, key)
     }
 
     /// Imports a peer from the bytes it exported. The bytes are untrusted: anything malformed,
-    /// truncated or foreign is `Error::Peer`, and NIXL only sees metadata whose checksum held.
+    /// truncated or foreign is `Error::Peer`. With a peer key, NIXL only sees metadata of an
+    /// export made with the same key; without one, the peer's NIXL metadata is trusted once
+    /// kvxfer's own checks (checksum, fields, agent name) hold.
     pub fn import(&self, data: &[u8]) -> Result<Peer> {
-        let blob = PeerBlob::decode(data)?;
+        let blob = PeerBlob::decode(data, self.config.peer_key.as_ref())?;
         let nixl = self.res.nixl("import")?;
         peer::import(&nixl.agent, &self.name, self.id, blob)
     }

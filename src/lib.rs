@@ -40,7 +40,7 @@ pub use nixl::Backends;
 pub use options::{
     ContextConfig, CopyMode, Mechanism, StorageSpec, TransferOptions, TransferStats,
 };
-pub use peer::Peer;
+pub use peer::{Peer, PeerKey};
 pub use plan::{Capabilities, Location, Plan, Strategy, select};
 pub use transfer::Transfer;
 
@@ -94,8 +94,9 @@ pub mod baseline {
 pub mod fuzzing {
     pub use crate::peer::PeerBlob;
 
-    /// `body` behind a valid header (magic, version, length, checksum).
-    pub fn seal(body: &[u8]) -> crate::Result<Vec<u8>> {
-        crate::peer::seal(body)
+    /// `body` behind a valid header (magic, version, length, checksum) and, with `key`, its
+    /// MAC.
+    pub fn seal(body: &[u8], key: Option<&crate::PeerKey>) -> crate::Result<Vec<u8>> {
+        crate::peer::seal(body, key)
     }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::error::{Error, Result, bail};
 use crate::memory::StorageKind;
 use crate::nixl::Backends;
+use crate::peer::PeerKey;
 use crate::plan::{Capabilities, Plan};
 
 /// Upper bound on worker threads, so a typo cannot start thousands of threads.
@@ -25,6 +26,9 @@ pub struct ContextConfig {
     pub disk_dir: Option<PathBuf>,
     /// Worker threads for host copies; 0 picks the number of CPUs.
     pub worker_threads: u32,
+    /// The deployment's secret: exports are authenticated with it, and imports refuse any
+    /// export not made with the same one. `None`: peers' NIXL metadata is trusted.
+    pub peer_key: Option<PeerKey>,
 }
 
 impl ContextConfig {
@@ -43,6 +47,7 @@ impl Default for ContextConfig {
             capabilities: Capabilities::default(),
             disk_dir: None,
             worker_threads: 0,
+            peer_key: None,
         }
     }
 }

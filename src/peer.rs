@@ -2,9 +2,16 @@
 //! layouts it shares. The peer's bytes are untrusted: `decode` checks the magic, version, length
 //! and checksum first (so corrupted input never reaches NIXL's own parser), then every field.
 //!
+//! With a deployment's peer key (`PeerKey`), the export ends in a keyed BLAKE3 MAC of every byte
+//! before it, flags bit 0 says so, and an importer with the key checks it before anything else:
+//! a blob not made with the same key never reaches NIXL. The xxh3 checksum only catches
+//! corruption; anyone can recompute it.
+//!
 //! Format, little-endian:
 //! ```text
-//! magic "KVXPEER\0" | version u16 | flags u16 (0) | total length u32 | xxh3-64 of what follows
+//! magic "KVXPEER\0" | version u16 | flags u16 (bit 0: MAC) | total length u32 |
+//! xxh3-64 of the body | body | with flag bit 0: keyed BLAKE3 of everything before, 32 bytes
+//! body:
 //! agent name: u16 length + UTF-8 | NIXL metadata: u32 length + bytes | layout count u32
 //! per layout: num_blocks, num_layers, outer_dim, page_size, inner_dim: u64 |
 //!   dtype_width, alignment, layout kind, storage kind: u32 | device id i32 |
@@ -18,12 +25,17 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::error::{Error, Result, bail};
 use crate::layout::{Layout, LayoutConfig, LayoutKind, check_regions};
 use crate::memory::{Memory, Region, StorageKind};
-use crate::nixl::NixlAgent;
+use crate::nixl::{NixlAgent, RemoteAgent};
 
 /// The bytes a peer imports: `agent`'s metadata and descriptors of `layouts` (local layouts of
 /// the context whose agent this is), which are registered with the agent (for as long as they
 /// live) so that the peer can reach them.
-pub(crate) fn export(agent: &NixlAgent, name: &str, layouts: &[&Layout]) -> Result<Vec<u8>> {
+pub(crate) fn export(
+    agent: &NixlAgent,
+    name: &str,
+    layouts: &[&Layout],
+    key: Option<&PeerKey>,
+) -> Result<Vec<u8>> {
     let mut descriptors = Vec::with_capacity(layouts.len());
     for (i, l) in layouts.iter().enumerate() {
         if l.is_remote() {
@@ -57,7 +69,7 @@ pub(crate) fn export(agent: &NixlAgent, name: &str, layouts: &[&Layout]) -> Resu
         nixl_md,
         layouts: descriptors,
     }
-    .encode()
+    .encode(key)
 }
 
 /// Imports a decoded export into `agent` (named `own_name`, of context `context_id`): NIXL
@@ -72,61 +84,41 @@ pub(crate) fn import(
     if blob.agent == own_name {
         bail!(Peer, "this export comes from this context itself");
     }
-    let nixl = agent.agent();
-    let loaded = nixl
-        .load_remote_md(&blob.nixl_md)
-        .map_err(|e| Error::Peer(format!("NIXL refused the peer's metadata: {e}")))?;
-    if loaded != blob.agent {
-        let _ = nixl.invalidate_remote_md(&loaded);
-        bail!(
-            Peer,
-            "the metadata is agent {loaded:?} but the export says {:?}",
-            blob.agent
-        );
-    }
-    let name: Arc<str> = Arc::from(loaded.as_str());
-    let mut layouts = Vec::with_capacity(blob.layouts.len());
-    for d in blob.layouts {
-        let memory = Memory::remote(d.kind, d.device_id, d.regions);
-        match Layout::new_remote(d.config, memory, context_id, name.clone()) {
-            Ok(l) => layouts.push(Arc::new(l)),
-            Err(e) => {
-                let _ = nixl.invalidate_remote_md(&name);
-                return Err(Error::Peer(format!("peer layout: {e}")));
-            }
-        }
-    }
-    Ok(Peer::new(name, layouts, nixl.clone()))
+    let remote = agent.load_remote(&blob.nixl_md, &blob.agent)?;
+    let name = remote.name().clone();
+    let layouts = blob
+        .layouts
+        .into_iter()
+        .map(|d| {
+            let memory = Memory::remote(d.kind, d.device_id, d.regions);
+            Layout::new_remote(d.config, memory, context_id, name.clone())
+                .map(Arc::new)
+                .map_err(|e| Error::Peer(format!("peer layout: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Peer { remote, layouts })
 }
 
 /// An imported peer: its agent (loaded into the importing context's NIXL agent) and the layouts
-/// it shared. Dropping it unloads the peer's metadata; its layout handles stay valid objects.
+/// it shared. Dropping the last peer of an agent unloads its metadata; layout handles stay valid
+/// objects.
 pub struct Peer {
-    agent: Arc<str>,
+    remote: RemoteAgent,
     layouts: Vec<Arc<Layout>>,
-    nixl: nixl_sys::Agent,
 }
 
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peer")
-            .field("agent", &self.agent)
+            .field("agent", self.remote.name())
             .field("layouts", &self.layouts.len())
             .finish()
     }
 }
 
 impl Peer {
-    fn new(agent: Arc<str>, layouts: Vec<Arc<Layout>>, nixl: nixl_sys::Agent) -> Self {
-        Self {
-            agent,
-            layouts,
-            nixl,
-        }
-    }
-
     pub fn agent(&self) -> &str {
-        &self.agent
+        self.remote.name()
     }
 
     pub fn layouts(&self) -> &[Arc<Layout>] {
@@ -134,14 +126,46 @@ impl Peer {
     }
 }
 
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.nixl.invalidate_remote_md(&self.agent);
+const MAGIC: &[u8; 8] = b"KVXPEER\0";
+const VERSION: u16 = 1;
+/// Flag: the export ends in a MAC made with a peer key.
+const FLAG_MAC: u16 = 1;
+const MAC_LEN: usize = blake3::OUT_LEN;
+/// Shortest peer key: 128 bits.
+pub(crate) const PEER_KEY_MIN_LEN: usize = 16;
+
+/// A deployment's shared secret for authenticating peer exports, made into a BLAKE3 key. Every
+/// context of a deployment gets the same secret; exports then carry a MAC that only holders of
+/// the secret can make, and imports refuse any other.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerKey([u8; 32]);
+
+impl std::fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerKey(..)")
     }
 }
 
-const MAGIC: &[u8; 8] = b"KVXPEER\0";
-const VERSION: u16 = 1;
+impl PeerKey {
+    /// A key from `secret`, at least PEER_KEY_MIN_LEN bytes (`InvalidArgument` otherwise).
+    pub fn new(secret: &[u8]) -> Result<Self> {
+        if secret.len() < PEER_KEY_MIN_LEN {
+            bail!(
+                InvalidArgument,
+                "peer_key must be at least {PEER_KEY_MIN_LEN} bytes, got {}",
+                secret.len()
+            );
+        }
+        Ok(Self(blake3::derive_key(
+            "kvxfer peer export MAC, version 1",
+            secret,
+        )))
+    }
+
+    fn mac(&self, data: &[u8]) -> blake3::Hash {
+        blake3::keyed_hash(&self.0, data)
+    }
+}
 const HEADER: usize = 8 + 2 + 2 + 4 + 8;
 /// Bounds that keep a hostile blob from asking for absurd allocations.
 const MAX_LAYOUTS: u32 = 4096;
@@ -172,7 +196,8 @@ fn kind_code(k: LayoutKind) -> u32 {
 }
 
 impl PeerBlob {
-    pub fn encode(&self) -> Result<Vec<u8>> {
+    /// The export's bytes; with `key`, authenticated by it.
+    pub fn encode(&self, key: Option<&PeerKey>) -> Result<Vec<u8>> {
         let name = self.agent.as_bytes();
         if name.is_empty() || name.len() > usize::from(u16::MAX) {
             bail!(InvalidArgument, "agent name must be 1 to 65535 bytes");
@@ -204,11 +229,13 @@ impl PeerBlob {
                 body.extend_from_slice(&r.len.to_le_bytes());
             }
         }
-        seal(&body)
+        seal(&body, key)
     }
 
-    /// Parses untrusted bytes; anything malformed is `Error::Peer`.
-    pub fn decode(data: &[u8]) -> Result<Self> {
+    /// Parses untrusted bytes; anything malformed is `Error::Peer`. With `key`, only an export
+    /// made with the same key is read past its header (the MAC is checked first); without,
+    /// only an export without a MAC.
+    pub fn decode(data: &[u8], key: Option<&PeerKey>) -> Result<Self> {
         if data.len() < HEADER || &data[..8] != MAGIC {
             bail!(Peer, "not a kvxfer peer export (bad magic or too short)");
         }
@@ -221,7 +248,7 @@ impl PeerBlob {
             );
         }
         let flags = r.u16()?;
-        if flags != 0 {
+        if flags & !FLAG_MAC != 0 {
             bail!(
                 Peer,
                 "peer export uses flags {flags:#x} this kvxfer does not know"
@@ -235,6 +262,38 @@ impl PeerBlob {
                 data.len()
             );
         }
+        let end = match (key, flags & FLAG_MAC != 0) {
+            (Some(key), true) => {
+                let Some(signed) = data.len().checked_sub(MAC_LEN).filter(|&n| n >= HEADER) else {
+                    bail!(Peer, "peer export is too short for its MAC");
+                };
+                let tag: [u8; MAC_LEN] = data[signed..]
+                    .try_into()
+                    .map_err(|_| Error::Peer("peer export MAC is cut off".into()))?;
+                // blake3::Hash compares in constant time.
+                if key.mac(&data[..signed]) != blake3::Hash::from_bytes(tag) {
+                    bail!(
+                        Peer,
+                        "peer export was not made with this deployment's peer_key (MAC mismatch)"
+                    );
+                }
+                signed
+            }
+            (Some(_), false) => bail!(
+                Peer,
+                "peer export is not authenticated, but this context has a peer_key: give the \
+                 exporting context the same peer_key"
+            ),
+            (None, true) => bail!(
+                Peer,
+                "peer export is authenticated with a peer_key, but this context has none: give \
+                 it the deployment's peer_key"
+            ),
+            (None, false) => data.len(),
+        };
+        // The fields end where the MAC begins.
+        let data = &data[..end];
+        let mut r = Reader { data, pos: r.pos };
         let sum = r.u64()?;
         if xxh3_64(&data[HEADER..]) != sum {
             bail!(Peer, "peer export is corrupted (checksum mismatch)");
@@ -363,17 +422,24 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// `body` behind the header: magic, version, flags, total length, checksum of the body.
-pub(crate) fn seal(body: &[u8]) -> Result<Vec<u8>> {
-    let total = u32::try_from(HEADER + body.len())
+/// `body` behind the header (magic, version, flags, total length, checksum of the body) and,
+/// with `key`, followed by the MAC of all that.
+pub(crate) fn seal(body: &[u8], key: Option<&PeerKey>) -> Result<Vec<u8>> {
+    let mac_len = if key.is_some() { MAC_LEN } else { 0 };
+    let total = u32::try_from(HEADER + body.len() + mac_len)
         .map_err(|_| Error::InvalidArgument("export is larger than 4 GiB".into()))?;
+    let flags = if key.is_some() { FLAG_MAC } else { 0 };
     let mut out = Vec::with_capacity(total as usize);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&total.to_le_bytes());
     out.extend_from_slice(&xxh3_64(body).to_le_bytes());
     out.extend_from_slice(body);
+    if let Some(key) = key {
+        let tag = key.mac(&out);
+        out.extend_from_slice(tag.as_bytes());
+    }
     Ok(out)
 }
 
@@ -431,31 +497,34 @@ mod tests {
     #[test]
     fn round_trip() {
         let b = blob();
-        assert_eq!(PeerBlob::decode(&b.encode().unwrap()).unwrap(), b);
+        assert_eq!(PeerBlob::decode(&b.encode(None).unwrap(), None).unwrap(), b);
     }
 
     #[test]
     fn every_truncation_and_extension_is_refused() {
-        let bytes = blob().encode().unwrap();
+        let bytes = blob().encode(None).unwrap();
         for n in 0..bytes.len() {
             assert!(
-                matches!(PeerBlob::decode(&bytes[..n]), Err(Error::Peer(_))),
+                matches!(PeerBlob::decode(&bytes[..n], None), Err(Error::Peer(_))),
                 "length {n}"
             );
         }
         let mut longer = bytes.clone();
         longer.push(0);
-        assert!(matches!(PeerBlob::decode(&longer), Err(Error::Peer(_))));
+        assert!(matches!(
+            PeerBlob::decode(&longer, None),
+            Err(Error::Peer(_))
+        ));
     }
 
     #[test]
     fn every_flipped_bit_is_refused() {
-        let bytes = blob().encode().unwrap();
+        let bytes = blob().encode(None).unwrap();
         for i in 0..bytes.len() {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
-                assert!(PeerBlob::decode(&b).is_err(), "byte {i} bit {bit}");
+                assert!(PeerBlob::decode(&b, None).is_err(), "byte {i} bit {bit}");
             }
         }
     }
@@ -468,7 +537,7 @@ mod tests {
             b[16..24].copy_from_slice(&sum.to_le_bytes());
             b
         };
-        let good = blob().encode().unwrap();
+        let good = blob().encode(None).unwrap();
         let name_len_at = HEADER;
         let md_len_at = HEADER + 2 + 8;
         let count_at = md_len_at + 4 + 200;
@@ -491,7 +560,7 @@ mod tests {
         for (at, patch) in cases {
             let mut b = good.clone();
             b[at..at + patch.len()].copy_from_slice(&patch);
-            let r = PeerBlob::decode(&reseal(b));
+            let r = PeerBlob::decode(&reseal(b), None);
             assert!(r.is_err(), "patch at {at} accepted");
         }
     }
@@ -505,8 +574,42 @@ mod tests {
             if n % 2 == 0 && len >= 8 {
                 b[..8].copy_from_slice(MAGIC); // past the magic, into the checks behind it
             }
-            assert!(PeerBlob::decode(&b).is_err());
+            assert!(PeerBlob::decode(&b, None).is_err());
         }
-        assert!(PeerBlob::decode(b"\x7fELF\x02\x01\x01\0 not a peer export at all").is_err());
+        assert!(PeerBlob::decode(b"\x7fELF\x02\x01\x01\0 not a peer export at all", None).is_err());
+    }
+
+    #[test]
+    fn keyed_exports_read_only_with_the_same_key() {
+        let key = PeerKey::new(b"deployment secret 1").unwrap();
+        let other = PeerKey::new(b"deployment secret 2").unwrap();
+        assert!(matches!(
+            PeerKey::new(b"too short"),
+            Err(Error::InvalidArgument(_))
+        ));
+        let b = blob();
+        let keyed = b.encode(Some(&key)).unwrap();
+        assert_eq!(PeerBlob::decode(&keyed, Some(&key)).unwrap(), b);
+        for (bytes, k) in [
+            (&keyed, Some(&other)),
+            (&keyed, None),
+            (&b.encode(None).unwrap(), Some(&key)),
+            (&b.encode(Some(&other)).unwrap(), Some(&key)),
+        ] {
+            assert!(matches!(PeerBlob::decode(bytes, k), Err(Error::Peer(_))));
+        }
+        // One flipped bit anywhere but the checksum, which is then recomputed: the MAC still
+        // refuses it.
+        for at in (0..keyed.len()).filter(|at| !(16..24).contains(at)) {
+            let mut m = keyed.clone();
+            m[at] ^= 0x10;
+            let body_end = m.len() - MAC_LEN;
+            let sum = xxh3_64(&m[HEADER..body_end]);
+            m[16..24].copy_from_slice(&sum.to_le_bytes());
+            assert!(
+                PeerBlob::decode(&m, Some(&key)).is_err(),
+                "bit flipped at {at} accepted"
+            );
+        }
     }
 }

@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::panic::catch_unwind;
 use std::path::Path;
 use std::process::Command;
 
+use common::harness::{self, Role, skip};
 use kvxfer::Backends;
 use kvxfer::{
     Context, ContextConfig, Error, LayoutConfig, LayoutKind, Plan, StorageKind, StorageSpec,
@@ -212,6 +212,49 @@ fn disk_config(kind: LayoutKind) -> LayoutConfig {
         dtype_width: 2,
         alignment: 1,
         kind,
+    }
+}
+
+/// Layouts of 1, 2 and 3 blocks, every layout kind pair, host -> disk -> host (direct NIXL)
+/// and disk -> disk (two-hop): one block of a fully contiguous layout is one piece that
+/// coalesces across a layer-separate disk layout's back-to-back layer allocations, which NIXL
+/// refused as a descriptor spanning registrations.
+fn few_blocks_to_and_from_disk_in_every_kind_pair() {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    for n in 1..=3u64 {
+        let ids: Vec<u64> = (0..n).collect();
+        let rev: Vec<u64> = ids.iter().rev().copied().collect();
+        for hk in LayoutKind::ALL {
+            for dk in LayoutKind::ALL {
+                let shape = |kind| LayoutConfig {
+                    num_blocks: n,
+                    ..disk_config(kind)
+                };
+                let what = format!("{n} block(s), host {hk:?}, disk {dk:?}");
+                let new = |kind, storage| {
+                    ctx.new_layout(shape(kind), &StorageSpec::new(storage))
+                        .unwrap()
+                };
+                let host = new(hk, StorageKind::Pinned);
+                let disk = new(dk, StorageKind::Disk);
+                let disk2 = new(hk, StorageKind::Disk);
+                let back = new(dk, StorageKind::System);
+                ctx.fill(&host, &ids, 9).unwrap();
+                let go = |src: &kvxfer::Layout, sb: &[u64], dst: &kvxfer::Layout, db: &[u64]| {
+                    ctx.submit(src, sb, dst, db, &TransferOptions::default())
+                        .and_then(|t| t.wait(None))
+                        .unwrap_or_else(|e| panic!("{what}: {e}"));
+                };
+                go(&host, &ids, &disk, &rev);
+                go(&disk, &rev, &disk2, &ids);
+                go(&disk2, &ids, &back, &ids);
+                assert_eq!(
+                    ctx.checksum(&back, &ids).unwrap(),
+                    ctx.checksum(&host, &ids).unwrap(),
+                    "{what}"
+                );
+            }
+        }
     }
 }
 
@@ -708,13 +751,6 @@ fn host_disk_disk_host_with_reversed_ids() {
     assert_eq!(ctx.checksum(&d2, &all).unwrap(), want);
 }
 
-static SKIPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-fn skip(why: &str) {
-    println!("  skipped: {why}");
-    SKIPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// A disk layout on a 1 MiB tmpfs: writing 4 MiB into it fails with Error::Io, not success.
 fn a_full_disk_is_an_io_error() {
     let mnt = std::env::temp_dir().join(format!("kvx-full-{}", std::process::id()));
@@ -917,17 +953,6 @@ fn o_direct_where_the_file_system_allows() {
     );
 }
 
-/// A child process's part: the environment variable that selects it (holding the folder the
-/// processes share) and what it runs.
-type Role = (&'static str, fn(&Path));
-
-/// `[(name, test)]` of the listed test functions.
-macro_rules! tests {
-    ($($test:ident),* $(,)?) => {
-        [$((stringify!($test), $test as fn())),*]
-    };
-}
-
 fn main() {
     // Child processes of the tests: the role named in the environment, nothing else.
     let roles: [Role; 6] = [
@@ -938,12 +963,6 @@ fn main() {
         (HOLD_ROLE, peer_holder),
         (ROLE, peer_server),
     ];
-    for (role, run) in roles {
-        if let Some(dir) = std::env::var_os(role) {
-            run(Path::new(&dir));
-            return;
-        }
-    }
     let tests = tests![
         default_context_makes_an_agent_with_ucx_and_posix,
         generated_agent_names_are_unique,
@@ -952,6 +971,7 @@ fn main() {
         export_and_import_between_two_contexts,
         malformed_imports_are_refused,
         host_disk_host_with_reversed_ids,
+        few_blocks_to_and_from_disk_in_every_kind_pair,
         disk_layout_persists_across_reopen,
         write_to_and_read_from_a_peer_with_a_notification,
         gpu_rdma_setup_splits_long_lists_over_ucx_threads,
@@ -963,35 +983,5 @@ fn main() {
         a_peer_killed_mid_transfer_fails_within_five_seconds,
         o_direct_where_the_file_system_allows,
     ];
-    if let Err(e) = kvxfer::load_nixl() {
-        if std::env::var_os("KVX_REQUIRE_NIXL").is_some() {
-            println!("NIXL must load here (KVX_REQUIRE_NIXL is set): {e}");
-            println!("0 passed, {} failed", tests.len());
-            std::process::exit(1);
-        }
-        println!("NIXL cannot load: {e}");
-        println!("0 passed, 0 failed, {} skipped", tests.len());
-        return;
-    }
-    let mut failed = 0;
-    for (name, test) in tests {
-        let skipped_before = SKIPPED.load(std::sync::atomic::Ordering::Relaxed);
-        let ok = catch_unwind(test).is_ok();
-        let skipped = SKIPPED.load(std::sync::atomic::Ordering::Relaxed) > skipped_before;
-        let word = match (ok, skipped) {
-            (true, true) => "skipped",
-            (true, false) => "ok",
-            (false, _) => "FAILED",
-        };
-        println!("test {name} ... {word}");
-        failed += usize::from(!ok);
-    }
-    let skipped = SKIPPED.load(std::sync::atomic::Ordering::Relaxed);
-    println!(
-        "{} passed, {failed} failed, {skipped} skipped",
-        tests.len() - failed - skipped
-    );
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    harness::main(&roles, &tests);
 }

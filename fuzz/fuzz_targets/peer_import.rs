@@ -8,15 +8,15 @@ use kvxfer::fuzzing::{PeerBlob, seal};
 use libfuzzer_sys::fuzz_target;
 
 fn check(data: &[u8]) {
-    if let Ok(blob) = PeerBlob::decode(data) {
-        let again = blob.encode().expect("a decoded blob encodes");
-        assert_eq!(PeerBlob::decode(&again).expect("re-decodes"), blob);
+    if let Ok(blob) = PeerBlob::decode(data, None) {
+        let again = blob.encode(None).expect("a decoded blob encodes");
+        assert_eq!(PeerBlob::decode(&again, None).expect("re-decodes"), blob);
     }
 }
 
 fuzz_target!(|data: &[u8]| {
     check(data);
-    if let Ok(sealed) = seal(data) {
+    if let Ok(sealed) = seal(data, None) {
         check(&sealed);
     }
 });

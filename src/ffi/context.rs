@@ -4,12 +4,13 @@ use std::ffi::{CStr, c_char};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use super::boundary::{deref, fail, flag, null_argument, opt_str, write_out};
+use super::boundary::{deref, fail, flag, null_argument, opt_str, slice, write_out};
 use super::status::KVX_STATUS_OK;
 use crate::context::Context;
 use crate::error::Error;
 use crate::nixl::Backends;
 use crate::options::ContextConfig;
+use crate::peer::PeerKey;
 use crate::plan::Capabilities;
 
 const _: () = assert!(
@@ -37,8 +38,10 @@ pub struct kvx_context_config {
     /// KVX_BACKEND_* bits; default UCX | POSIX. Any bit makes the context load NIXL and create a
     /// NIXL agent with those backends; 0 needs no NIXL (host and GPU tiers only).
     pub nixl_backends: u32,
-    /// CUDA device ordinal to bind, or -1 for none; default 0. On a machine without an NVIDIA
-    /// driver or device the context is made without CUDA (DEVICE storage is then UNAVAILABLE).
+    /// CUDA device ordinal to bind, or -1 for none; default 0. With a driver, an ordinal the
+    /// driver does not list is INVALID_ARGUMENT. On a machine without an NVIDIA driver or device
+    /// any ordinal >= 0 makes the context without CUDA (DEVICE storage is then UNAVAILABLE), as
+    /// -1 does everywhere.
     pub cuda_device: i32,
     /// 1 allows Device <-> Disk directly through GPUDirect Storage; default 0. With NIXL
     /// backends it needs KVX_BACKEND_GDS or KVX_BACKEND_GDS_MT among them (else the context is
@@ -52,6 +55,16 @@ pub struct kvx_context_config {
     pub disk_dir: *const c_char,
     /// Worker threads for host copies; 0 picks the number of CPUs; at most 256.
     pub worker_threads: u32,
+    /// The deployment's shared secret (0.2; copied), at least 16 bytes, or NULL with
+    /// peer_key_len 0 (the default). With it, kvx_context_export() authenticates the blob with
+    /// a keyed MAC (BLAKE3) over all its bytes, and kvx_context_import() refuses any blob not
+    /// made with the same secret (KVX_STATUS_PEER) before NIXL sees a byte of it. Without it,
+    /// the peer's NIXL metadata is trusted: kvxfer checks what it can (checksum, every field,
+    /// the agent name), but UCX parses the addresses inside, and forged metadata can crash
+    /// the importing process there. Give every context of a deployment the same secret.
+    pub peer_key: *const u8,
+    /// Bytes at peer_key; 0 without a key.
+    pub peer_key_len: usize,
 }
 
 /// A context: capabilities, worker threads, the CUDA device (its primary context, one stream per
@@ -83,6 +96,8 @@ pub unsafe extern "C" fn kvx_context_config_init(config: *mut kvx_context_config
             allow_gpu_rdma: 0,
             disk_dir: std::ptr::null(),
             worker_threads: 0,
+            peer_key: std::ptr::null(),
+            peer_key_len: 0,
         };
         // SAFETY: non-NULL checked; the caller passes a writable struct.
         unsafe { write_out(config, c) }
@@ -91,9 +106,10 @@ pub unsafe extern "C" fn kvx_context_config_init(config: *mut kvx_context_config
 
 /// Creates a context. On KVX_STATUS_OK *context_out owns a new context, released with
 /// kvx_context_free(). On error *context_out is untouched.
-/// Errors: NULL_ARGUMENT, INVALID_ARGUMENT (unknown backend bits, cuda_device < -1 or not a
-/// device of this machine, flags other than 0/1, empty or non-UTF-8 agent_name, too many
-/// threads), UNAVAILABLE (nixl_backends asks for NIXL but it cannot be loaded, with how to
+/// Errors: NULL_ARGUMENT (also peer_key NULL with peer_key_len > 0), INVALID_ARGUMENT (a
+/// peer_key shorter than 16 bytes, unknown backend bits, cuda_device < -1 or an ordinal the
+/// driver does not list where there is a driver, flags other than 0/1, empty or non-UTF-8
+/// agent_name, too many threads), UNAVAILABLE (nixl_backends asks for NIXL but it cannot be loaded, with how to
 /// install it in kvx_last_error(); or a backend cannot be created, named there), NIXL, CUDA,
 /// OUT_OF_MEMORY.
 #[unsafe(no_mangle)]
@@ -123,8 +139,15 @@ pub unsafe extern "C" fn kvx_context_new(
                 c.nixl_backends & !Backends::all().bits()
             )));
         };
+        // SAFETY: peer_key holds peer_key_len bytes (the config's contract).
+        let secret = try_status!(unsafe { slice(c.peer_key, c.peer_key_len, "peer_key") });
+        let peer_key = match (c.peer_key.is_null(), secret) {
+            (true, _) => None,
+            (false, s) => Some(try_core!(PeerKey::new(s))),
+        };
         let config = ContextConfig {
             agent_name,
+            peer_key,
             nixl_backends,
             cuda_device: c.cuda_device,
             capabilities: Capabilities {

@@ -19,7 +19,8 @@ pub struct kvx_bytes {
 }
 
 /// A remote peer imported from its exported bytes: its agent and layouts. Thread-safe.
-/// kvx_peer_free() unloads the peer's metadata; layout handles taken from it stay valid.
+/// kvx_peer_free() of the last peer of an agent unloads its metadata; layout handles taken from
+/// it stay valid (transfers through them then fail with KVX_STATUS_PEER).
 pub struct kvx_peer {
     inner: Peer,
 }
@@ -30,7 +31,8 @@ const _: () = {
 };
 
 /// Serialises the context's NIXL agent metadata and descriptors of `layouts` (local layouts of
-/// this context, not DISK) into a versioned, checksummed blob for a peer's kvx_context_import().
+/// this context, not DISK) into a versioned, checksummed blob for a peer's kvx_context_import(),
+/// authenticated with the context's peer_key where it has one.
 /// The layouts are registered with the agent for as long as they live, so the peer can reach
 /// them. On KVX_STATUS_OK *bytes_out holds the blob, released with kvx_bytes_free(); on error it
 /// is untouched. Errors: NULL_ARGUMENT, INVALID_ARGUMENT (a layout of another context, a peer's
@@ -67,7 +69,7 @@ pub unsafe extern "C" fn kvx_context_export(
 }
 
 /// Releases bytes from kvx_context_export() and sets data to NULL and len to 0. NULL, or a
-/// kvx_bytes whose data is NULL, is a no-op.
+/// kvx_bytes whose data is NULL, is a no-op: the struct is left as it is.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvx_bytes_free(bytes: *mut kvx_bytes) {
     ffi_boundary! {
@@ -75,10 +77,11 @@ pub unsafe extern "C" fn kvx_bytes_free(bytes: *mut kvx_bytes) {
         let Some(b) = (unsafe { bytes.as_mut() }) else {
             return;
         };
-        if !b.data.is_null() {
-            // SAFETY: data/len came from a boxed slice that kvxfer leaked into this struct.
-            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(b.data, b.len)) });
+        if b.data.is_null() {
+            return;
         }
+        // SAFETY: data/len came from a boxed slice that kvxfer leaked into this struct.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(b.data, b.len)) });
         b.data = std::ptr::null_mut();
         b.len = 0;
     }
@@ -86,9 +89,12 @@ pub unsafe extern "C" fn kvx_bytes_free(bytes: *mut kvx_bytes) {
 
 /// Imports a peer from bytes it exported with kvx_context_export(). The bytes are untrusted:
 /// version, length, checksum and every field are checked, and malformed, truncated or foreign
-/// bytes give KVX_STATUS_PEER, never a crash. On KVX_STATUS_OK *peer_out owns the peer, released
-/// with kvx_peer_free(); on error it is untouched. Errors: NULL_ARGUMENT, PEER, UNAVAILABLE
-/// (context without NIXL).
+/// bytes give KVX_STATUS_PEER, never a crash. With a peer_key in the context's config, a blob
+/// not made with the same key is KVX_STATUS_PEER before NIXL sees any of it; without one, the
+/// peer's NIXL metadata is trusted (see kvx_context_config.peer_key). Importing one peer
+/// several times gives peers that each keep its metadata loaded until they are freed. On
+/// KVX_STATUS_OK *peer_out owns the peer, released with kvx_peer_free(); on error it is
+/// untouched. Errors: NULL_ARGUMENT, PEER, UNAVAILABLE (context without NIXL).
 #[unsafe(no_mangle)]
 #[must_use]
 pub unsafe extern "C" fn kvx_context_import(

@@ -55,6 +55,25 @@ pub fn check_regions(
             );
         }
     }
+    // The bytes each layer uses must be its own: a transfer between two layers of one layout is
+    // checked for overlap by address, and that check needs distinct regions.
+    let mut used: Vec<(u64, usize)> = regions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.addr, i))
+        .collect();
+    used.sort_unstable();
+    for w in used.windows(2) {
+        let ((a, i), (b, j)) = (w[0], w[1]);
+        if a + geometry.allocation_len > b {
+            bail!(
+                InvalidArgument,
+                "regions {i} ({a:#x}) and {j} ({b:#x}) overlap: each of the {} bytes a region \
+                 holds must belong to that region alone",
+                geometry.allocation_len
+            );
+        }
+    }
     Ok(geometry)
 }
 

@@ -1,10 +1,12 @@
 //! Disk storage: one file per layout. Allocation `i` of the layout lives at offset
 //! `i * stride` (page-aligned), and those offsets are the layout's addresses.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
@@ -20,12 +22,25 @@ pub struct DiskFile {
     direct: Option<File>,
     /// A temporary file that keeps its name while open, removed on drop.
     remove: Option<PathBuf>,
+    /// A file at a caller's path: its (device, inode), claimed in LIVE while this lives.
+    claim: Option<FileId>,
 }
+
+/// (device, inode) of a file.
+type FileId = (u64, u64);
+
+/// Files at callers' paths that a live disk layout of this process uses. Two layouts on one file
+/// would alias: a transfer between them could read bytes the same transfer overwrites.
+static LIVE: Mutex<Option<HashSet<FileId>>> = Mutex::new(None);
 
 impl Drop for DiskFile {
     fn drop(&mut self) {
         if let Some(p) = &self.remove {
             let _ = std::fs::remove_file(p);
+        }
+        if let Some(id) = self.claim {
+            let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+            live.get_or_insert_default().remove(&id);
         }
     }
 }
@@ -94,6 +109,7 @@ impl DiskFile {
             direct: reopen_direct(&file),
             file,
             remove,
+            claim: None,
         };
         this.file
             .set_len(len)
@@ -102,7 +118,9 @@ impl DiskFile {
     }
 
     /// The file at `path`, created if missing and grown to `len` bytes if shorter; kept after
-    /// the layout is freed, so a layout of the same config reads its data back.
+    /// the layout is freed, so a layout of the same config reads its data back. A file another
+    /// live disk layout of this process uses (the same device and inode, under any path) is
+    /// refused before anything about it changes.
     pub fn at(path: &Path, len: u64) -> Result<Self> {
         let file = OpenOptions::new()
             .read(true)
@@ -112,19 +130,34 @@ impl DiskFile {
             .mode(0o600)
             .open(path)
             .map_err(|e| io("cannot open disk layout file", path, e))?;
-        let current = file
+        let meta = file
             .metadata()
-            .map_err(|e| io("cannot stat disk layout file", path, e))?
-            .len();
-        if current < len {
-            file.set_len(len)
-                .map_err(|e| io("cannot size disk layout file", path, e))?;
+            .map_err(|e| io("cannot stat disk layout file", path, e))?;
+        let id = (meta.dev(), meta.ino());
+        {
+            let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+            if !live.get_or_insert_default().insert(id) {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is already the file of another live disk layout of this process; two \
+                     layouts on one file would overwrite each other's blocks (free the other \
+                     layout first, or use another file)",
+                    path.display()
+                )));
+            }
         }
-        Ok(Self {
+        // From here on, dropping `this` gives the claim back.
+        let this = Self {
             direct: reopen_direct(&file),
             file,
             remove: None,
-        })
+            claim: Some(id),
+        };
+        if meta.len() < len {
+            this.file
+                .set_len(len)
+                .map_err(|e| io("cannot size disk layout file", path, e))?;
+        }
+        Ok(this)
     }
 
     pub fn fd(&self) -> i32 {

@@ -250,11 +250,7 @@ impl Memory {
         if !regs.is_empty() {
             return Ok(());
         }
-        let (mem, device) = match self.kind {
-            StorageKind::Device => (MemType::Vram, self.device_id.max(0) as u64),
-            StorageKind::Disk => (MemType::File, self.device_id.max(0) as u64),
-            _ => (MemType::Dram, 0),
-        };
+        let (mem, device) = self.nixl_type();
         // A disk file is registered under both of its descriptors (buffered and O_DIRECT).
         let devices: Vec<u64> = std::iter::once(device)
             .chain(
@@ -268,9 +264,9 @@ impl Memory {
         } else {
             None
         };
-        let mut made = Vec::with_capacity(self.regions.len() * devices.len());
-        for (r, device) in self
-            .regions
+        let spans = self.nixl_spans();
+        let mut made = Vec::with_capacity(spans.len() * devices.len());
+        for (r, device) in spans
             .iter()
             .flat_map(|r| devices.iter().map(move |&d| (r, d)))
         {
@@ -295,6 +291,31 @@ impl Memory {
         }
         *regs = made;
         Ok(())
+    }
+
+    /// NIXL's memory type of this memory and its device id (a device ordinal, or the file
+    /// descriptor of a disk file's buffered descriptor).
+    pub(crate) fn nixl_type(&self) -> (MemType, u64) {
+        match self.kind {
+            StorageKind::Device => (MemType::Vram, self.device_id.max(0) as u64),
+            StorageKind::Disk => (MemType::File, self.device_id.max(0) as u64),
+            _ => (MemType::Dram, 0),
+        }
+    }
+
+    /// The spans registered with NIXL (by this process for local memory, by the peer for a
+    /// peer's): one per region, but one for a whole disk file, whose offsets are one address
+    /// space. A NIXL descriptor must lie inside one span.
+    pub(crate) fn nixl_spans(&self) -> Vec<Region> {
+        if self.kind != StorageKind::Disk || self.regions.is_empty() {
+            return self.regions.clone();
+        }
+        let start = self.regions.iter().map(|r| r.addr).min().unwrap_or(0);
+        let end = self.regions.iter().map(Region::end).max().unwrap_or(0);
+        vec![Region {
+            addr: start,
+            len: end - start,
+        }]
     }
 
     /// Caller memory on a CUDA context: device memory is checked to lie in allocations of

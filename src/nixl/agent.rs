@@ -18,6 +18,8 @@ pub(crate) struct NixlAgent {
     handles: Vec<(&'static str, Backend)>,
     /// Notifications fetched from NIXL and not yet handed out: (sender agent, message).
     notifications: Mutex<VecDeque<(String, Vec<u8>)>>,
+    /// Peers' agents loaded into this one, counted per name.
+    remotes: super::remote::RemoteCounts,
 }
 
 impl std::fmt::Debug for NixlAgent {
@@ -133,6 +135,7 @@ impl NixlAgent {
             backends,
             handles,
             notifications: Mutex::default(),
+            remotes: Default::default(),
         })
     }
 
@@ -203,6 +206,11 @@ impl NixlAgent {
         let out = fits(sender, msg)?;
         queue.pop_front();
         Ok(Some(out))
+    }
+
+    /// Loads a peer's metadata, which must name `expected` (see `RemoteAgent::load`).
+    pub(crate) fn load_remote(&self, md: &[u8], expected: &str) -> Result<super::RemoteAgent> {
+        super::RemoteAgent::load(&self.agent, &self.remotes, md, expected)
     }
 
     pub fn agent(&self) -> &Agent {

@@ -4,9 +4,11 @@
 
 mod agent;
 mod loader;
+mod remote;
 
 pub(crate) use agent::{NixlAgent, NixlRegion};
 pub use loader::load;
+pub(crate) use remote::RemoteAgent;
 
 bitflags::bitflags! {
     /// NIXL backends a context's agent is made with (`ContextConfig::nixl_backends`); the bits

@@ -113,3 +113,45 @@ pub fn exchange(ctx: &Context, remote: &Layout, l: ClientLayouts<'_>, dir: &Path
     (read, t.stats().plan)
 }
 pub mod gpu;
+pub mod harness;
+
+/// Exit status of a child that could not enter a private network namespace.
+pub const NO_NETNS: i32 = 77;
+
+/// Puts this (single-threaded, freshly started) child process into a network namespace of its
+/// own with only loopback up, before it makes any NIXL agent: UCX connects at once to whatever
+/// addresses forged metadata holds, and here those reach nobody. Exits with NO_NETNS where no
+/// namespace can be made (not root, no CAP_SYS_ADMIN).
+pub fn enter_private_network() {
+    // SAFETY: unshare has no memory-safety preconditions; the process has one thread here.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!(
+            "cannot make a network namespace: {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(NO_NETNS);
+    }
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !up {
+        eprintln!("cannot bring loopback up in the new network namespace (iproute2)");
+        std::process::exit(NO_NETNS);
+    }
+}
+
+/// Runs this test binary again as `role` (an environment variable holding `dir`); true if it
+/// succeeded, false if it could not enter a private network namespace (the caller skips),
+/// panics if it failed.
+pub fn run_role(role: &str, dir: &Path) -> bool {
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(role, dir)
+        .status()
+        .unwrap();
+    if status.code() == Some(NO_NETNS) {
+        return false;
+    }
+    assert!(status.success(), "{role} failed: {status}");
+    true
+}

@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
-use nixl_sys::{Agent, MemType, OptArgs, XferDescList, XferOp, XferRequest, XferStatus};
+use nixl_sys::{Agent, OptArgs, XferDescList, XferOp, XferRequest, XferStatus};
 
 use crate::error::{Error, Result};
 use crate::memory::{Memory, StorageKind};
@@ -84,13 +84,40 @@ pub(crate) fn direct_fd(disk: &Memory, copies: &[CopyOp]) -> Option<u64> {
         .then_some(fd as u64)
 }
 
-fn mem_type(m: &Memory) -> (MemType, u64) {
-    let dev = m.device_id().max(0) as u64;
-    match m.kind() {
-        StorageKind::Device => (MemType::Vram, dev),
-        StorageKind::Disk => (MemType::File, dev),
-        _ => (MemType::Dram, 0),
+/// Cuts `copies` (local address, remote address, length) where either side crosses from one
+/// NIXL registration into the next: NIXL finds no backend for a descriptor that spans two
+/// (a one-block fully contiguous source coalesced against a disk layout whose per-layer
+/// allocations lie back to back, for one).
+fn split_at_registrations(local: &Memory, remote: &Memory, copies: &[CopyOp]) -> Vec<CopyOp> {
+    let sorted = |m: &Memory| {
+        let mut spans = m.nixl_spans();
+        spans.sort_unstable_by_key(|r| r.addr);
+        spans
+    };
+    let (ls, rs) = (sorted(local), sorted(remote));
+    // Bytes left in the span holding `addr`; all of `len` where no span holds it (never for a
+    // validated request), so the piece goes to NIXL whole and NIXL judges it.
+    let room = |spans: &[crate::memory::Region], addr: u64, len: u64| {
+        let i = spans.partition_point(|r| r.addr <= addr);
+        match i.checked_sub(1).map(|i| spans[i]) {
+            Some(r) if addr < r.end() => (r.end() - addr).min(len),
+            _ => len,
+        }
+    };
+    let mut out = Vec::with_capacity(copies.len());
+    for c in copies {
+        let mut c = *c;
+        while c.len > 0 {
+            let n = room(&ls, c.src, c.len).min(room(&rs, c.dst, c.len));
+            out.push(CopyOp { len: n, ..c });
+            c = CopyOp {
+                src: c.src + n,
+                dst: c.dst + n,
+                len: c.len - n,
+            };
+        }
     }
+    out
 }
 
 pub(crate) struct NixlProgress {
@@ -237,6 +264,11 @@ impl NixlProgress {
         error: fn(String) -> Error,
         gds_batch: bool,
     ) -> Result<()> {
+        let pieces = split_at_registrations(t.local, t.remote, t.copies);
+        let t = Xfer {
+            copies: &pieces,
+            ..t
+        };
         let mut reqs: VecDeque<XferRequest> = if gds_batch && t.copies.len() > GDS_BATCH_MAX {
             let n = t.copies.len().div_ceil(GDS_BATCH_MAX);
             let mut v = VecDeque::with_capacity(n);
@@ -285,11 +317,12 @@ fn notify_args(notify: Option<&[u8]>) -> Result<Option<OptArgs>> {
     Ok(Some(a))
 }
 
-/// Makes (but does not post) the request of `t`.
+/// Makes (but does not post) the request of `t`, whose copies lie inside registrations
+/// (`split_at_registrations`).
 fn prepare(agent: &Agent, t: &Xfer<'_>, error: fn(String) -> Error) -> Result<XferRequest> {
     let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL transfer: {e}"));
-    let (lt, ldev) = mem_type(t.local);
-    let (rt, rdev) = mem_type(t.remote);
+    let (lt, ldev) = t.local.nixl_type();
+    let (rt, rdev) = t.remote.nixl_type();
     let rdev = t.remote_fd.unwrap_or(rdev);
     let mut local = XferDescList::new(lt).map_err(nixl)?;
     let mut remote = XferDescList::new(rt).map_err(nixl)?;
@@ -324,6 +357,11 @@ pub(crate) fn start(
     t: &Xfer<'_>,
     error: fn(String) -> Error,
 ) -> Result<Option<XferRequest>> {
+    let pieces = split_at_registrations(t.local, t.remote, t.copies);
+    let t = &Xfer {
+        copies: &pieces,
+        ..*t
+    };
     let req = prepare(agent, t, error)?;
     Ok(post(agent, &req, t.notify, error)?.then_some(req))
 }
