@@ -185,6 +185,58 @@ static void peer_key_authenticates_exports(void) {
   kvx_context_free(plain);
 }
 
+/* A frees a layout that B imported and makes another of the same config: B's transfers to the
+ * freed layout fail with KVX_STATUS_PEER, and A's new layout keeps its bytes. */
+static void freed_export_is_revoked(void) {
+  if (skipped) return;
+  kvx_context_config c;
+  kvx_context_config_init(&c);
+  kvx_context *a = NULL, *b = NULL;
+  CHECK_OK(kvx_context_new(&c, &a));
+  CHECK_OK(kvx_context_new(&c, &b));
+  kvx_layout *l = test_layout(a, 16, 2, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
+  kvx_layout *mine = test_layout(b, 16, 2, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
+  CHECK(l != NULL && mine != NULL);
+  const kvx_layout *list[1] = {l};
+  kvx_bytes bytes = {NULL, 0};
+  CHECK_OK(kvx_context_export(a, list, 1, &bytes));
+  kvx_peer *peer = NULL;
+  CHECK_OK(kvx_context_import(b, bytes.data, bytes.len, &peer));
+  kvx_layout *remote = NULL;
+  CHECK_OK(kvx_peer_layout(peer, 0, &remote));
+  uint64_t ids[16];
+  for (int i = 0; i < 16; i++) ids[i] = (uint64_t)i;
+  CHECK_OK(kvx_layout_fill(b, mine, ids, 16, 4));
+  kvx_transfer *t = NULL;
+  CHECK_OK(kvx_transfer_submit(b, mine, ids, remote, ids, 16, NULL, &t));
+  CHECK_OK(kvx_transfer_wait(t, -1));
+  kvx_transfer_free(t);
+
+  kvx_layout_free(l);
+  kvx_layout *l2 = test_layout(a, 16, 2, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
+  CHECK(l2 != NULL);
+  CHECK_OK(kvx_layout_fill(a, l2, ids, 16, 5));
+  uint64_t before[16], after[16];
+  CHECK_OK(kvx_layout_checksum(a, l2, ids, 16, before));
+  t = NULL;
+  int32_t s = kvx_transfer_submit(b, mine, ids, remote, ids, 16, NULL, &t);
+  if (s == KVX_STATUS_OK) {
+    s = kvx_transfer_wait(t, -1);
+    kvx_transfer_free(t);
+  }
+  CHECK(s == KVX_STATUS_PEER);
+  CHECK_OK(kvx_layout_checksum(a, l2, ids, 16, after));
+  CHECK(memcmp(before, after, sizeof before) == 0);
+
+  kvx_layout_free(remote);
+  kvx_peer_free(peer);
+  kvx_bytes_free(&bytes);
+  kvx_layout_free(l2);
+  kvx_layout_free(mine);
+  kvx_context_free(b);
+  kvx_context_free(a);
+}
+
 int main(void) {
   RUN(default_context_loads_nixl);
   RUN(only_posix);
@@ -192,8 +244,9 @@ int main(void) {
   RUN(one_live_layout_per_file);
   RUN(one_block_to_disk_and_back);
   RUN(peer_key_authenticates_exports);
+  RUN(freed_export_is_revoked);
   if (skipped) {
-    printf("NIXL cannot be loaded: %s\n0 passed, 0 failed, 6 skipped\n", kvx_last_error());
+    printf("NIXL cannot be loaded: %s\n0 passed, 0 failed, 7 skipped\n", kvx_last_error());
     return 0;
   }
   return FINISH();

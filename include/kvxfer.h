@@ -560,6 +560,11 @@ int32_t kvx_layout_region(const struct kvx_layout *layout,
 /**
  * Releases a layout handle. Memory kvxfer allocated is freed once no transfer uses it any more;
  * wrapped memory is never freed. NULL is a no-op; freeing twice is undefined behaviour.
+ * An exported layout is first revoked at every peer that imported it: each stops new
+ * transfers to it at once and acknowledges when its transfers to it finished; this call
+ * returns after every acknowledgement, or after 5 s for a peer that does not answer (taken
+ * for dead). Once it returned, no peer transfer reads or writes the layout's memory, also
+ * where the memory is reused (a peer's transfers to it fail with KVX_STATUS_PEER).
  */
 void kvx_layout_free(struct kvx_layout *layout);
 

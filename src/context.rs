@@ -16,7 +16,7 @@ use crate::memory::disk::{self, DiskFile};
 use crate::memory::{Memory, Region, StorageKind};
 use crate::nixl::Backends;
 use crate::options::{ContextConfig, MAX_WORKER_THREADS, StorageSpec, TransferOptions};
-use crate::peer::{self, Peer, PeerBlob};
+use crate::peer::{self, Control, Peer, PeerBlob};
 use crate::plan::{Location, Plan, Request, copy_list, select};
 use crate::transfer::Transfer;
 use crate::verify;
@@ -30,6 +30,8 @@ pub struct Context {
     name: String,
     config: ContextConfig,
     res: Resources,
+    /// Revocation messages with peers; present with NIXL.
+    control: Option<Arc<Control>>,
 }
 
 /// Refuses what no part of a context can be made with.
@@ -106,11 +108,15 @@ impl Context {
             disk::probe_gds(&n.agent, &config.disk_dir())?;
         }
         let workers = Workers::new(threads, "kvx-worker")?;
+        let control = nixl
+            .as_ref()
+            .map(|n| Control::new(n.agent.clone(), &name, config.peer_key.clone()));
         Ok(Self {
             id,
             name,
             config,
             res: Resources::new(workers, cuda, nixl),
+            control,
         })
     }
 
@@ -227,6 +233,13 @@ impl Context {
         Layout::new(config, mem, self.id)
     }
 
+    /// Present whenever the context has NIXL (callers asked for NIXL first).
+    fn control(&self) -> Result<&Arc<Control>> {
+        self.control
+            .as_ref()
+            .ok_or_else(|| Error::Internal("a context with NIXL has no peer control".into()))
+    }
+
     fn check_owned(&self, layout: &Layout, what: &str) -> Result<()> {
         if layout.context_id() != self.id {
             bail!(
@@ -246,7 +259,7 @@ impl Context {
             self.check_owned(l, "exported")?;
         }
         let key = self.config.peer_key.as_ref();
-        peer::export(&nixl.agent, &self.name, layouts, key)
+        peer::export(self.control()?, &nixl.agent, &self.name, layouts, key)
     }
 
     /// Imports a peer from the bytes it exported. The bytes are untrusted: anything malformed,
@@ -256,7 +269,7 @@ impl Context {
     pub fn import(&self, data: &[u8]) -> Result<Peer> {
         let blob = PeerBlob::decode(data, self.config.peer_key.as_ref())?;
         let nixl = self.res.nixl("import")?;
-        peer::import(&nixl.agent, &self.name, self.id, blob)
+        peer::import(self.control()?, &nixl.agent, &self.name, self.id, blob)
     }
 
     /// The planner's decision for moving blocks from `src` to `dst`.

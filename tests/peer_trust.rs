@@ -256,13 +256,138 @@ fn each_import_keeps_the_peers_metadata_alive() {
     go(&b, &mine, &p4.layouts()[0], &all).unwrap();
 }
 
+const STALE_SERVER: &str = "KVX_TEST_STALE_SERVER_ROLE";
+const STALE_CLIENT: &str = "KVX_TEST_STALE_CLIENT_ROLE";
+
+/// 16 blocks of 128 KiB, one contiguous allocation.
+fn stale_config() -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: 16,
+        num_layers: 1,
+        outer_dim: 1,
+        page_size: 1,
+        inner_dim: 64 << 10,
+        dtype_width: 2,
+        alignment: 1,
+        kind: LayoutKind::FullyContiguous,
+    }
+}
+
+/// STALE_SERVER: exports L, frees it once the client wrote, makes L2 of the same config (in
+/// the same place where the allocator gives it back) and fills it; after the client's stale
+/// write, L2 must be as it was.
+fn stale_server(dir: &Path) {
+    let ctx = keyed(None);
+    let all = common::all(16);
+    let l = ctx
+        .new_layout(stale_config(), &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let first = l.region(0, 0, 0).unwrap().addr;
+    common::publish(dir, "a.peer", &ctx.export(&[&l]).unwrap());
+    common::wait_for(&dir.join("b.wrote"), "the client's first write");
+    let freeing = Instant::now();
+    drop(l);
+    let freed_in = freeing.elapsed();
+    let l2 = ctx
+        .new_layout(stale_config(), &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let same_place = l2.region(0, 0, 0).unwrap().addr == first;
+    ctx.fill(&l2, &all, 2).unwrap();
+    let before = ctx.checksum(&l2, &all).unwrap();
+    common::publish(
+        dir,
+        "a.freed",
+        format!(
+            "freed in {} us, L2 at L's address: {same_place}",
+            freed_in.as_micros()
+        )
+        .as_bytes(),
+    );
+    common::wait_for(&dir.join("b.done"), "the client's stale write");
+    assert_eq!(ctx.checksum(&l2, &all).unwrap(), before, "L2 was written");
+}
+
+/// STALE_CLIENT: imports L, writes it once, then after the server freed it writes again:
+/// Error::Peer, at submit or at wait.
+fn stale_client(dir: &Path) {
+    common::wait_for(&dir.join("a.peer"), "the server's export");
+    let ctx = keyed(None);
+    let peer = ctx
+        .import(&std::fs::read(dir.join("a.peer")).unwrap())
+        .unwrap();
+    let remote = &peer.layouts()[0];
+    let mine = ctx
+        .new_layout(stale_config(), &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let all = common::all(16);
+    ctx.fill(&mine, &all, 9).unwrap();
+    go(&ctx, &mine, remote, &all).unwrap();
+    common::publish(dir, "b.wrote", b"");
+    common::wait_for(&dir.join("a.freed"), "the server's free");
+    let stale = go(&ctx, &mine, remote, &all);
+    assert!(matches!(stale, Err(Error::Peer(_))), "{stale:?}");
+    let stale = go(&ctx, remote, &mine, &all);
+    assert!(matches!(stale, Err(Error::Peer(_))), "{stale:?}");
+    common::publish(dir, "b.done", b"");
+}
+
+/// A frees an exported layout and makes another of the same config; B's transfers through its
+/// stale import fail with Error::Peer and A's new layout is untouched: over UCX's default
+/// (shared-memory) transports, which need no registration to write, and over TCP.
+fn a_freed_export_is_never_written_by_its_importers() {
+    let exe = std::env::current_exe().unwrap();
+    for tls in [None, Some("tcp,self")] {
+        let dir = common::scratch_dir("stale");
+        let spawn = |role: &str| {
+            let mut c = std::process::Command::new(&exe);
+            c.env(role, &dir);
+            if let Some(t) = tls {
+                c.env("UCX_TLS", t);
+            }
+            c.spawn().unwrap()
+        };
+        let mut server = spawn(STALE_SERVER);
+        let client = spawn(STALE_CLIENT).wait().unwrap();
+        let server = server.wait().unwrap();
+        let how = tls.unwrap_or("UCX's defaults");
+        assert!(client.success(), "client over {how} failed: {client}");
+        assert!(server.success(), "server over {how} failed: {server}");
+        let report = std::fs::read_to_string(dir.join("a.freed")).unwrap_or_default();
+        println!("  over {how}: {report}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// An importer that is gone by the time the exporter frees its layout delays the free by at
+/// most the dead-peer time, and the free completes.
+fn a_dead_importer_delays_a_free_by_at_most_five_seconds() {
+    let (a, b) = (keyed(None), keyed(None));
+    let l = host(&a, 4);
+    let peer = b.import(&a.export(&[&l]).unwrap()).unwrap();
+    let mine = host(&b, 4);
+    go(&b, &mine, &peer.layouts()[0], &common::all(4)).unwrap();
+    // B's agent goes away without giving the import up (as a killed process would).
+    std::mem::forget(peer);
+    drop(b);
+    let t = Instant::now();
+    drop(l);
+    assert!(t.elapsed() < Duration::from_secs(7), "{:?}", t.elapsed());
+}
+
 fn main() {
-    let roles: [Role; 2] = [(FORGE_ROLE, forge), (NAME_ROLE, forged_names)];
+    let roles: [Role; 4] = [
+        (FORGE_ROLE, forge),
+        (NAME_ROLE, forged_names),
+        (STALE_SERVER, stale_server),
+        (STALE_CLIENT, stale_client),
+    ];
     let tests = tests![
         keyed_contexts_trust_only_each_other,
         a_million_forged_exports_are_refused_before_nixl,
         a_forged_agent_name_in_nixl_metadata_is_refused,
         each_import_keeps_the_peers_metadata_alive,
+        a_freed_export_is_never_written_by_its_importers,
+        a_dead_importer_delays_a_free_by_at_most_five_seconds,
     ];
     harness::main(&roles, &tests);
 }

@@ -95,6 +95,16 @@ pub(crate) fn dispatch(
             "notify_msg applies only to writes to a remote peer; this transfer is not one"
         );
     }
+    if options
+        .notify
+        .as_deref()
+        .is_some_and(|m| m.starts_with(crate::nixl::CONTROL_PREFIX))
+    {
+        bail!(
+            InvalidArgument,
+            "notify_msg must not begin with kvxfer's control prefix (\\0kvxfer-control\\0)"
+        );
+    }
     let has_cuda = res.cuda.is_ok();
     match plan {
         Plan::Direct(Strategy::Memcpy) => {

@@ -4,7 +4,7 @@ mod config;
 
 pub use config::{Geometry, LayoutConfig, LayoutKind};
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Result, bail};
 use crate::memory::{Memory, Region, StorageKind};
@@ -77,6 +77,24 @@ pub fn check_regions(
     Ok(geometry)
 }
 
+/// Revokes an exported layout at the peers that imported it (peer::Control), called with its
+/// export id when the layout is dropped, before its memory can be released.
+pub(crate) trait Revoke: Send + Sync {
+    fn revoke(&self, export_id: u64);
+}
+
+/// How peers know an exported layout, and who revokes it.
+struct Export {
+    id: u64,
+    by: Arc<dyn Revoke>,
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Export({:#x})", self.id)
+    }
+}
+
 /// A pool of blocks over some memory. Immutable once made, so it can be shared by threads.
 #[derive(Debug)]
 pub struct Layout {
@@ -87,6 +105,8 @@ pub struct Layout {
     context_id: u64,
     /// For a peer's layout, the peer's agent name.
     peer: Option<Arc<str>>,
+    /// Set when the layout is first exported.
+    export: OnceLock<Export>,
 }
 
 impl Layout {
@@ -100,6 +120,7 @@ impl Layout {
             memory: Arc::new(memory),
             context_id,
             peer: None,
+            export: OnceLock::new(),
         })
     }
 
@@ -113,6 +134,18 @@ impl Layout {
         let mut l = Self::new(config, memory, context_id)?;
         l.peer = Some(agent);
         Ok(l)
+    }
+
+    /// The id peers know this layout by, given on its first export; `by` revokes it at them
+    /// when it is dropped.
+    pub(crate) fn export_id(&self, by: impl FnOnce() -> Arc<dyn Revoke>) -> u64 {
+        self.export
+            .get_or_init(|| Export {
+                // Never 0, and unguessable across the exporter's lifetime.
+                id: fastrand::u64(1..),
+                by: by(),
+            })
+            .id
     }
 
     /// The agent name of the peer that owns this layout; `None` for local layouts.
@@ -183,6 +216,14 @@ impl Layout {
             );
         }
         Ok(())
+    }
+}
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        if let Some(e) = self.export.get() {
+            e.by.revoke(e.id);
+        }
     }
 }
 

@@ -4,8 +4,10 @@
 pub mod cuda;
 pub mod disk;
 mod host;
+mod remote;
 
 pub use host::HostAllocation;
+pub(crate) use remote::{RemoteUse, UseGuard};
 
 use std::sync::{Arc, Mutex};
 
@@ -98,8 +100,9 @@ enum Owner {
     /// The caller owns it and keeps it alive at least as long as the layout; kvxfer may have
     /// registered parts of it with CUDA, undone on drop.
     Caller(Vec<HostRegistration>),
-    /// A peer's memory: addresses in another process, never touched here.
-    Remote,
+    /// A peer's memory: addresses in another process, never touched here; usable until the
+    /// peer revokes it.
+    Remote(Arc<RemoteUse>),
     /// A file; regions are offsets in it.
     Disk(DiskFile),
 }
@@ -199,11 +202,26 @@ impl Memory {
         }
     }
 
-    /// A peer's memory, described by its export. It is never read or written locally.
-    pub fn remote(kind: StorageKind, device_id: i32, regions: Vec<Region>) -> Self {
+    /// A peer's memory, described by its export. It is never read or written locally;
+    /// transfers use it through `begin_remote_use` until the peer revokes it.
+    pub(crate) fn remote(
+        kind: StorageKind,
+        device_id: i32,
+        regions: Vec<Region>,
+        state: Arc<RemoteUse>,
+    ) -> Self {
         Self {
-            owner: Owner::Remote,
+            owner: Owner::Remote(state),
             ..Self::caller_owned(kind, device_id, regions)
+        }
+    }
+
+    /// A transfer starts using a peer's memory (`Error::Peer` once the peer revoked it); `None`
+    /// for local memory.
+    pub(crate) fn begin_remote_use(&self) -> Result<Option<UseGuard>> {
+        match &self.owner {
+            Owner::Remote(state) => state.begin().map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -229,7 +247,7 @@ impl Memory {
     }
 
     pub fn is_remote(&self) -> bool {
-        matches!(self.owner, Owner::Remote)
+        matches!(self.owner, Owner::Remote(_))
     }
 
     /// Registers every region with `agent` unless that was done already; the registrations

@@ -8,6 +8,10 @@ use nixl_sys::{Agent, AgentConfig, Backend, MemType, MemoryRegion, NixlDescripto
 use super::{Backends, loader};
 use crate::error::{Error, Result, bail};
 
+/// The first bytes of kvxfer's own notifications (peer control messages); a runtime's
+/// notifications never start with them (kvx_transfer_submit refuses such a notify_msg).
+pub(crate) const CONTROL_PREFIX: &[u8] = b"\0kvxfer-control\0";
+
 /// Fallback wake-up of NIXL's progress thread, whose wake-ups are otherwise event driven.
 const PROGRESS_TIMEOUT_US: u64 = 1000;
 
@@ -18,6 +22,8 @@ pub(crate) struct NixlAgent {
     handles: Vec<(&'static str, Backend)>,
     /// Notifications fetched from NIXL and not yet handed out: (sender agent, message).
     notifications: Mutex<VecDeque<(String, Vec<u8>)>>,
+    /// kvxfer's own messages among them (CONTROL_PREFIX), for the peer control thread.
+    control: Mutex<VecDeque<(String, Vec<u8>)>>,
     /// Peers' agents loaded into this one, counted per name.
     remotes: super::remote::RemoteCounts,
 }
@@ -135,6 +141,7 @@ impl NixlAgent {
             backends,
             handles,
             notifications: Mutex::default(),
+            control: Mutex::default(),
             remotes: Default::default(),
         })
     }
@@ -175,30 +182,43 @@ impl NixlAgent {
         self.handles.iter().any(|(n, _)| *n == "GDS")
     }
 
-    /// The oldest notification sent to this agent, if `fits(sender, message)` accepts it (the
-    /// caller's buffers are large enough); it is dequeued only then.
+    /// Moves what NIXL received into the two queues: kvxfer's own messages (CONTROL_PREFIX)
+    /// and the runtime's notifications.
+    fn fetch(&self, user: &mut VecDeque<(String, Vec<u8>)>) -> Result<()> {
+        let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL notifications: {e}"));
+        let mut map = nixl_sys::NotificationMap::new().map_err(nixl)?;
+        self.agent.get_notifications(&mut map, None).map_err(nixl)?;
+        let senders: Vec<String> = map
+            .agents()
+            .filter_map(|a| a.ok())
+            .map(str::to_string)
+            .collect();
+        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        for sender in senders {
+            let n = map.get_notifications_size(&sender).unwrap_or(0);
+            for i in 0..n {
+                if let Ok(msg) = map.get_notification_bytes(&sender, i) {
+                    if msg.starts_with(CONTROL_PREFIX) {
+                        control.push_back((sender.clone(), msg));
+                    } else {
+                        user.push_back((sender.clone(), msg));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The oldest notification a peer sent to this agent with a write, if `fits(sender,
+    /// message)` accepts it (the caller's buffers are large enough); it is dequeued only then.
+    /// kvxfer's own control messages are never handed out here.
     pub fn next_notification<T>(
         &self,
         fits: impl FnOnce(&str, &[u8]) -> Result<T>,
     ) -> Result<Option<T>> {
         let mut queue = self.notifications.lock().unwrap_or_else(|p| p.into_inner());
         if queue.is_empty() {
-            let nixl = |e: nixl_sys::NixlError| Error::Nixl(format!("NIXL notifications: {e}"));
-            let mut map = nixl_sys::NotificationMap::new().map_err(nixl)?;
-            self.agent.get_notifications(&mut map, None).map_err(nixl)?;
-            let senders: Vec<String> = map
-                .agents()
-                .filter_map(|a| a.ok())
-                .map(str::to_string)
-                .collect();
-            for sender in senders {
-                let n = map.get_notifications_size(&sender).unwrap_or(0);
-                for i in 0..n {
-                    if let Ok(msg) = map.get_notification_bytes(&sender, i) {
-                        queue.push_back((sender.clone(), msg));
-                    }
-                }
-            }
+            self.fetch(&mut queue)?;
         }
         let Some((sender, msg)) = queue.front() else {
             return Ok(None);
@@ -206,6 +226,23 @@ impl NixlAgent {
         let out = fits(sender, msg)?;
         queue.pop_front();
         Ok(Some(out))
+    }
+
+    /// kvxfer's control messages received so far: (sender agent, message).
+    pub(crate) fn take_control(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        {
+            let mut queue = self.notifications.lock().unwrap_or_else(|p| p.into_inner());
+            self.fetch(&mut queue)?;
+        }
+        let mut control = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(control.drain(..).collect())
+    }
+
+    /// Sends `msg` to the agent `to`, whose metadata is loaded.
+    pub(crate) fn send(&self, to: &str, msg: &[u8]) -> Result<()> {
+        self.agent
+            .send_notification(to, msg, None)
+            .map_err(|e| Error::Peer(format!("NIXL could not notify {to:?}: {e}")))
     }
 
     /// Loads a peer's metadata, which must name `expected` (see `RemoteAgent::load`).

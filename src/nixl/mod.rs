@@ -6,7 +6,7 @@ mod agent;
 mod loader;
 mod remote;
 
-pub(crate) use agent::{NixlAgent, NixlRegion};
+pub(crate) use agent::{CONTROL_PREFIX, NixlAgent, NixlRegion};
 pub use loader::load;
 pub(crate) use remote::RemoteAgent;
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 pub(crate) use submit::submit;
 
 use crate::error::{Error, Result};
+use crate::memory::UseGuard;
 use crate::nixl::{Backends, NixlAgent};
 use crate::transfer::Completion;
 use xfer::{NixlProgress, Xfer};
@@ -18,7 +19,9 @@ use xfer::{NixlProgress, Xfer};
 pub(crate) struct NixlExec {
     // Dropped first: in-flight requests finish before the agent goes.
     progress: NixlProgress,
-    pub(crate) agent: NixlAgent,
+    /// Shared with the peer control thread, which outlives the context while exported layouts
+    /// or peers do.
+    pub(crate) agent: Arc<NixlAgent>,
     /// The agent's name: a disk transfer's "remote" agent is the agent itself.
     pub(crate) name: String,
 }
@@ -32,7 +35,7 @@ impl std::fmt::Debug for NixlExec {
 impl NixlExec {
     /// Loads NIXL if needed and makes the agent `name` with `backends` (see `NixlAgent::new`).
     pub(crate) fn new(name: &str, backends: Backends, gpu_rdma: bool) -> Result<Self> {
-        let agent = NixlAgent::new(name, backends, gpu_rdma)?;
+        let agent = Arc::new(NixlAgent::new(name, backends, gpu_rdma)?);
         Ok(Self {
             progress: NixlProgress::new(agent.agent())?,
             agent,
@@ -42,15 +45,23 @@ impl NixlExec {
 
     /// Hands `t` to the progress thread (see `NixlProgress::post`); `gds_batch`: cut it into
     /// pieces posted one after the other, one such transfer at a time (a device <-> disk
-    /// transfer on an agent with NIXL's GDS batch backend).
+    /// transfer on an agent with NIXL's GDS batch backend); `use_guard`: the transfer's use of
+    /// a peer's layout, held until it finished.
     pub(crate) fn post(
         &self,
         t: Xfer<'_>,
         completion: Arc<Completion>,
         error: fn(String) -> Error,
         gds_batch: bool,
+        use_guard: Option<UseGuard>,
     ) -> Result<()> {
-        self.progress
-            .post(self.agent.agent(), t, completion, error, gds_batch)
+        self.progress.post(
+            self.agent.agent(),
+            t,
+            completion,
+            error,
+            gds_batch,
+            use_guard,
+        )
     }
 }

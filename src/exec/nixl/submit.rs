@@ -29,6 +29,8 @@ pub(crate) fn submit(
         Some(peer) => (peer, Error::Peer),
         None => (&nixl.name, Error::Io),
     };
+    // A peer's layout is used until the peer revokes it; after that nothing is sent to it.
+    let use_guard = remote.memory().begin_remote_use()?;
     let buffered = || agent.buffered_file_args();
     local
         .memory()
@@ -68,16 +70,22 @@ pub(crate) fn submit(
         };
         let gds = !remote.is_remote()
             && [local.storage_kind(), remote.storage_kind()].contains(&StorageKind::Device);
-        nixl.post(job, completion.clone(), error, gds && agent.has_gds_batch())
-            .map_err(|e| match e {
-                // Device <-> disk without a bounce buffer is GPUDirect Storage: say so.
-                Error::Io(m) | Error::Nixl(m) if gds => Error::Unavailable(format!(
-                    "GPUDirect Storage could not take this transfer; NIXL's GDS backend needs \
+        nixl.post(
+            job,
+            completion.clone(),
+            error,
+            gds && agent.has_gds_batch(),
+            use_guard,
+        )
+        .map_err(|e| match e {
+            // Device <-> disk without a bounce buffer is GPUDirect Storage: say so.
+            Error::Io(m) | Error::Nixl(m) if gds => Error::Unavailable(format!(
+                "GPUDirect Storage could not take this transfer; NIXL's GDS backend needs \
                      cuFile to accept the file (nvidia-fs, or cuFile's compat mode) and the \
                      device memory: {m}"
-                )),
-                e => e,
-            })?;
+            )),
+            e => e,
+        })?;
     }
     let stats = TransferStats {
         bytes: list.bytes,

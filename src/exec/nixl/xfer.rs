@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use nixl_sys::{Agent, OptArgs, XferDescList, XferOp, XferRequest, XferStatus};
 
 use crate::error::{Error, Result};
-use crate::memory::{Memory, StorageKind};
+use crate::memory::{Memory, StorageKind, UseGuard};
 use crate::plan::CopyOp;
 use crate::transfer::Completion;
 
@@ -56,6 +56,9 @@ struct Pending {
     error: fn(String) -> Error,
     /// A disk request: NIXL's POSIX backend needs frequent status checks to progress.
     disk: bool,
+    /// The use of a peer's layout, ended when the request finished (the peer's revocation of
+    /// the layout is acknowledged only then).
+    use_guard: Option<UseGuard>,
 }
 
 /// One NIXL transfer: NIXL's local side (host memory of this process, or device memory) and its
@@ -219,8 +222,15 @@ impl Pending {
     }
 }
 
-/// Posts a request handed to the progress thread; `Some` while it is in flight.
+/// Posts a request handed to the progress thread; `Some` while it is in flight. A request to a
+/// layout its peer revoked in the meantime is failed instead.
 fn post_pending(agent: &Agent, p: Pending) -> Option<Pending> {
+    if p.use_guard.as_ref().is_some_and(UseGuard::revoked) {
+        p.completion.part_done(Err(Error::Peer(
+            "the peer freed this layout before the transfer was posted; nothing was sent".into(),
+        )));
+        return None;
+    }
     match post(agent, &p.req, p.notify_now(), p.error) {
         // Finished at once with pieces left: the status check of the next round moves on.
         Ok(false) if !p.then.is_empty() => Some(p),
@@ -263,6 +273,7 @@ impl NixlProgress {
         completion: Arc<Completion>,
         error: fn(String) -> Error,
         gds_batch: bool,
+        use_guard: Option<UseGuard>,
     ) -> Result<()> {
         let pieces = split_at_registrations(t.local, t.remote, t.copies);
         let t = Xfer {
@@ -298,6 +309,7 @@ impl NixlProgress {
                 _hold: vec![t.local.clone(), t.remote.clone()],
                 error,
                 disk: t.remote.kind() == StorageKind::Disk,
+                use_guard,
             });
         }
         Ok(())
@@ -494,7 +506,8 @@ mod tests {
                     notify: None,
                     remote_fd: None,
                 };
-                nixl.post(job, completion.clone(), Error::Io, true).unwrap();
+                nixl.post(job, completion.clone(), Error::Io, true, None)
+                    .unwrap();
                 let stats = TransferStats {
                     bytes: 0,
                     fragments: 0,

@@ -13,124 +13,24 @@
 //! xxh3-64 of the body | body | with flag bit 0: keyed BLAKE3 of everything before, 32 bytes
 //! body:
 //! agent name: u16 length + UTF-8 | NIXL metadata: u32 length + bytes | layout count u32
-//! per layout: num_blocks, num_layers, outer_dim, page_size, inner_dim: u64 |
+//! per layout: export id u64 | num_blocks, num_layers, outer_dim, page_size, inner_dim: u64 |
 //!   dtype_width, alignment, layout kind, storage kind: u32 | device id i32 |
 //!   region count u32 | per region: address u64, length u64
 //! ```
 
-use std::sync::Arc;
-
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Error, Result, bail};
-use crate::layout::{Layout, LayoutConfig, LayoutKind, check_regions};
-use crate::memory::{Memory, Region, StorageKind};
-use crate::nixl::{NixlAgent, RemoteAgent};
-
-/// The bytes a peer imports: `agent`'s metadata and descriptors of `layouts` (local layouts of
-/// the context whose agent this is), which are registered with the agent (for as long as they
-/// live) so that the peer can reach them.
-pub(crate) fn export(
-    agent: &NixlAgent,
-    name: &str,
-    layouts: &[&Layout],
-    key: Option<&PeerKey>,
-) -> Result<Vec<u8>> {
-    let mut descriptors = Vec::with_capacity(layouts.len());
-    for (i, l) in layouts.iter().enumerate() {
-        if l.is_remote() {
-            bail!(
-                InvalidArgument,
-                "layouts[{i}] belongs to a peer; only local layouts can be exported"
-            );
-        }
-        if l.storage_kind() == StorageKind::Disk {
-            bail!(
-                InvalidArgument,
-                "layouts[{i}] is a disk layout; peers cannot reach disk layouts"
-            );
-        }
-        descriptors.push(LayoutDescriptor {
-            config: *l.config(),
-            kind: l.storage_kind(),
-            device_id: l.memory().device_id(),
-            regions: l.memory().regions().to_vec(),
-        });
-    }
-    for l in layouts {
-        l.memory().ensure_nixl_registered(agent.agent())?;
-    }
-    let nixl_md = agent
-        .agent()
-        .get_local_md()
-        .map_err(|e| Error::Nixl(format!("NIXL could not produce this agent's metadata: {e}")))?;
-    PeerBlob {
-        agent: name.to_string(),
-        nixl_md,
-        layouts: descriptors,
-    }
-    .encode(key)
-}
-
-/// Imports a decoded export into `agent` (named `own_name`, of context `context_id`): NIXL
-/// only sees metadata of a blob whose checks held, and a peer layout that does not hold is
-/// `Error::Peer`.
-pub(crate) fn import(
-    agent: &NixlAgent,
-    own_name: &str,
-    context_id: u64,
-    blob: PeerBlob,
-) -> Result<Peer> {
-    if blob.agent == own_name {
-        bail!(Peer, "this export comes from this context itself");
-    }
-    let remote = agent.load_remote(&blob.nixl_md, &blob.agent)?;
-    let name = remote.name().clone();
-    let layouts = blob
-        .layouts
-        .into_iter()
-        .map(|d| {
-            let memory = Memory::remote(d.kind, d.device_id, d.regions);
-            Layout::new_remote(d.config, memory, context_id, name.clone())
-                .map(Arc::new)
-                .map_err(|e| Error::Peer(format!("peer layout: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Peer { remote, layouts })
-}
-
-/// An imported peer: its agent (loaded into the importing context's NIXL agent) and the layouts
-/// it shared. Dropping the last peer of an agent unloads its metadata; layout handles stay valid
-/// objects.
-pub struct Peer {
-    remote: RemoteAgent,
-    layouts: Vec<Arc<Layout>>,
-}
-
-impl std::fmt::Debug for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peer")
-            .field("agent", self.remote.name())
-            .field("layouts", &self.layouts.len())
-            .finish()
-    }
-}
-
-impl Peer {
-    pub fn agent(&self) -> &str {
-        self.remote.name()
-    }
-
-    pub fn layouts(&self) -> &[Arc<Layout>] {
-        &self.layouts
-    }
-}
+use crate::layout::{LayoutConfig, LayoutKind, check_regions};
+use crate::memory::{Region, StorageKind};
 
 const MAGIC: &[u8; 8] = b"KVXPEER\0";
-const VERSION: u16 = 1;
+/// 2: each layout carries its export id (revocation). Version 1 exports are refused with a
+/// message that names both versions.
+const VERSION: u16 = 2;
 /// Flag: the export ends in a MAC made with a peer key.
 const FLAG_MAC: u16 = 1;
-const MAC_LEN: usize = blake3::OUT_LEN;
+pub(crate) const MAC_LEN: usize = blake3::OUT_LEN;
 /// Shortest peer key: 128 bits.
 pub(crate) const PEER_KEY_MIN_LEN: usize = 16;
 
@@ -165,6 +65,26 @@ impl PeerKey {
     fn mac(&self, data: &[u8]) -> blake3::Hash {
         blake3::keyed_hash(&self.0, data)
     }
+
+    /// The MAC of a control message: `parts` in order, after a domain tag so that no control
+    /// message can pass for an export or the other way round.
+    pub(crate) fn mac_parts(&self, parts: &[&[u8]]) -> [u8; MAC_LEN] {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(b"kvxfer control message\0");
+        for p in parts {
+            h.update(&(p.len() as u64).to_le_bytes());
+            h.update(p);
+        }
+        *h.finalize().as_bytes()
+    }
+
+    /// Whether `tag` is the MAC of `parts`, compared in constant time.
+    pub(crate) fn verify_parts(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        let Ok(tag) = <[u8; MAC_LEN]>::try_from(tag) else {
+            return false;
+        };
+        blake3::Hash::from_bytes(self.mac_parts(parts)) == blake3::Hash::from_bytes(tag)
+    }
 }
 const HEADER: usize = 8 + 2 + 2 + 4 + 8;
 /// Bounds that keep a hostile blob from asking for absurd allocations.
@@ -174,6 +94,8 @@ const MAX_MD: u32 = 64 << 20;
 /// One shared layout as a peer sees it: addresses are in the exporter's address space.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayoutDescriptor {
+    /// The exporter's name for this layout in control messages (revocation).
+    pub export_id: u64,
     pub config: LayoutConfig,
     pub kind: StorageKind,
     pub device_id: i32,
@@ -210,6 +132,7 @@ impl PeerBlob {
         body.extend_from_slice(&(self.layouts.len() as u32).to_le_bytes());
         for l in &self.layouts {
             let c = &l.config;
+            body.extend_from_slice(&l.export_id.to_le_bytes());
             for v in [
                 c.num_blocks,
                 c.num_layers,
@@ -372,6 +295,7 @@ impl<'a> Reader<'a> {
     }
 
     fn layout(&mut self) -> Result<LayoutDescriptor> {
+        let export_id = self.u64()?;
         let (num_blocks, num_layers, outer_dim, page_size, inner_dim) = (
             self.u64()?,
             self.u64()?,
@@ -414,6 +338,7 @@ impl<'a> Reader<'a> {
         }
         check_regions(&config, storage, &regions)?;
         Ok(LayoutDescriptor {
+            export_id,
             config,
             kind: storage,
             device_id,
@@ -464,6 +389,7 @@ mod tests {
             nixl_md: (0..200u8).collect(),
             layouts: vec![
                 LayoutDescriptor {
+                    export_id: 0x1234,
                     config: c,
                     kind: StorageKind::Device,
                     device_id: 1,
@@ -479,6 +405,7 @@ mod tests {
                     ],
                 },
                 LayoutDescriptor {
+                    export_id: u64::MAX,
                     config: LayoutConfig {
                         kind: LayoutKind::FullyContiguous,
                         ..c
@@ -541,7 +468,8 @@ mod tests {
         let name_len_at = HEADER;
         let md_len_at = HEADER + 2 + 8;
         let count_at = md_len_at + 4 + 200;
-        let first_layout = count_at + 4;
+        // Past the first layout's export id.
+        let first_layout = count_at + 4 + 8;
         let cases: Vec<(usize, Vec<u8>)> = vec![
             (name_len_at, 0u16.to_le_bytes().to_vec()), // empty name
             (name_len_at, 60000u16.to_le_bytes().to_vec()), // name past the end

@@ -1,0 +1,509 @@
+//! Revocation: no peer transfer touches an exported layout's memory once `kvx_layout_free`
+//! returned, even where UCX's shared-memory transports need no registration to reach it.
+//!
+//! Messages go as NIXL notifications that begin with `CONTROL_PREFIX` (never handed to the
+//! runtime), each ending in a MAC made with the peer key where the context has one:
+//! - HELLO (importer -> exporter): an import's nonce, the importer's NIXL metadata (so the
+//!   exporter can answer) and the export ids it imports;
+//! - WELCOME (exporter -> importer): the nonce, and whether every id is still exported. The
+//!   importer's `import` waits for it, so no transfer can start before the exporter knows of
+//!   the importer;
+//! - REVOKE (exporter -> importer): an export id and a sequence number, sent when the layout
+//!   is dropped; the importer fails new transfers to that layout at once;
+//! - ACK (importer -> exporter): the same pair, once no transfer to the layout is in flight.
+//!   The exporter's free waits for every importer's ACK, at most DEAD_PEER (an importer that
+//!   does not answer by then is taken for dead: a dead process writes nothing);
+//! - BYE (importer -> exporter): export ids the importer gave up (its last peer handle of them
+//!   was freed after their transfers finished): the exporter stops tracking it for those ids.
+//!
+//! One thread per context (started by the first export or import, ending with the last user of
+//! this state) fetches the messages every POLL.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use super::blob::{MAC_LEN, PeerKey};
+use crate::error::{Error, Result, bail};
+use crate::layout::Revoke;
+use crate::memory::RemoteUse;
+use crate::nixl::{CONTROL_PREFIX, NixlAgent, RemoteAgent};
+
+/// How often the control thread fetches messages.
+const POLL: Duration = Duration::from_millis(2);
+/// How long a revocation waits for an importer's acknowledgement, an import for the exporter's
+/// welcome, and a given-up import for its last transfers: the dead-peer time of transfers.
+const DEAD_PEER: Duration = Duration::from_secs(5);
+
+const HELLO: u8 = 1;
+const WELCOME: u8 = 2;
+const REVOKE: u8 = 3;
+const ACK: u8 = 4;
+const BYE: u8 = 5;
+
+/// At most this many ids in one HELLO or BYE (an export holds at most 4096 layouts).
+const MAX_IDS: usize = 4096;
+
+#[derive(Default)]
+struct State {
+    /// Exporter: live export ids and the agents that imported each.
+    exports: HashMap<u64, HashSet<String>>,
+    /// Exporter: importers' agents (loaded from their HELLO) and how many export ids each holds.
+    importers: HashMap<String, (RemoteAgent, usize)>,
+    /// Exporter: revocations sent and not yet acknowledged: (importer, id, sequence number).
+    unacked: HashSet<(String, u64, u64)>,
+    seq: u64,
+    /// Importer: (exporter agent, id) -> the layout's state and how many imports hold it.
+    imported: HashMap<(String, u64), (Arc<RemoteUse>, usize)>,
+    /// Importer: answers to HELLOs by nonce (`None` while awaited).
+    welcomes: HashMap<u64, Option<bool>>,
+    /// Importer: revocations to acknowledge once their layout is idle.
+    to_ack: Vec<(String, u64, u64, Arc<RemoteUse>)>,
+}
+
+/// One context's side of the control messages, shared by the context, its exported layouts
+/// and its peers.
+pub(crate) struct Control {
+    nixl: Arc<NixlAgent>,
+    /// This agent's name, part of every MAC (a message is for one receiver).
+    name: String,
+    key: Option<PeerKey>,
+    state: Mutex<State>,
+    changed: Condvar,
+    started: AtomicBool,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").field("name", &self.name).finish()
+    }
+}
+
+/// Reads a control message's fields.
+struct Fields<'a>(&'a [u8]);
+
+impl Fields<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (a, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*a)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn bytes(&mut self, n: usize) -> Option<&[u8]> {
+        let (a, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(a)
+    }
+    fn ids(&mut self) -> Option<Vec<u64>> {
+        let n = self.u32()? as usize;
+        if n > MAX_IDS {
+            return None;
+        }
+        (0..n).map(|_| self.u64()).collect()
+    }
+}
+
+fn put_ids(out: &mut Vec<u8>, ids: &[u64]) {
+    out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+    for id in ids {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+}
+
+impl Control {
+    pub(crate) fn new(nixl: Arc<NixlAgent>, name: &str, key: Option<PeerKey>) -> Arc<Self> {
+        Arc::new(Self {
+            nixl,
+            name: name.to_string(),
+            key,
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            started: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the thread that fetches control messages, once. It holds only a weak reference
+    /// and ends when the last user of this state is gone.
+    fn start(self: &Arc<Self>) -> Result<()> {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("kvx-peer-control".into())
+            .spawn(move || {
+                while let Some(c) = weak.upgrade() {
+                    c.poll();
+                    drop(c);
+                    std::thread::sleep(POLL);
+                }
+            })
+            .map(drop)
+            .map_err(|e| Error::OutOfMemory(format!("cannot start the peer control thread: {e}")))
+    }
+
+    /// Sends message `kind` with `body` to `to`, with a MAC where there is a key.
+    fn send(&self, to: &str, kind: u8, body: &[u8]) -> Result<()> {
+        let mut msg = Vec::with_capacity(CONTROL_PREFIX.len() + 1 + body.len() + MAC_LEN);
+        msg.extend_from_slice(CONTROL_PREFIX);
+        msg.push(kind);
+        msg.extend_from_slice(body);
+        if let Some(key) = &self.key {
+            let tag = key.mac_parts(&[self.name.as_bytes(), to.as_bytes(), &msg]);
+            msg.extend_from_slice(&tag);
+        }
+        self.nixl.send(to, &msg)
+    }
+
+    /// One round of the control thread: handle what arrived, acknowledge revocations whose
+    /// layouts went idle.
+    fn poll(&self) {
+        if let Ok(msgs) = self.nixl.take_control() {
+            for (sender, msg) in msgs {
+                self.handle(&sender, &msg);
+            }
+        }
+        let ready: Vec<(String, u64, u64)> = {
+            let mut s = self.lock();
+            let (ready, waiting) = std::mem::take(&mut s.to_ack)
+                .into_iter()
+                .partition(|(.., u)| u.idle());
+            s.to_ack = waiting;
+            ready
+                .into_iter()
+                .map(|(a, id, seq, _)| (a, id, seq))
+                .collect()
+        };
+        for (to, id, seq) in ready {
+            let _ = self.send(&to, ACK, &[id.to_le_bytes(), seq.to_le_bytes()].concat());
+        }
+    }
+
+    /// One message from `sender` (the agent NIXL names). Anything malformed or not made with
+    /// this context's key is dropped: a peer gets nothing for it.
+    fn handle(&self, sender: &str, msg: &[u8]) {
+        let Some(msg) = msg.strip_prefix(CONTROL_PREFIX) else {
+            return;
+        };
+        let body = match &self.key {
+            Some(key) => {
+                let Some(split) = msg.len().checked_sub(MAC_LEN) else {
+                    return;
+                };
+                let (m, tag) = msg.split_at(split);
+                let signed = [CONTROL_PREFIX, m].concat();
+                if !key.verify_parts(&[sender.as_bytes(), self.name.as_bytes(), &signed], tag) {
+                    return;
+                }
+                m
+            }
+            None => msg,
+        };
+        let Some((&kind, rest)) = body.split_first() else {
+            return;
+        };
+        let mut f = Fields(rest);
+        let _ = match kind {
+            HELLO => (|| {
+                let nonce = f.u64()?;
+                let md_len = f.u32()? as usize;
+                let md = f.bytes(md_len)?.to_vec();
+                let ids = f.ids()?;
+                self.on_hello(sender, nonce, &md, &ids);
+                Some(())
+            })(),
+            WELCOME => (|| {
+                let nonce = f.u64()?;
+                let ok = f.take::<1>()?[0] == 1;
+                let mut s = self.lock();
+                if let Some(w) = s.welcomes.get_mut(&nonce) {
+                    *w = Some(ok);
+                    self.changed.notify_all();
+                }
+                Some(())
+            })(),
+            REVOKE => (|| {
+                let (id, seq) = (f.u64()?, f.u64()?);
+                self.on_revoke(sender, id, seq);
+                Some(())
+            })(),
+            ACK => (|| {
+                let (id, seq) = (f.u64()?, f.u64()?);
+                let mut s = self.lock();
+                if s.unacked.remove(&(sender.to_string(), id, seq)) {
+                    self.changed.notify_all();
+                }
+                Some(())
+            })(),
+            BYE => (|| {
+                let ids = f.ids()?;
+                self.on_bye(sender, &ids);
+                Some(())
+            })(),
+            _ => None,
+        };
+    }
+
+    /// Exporter: an importer announces itself for `ids`.
+    fn on_hello(&self, sender: &str, nonce: u64, md: &[u8], ids: &[u64]) {
+        // Its metadata lets this agent answer; without it there is no one to answer to.
+        let Ok(remote) = self.nixl.load_remote(md, sender) else {
+            return;
+        };
+        let ok = {
+            let mut s = self.lock();
+            let ok = ids.iter().all(|id| s.exports.contains_key(id));
+            if ok {
+                let mut added = 0;
+                for id in ids {
+                    if let Some(set) = s.exports.get_mut(id) {
+                        added += usize::from(set.insert(sender.to_string()));
+                    }
+                }
+                s.importers
+                    .entry(sender.to_string())
+                    .or_insert((remote, 0))
+                    .1 += added;
+            }
+            ok
+        };
+        let mut body = nonce.to_le_bytes().to_vec();
+        body.push(u8::from(ok));
+        let _ = self.send(sender, WELCOME, &body);
+        // Without an import to track, its metadata goes again (RemoteAgent counts the loads).
+        self.release_importers(&[]);
+    }
+
+    /// Importer: the exporter revoked `id`.
+    fn on_revoke(&self, sender: &str, id: u64, seq: u64) {
+        let idle = {
+            let mut s = self.lock();
+            match s
+                .imported
+                .get(&(sender.to_string(), id))
+                .map(|(u, _)| u.clone())
+            {
+                Some(u) if !u.revoke() => {
+                    s.to_ack.push((sender.to_string(), id, seq, u));
+                    false
+                }
+                _ => true,
+            }
+        };
+        if idle {
+            let _ = self.send(sender, ACK, &[id.to_le_bytes(), seq.to_le_bytes()].concat());
+        }
+    }
+
+    /// Exporter: an importer gave up `ids`.
+    fn on_bye(&self, sender: &str, ids: &[u64]) {
+        let mut gone = 0;
+        {
+            let mut s = self.lock();
+            for id in ids {
+                if let Some(set) = s.exports.get_mut(id) {
+                    gone += usize::from(set.remove(sender));
+                }
+            }
+            s.unacked
+                .retain(|(a, id, _)| !(a == sender && ids.contains(id)));
+            if let Some(e) = s.importers.get_mut(sender) {
+                e.1 = e.1.saturating_sub(gone);
+            }
+        }
+        self.changed.notify_all();
+        self.release_importers(&[]);
+    }
+
+    /// Drops the metadata of importers that hold no export id any more, after taking
+    /// `revoked` (agents whose revocation of one id just ended) off their counts.
+    fn release_importers(&self, revoked: &[String]) {
+        let gone: Vec<RemoteAgent> = {
+            let mut s = self.lock();
+            for a in revoked {
+                if let Some(e) = s.importers.get_mut(a) {
+                    e.1 = e.1.saturating_sub(1);
+                }
+            }
+            let idle: Vec<String> = s
+                .importers
+                .iter()
+                .filter(|(_, (_, n))| *n == 0)
+                .map(|(a, _)| a.clone())
+                .collect();
+            idle.iter()
+                .filter_map(|a| s.importers.remove(a).map(|(r, _)| r))
+                .collect()
+        };
+        // Unloaded outside the lock: it calls into NIXL.
+        drop(gone);
+    }
+
+    /// Exporter: `id` is exported (peers may import it from now on).
+    pub(crate) fn exported(self: &Arc<Self>, id: u64) -> Result<()> {
+        self.start()?;
+        self.lock().exports.entry(id).or_default();
+        Ok(())
+    }
+
+    /// Importer: registers the import of `ids` from `agent`, announces it and waits for the
+    /// exporter's welcome. Returns each layout's state, shared with earlier imports of it.
+    pub(crate) fn import(
+        self: &Arc<Self>,
+        agent: &str,
+        ids: &[u64],
+    ) -> Result<Vec<Arc<RemoteUse>>> {
+        self.start()?;
+        let uses: Vec<Arc<RemoteUse>> = {
+            let mut s = self.lock();
+            ids.iter()
+                .map(|&id| {
+                    let e = s
+                        .imported
+                        .entry((agent.to_string(), id))
+                        .or_insert_with(|| (Arc::default(), 0));
+                    e.1 += 1;
+                    e.0.clone()
+                })
+                .collect()
+        };
+        let welcomed = self.hello(agent, ids);
+        if welcomed.is_err() {
+            self.release(agent, ids);
+        }
+        welcomed.map(|()| uses)
+    }
+
+    fn hello(&self, agent: &str, ids: &[u64]) -> Result<()> {
+        let md = self.nixl.agent().get_local_md().map_err(|e| {
+            Error::Nixl(format!("NIXL could not produce this agent's metadata: {e}"))
+        })?;
+        let nonce = fastrand::u64(..);
+        let mut body = nonce.to_le_bytes().to_vec();
+        body.extend_from_slice(&(md.len() as u32).to_le_bytes());
+        body.extend_from_slice(&md);
+        put_ids(&mut body, ids);
+        self.lock().welcomes.insert(nonce, None);
+        let sent = self.send(agent, HELLO, &body);
+        let deadline = Instant::now() + DEAD_PEER;
+        let mut s = self.lock();
+        let answer = loop {
+            match (s.welcomes.get(&nonce).copied().flatten(), &sent) {
+                (Some(ok), _) => break Ok(ok),
+                (None, Err(e)) => break Err(e.clone()),
+                (None, Ok(())) if Instant::now() >= deadline => {
+                    break Err(Error::Peer(format!(
+                        "the peer {agent:?} did not answer the import within {} s (is it \
+                         alive, and does it use the same peer_key?)",
+                        DEAD_PEER.as_secs()
+                    )));
+                }
+                (None, Ok(())) => {
+                    s = self
+                        .changed
+                        .wait_timeout(s, POLL)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        };
+        s.welcomes.remove(&nonce);
+        match answer? {
+            true => Ok(()),
+            false => bail!(
+                Peer,
+                "the peer {agent:?} has freed a layout of this export since it was made; \
+                 import a newer export"
+            ),
+        }
+    }
+
+    /// Importer: the imports of `ids` from `agent` by one peer handle end. Ids no other handle
+    /// imports are revoked here, their transfers waited for (at most DEAD_PEER), and given up
+    /// at the exporter.
+    pub(crate) fn release(&self, agent: &str, ids: &[u64]) {
+        let last: Vec<(u64, Arc<RemoteUse>)> = {
+            let mut s = self.lock();
+            ids.iter()
+                .filter_map(|&id| {
+                    let k = (agent.to_string(), id);
+                    let e = s.imported.get_mut(&k)?;
+                    e.1 -= 1;
+                    if e.1 > 0 {
+                        return None;
+                    }
+                    s.imported.remove(&k).map(|(u, _)| (id, u))
+                })
+                .collect()
+        };
+        if last.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + DEAD_PEER;
+        for (_, u) in &last {
+            u.revoke();
+            while !u.idle() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        let mut body = Vec::new();
+        put_ids(
+            &mut body,
+            &last.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        );
+        let _ = self.send(agent, BYE, &body);
+    }
+}
+
+impl Revoke for Control {
+    /// Exporter: the layout `id` is being freed. Every importer is told and acknowledges once
+    /// nothing of it is in flight; an importer that cannot be told, or does not answer within
+    /// DEAD_PEER, is taken for gone.
+    fn revoke(&self, id: u64) {
+        let sent: Vec<(String, u64)> = {
+            let mut s = self.lock();
+            let importers = s.exports.remove(&id).unwrap_or_default();
+            importers
+                .into_iter()
+                .map(|a| {
+                    s.seq += 1;
+                    let seq = s.seq;
+                    s.unacked.insert((a.clone(), id, seq));
+                    (a, seq)
+                })
+                .collect()
+        };
+        if sent.is_empty() {
+            return;
+        }
+        for (to, seq) in &sent {
+            let body = [id.to_le_bytes(), seq.to_le_bytes()].concat();
+            if self.send(to, REVOKE, &body).is_err() {
+                self.lock().unacked.remove(&(to.clone(), id, *seq));
+            }
+        }
+        let deadline = Instant::now() + DEAD_PEER;
+        let mut s = self.lock();
+        while s.unacked.iter().any(|(_, i, _)| *i == id) && Instant::now() < deadline {
+            s = self
+                .changed
+                .wait_timeout(s, POLL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        s.unacked.retain(|(_, i, _)| *i != id);
+        drop(s);
+        let agents: Vec<String> = sent.into_iter().map(|(a, _)| a).collect();
+        self.release_importers(&agents);
+    }
+}

@@ -1,0 +1,146 @@
+//! Peers: the export format (`blob`), export and import, and the control messages by which an
+//! exporter revokes its freed layouts at every importer (`control`).
+
+mod blob;
+mod control;
+
+use std::sync::Arc;
+
+#[cfg(feature = "fuzzing")]
+pub(crate) use blob::seal;
+pub use blob::{PeerBlob, PeerKey};
+pub(crate) use control::Control;
+
+use crate::error::{Error, Result, bail};
+use crate::layout::Layout;
+use crate::memory::{Memory, StorageKind};
+use crate::nixl::{NixlAgent, RemoteAgent};
+use blob::LayoutDescriptor;
+
+/// The bytes a peer imports: the metadata of `control`'s agent (named `name`) and descriptors
+/// of `layouts` (local layouts of the context whose agent this is), which are registered with
+/// the agent (for as long as they live) so that the peer can reach them. Each layout is
+/// revoked at its importers when it is dropped (`control`).
+pub(crate) fn export(
+    control: &Arc<Control>,
+    agent: &NixlAgent,
+    name: &str,
+    layouts: &[&Layout],
+    key: Option<&PeerKey>,
+) -> Result<Vec<u8>> {
+    for (i, l) in layouts.iter().enumerate() {
+        if l.is_remote() {
+            bail!(
+                InvalidArgument,
+                "layouts[{i}] belongs to a peer; only local layouts can be exported"
+            );
+        }
+        if l.storage_kind() == StorageKind::Disk {
+            bail!(
+                InvalidArgument,
+                "layouts[{i}] is a disk layout; peers cannot reach disk layouts"
+            );
+        }
+    }
+    for l in layouts {
+        l.memory().ensure_nixl_registered(agent.agent())?;
+    }
+    let mut descriptors = Vec::with_capacity(layouts.len());
+    for l in layouts {
+        let export_id = l.export_id(|| control.clone());
+        control.exported(export_id)?;
+        descriptors.push(LayoutDescriptor {
+            export_id,
+            config: *l.config(),
+            kind: l.storage_kind(),
+            device_id: l.memory().device_id(),
+            regions: l.memory().regions().to_vec(),
+        });
+    }
+    let nixl_md = agent
+        .agent()
+        .get_local_md()
+        .map_err(|e| Error::Nixl(format!("NIXL could not produce this agent's metadata: {e}")))?;
+    PeerBlob {
+        agent: name.to_string(),
+        nixl_md,
+        layouts: descriptors,
+    }
+    .encode(key)
+}
+
+/// Imports a decoded export into `agent` (named `own_name`, of context `context_id`): NIXL
+/// only sees metadata of a blob whose checks held, and a peer layout that does not hold is
+/// `Error::Peer`. The exporter is told of the import and must welcome it (every layout still
+/// exported) before this returns, so it revokes the layouts here when it frees them.
+pub(crate) fn import(
+    control: &Arc<Control>,
+    agent: &NixlAgent,
+    own_name: &str,
+    context_id: u64,
+    blob: PeerBlob,
+) -> Result<Peer> {
+    if blob.agent == own_name {
+        bail!(Peer, "this export comes from this context itself");
+    }
+    let remote = agent.load_remote(&blob.nixl_md, &blob.agent)?;
+    let name = remote.name().clone();
+    let ids: Vec<u64> = blob.layouts.iter().map(|d| d.export_id).collect();
+    let uses = control.import(&name, &ids)?;
+    // From here on, dropping `peer` gives the imports up again.
+    let mut peer = Peer {
+        control: control.clone(),
+        ids,
+        layouts: Vec::with_capacity(uses.len()),
+        remote,
+    };
+    peer.layouts = blob
+        .layouts
+        .into_iter()
+        .zip(uses)
+        .map(|(d, state)| {
+            let memory = Memory::remote(d.kind, d.device_id, d.regions, state);
+            Layout::new_remote(d.config, memory, context_id, name.clone())
+                .map(Arc::new)
+                .map_err(|e| Error::Peer(format!("peer layout: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(peer)
+}
+
+/// An imported peer: its agent (loaded into the importing context's NIXL agent) and the layouts
+/// it shared. Dropping the last peer of an agent unloads its metadata; layout handles stay valid
+/// objects, but once no peer handle imports a layout any more, transfers to it are refused.
+pub struct Peer {
+    control: Arc<Control>,
+    /// Export ids of `layouts`, in order.
+    ids: Vec<u64>,
+    layouts: Vec<Arc<Layout>>,
+    // Last: the metadata stays loaded until the exporter was told the imports ended.
+    remote: RemoteAgent,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.control.release(self.remote.name(), &self.ids);
+    }
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("agent", self.remote.name())
+            .field("layouts", &self.layouts.len())
+            .finish()
+    }
+}
+
+impl Peer {
+    pub fn agent(&self) -> &str {
+        self.remote.name()
+    }
+
+    pub fn layouts(&self) -> &[Arc<Layout>] {
+        &self.layouts
+    }
+}
