@@ -147,6 +147,38 @@ static void missing_cuda_device(void) {
   kvx_context_free(ctx);
 }
 
+static int log_lines = 0;
+static int log_saw_refusal = 0;
+static void on_log(int32_t level, const char *target, const char *message, void *user) {
+  (void)target;
+  if (level >= KVX_LOG_LEVEL_ERROR && level <= KVX_LOG_LEVEL_DEBUG && user == (void *)&log_lines)
+    log_lines++;
+  if (strstr(message, "refused") != NULL && strstr(message, "worker_threads") != NULL)
+    log_saw_refusal = 1;
+}
+
+/* Log lines go to the runtime's callback, up to its level; NULL sends them back to stderr. */
+static void log_callback(void) {
+  CHECK_STATUS(kvx_set_log_callback(on_log, 0, NULL), KVX_STATUS_INVALID_ARGUMENT);
+  CHECK_STATUS(kvx_set_log_callback(on_log, 6, NULL), KVX_STATUS_INVALID_ARGUMENT);
+  CHECK_OK(kvx_set_log_callback(on_log, KVX_LOG_LEVEL_DEBUG, &log_lines));
+  kvx_context *ctx = test_context(1); /* "context made" at INFO */
+  CHECK(ctx != NULL);
+  kvx_context_free(ctx);
+  kvx_context_config c;
+  kvx_context_config_init(&c);
+  c.worker_threads = 100000;
+  CHECK_STATUS(kvx_context_new(&c, &ctx), KVX_STATUS_INVALID_ARGUMENT);
+  CHECK(log_lines >= 2);
+  CHECK(log_saw_refusal);
+  /* Up to ERROR only: the same refusal (DEBUG) is not delivered. */
+  CHECK_OK(kvx_set_log_callback(on_log, KVX_LOG_LEVEL_ERROR, &log_lines));
+  int before = log_lines;
+  CHECK_STATUS(kvx_context_new(&c, &ctx), KVX_STATUS_INVALID_ARGUMENT);
+  CHECK(log_lines == before);
+  CHECK_OK(kvx_set_log_callback(NULL, KVX_LOG_LEVEL_ERROR, NULL));
+}
+
 static void last_error_survives_success(void) {
   kvx_context *ctx = NULL;
   CHECK_STATUS(kvx_context_new(NULL, &ctx), KVX_STATUS_NULL_ARGUMENT);
@@ -164,6 +196,7 @@ int main(void) {
   RUN(context_lifecycle);
   RUN(context_errors_leave_output_untouched);
   RUN(missing_cuda_device);
+  RUN(log_callback);
   RUN(last_error_survives_success);
   return FINISH();
 }

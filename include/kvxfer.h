@@ -80,6 +80,31 @@
 #define KVX_LAYOUT_KIND_LAYER_SEPARATE_OUTER_FIRST 2
 
 /**
+ * Log level: errors only.
+ */
+#define KVX_LOG_LEVEL_ERROR 1
+
+/**
+ * Log level: warnings (fallbacks, peers taken for dead) and errors.
+ */
+#define KVX_LOG_LEVEL_WARN 2
+
+/**
+ * Log level: what was loaded from where, backends, contexts; and the above.
+ */
+#define KVX_LOG_LEVEL_INFO 3
+
+/**
+ * Log level: every plan and mechanism choice, every refused call; and the above.
+ */
+#define KVX_LOG_LEVEL_DEBUG 4
+
+/**
+ * Log level: everything.
+ */
+#define KVX_LOG_LEVEL_TRACE 5
+
+/**
  * CPU memcpy between host kinds.
  */
 #define KVX_STRATEGY_MEMCPY 0
@@ -390,6 +415,14 @@ typedef struct kvx_memory {
 } kvx_memory;
 
 /**
+ * A runtime's logger: the level (KVX_LOG_LEVEL_*), the module that logged (e.g.
+ * "kvxfer::nixl::loader"), the message, and the `user` pointer given with it. The strings
+ * live for the call only. It may be called from any thread, also from kvxfer's own, and must
+ * not call back into kvxfer.
+ */
+typedef void (*kvx_log_fn)(int32_t level, const char *target, const char *message, void *user);
+
+/**
  * Bytes kvxfer allocated for the caller; release with kvx_bytes_free().
  */
 typedef struct kvx_bytes {
@@ -567,6 +600,15 @@ int32_t kvx_layout_region(const struct kvx_layout *layout,
  * where the memory is reused (a peer's transfers to it fail with KVX_STATUS_PEER).
  */
 void kvx_layout_free(struct kvx_layout *layout);
+
+/**
+ * Sends kvxfer's log lines of at most `max_level` (KVX_LOG_LEVEL_*) to `log_fn`, with `user`;
+ * `log_fn` NULL sends them back to stderr, filtered by the environment variable KVX_LOG
+ * (env-filter syntax: "info", "kvxfer=debug", ...; unset: nothing). Applies to every
+ * context of the process from the next line on. Errors: INVALID_ARGUMENT (max_level outside
+ * 1..5).
+ */
+KVX_NODISCARD int32_t kvx_set_log_callback(kvx_log_fn log_fn, int32_t max_level, void *user);
 
 /**
  * Serialises the context's NIXL agent metadata and descriptors of `layouts` (local layouts of

@@ -105,9 +105,17 @@ impl Context {
             && config.capabilities.allow_gds
             && n.agent.has_gds()
         {
-            disk::probe_gds(&n.agent, &config.disk_dir())?;
+            disk::probe_gds(&n.agent, &config.disk_dir())
+                .inspect_err(|e| tracing::warn!("GPUDirect Storage refused: {e}"))?;
         }
         let workers = Workers::new(threads, "kvx-worker")?;
+        tracing::info!(
+            context = name,
+            cuda = ?cuda.as_ref().map(|c| c.primary.ordinal).map_err(String::as_str),
+            nixl = nixl.is_some(),
+            workers = threads,
+            "context made"
+        );
         let control = nixl
             .as_ref()
             .map(|n| Control::new(n.agent.clone(), &name, config.peer_key.clone()));
@@ -304,7 +312,20 @@ impl Context {
             layers,
         };
         request.validate()?;
-        exec::dispatch(plan, &request, options, &self.res)
+        let t = exec::dispatch(plan, &request, options, &self.res)?;
+        let s = t.stats();
+        tracing::debug!(
+            %plan,
+            mechanism = ?s.mechanism,
+            bytes = s.bytes,
+            fragments = s.fragments,
+            copies = s.copies,
+            "transfer submitted"
+        );
+        if s.kernel_fallback {
+            tracing::debug!("AUTO wanted the copy kernel, which is unavailable: copy engines run");
+        }
+        Ok(t)
     }
 
     /// Dequeues the oldest notification a peer sent to this context with a write:

@@ -23,6 +23,7 @@ mod exec;
 #[allow(dead_code)]
 mod ffi;
 mod layout;
+mod log;
 mod memory;
 mod nixl;
 mod options;
@@ -43,6 +44,14 @@ pub use options::{
 pub use peer::{Peer, PeerKey};
 pub use plan::{Capabilities, Location, Plan, Strategy, select};
 pub use transfer::Transfer;
+
+/// Sends kvxfer's log lines to stderr as far as the environment variable `KVX_LOG` lets them
+/// through (env-filter syntax: `info`, `kvxfer=debug`, ...), by installing kvxfer's
+/// subscriber as the process's default unless it has one. The C ABI does this by itself; a
+/// Rust program calls it, or installs its own `tracing` subscriber.
+pub fn log_from_env() {
+    log::install();
+}
 
 /// Loads NIXL now, as a context with NIXL backends would: the folder it was loaded from, or
 /// `Unavailable` with how to install it.

@@ -73,6 +73,7 @@ fn header_declares_every_exported_function() {
         "kvx_context_next_notification",
         "kvx_layout_fill",
         "kvx_layout_checksum",
+        "kvx_set_log_callback",
     ] {
         let declared = header
             .lines()
@@ -119,10 +120,15 @@ fn every_name_in_the_header_is_prefixed() {
             .or_else(|| line.strip_prefix("struct "))
         {
             names.push(ident(rest));
+        } else if let Some(at) = line.find("(*")
+            && line.starts_with("typedef")
+        {
+            // `typedef T (*kvx_fn)(...)`: a function pointer type.
+            names.push(ident(&line[at + 2..]));
         } else if let Some(open) = line.find('(')
             && !line.starts_with('#')
         {
-            // `T kvx_f(` or `typedef T (*kvx_fn)(`: the identifier before the first '('.
+            // `T kvx_f(`: the identifier before the first '('.
             let before = line[..open].trim_end();
             let start = before
                 .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))

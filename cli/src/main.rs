@@ -36,6 +36,7 @@ fn main() -> std::process::ExitCode {
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    kvxfer::log_from_env();
     let result = match cli.command {
         Command::Plan(a) => plan::run(&a),
         Command::Demo(a) => demo::run(&a),

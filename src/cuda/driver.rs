@@ -22,7 +22,19 @@ static DRIVER: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
 /// The loaded and initialised driver, or why there is none (`Unavailable`).
 pub fn driver() -> Result<&'static Driver> {
     DRIVER
-        .get_or_init(load)
+        .get_or_init(|| {
+            let d = load();
+            match &d {
+                Ok(d) => tracing::info!(
+                    "CUDA driver {}.{} loaded, {} device(s)",
+                    d.version / 1000,
+                    d.version % 1000 / 10,
+                    d.device_count
+                ),
+                Err(why) => tracing::info!("no CUDA: {why}"),
+            }
+            d
+        })
         .as_ref()
         .map_err(|why| Error::Unavailable(why.clone()))
 }

@@ -76,6 +76,7 @@ fn load() -> Result<Api> {
                 destroy: *lib.get(b"nvrtcDestroyProgram\0").map_err(sym)?,
                 _lib: lib,
             };
+            tracing::info!("NVRTC loaded from {c}");
             return Ok(api);
         }
     }

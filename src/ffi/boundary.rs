@@ -24,6 +24,7 @@ pub(crate) fn last_error_ptr() -> *const c_char {
 /// Records `e` as the thread's last error and returns its status.
 pub(crate) fn fail(e: Error) -> i32 {
     let s = status_of(&e);
+    tracing::debug!(status = ?super::status::name_of(s), "refused: {e}");
     set_last_error(e);
     s
 }

@@ -119,6 +119,7 @@ pub unsafe extern "C" fn kvx_context_new(
     context_out: *mut *mut kvx_context,
 ) -> i32 {
     ffi_boundary! {
+        crate::log::install();
         // SAFETY: the caller passes a valid config or NULL.
         let c = try_status!(unsafe { deref(config, "config") });
         if context_out.is_null() {

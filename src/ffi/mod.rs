@@ -14,6 +14,7 @@
 pub(crate) mod boundary;
 pub mod context;
 pub mod layout;
+pub mod log;
 pub mod peer;
 pub mod plan;
 pub mod status;

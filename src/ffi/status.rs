@@ -53,7 +53,12 @@ pub(crate) fn status_of(e: &Error) -> i32 {
 /// The string is static: never NULL, do not free. Thread-safe.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvx_status_name(status: i32) -> *const c_char {
-    let s: &'static std::ffi::CStr = match status {
+    name_of(status).as_ptr()
+}
+
+/// The name of a status, as kvx_status_name gives it.
+pub(crate) fn name_of(status: i32) -> &'static std::ffi::CStr {
+    match status {
         KVX_STATUS_OK => c"KVX_STATUS_OK",
         KVX_STATUS_PENDING => c"KVX_STATUS_PENDING",
         KVX_STATUS_NULL_ARGUMENT => c"KVX_STATUS_NULL_ARGUMENT",
@@ -69,8 +74,7 @@ pub extern "C" fn kvx_status_name(status: i32) -> *const c_char {
         KVX_STATUS_PEER => c"KVX_STATUS_PEER",
         KVX_STATUS_PANIC => c"KVX_STATUS_PANIC",
         _ => c"KVX_STATUS_UNKNOWN",
-    };
-    s.as_ptr()
+    }
 }
 
 /// The detail message of the last call that failed on this thread, "" if none has.

@@ -136,6 +136,7 @@ impl NixlAgent {
             }
             backends.push(plugin);
         }
+        tracing::info!(agent = name, ?backends, gpu_rdma, "NIXL agent made");
         Ok(Self {
             agent,
             backends,

@@ -90,29 +90,38 @@ static LOADED: OnceLock<std::result::Result<String, String>> = OnceLock::new();
 pub fn load() -> Result<&'static str> {
     LOADED
         .get_or_init(|| {
-            let mut failures = Vec::new();
-            for dir in candidate_dirs() {
-                let path = dir.join(LIB);
-                if !path.exists() {
-                    continue;
-                }
-                let path = path.to_string_lossy().into_owned();
-                match dlopen(&path) {
-                    Ok(()) => return Ok(path),
-                    Err(why) => failures.push(format!("{path}: {why}")),
-                }
+            let loaded = find_and_load();
+            match &loaded {
+                Ok(from) => tracing::info!("NIXL loaded from {from}"),
+                Err(why) => tracing::info!("{why}"),
             }
-            // Last: wherever the dynamic loader finds it (LD_LIBRARY_PATH, ldconfig).
-            if only_lib_dir() {
-                return Err(not_found(&failures));
-            }
-            match dlopen(LIB) {
-                Ok(()) => Ok(LIB.to_string()),
-                Err(_) => Err(not_found(&failures)),
-            }
+            loaded
         })
         .as_deref()
         .map_err(|why| Error::Unavailable(why.clone()))
+}
+
+fn find_and_load() -> std::result::Result<String, String> {
+    let mut failures = Vec::new();
+    for dir in candidate_dirs() {
+        let path = dir.join(LIB);
+        if !path.exists() {
+            continue;
+        }
+        let path = path.to_string_lossy().into_owned();
+        match dlopen(&path) {
+            Ok(()) => return Ok(path),
+            Err(why) => failures.push(format!("{path}: {why}")),
+        }
+    }
+    // Last: wherever the dynamic loader finds it (LD_LIBRARY_PATH, ldconfig).
+    if only_lib_dir() {
+        return Err(not_found(&failures));
+    }
+    match dlopen(LIB) {
+        Ok(()) => Ok(LIB.to_string()),
+        Err(_) => Err(not_found(&failures)),
+    }
 }
 
 fn not_found(failures: &[String]) -> String {

@@ -277,6 +277,7 @@ impl Control {
             }
             ok
         };
+        tracing::debug!(importer = sender, ?ids, ok, "import announced");
         let mut body = nonce.to_le_bytes().to_vec();
         body.push(u8::from(ok));
         let _ = self.send(sender, WELCOME, &body);
@@ -501,8 +502,25 @@ impl Revoke for Control {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        let silent: Vec<String> = s
+            .unacked
+            .iter()
+            .filter(|(_, i, _)| *i == id)
+            .map(|(a, ..)| a.clone())
+            .collect();
         s.unacked.retain(|(_, i, _)| *i != id);
         drop(s);
+        for a in &silent {
+            tracing::warn!(
+                "importer {a:?} did not acknowledge the revocation of layout {id:#x} within {} s: \
+                 taken for dead",
+                DEAD_PEER.as_secs()
+            );
+        }
+        tracing::debug!(
+            "layout {id:#x} revoked at {} importer(s)",
+            sent.len() - silent.len()
+        );
         let agents: Vec<String> = sent.into_iter().map(|(a, _)| a).collect();
         self.release_importers(&agents);
     }

@@ -65,7 +65,16 @@ impl CudaExec {
         let mut kernels = self.kernels.lock().unwrap_or_else(|p| p.into_inner());
         kernels
             .entry(dev.ordinal)
-            .or_insert_with(|| Kernel::build(dev).map(Arc::new).map_err(|e| e.to_string()))
+            .or_insert_with(|| {
+                Kernel::build(dev).map(Arc::new).map_err(|e| {
+                    tracing::warn!(
+                        "the copy kernel cannot run on CUDA device {}: {e}; AUTO moves small \
+                         fragments with the copy engines",
+                        dev.ordinal
+                    );
+                    e.to_string()
+                })
+            })
             .clone()
     }
 

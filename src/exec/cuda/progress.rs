@@ -60,15 +60,17 @@ impl Progress {
                             // Late by this thread's wake-up, so a little slow.
                             dev.pace.learn(p.route, p.bytes, p.completion.age());
                         }
-                        // Completed before the event goes back to the pool: a waiter that
-                        // finds the transfer still pending may query the event, and it must
-                        // not be another transfer's yet.
+                        // The memory goes before completion is reported, so a layout freed
+                        // after a wait is released at once. Completed before the event goes
+                        // back to the pool: a waiter that finds the transfer still pending may
+                        // query the event, and it must not be another transfer's yet.
+                        drop(p.memory);
                         p.completion.part_done(r);
                         dev.recycle_event(p.event);
                         if let Some(t) = p.table {
                             dev.recycle_table(t);
                         }
-                        drop((p.memory, p.gate));
+                        drop(p.gate);
                     }
                 })
                 .map_err(|e| Error::OutOfMemory(format!("cannot start progress thread: {e}")))?;

@@ -174,19 +174,19 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
                     match post(&agent, &p.req, p.notify_now(), p.error) {
                         Ok(_) => true,
                         Err(e) => {
-                            p.completion.part_done(Err(e));
+                            p.finish(Err(e));
                             false
                         }
                     }
                 }
                 None => {
-                    p.completion.part_done(Ok(()));
+                    p.finish(Ok(()));
                     false
                 }
             },
             Err(e) => {
-                p.completion
-                    .part_done(Err((p.error)(format!("NIXL transfer failed: {e}"))));
+                let e = (p.error)(format!("NIXL transfer failed: {e}"));
+                p.finish(Err(e));
                 false
             }
         });
@@ -212,6 +212,15 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
 }
 
 impl Pending {
+    /// Reports the transfer's outcome, after letting go of its memory and its use of a peer's
+    /// layout: once a waiter sees the transfer done, freeing a layout releases it at once (a
+    /// disk file can be opened again, a peer's revocation is acknowledged).
+    fn finish(&mut self, result: Result<()>) {
+        self._hold.clear();
+        self.use_guard = None;
+        self.completion.part_done(result);
+    }
+
     /// The notification goes with the last request of a transfer, after all its data.
     fn notify_now(&self) -> Option<&[u8]> {
         if self.then.is_empty() {
@@ -224,9 +233,9 @@ impl Pending {
 
 /// Posts a request handed to the progress thread; `Some` while it is in flight. A request to a
 /// layout its peer revoked in the meantime is failed instead.
-fn post_pending(agent: &Agent, p: Pending) -> Option<Pending> {
+fn post_pending(agent: &Agent, mut p: Pending) -> Option<Pending> {
     if p.use_guard.as_ref().is_some_and(UseGuard::revoked) {
-        p.completion.part_done(Err(Error::Peer(
+        p.finish(Err(Error::Peer(
             "the peer freed this layout before the transfer was posted; nothing was sent".into(),
         )));
         return None;
@@ -236,11 +245,11 @@ fn post_pending(agent: &Agent, p: Pending) -> Option<Pending> {
         Ok(false) if !p.then.is_empty() => Some(p),
         Ok(true) => Some(p),
         Ok(false) => {
-            p.completion.part_done(Ok(()));
+            p.finish(Ok(()));
             None
         }
         Err(e) => {
-            p.completion.part_done(Err(e));
+            p.finish(Err(e));
             None
         }
     }
