@@ -227,6 +227,15 @@ static void freed_export_is_revoked(void) {
   CHECK(s == KVX_STATUS_PEER);
   CHECK_OK(kvx_layout_checksum(a, l2, ids, 16, after));
   CHECK(memcmp(before, after, sizeof before) == 0);
+  /* The counters saw it: one export revoked at one importer; one import; B's first write. */
+  kvx_context_stats sa, sb;
+  CHECK_STATUS(kvx_context_get_stats(a, NULL), KVX_STATUS_NULL_ARGUMENT);
+  CHECK_OK(kvx_context_get_stats(a, &sa));
+  CHECK_OK(kvx_context_get_stats(b, &sb));
+  CHECK(sa.layouts_exported == 1 && sa.revocations == 1 && sa.importers_lost == 0);
+  CHECK(sb.peers_imported == 1);
+  CHECK(sb.by_mechanism[KVX_MECHANISM_NIXL].transfers >= 1);
+  CHECK(sb.by_strategy[KVX_STRATEGY_NIXL_WRITE].bytes >= 16 * 2 * 2 * 16 * 64 * 2);
 
   kvx_layout_free(remote);
   kvx_peer_free(peer);

@@ -201,6 +201,12 @@ static void poll_wait_stats_and_free_order(void) {
   kvx_transfer_stats st;
   CHECK_OK(kvx_transfer_get_stats(tr, &st)); /* works while pending too */
   CHECK(st.bytes == 512ull * 4 * 2 * 2048);
+  kvx_context_stats cs;
+  CHECK_OK(kvx_context_get_stats(ctx, &cs));
+  CHECK(cs.by_mechanism[KVX_MECHANISM_MEMCPY].transfers == 1);
+  CHECK(cs.by_mechanism[KVX_MECHANISM_MEMCPY].bytes == st.bytes);
+  CHECK(cs.by_strategy[KVX_STRATEGY_MEMCPY].transfers == 1);
+  CHECK(cs.by_mechanism[KVX_MECHANISM_NIXL].transfers == 0 && cs.bounce_transfers == 0);
 
   /* The transfer keeps what it needs: free the layouts and the context first. */
   kvx_layout_free(src);

@@ -359,6 +359,63 @@ typedef struct kvx_context_config {
 } kvx_context_config;
 
 /**
+ * Transfers, bytes and failures of one kind since the context was made.
+ */
+typedef struct kvx_counter {
+  /**
+   * Transfers submitted.
+   */
+  uint64_t transfers;
+  /**
+   * Bytes they move.
+   */
+  uint64_t bytes;
+  /**
+   * Transfers that failed after they were submitted (refused submits are not counted).
+   */
+  uint64_t errors;
+} kvx_counter;
+
+/**
+ * A context's cumulative counters, for a runtime's metrics system (kvx_context_get_stats).
+ */
+typedef struct kvx_context_stats {
+  /**
+   * By what moved the bytes, indexed by KVX_MECHANISM_*.
+   */
+  struct kvx_counter by_mechanism[4];
+  /**
+   * By the plan's first strategy, indexed by KVX_STRATEGY_* (KVX_STRATEGY_INVALID stays 0).
+   */
+  struct kvx_counter by_strategy[11];
+  /**
+   * Two-hop transfers through the pinned bounce pool, and their bytes.
+   */
+  uint64_t bounce_transfers;
+  uint64_t bounce_bytes;
+  /**
+   * Pinned bounce buffers the pool holds (made on first use, at most four).
+   */
+  uint64_t bounce_buffers;
+  /**
+   * Peers imported, in total.
+   */
+  uint64_t peers_imported;
+  /**
+   * Layouts exported (each once, however often).
+   */
+  uint64_t layouts_exported;
+  /**
+   * Exported layouts revoked at their importers when freed.
+   */
+  uint64_t revocations;
+  /**
+   * Importers that did not acknowledge a revocation within 5 s (taken for dead).
+   */
+  uint64_t importers_lost;
+} kvx_context_stats;
+
+/**
  * The shape of a block pool. One (block, layer, outer) piece ("region") holds
  * page_size * inner_dim * dtype_width_bytes bytes. Start from kvx_layout_config_init().
  * Every dimension is at least 1; num_layers is at most 65536; all sizes are overflow-checked.
@@ -534,6 +591,14 @@ int32_t kvx_context_new(const struct kvx_context_config *config,
  * Layouts and transfers made from it stay valid. Freeing twice is undefined behaviour.
  */
 void kvx_context_free(struct kvx_context *context);
+
+/**
+ * Writes the context's cumulative counters into *stats_out. Thread-safe; cheap (a few atomic
+ * loads). Errors: NULL_ARGUMENT.
+ */
+KVX_NODISCARD
+int32_t kvx_context_get_stats(const struct kvx_context *context,
+                              struct kvx_context_stats *stats_out);
 
 /**
  * Writes the defaults into *config: dtype_width_bytes 2, alignment 1, FULLY_CONTIGUOUS, every

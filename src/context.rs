@@ -14,8 +14,11 @@ use crate::exec::{self, Resources, Workers};
 use crate::layout::{Geometry, Layout, LayoutConfig, check_regions};
 use crate::memory::disk::{self, DiskFile};
 use crate::memory::{Memory, Region, StorageKind};
+use crate::metrics::Counters;
 use crate::nixl::Backends;
-use crate::options::{ContextConfig, MAX_WORKER_THREADS, StorageSpec, TransferOptions};
+use crate::options::{
+    ContextConfig, ContextStats, MAX_WORKER_THREADS, StorageSpec, TransferOptions,
+};
 use crate::peer::{self, Control, Peer, PeerBlob};
 use crate::plan::{Location, Plan, Request, copy_list, select};
 use crate::transfer::Transfer;
@@ -32,6 +35,7 @@ pub struct Context {
     res: Resources,
     /// Revocation messages with peers; present with NIXL.
     control: Option<Arc<Control>>,
+    counters: Arc<Counters>,
 }
 
 /// Refuses what no part of a context can be made with.
@@ -116,15 +120,22 @@ impl Context {
             workers = threads,
             "context made"
         );
-        let control = nixl
-            .as_ref()
-            .map(|n| Control::new(n.agent.clone(), &name, config.peer_key.clone()));
+        let counters = Arc::new(Counters::default());
+        let control = nixl.as_ref().map(|n| {
+            Control::new(
+                n.agent.clone(),
+                &name,
+                config.peer_key.clone(),
+                counters.clone(),
+            )
+        });
         Ok(Self {
             id,
             name,
             config,
             res: Resources::new(workers, cuda, nixl),
             control,
+            counters,
         })
     }
 
@@ -325,6 +336,12 @@ impl Context {
         if s.kernel_fallback {
             tracing::debug!("AUTO wanted the copy kernel, which is unavailable: copy engines run");
         }
+        let (mechanism, strategy) = (s.mechanism as usize, plan.first() as usize);
+        let two_hop = matches!(plan, Plan::TwoHop { .. });
+        self.counters
+            .submitted(mechanism, strategy, s.bytes, two_hop);
+        let counters = self.counters.clone();
+        t.on_error(move || counters.failed(mechanism, strategy));
         Ok(t)
     }
 
@@ -350,6 +367,11 @@ impl Context {
     pub fn checksum(&self, layout: &Layout, blocks: &[u64]) -> Result<Vec<u64>> {
         self.check_owned(layout, "checksummed")?;
         verify::checksum(layout, blocks, self.worker_threads())
+    }
+
+    /// Cumulative counters since the context was made.
+    pub fn stats(&self) -> ContextStats {
+        self.counters.snapshot(self.res.bounce_buffers())
     }
 
     /// The folder unnamed disk layouts of this context go in.

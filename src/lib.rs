@@ -25,6 +25,7 @@ mod ffi;
 mod layout;
 mod log;
 mod memory;
+mod metrics;
 mod nixl;
 mod options;
 mod peer;
@@ -33,7 +34,7 @@ mod transfer;
 mod verify;
 
 pub use context::Context;
-pub use cuda::{CudaDevice, device_count};
+pub use cuda::{CudaDevice, CudaInfo, cuda_info, device_count, nvrtc_location};
 pub use error::{Error, Result};
 pub use layout::{Layout, LayoutConfig, LayoutKind};
 pub use memory::{Region, StorageKind};

@@ -139,3 +139,36 @@ pub struct TransferStats {
     /// Submit to completion; 0 while the transfer is pending.
     pub elapsed_ns: u64,
 }
+
+/// Transfers, bytes and failures of one kind, since the context was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counter {
+    /// Transfers submitted.
+    pub transfers: u64,
+    /// Bytes they move.
+    pub bytes: u64,
+    /// Transfers that failed after they were submitted.
+    pub errors: u64,
+}
+
+/// A context's cumulative counters, for a runtime's metrics system.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContextStats {
+    /// By what moved the bytes, indexed by `Mechanism as usize`.
+    pub by_mechanism: [Counter; 4],
+    /// By the plan's first strategy, indexed by `Strategy as usize`.
+    pub by_strategy: [Counter; 11],
+    /// Two-hop transfers through the pinned bounce pool, and their bytes.
+    pub bounce_transfers: u64,
+    pub bounce_bytes: u64,
+    /// Pinned bounce buffers the pool holds (two per pair, made on first use).
+    pub bounce_buffers: u64,
+    /// Peers imported, in total.
+    pub peers_imported: u64,
+    /// Layouts exported (each once, however often it is exported).
+    pub layouts_exported: u64,
+    /// Exported layouts revoked at their importers when freed.
+    pub revocations: u64,
+    /// Importers that did not acknowledge a revocation in time (taken for dead).
+    pub importers_lost: u64,
+}

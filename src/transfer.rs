@@ -12,11 +12,23 @@ use crate::cuda::{CudaDevice, Route, check};
 use crate::error::{Error, Result};
 use crate::options::TransferStats;
 
-#[derive(Debug)]
+/// Called once if the transfer fails (the context's error counters).
+type OnError = Box<dyn FnOnce() + Send>;
+
 struct State {
     outcome: Option<Result<()>>,
     first_error: Option<Error>,
     elapsed_ns: u64,
+    on_error: Option<OnError>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("outcome", &self.outcome)
+            .field("elapsed_ns", &self.elapsed_ns)
+            .finish()
+    }
 }
 
 /// Shared between the transfer handle and the work that carries it out.
@@ -36,6 +48,7 @@ impl Completion {
                 outcome: None,
                 first_error: None,
                 elapsed_ns: 0,
+                on_error: None,
             }),
             done: Condvar::new(),
             remaining: AtomicUsize::new(parts),
@@ -74,8 +87,25 @@ impl Completion {
                 None => Ok(()),
             });
         }
+        let failed = matches!(s.outcome, Some(Err(_))).then(|| s.on_error.take());
         drop(s);
         self.done.notify_all();
+        if let Some(Some(f)) = failed {
+            f();
+        }
+    }
+
+    /// Calls `f` once if the transfer fails: at once if it already did.
+    pub(crate) fn on_error(&self, f: OnError) {
+        let mut s = self.lock();
+        match &s.outcome {
+            Some(Err(_)) => {
+                drop(s);
+                f();
+            }
+            Some(Ok(())) => {}
+            None => s.on_error = Some(f),
+        }
     }
 
     /// The single part's final CUDA event was seen complete: the transfer succeeded, even
@@ -306,6 +336,11 @@ impl Transfer {
             }
         }
         s.outcome.clone().unwrap_or(Ok(()))
+    }
+
+    /// Calls `f` once if the transfer fails (at once if it already did).
+    pub(crate) fn on_error(&self, f: impl FnOnce() + Send + 'static) {
+        self.completion.on_error(Box::new(f));
     }
 
     pub fn stats(&self) -> TransferStats {

@@ -792,6 +792,18 @@ fn a_full_disk_is_an_io_error() {
             .submit(&host, &all, &disk, &all, &TransferOptions::default())
             .and_then(|t| t.wait(Some(std::time::Duration::from_secs(30))));
         assert!(matches!(outcome, Err(Error::Io(_))), "{outcome:?}");
+        // The failure is counted against NIXL and the write strategy, the fill's bytes not.
+        let s = ctx.stats();
+        let (nixl, write) = (
+            s.by_mechanism[kvxfer::Mechanism::Nixl as usize],
+            s.by_strategy[kvxfer::Strategy::NixlWrite as usize],
+        );
+        assert_eq!((nixl.transfers, nixl.errors), (1, 1), "{s:?}");
+        assert_eq!(
+            (write.transfers, write.errors, write.bytes),
+            (1, 1, 4 << 20),
+            "{s:?}"
+        );
     });
     let _ = Command::new("umount").arg(&mnt).status();
     let _ = std::fs::remove_dir(&mnt);

@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod doctor;
 mod plan;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Demo(demo::Args),
     /// Measure transfers against baselines run in the same process.
     Bench(bench::Args),
+    /// What this machine gives kvxfer: GPUs, NVRTC, NIXL and its backends, ulimit -l.
+    Doctor(doctor::Args),
     /// The peer process of `bench --gpu-rdma` (started by the bench).
     #[command(hide = true)]
     RdmaPeer(bench::gpu_rdma::PeerArgs),
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(a) => plan::run(&a),
         Command::Demo(a) => demo::run(&a),
         Command::Bench(a) => bench::run(&a),
+        Command::Doctor(a) => doctor::run(&a),
         Command::RdmaPeer(a) => bench::gpu_rdma::peer(&a),
     };
     match result {

@@ -53,7 +53,12 @@ fn candidates() -> Vec<String> {
     out
 }
 
-fn load() -> Result<Api> {
+/// Where NVRTC is loaded from, or `Unavailable` with where it was looked for.
+pub fn location() -> Result<String> {
+    load().map(|(_, from)| from)
+}
+
+fn load() -> Result<(Api, String)> {
     let mut tried = Vec::new();
     for c in candidates() {
         // SAFETY: loading NVRTC runs no initialisers with preconditions.
@@ -77,7 +82,7 @@ fn load() -> Result<Api> {
                 _lib: lib,
             };
             tracing::info!("NVRTC loaded from {c}");
-            return Ok(api);
+            return Ok((api, c));
         }
     }
     bail!(
@@ -93,7 +98,7 @@ fn sym(e: libloading::Error) -> Error {
 
 /// Compiles CUDA C `source` to PTX for `arch` (e.g. "compute_90").
 pub fn compile_ptx(source: &str, name: &str, arch: &str) -> Result<CString> {
-    let api = load()?;
+    let (api, _) = load()?;
     let src = CString::new(source).map_err(|_| Error::Internal("kernel source has NUL".into()))?;
     let name = CString::new(name).map_err(|_| Error::Internal("kernel name has NUL".into()))?;
     let opts = [

@@ -52,6 +52,11 @@ impl Resources {
         }
     }
 
+    /// Pinned bounce buffers the two-hop pool holds.
+    pub(crate) fn bounce_buffers(&self) -> u64 {
+        self.bounce.buffers()
+    }
+
     /// The CUDA side, or `Unavailable` saying why there is none.
     pub(crate) fn cuda(&self) -> Result<&CudaExec> {
         self.cuda.as_ref().map_err(|why| {

@@ -9,7 +9,7 @@ use super::status::KVX_STATUS_OK;
 use crate::context::Context;
 use crate::error::Error;
 use crate::nixl::Backends;
-use crate::options::ContextConfig;
+use crate::options::{ContextConfig, Counter};
 use crate::peer::PeerKey;
 use crate::plan::Capabilities;
 
@@ -175,5 +175,80 @@ pub unsafe extern "C" fn kvx_context_free(context: *mut kvx_context) {
             // SAFETY: a non-NULL pointer came from kvx_context_new and is freed once.
             drop(unsafe { Box::from_raw(context) });
         }
+    }
+}
+
+/// Transfers, bytes and failures of one kind since the context was made.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct kvx_counter {
+    /// Transfers submitted.
+    pub transfers: u64,
+    /// Bytes they move.
+    pub bytes: u64,
+    /// Transfers that failed after they were submitted (refused submits are not counted).
+    pub errors: u64,
+}
+
+/// A context's cumulative counters, for a runtime's metrics system (kvx_context_get_stats).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct kvx_context_stats {
+    /// By what moved the bytes, indexed by KVX_MECHANISM_*.
+    pub by_mechanism: [kvx_counter; 4],
+    /// By the plan's first strategy, indexed by KVX_STRATEGY_* (KVX_STRATEGY_INVALID stays 0).
+    pub by_strategy: [kvx_counter; 11],
+    /// Two-hop transfers through the pinned bounce pool, and their bytes.
+    pub bounce_transfers: u64,
+    pub bounce_bytes: u64,
+    /// Pinned bounce buffers the pool holds (made on first use, at most four).
+    pub bounce_buffers: u64,
+    /// Peers imported, in total.
+    pub peers_imported: u64,
+    /// Layouts exported (each once, however often).
+    pub layouts_exported: u64,
+    /// Exported layouts revoked at their importers when freed.
+    pub revocations: u64,
+    /// Importers that did not acknowledge a revocation within 5 s (taken for dead).
+    pub importers_lost: u64,
+}
+
+fn counter(c: Counter) -> kvx_counter {
+    kvx_counter {
+        transfers: c.transfers,
+        bytes: c.bytes,
+        errors: c.errors,
+    }
+}
+
+/// Writes the context's cumulative counters into *stats_out. Thread-safe; cheap (a few atomic
+/// loads). Errors: NULL_ARGUMENT.
+#[unsafe(no_mangle)]
+#[must_use]
+pub unsafe extern "C" fn kvx_context_get_stats(
+    context: *const kvx_context,
+    stats_out: *mut kvx_context_stats,
+) -> i32 {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid context or NULL.
+        let ctx = try_status!(unsafe { deref(context, "context") });
+        if stats_out.is_null() {
+            return null_argument("stats_out");
+        }
+        let s = ctx.inner.stats();
+        let out = kvx_context_stats {
+            by_mechanism: s.by_mechanism.map(counter),
+            by_strategy: s.by_strategy.map(counter),
+            bounce_transfers: s.bounce_transfers,
+            bounce_bytes: s.bounce_bytes,
+            bounce_buffers: s.bounce_buffers,
+            peers_imported: s.peers_imported,
+            layouts_exported: s.layouts_exported,
+            revocations: s.revocations,
+            importers_lost: s.importers_lost,
+        };
+        // SAFETY: stats_out checked non-NULL above.
+        unsafe { write_out(stats_out, out) };
+        KVX_STATUS_OK
     }
 }

@@ -40,6 +40,70 @@ fn only_lib_dir() -> bool {
     std::env::var("KVX_NIXL_ONLY_LIB_DIR").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
+/// `site-packages` folders of the Python environments this process may use, most specific
+/// first: the active virtual or conda environment, then the prefixes of every `python3` on
+/// PATH (a pyenv or venv interpreter, the system's), then the user's own packages. NVIDIA's
+/// wheel (`pip install nixl-cu12`) puts the libraries in one of them.
+fn python_site_dirs() -> Vec<PathBuf> {
+    let var = |k| std::env::var_os(k).filter(|v| !v.is_empty());
+    site_dirs_of(
+        [var("VIRTUAL_ENV"), var("CONDA_PREFIX")],
+        var("PATH"),
+        var("HOME"),
+    )
+}
+
+/// `python_site_dirs` for the given environment.
+fn site_dirs_of(
+    envs: [Option<std::ffi::OsString>; 2],
+    path: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Vec<PathBuf> {
+    let mut prefixes: Vec<PathBuf> = envs.into_iter().flatten().map(PathBuf::from).collect();
+    if let Some(path) = path {
+        for dir in std::env::split_paths(&path) {
+            if dir.join("python3").exists()
+                && let Some(prefix) = dir.parent()
+            {
+                prefixes.push(prefix.to_path_buf());
+            }
+        }
+    }
+    if let Some(home) = home {
+        prefixes.push(Path::new(&home).join(".local"));
+    }
+    let mut out = Vec::new();
+    for prefix in prefixes {
+        let Ok(entries) = std::fs::read_dir(prefix.join("lib")) else {
+            continue;
+        };
+        let mut versions: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+            .map(|e| e.path())
+            .collect();
+        // Newest first: python3.12 before python3.9.
+        let minor = |p: &PathBuf| -> u32 {
+            let name = p
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            name.trim_start_matches("python3.").parse().unwrap_or(0)
+        };
+        versions.sort_by_key(|v| std::cmp::Reverse(minor(v)));
+        for v in versions {
+            for packages in ["site-packages", "dist-packages"] {
+                let d = v.join(packages);
+                if d.is_dir() && !out.contains(&d) {
+                    out.push(d);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Folders that may hold libnixl_capi.so, most specific first.
 fn candidate_dirs() -> Vec<PathBuf> {
     let mut roots: Vec<PathBuf> = std::env::var_os("KVX_NIXL_LIB_DIR")
@@ -50,6 +114,7 @@ fn candidate_dirs() -> Vec<PathBuf> {
     if !only_lib_dir() {
         roots.push(project_install_dir());
         roots.extend(user_install_dir());
+        roots.extend(python_site_dirs());
     }
     let mut dirs = Vec::new();
     for r in roots {
@@ -131,9 +196,11 @@ fn not_found(failures: &[String]) -> String {
         .unwrap_or_else(|| "~/.local/share/kvxfer/nixl".into());
     let mut msg = format!(
         "NIXL is not available: {LIB} was not found in KVX_NIXL_LIB_DIR, {project}, {user}, \
-         /opt/nvidia/nvda_nixl or the library path. Install NVIDIA's wheel with \
-         `pip install --no-deps --target {user} nixl-cu12==1.5.1`, or point KVX_NIXL_LIB_DIR \
-         at the folder holding {LIB}; a context with nixl_backends = 0 needs no NIXL"
+         the Python environments' site-packages, /opt/nvidia/nvda_nixl or the library path. \
+         Install NVIDIA's wheel with `pip install nixl-cu12==1.5.1` (into the active Python \
+         environment) or `pip install --no-deps --target {user} nixl-cu12==1.5.1`, or point \
+         KVX_NIXL_LIB_DIR at the folder holding {LIB}; a context with nixl_backends = 0 \
+         needs no NIXL"
     );
     if !failures.is_empty() {
         msg.push_str(&format!(
@@ -142,4 +209,34 @@ fn not_found(failures: &[String]) -> String {
         ));
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_environments_are_searched_active_first() {
+        let root = std::env::temp_dir().join(format!("kvx-site-{}", std::process::id()));
+        let mk = |p: &str| {
+            let d = root.join(p);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let venv_site = mk("venv/lib/python3.11/site-packages");
+        let bin = mk("pyenv/bin");
+        std::fs::write(bin.join("python3"), "").unwrap();
+        let old = mk("pyenv/lib/python3.9/site-packages");
+        let new = mk("pyenv/lib/python3.12/site-packages");
+        let user = mk("home/.local/lib/python3.11/site-packages");
+        mk("nopython/bin");
+        let path = std::env::join_paths([root.join("nopython/bin"), bin]).unwrap();
+        let dirs = site_dirs_of(
+            [Some(root.join("venv").into()), None],
+            Some(path),
+            Some(root.join("home").into()),
+        );
+        assert_eq!(dirs, vec![venv_site, new, old, user]);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -28,6 +28,7 @@ use super::blob::{MAC_LEN, PeerKey};
 use crate::error::{Error, Result, bail};
 use crate::layout::Revoke;
 use crate::memory::RemoteUse;
+use crate::metrics::Counters;
 use crate::nixl::{CONTROL_PREFIX, NixlAgent, RemoteAgent};
 
 /// How often the control thread fetches messages.
@@ -72,6 +73,8 @@ pub(crate) struct Control {
     state: Mutex<State>,
     changed: Condvar,
     started: AtomicBool,
+    /// The context's counters (imports, exports, revocations).
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Control {
@@ -117,7 +120,12 @@ fn put_ids(out: &mut Vec<u8>, ids: &[u64]) {
 }
 
 impl Control {
-    pub(crate) fn new(nixl: Arc<NixlAgent>, name: &str, key: Option<PeerKey>) -> Arc<Self> {
+    pub(crate) fn new(
+        nixl: Arc<NixlAgent>,
+        name: &str,
+        key: Option<PeerKey>,
+        counters: Arc<Counters>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             nixl,
             name: name.to_string(),
@@ -125,6 +133,7 @@ impl Control {
             state: Mutex::default(),
             changed: Condvar::new(),
             started: AtomicBool::new(false),
+            counters,
         })
     }
 
@@ -353,7 +362,12 @@ impl Control {
     /// Exporter: `id` is exported (peers may import it from now on).
     pub(crate) fn exported(self: &Arc<Self>, id: u64) -> Result<()> {
         self.start()?;
-        self.lock().exports.entry(id).or_default();
+        if let std::collections::hash_map::Entry::Vacant(e) = self.lock().exports.entry(id) {
+            e.insert(HashSet::new());
+            self.counters
+                .layouts_exported
+                .fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -379,10 +393,16 @@ impl Control {
                 .collect()
         };
         let welcomed = self.hello(agent, ids);
-        if welcomed.is_err() {
-            self.release(agent, ids);
+        match welcomed {
+            Ok(()) => {
+                self.counters.peers_imported.fetch_add(1, Ordering::Relaxed);
+                Ok(uses)
+            }
+            Err(e) => {
+                self.release(agent, ids);
+                Err(e)
+            }
         }
-        welcomed.map(|()| uses)
     }
 
     fn hello(&self, agent: &str, ids: &[u64]) -> Result<()> {
@@ -510,6 +530,10 @@ impl Revoke for Control {
             .collect();
         s.unacked.retain(|(_, i, _)| *i != id);
         drop(s);
+        self.counters.revocations.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .importers_lost
+            .fetch_add(silent.len() as u64, Ordering::Relaxed);
         for a in &silent {
             tracing::warn!(
                 "importer {a:?} did not acknowledge the revocation of layout {id:#x} within {} s: \

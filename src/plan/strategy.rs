@@ -74,6 +74,15 @@ pub enum Plan {
     },
 }
 
+impl Plan {
+    /// The strategy of the first (or only) hop.
+    pub fn first(self) -> Strategy {
+        match self {
+            Plan::Direct(s) | Plan::TwoHop { first: s, .. } => s,
+        }
+    }
+}
+
 impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

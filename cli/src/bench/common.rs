@@ -52,3 +52,11 @@ pub fn shape(kind: LayoutKind, blocks: u64, fragment: u64) -> LayoutConfig {
         kind,
     }
 }
+
+/// Prints what a bench's columns mean, after its table (not with --json).
+pub fn legend(entries: &[(&str, &str)]) {
+    println!("\ncolumns:");
+    for (name, meaning) in entries {
+        println!("  {name:<10} {meaning}");
+    }
+}

@@ -13,7 +13,7 @@ use kvxfer::{
     StorageSpec, TransferOptions,
 };
 
-use super::common::{ck, err, median, shape};
+use super::common::{ck, err, legend, median, shape};
 
 pub struct GpuArgs {
     pub json: bool,
@@ -715,5 +715,40 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
     latency(&ctx, &timer, a)?;
     // SAFETY: idle stream created above.
     unsafe { sys::cuStreamDestroy_v2(stream) };
+    if !a.json {
+        legend(&[
+            (
+                "limit",
+                "one large copy of the same bytes (cuMemcpyAsync), the link's speed",
+            ),
+            ("naive", "one cuMemcpyAsync per fragment"),
+            (
+                "batch",
+                "cuMemcpyBatchAsync of every fragment (the driver's batch API)",
+            ),
+            (
+                "AUTO",
+                "kvxfer, copy_mode AUTO (the SM kernel for small fragments and D2D)",
+            ),
+            (
+                "CE",
+                "kvxfer, copy_mode COPY_ENGINE (DMA engines only, no SM)",
+            ),
+            (
+                "KERNEL",
+                "kvxfer, copy_mode KERNEL (kvxfer's SM copy kernel)",
+            ),
+            (
+                "A/lim",
+                "AUTO / limit; K/lim: KERNEL / limit; CE/bat: COPY_ENGINE / batch",
+            ),
+            (
+                "gA/l gK/l",
+                "AUTO and KERNEL by GPU time alone (events), over the limit's",
+            ),
+            ("sub ns", "host time of kvx_transfer_submit per fragment"),
+            ("AUTO uses", "the mechanism AUTO chose"),
+        ]);
+    }
     Ok(())
 }

@@ -11,7 +11,7 @@ use kvxfer::baseline::{CopyOp, HostAllocation, host_copy as copy_all};
 use kvxfer::{Backends, Context, ContextConfig, Layout, StorageKind, StorageSpec, TransferOptions};
 
 use super::Args;
-use super::common::{err, fragment_shape, median};
+use super::common::{err, fragment_shape, legend, median};
 
 struct Point {
     fragment: u64,
@@ -232,6 +232,27 @@ pub fn run(a: &Args) -> Result<(), String> {
                 p.kvxfer / p.naive
             );
         }
+    }
+    if !a.json {
+        legend(&[
+            (
+                "kvxfer",
+                "GB/s of kvxfer's transfer of scattered fragments (submit to completion)",
+            ),
+            (
+                "limit",
+                "one memcpy of the same total bytes, cut into one contiguous share per worker",
+            ),
+            (
+                "limit_nt",
+                "the same contiguous shares through kvxfer's non-temporal-store copy",
+            ),
+            ("naive", "one memcpy per fragment on one thread"),
+            (
+                "ratio",
+                "kvxfer / the column before it; above 1 kvxfer is faster",
+            ),
+        ]);
     }
     Ok(())
 }

@@ -34,6 +34,11 @@ impl Drop for Lease<'_> {
 }
 
 impl BouncePool {
+    /// Buffers made so far (two per pair).
+    pub(crate) fn buffers(&self) -> u64 {
+        2 * self.state.lock().unwrap_or_else(|e| e.into_inner()).1 as u64
+    }
+
     /// A free pair, a new one made with `make` while fewer than MAX_PAIRS exist, or else the next
     /// one returned.
     pub(crate) fn take(&self, make: impl Fn() -> Result<Arc<Memory>>) -> Result<Lease<'_>> {

@@ -1,0 +1,117 @@
+"""The Python bindings over the installed package: host tiers here, NIXL (disk, peers) where it
+loads, GPU tests where there is a GPU and PyTorch (skipped, and reported so, elsewhere)."""
+
+import os
+
+import pytest
+
+import kvxfer
+
+SHAPE = dict(num_blocks=8, num_layers=4, page_size=16, inner_dim=256)
+
+
+def host_context(**kw):
+    return kvxfer.Context(nixl_backends=0, worker_threads=2, **kw)
+
+
+def nixl_context(**kw):
+    try:
+        return kvxfer.Context(worker_threads=2, **kw)
+    except kvxfer.Error as e:
+        if e.status == "KVX_STATUS_UNAVAILABLE" and not os.environ.get("KVX_REQUIRE_NIXL"):
+            pytest.skip(f"NIXL is not available: {e.message}")
+        raise
+
+
+def test_version_and_host_round_trip():
+    assert kvxfer.version().count(".") == 2
+    ctx = host_context()
+    src = ctx.new_layout(**SHAPE, storage="pinned")
+    dst = ctx.new_layout(**SHAPE, kind="layer_separate_outer_first", storage="system")
+    ctx.fill(src, [0, 1, 2], seed=42)
+    t = ctx.submit(src, [0, 1, 2], dst, [7, 5, 3]).wait()
+    assert t.poll()
+    assert t.stats["mechanism"] == "memcpy" and t.stats["strategy"] == "KVX_STRATEGY_MEMCPY"
+    assert t.stats["bytes"] == 3 * 4 * 2 * 16 * 256 * 2
+    assert ctx.checksum(src, [0, 1, 2]) == ctx.checksum(dst, [7, 5, 3])
+    assert ctx.plan(src, dst) == ("KVX_STRATEGY_MEMCPY", None, None)
+
+
+def test_errors_carry_the_status():
+    ctx = host_context()
+    l = ctx.new_layout(**SHAPE)
+    with pytest.raises(kvxfer.Error) as e:
+        ctx.submit(l, [99], l, [0])
+    assert e.value.status == "KVX_STATUS_OUT_OF_RANGE" and "out of range" in e.value.message
+    with pytest.raises(kvxfer.Error) as e:
+        ctx.new_layout(**dict(SHAPE, num_blocks=0))
+    assert e.value.status == "KVX_STATUS_INVALID_ARGUMENT"
+    with pytest.raises(kvxfer.Error) as e:
+        ctx.export([l])
+    assert e.value.status == "KVX_STATUS_UNAVAILABLE"
+    with pytest.raises(ValueError):
+        ctx.new_layout(**SHAPE, storage="tape")
+    with pytest.raises(kvxfer.Error) as e:
+        kvxfer.Context(nixl_backends=0, peer_key=b"short")
+    assert e.value.status == "KVX_STATUS_INVALID_ARGUMENT"
+
+
+def test_wrapped_numpy_arrays_and_address_pairs():
+    np = pytest.importorskip("numpy")
+    ctx = host_context()
+    per_layer = 8 * 2 * 16 * 256 * 2
+    pool = [np.zeros(per_layer, dtype=np.uint8) for _ in range(4)]
+    wrapped = ctx.wrap_layout(pool, **SHAPE, kind="layer_separate_block_first")
+    ctx.fill(wrapped, [1, 6], seed=3)
+    assert pool[2].any(), "the fill landed in the caller's arrays"
+    addr, size = wrapped.region(6, layer=2, outer=1)
+    base = pool[2].__array_interface__["data"][0]
+    assert base <= addr < base + per_layer and size == 16 * 256 * 2
+    flat = np.zeros(8 * 4 * 2 * 16 * 256 * 2, dtype=np.uint8)
+    pair = ctx.wrap_layout([(flat.__array_interface__["data"][0], flat.nbytes)], **SHAPE)
+    ctx.submit(wrapped, [1, 6], pair, [0, 7]).wait()
+    assert ctx.checksum(wrapped, [1, 6]) == ctx.checksum(pair, [0, 7])
+    assert flat.any()
+
+
+def test_disk_and_a_peer_with_a_notification(tmp_path):
+    a = nixl_context(peer_key=b"python test deployment secret")
+    b = nixl_context(peer_key=b"python test deployment secret")
+    host = a.new_layout(**SHAPE, storage="pinned")
+    disk = a.new_layout(**SHAPE, storage="disk", path=tmp_path / "pool.kv")
+    a.fill(host, range(8), seed=9)
+    a.submit(host, range(8), disk, range(8)).wait(timeout=30)
+    assert a.checksum(disk, range(8)) == a.checksum(host, range(8))
+    peer = b.import_peer(a.export([host]))
+    (remote,) = peer.layouts
+    mine = b.new_layout(**SHAPE)
+    b.submit(remote, [0, 1], mine, [2, 3]).wait(timeout=30)
+    assert b.checksum(mine, [2, 3]) == a.checksum(host, [0, 1])
+    b.fill(mine, [4], seed=5)
+    b.submit(mine, [4], remote, [4], notify=b"wrote 4").wait(timeout=30)
+    for _ in range(5000):
+        n = a.next_notification()
+        if n is not None:
+            break
+    assert n is not None and n[1] == b"wrote 4"
+    with pytest.raises(kvxfer.Error) as e:
+        b.import_peer(b"not an export")
+    assert e.value.status == "KVX_STATUS_PEER"
+
+
+def test_gpu_tensors():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    ctx = kvxfer.Context(nixl_backends=0)
+    shape = dict(SHAPE, kind="layer_separate_block_first")
+    per_layer = 8 * 2 * 16 * 256
+    layers = [torch.zeros(per_layer, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+    dev = ctx.wrap_layout(layers, **shape, storage="device")
+    host = ctx.new_layout(**SHAPE, storage="pinned")
+    ctx.fill(host, range(8), seed=1)
+    stream = torch.cuda.Stream()
+    t = ctx.submit(host, range(8), dev, range(8))
+    t.stream_wait(stream.cuda_stream)
+    t.wait()
+    assert ctx.checksum(dev, range(8)) == ctx.checksum(host, range(8))
