@@ -177,6 +177,12 @@ pub fn run(a: &Args) -> Result<(), String> {
 /// notification (NixlWrite) and come back (NixlReadFlipped); its own checksums verify them.
 fn peer_round_trip(ctx: &Context, a: &Args) -> Result<bool, String> {
     let peer_ctx = Context::new(ContextConfig::default()).map_err(e)?;
+    println!(
+        "peer: a second context of this process ({}), with its own NIXL agent, exports a \
+         layout; this context imports it and moves blocks over UCX as it would to another \
+         process or machine",
+        peer_ctx.name()
+    );
     let n = a.blocks;
     let pool = peer_ctx
         .new_layout(

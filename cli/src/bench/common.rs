@@ -60,3 +60,19 @@ pub fn legend(entries: &[(&str, &str)]) {
         println!("  {name:<10} {meaning}");
     }
 }
+
+/// A progress bar on stderr for `steps` steps of a bench; drawn only when stderr is a
+/// terminal (indicatif hides it otherwise), so logs and pipes stay clean.
+pub fn progress(steps: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(steps as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} points, {elapsed}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}

@@ -13,7 +13,8 @@ use kvxfer::{
     StorageSpec, TransferOptions,
 };
 
-use super::common::{ck, err, legend, median, shape};
+use super::common::{ck, err, legend, median, progress, shape};
+use super::plot::{Panel, Series, draw};
 
 pub struct GpuArgs {
     pub json: bool,
@@ -27,6 +28,16 @@ pub struct GpuArgs {
     pub cold: bool,
     /// Skip naive, batch and COPY_ENGINE (reported as NaN).
     pub quick: bool,
+    /// Draw the layer-separate points into this PNG.
+    pub plot: Option<std::path::PathBuf>,
+}
+
+/// One reported point: direction, layout, fragment, and GB/s by mode and baseline.
+struct Measured {
+    dir: &'static str,
+    layout: String,
+    fragment: u64,
+    gbps: Vec<(&'static str, f64)>,
 }
 
 struct Pair {
@@ -216,7 +227,7 @@ fn point(
     limit_bufs: (u64, u64),
     a: &GpuArgs,
     report: bool,
-) -> Result<(), String> {
+) -> Result<Option<Measured>, String> {
     let n = pair.src.config().num_blocks;
     let mut rng = fastrand::Rng::with_seed(fragment ^ n);
     let mut sb: Vec<u64> = (0..n).collect();
@@ -227,7 +238,7 @@ fn point(
         let t = ctx
             .submit(&pair.src, &sb, &pair.dst, &db, &TransferOptions::default())
             .map_err(err)?;
-        return t.wait(None).map_err(err);
+        return t.wait(None).map_err(err).map(|()| None);
     }
     let frags = fragments(&pair.src, &sb, &pair.dst, &db)?;
     let bytes: u64 = frags.iter().map(|f| f.len).sum();
@@ -413,7 +424,12 @@ fn point(
             mechanism
         );
     }
-    Ok(())
+    Ok(Some(Measured {
+        dir: pair.name,
+        layout: layout_name.to_string(),
+        fragment,
+        gbps,
+    }))
 }
 
 /// Time from submit to `wait` returning for a one-fragment transfer, against the same copy
@@ -604,7 +620,10 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
     } else {
         None
     };
+    let mut measured: Vec<Measured> = Vec::new();
+    let bar = progress(points.len(), "GPU bench");
     for (name, (host_kind, dev_kind), fragment) in points {
+        bar.inc(1);
         if fragment < 64 || fragment % 64 != 0 {
             return Err(format!(
                 "fragment {fragment} bytes: use a multiple of 64 bytes"
@@ -628,7 +647,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
         };
         if want("h2d") || want("d2d") || want("p2p") {
             // D2D and P2P need the device layout filled: H2D does it even when not reported.
-            point(
+            measured.extend(point(
                 &ctx,
                 &dev,
                 &timer,
@@ -639,7 +658,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 (h, d),
                 a,
                 want("h2d"),
-            )?;
+            )?);
         }
         let d2h = Pair {
             name: "D2H",
@@ -648,7 +667,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             dst: h2d.src,
         };
         if want("d2h") {
-            point(
+            measured.extend(point(
                 &ctx,
                 &dev,
                 &timer,
@@ -659,7 +678,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 (d, h),
                 a,
                 true,
-            )?;
+            )?);
         }
         let mut dev_src = d2h.src;
         if want("d2d") {
@@ -669,7 +688,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 src: dev_src,
                 dst: mk(host_kind, StorageKind::Device)?,
             };
-            point(
+            measured.extend(point(
                 &ctx,
                 &dev,
                 &timer,
@@ -680,7 +699,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 (d, d2),
                 a,
                 true,
-            )?;
+            )?);
             dev_src = d2d.src;
         }
         if let Some((peer_ordinal, peer_buf)) = &peer {
@@ -698,7 +717,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 dst: ctx.new_layout(c, &spec).map_err(err)?,
             };
             let pb = addr(peer_buf)?;
-            point(
+            measured.extend(point(
                 &ctx,
                 &dev,
                 &timer,
@@ -709,8 +728,12 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
                 (d, pb),
                 a,
                 true,
-            )?;
+            )?);
         }
+    }
+    bar.finish_and_clear();
+    if let Some(path) = &a.plot {
+        plot_gpu(path, &measured)?;
     }
     latency(&ctx, &timer, a)?;
     // SAFETY: idle stream created above.
@@ -750,5 +773,44 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             ("AUTO uses", "the mechanism AUTO chose"),
         ]);
     }
+    Ok(())
+}
+
+/// One panel per direction of the layer-separate points: each mode and baseline against the
+/// fragment size, the limit dashed.
+fn plot_gpu(path: &std::path::Path, measured: &[Measured]) -> Result<(), String> {
+    let mut panels = Vec::new();
+    for dir in ["H2D", "D2H", "D2D", "P2P"] {
+        let here: Vec<&Measured> = measured
+            .iter()
+            .filter(|m| m.dir == dir && m.layout != "FC")
+            .collect();
+        if here.is_empty() {
+            continue;
+        }
+        let line = |mode: &str| -> Vec<(u64, f64)> {
+            here.iter()
+                .filter_map(|m| {
+                    let v = m.gbps.iter().find(|(n, _)| *n == mode)?.1;
+                    v.is_finite().then_some((m.fragment, v))
+                })
+                .collect()
+        };
+        let series = ["AUTO", "COPY_ENGINE", "KERNEL", "batch", "naive"]
+            .into_iter()
+            .map(|mode| Series {
+                name: mode.to_string(),
+                points: line(mode),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        panels.push(Panel {
+            title: format!("{dir}, layer-separate"),
+            series,
+            limit: line("limit"),
+        });
+    }
+    draw(path, &panels)?;
+    eprintln!("plot written to {}", path.display());
     Ok(())
 }

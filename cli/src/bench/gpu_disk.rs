@@ -18,7 +18,7 @@ use kvxfer::{
     StorageSpec, TransferOptions,
 };
 
-use super::common::{ck, err, median, shape};
+use super::common::{ck, err, legend, median, shape};
 
 pub struct GpuDiskArgs {
     pub json: bool,
@@ -336,5 +336,33 @@ pub fn run(a: &GpuDiskArgs) -> Result<(), String> {
         }
     }
     let _ = std::fs::remove_file(&limit.raw_path);
+    if !a.json {
+        legend(&[
+            (
+                "dev->disk",
+                "GB/s of kvxfer's device -> disk transfer (two hops through pinned buffers)",
+            ),
+            (
+                "disk wr",
+                "the disk's write limit measured in the round (large pwrite through O_DIRECT)",
+            ),
+            (
+                "(raw/kvx)",
+                "the raw disk write and kvxfer's own host -> disk write",
+            ),
+            (
+                "ratio",
+                "kvxfer / min(D2H limit, disk limit): the slower of the two hops bounds it",
+            ),
+            (
+                "disk->dev",
+                "the same for disk -> device, against min(H2D, disk read)",
+            ),
+            (
+                "GDS",
+                "where shown: NIXL's GDS backend directly, against the same limits",
+            ),
+        ]);
+    }
     Ok(())
 }

@@ -19,7 +19,7 @@ use kvxfer::{
     TransferOptions,
 };
 
-use super::common::{err, median, shape};
+use super::common::{err, legend, median, shape};
 
 pub struct GpuRdmaArgs {
     pub json: bool,
@@ -387,5 +387,18 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
         report(a, "read", kib, bytes, frags, direct, staged);
     }
     drop(peer);
+    if !a.json {
+        legend(&[
+            (
+                "rdma",
+                "GB/s of device memory to and from a second kvxfer process with GPU RDMA",
+            ),
+            (
+                "staged",
+                "the same bytes staged through pinned host memory on both sides",
+            ),
+            ("ratio", "rdma / staged"),
+        ]);
+    }
     Ok(())
 }

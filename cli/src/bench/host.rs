@@ -11,7 +11,8 @@ use kvxfer::baseline::{CopyOp, HostAllocation, host_copy as copy_all};
 use kvxfer::{Backends, Context, ContextConfig, Layout, StorageKind, StorageSpec, TransferOptions};
 
 use super::Args;
-use super::common::{err, fragment_shape, legend, median};
+use super::common::{err, fragment_shape, legend, median, progress};
+use super::plot::{Panel, Series, draw};
 
 struct Point {
     fragment: u64,
@@ -189,6 +190,8 @@ pub fn run(a: &Args) -> Result<(), String> {
         .fragments_kib
         .clone()
         .unwrap_or_else(|| vec![4, 16, 64, 256, 1024, 2048]);
+    let bar = progress(fragments.len(), "host scatter");
+    let mut points = Vec::new();
     for &kib in &fragments {
         let fragment = kib * 1024;
         if fragment < 2 || fragment > (total_mib << 20) {
@@ -197,6 +200,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             ));
         }
         let p = measure(&ctx, dst_kind, fragment, total_mib, iters)?;
+        bar.inc(1);
         if a.json {
             for (baseline, b) in [
                 ("limit", p.limit),
@@ -232,6 +236,25 @@ pub fn run(a: &Args) -> Result<(), String> {
                 p.kvxfer / p.naive
             );
         }
+        points.push(p);
+    }
+    bar.finish_and_clear();
+    if let Some(path) = &a.plot {
+        let line = |name: &str, f: fn(&Point) -> f64| Series {
+            name: name.to_string(),
+            points: points.iter().map(|p: &Point| (p.fragment, f(p))).collect(),
+        };
+        let panel = Panel {
+            title: format!("host scatter {direction}, {} threads", ctx.worker_threads()),
+            series: vec![
+                line("kvxfer", |p| p.kvxfer),
+                line("contiguous, non-temporal stores", |p| p.limit_nt),
+                line("naive (one memcpy per fragment)", |p| p.naive),
+            ],
+            limit: points.iter().map(|p| (p.fragment, p.limit)).collect(),
+        };
+        draw(path, &[panel])?;
+        eprintln!("plot written to {}", path.display());
     }
     if !a.json {
         legend(&[

@@ -9,6 +9,7 @@ mod gpu_disk;
 pub mod gpu_rdma;
 mod host;
 mod nixl;
+mod plot;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -68,6 +69,10 @@ pub struct Args {
     /// With --gpu-disk: compare with GDS through NIXL's GDS_MT backend instead of GDS.
     #[arg(long, requires = "gpu_disk")]
     gds_mt: bool,
+    /// Host and --gpu benches: also draw GB/s against fragment size, one line per mechanism
+    /// with the limit, into this PNG file.
+    #[arg(long, conflicts_with_all = ["nixl", "gpu_disk", "gpu_rdma"])]
+    plot: Option<std::path::PathBuf>,
 }
 
 pub fn run(a: &Args) -> Result<(), String> {
@@ -83,6 +88,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             directions: a.directions.clone(),
             cold: a.cold,
             quick: a.quick,
+            plot: a.plot.clone(),
         });
     }
     if a.gpu_disk {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use kvxfer::{Context, ContextConfig, Layout, StorageKind, StorageSpec, TransferOptions};
 use nixl_sys::{Agent, MemType, XferDescList, XferOp, XferStatus};
 
-use super::common::{err, fragment_shape, median};
+use super::common::{err, fragment_shape, legend, median};
 
 /// (name, local side writes, the other layout, its NIXL memory type and id, its agent).
 type Case<'a> = (&'a str, bool, &'a Layout, (MemType, u64), String);
@@ -189,6 +189,26 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
                 }
             }
         }
+    }
+    if !a.json {
+        legend(&[
+            (
+                "kvxfer",
+                "GB/s of kvxfer's transfer through its NIXL agent (submit to completion)",
+            ),
+            (
+                "raw",
+                "nixl-sys used directly on the same memory with the same descriptors",
+            ),
+            (
+                "descs",
+                "descriptors in the request after kvxfer merged neighbours",
+            ),
+            (
+                "ids",
+                "runs: consecutive block ids; scattered: a random permutation",
+            ),
+        ]);
     }
     Ok(())
 }
