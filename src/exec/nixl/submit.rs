@@ -51,6 +51,16 @@ pub(crate) fn submit(
         // A file: ascending offsets let the block layer merge and the disk read ahead.
         copy_list::sort_by_dst(&mut copies);
     }
+    let remote_fd = if remote.is_remote() {
+        None
+    } else {
+        let fd = direct_fd(remote.memory(), &copies);
+        tracing::debug!(
+            "disk I/O through the file's {} descriptor",
+            if fd.is_some() { "O_DIRECT" } else { "buffered" }
+        );
+        fd
+    };
     let completion = Completion::new(1);
     if copies.is_empty() && notify.is_none() {
         completion.part_done(Ok(()));
@@ -62,11 +72,7 @@ pub(crate) fn submit(
             remote_agent,
             copies: &copies,
             notify,
-            remote_fd: if remote.is_remote() {
-                None
-            } else {
-                direct_fd(remote.memory(), &copies)
-            },
+            remote_fd,
         };
         let gds = !remote.is_remote()
             && [local.storage_kind(), remote.storage_kind()].contains(&StorageKind::Device);
