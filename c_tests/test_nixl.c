@@ -185,23 +185,45 @@ static void peer_key_authenticates_exports(void) {
   kvx_context_free(plain);
 }
 
+/* Two contexts with NIXL: `a` exports its host layout `l`; `b` holds a host layout `mine` of the
+ * same shape. free_exported() releases whatever is still set. */
+struct exported {
+  kvx_context *a, *b;
+  kvx_layout *l, *mine;
+  kvx_bytes bytes;
+};
+
+static int make_exported(uint64_t blocks, uint64_t layers, struct exported *e) {
+  memset(e, 0, sizeof *e);
+  kvx_context_config c;
+  kvx_context_config_init(&c);
+  if (kvx_context_new(&c, &e->a) != KVX_STATUS_OK || kvx_context_new(&c, &e->b) != KVX_STATUS_OK)
+    return 0;
+  e->l = test_layout(e->a, blocks, layers, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
+  e->mine = test_layout(e->b, blocks, layers, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
+  const kvx_layout *list[1] = {e->l};
+  return e->l != NULL && e->mine != NULL &&
+         kvx_context_export(e->a, list, 1, &e->bytes) == KVX_STATUS_OK;
+}
+
+static void free_exported(struct exported *e) {
+  kvx_bytes_free(&e->bytes);
+  kvx_layout_free(e->l);
+  kvx_layout_free(e->mine);
+  kvx_context_free(e->b);
+  kvx_context_free(e->a);
+}
+
 /* A frees a layout that B imported and makes another of the same config: B's transfers to the
  * freed layout fail with KVX_STATUS_PEER, and A's new layout keeps its bytes. */
 static void freed_export_is_revoked(void) {
   if (skipped) return;
-  kvx_context_config c;
-  kvx_context_config_init(&c);
-  kvx_context *a = NULL, *b = NULL;
-  CHECK_OK(kvx_context_new(&c, &a));
-  CHECK_OK(kvx_context_new(&c, &b));
-  kvx_layout *l = test_layout(a, 16, 2, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
-  kvx_layout *mine = test_layout(b, 16, 2, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
-  CHECK(l != NULL && mine != NULL);
-  const kvx_layout *list[1] = {l};
-  kvx_bytes bytes = {NULL, 0};
-  CHECK_OK(kvx_context_export(a, list, 1, &bytes));
+  struct exported e;
+  CHECK(make_exported(16, 2, &e));
+  kvx_context *a = e.a, *b = e.b;
+  kvx_layout *mine = e.mine;
   kvx_peer *peer = NULL;
-  CHECK_OK(kvx_context_import(b, bytes.data, bytes.len, &peer));
+  CHECK_OK(kvx_context_import(b, e.bytes.data, e.bytes.len, &peer));
   kvx_layout *remote = NULL;
   CHECK_OK(kvx_peer_layout(peer, 0, &remote));
   uint64_t ids[16];
@@ -212,7 +234,8 @@ static void freed_export_is_revoked(void) {
   CHECK_OK(kvx_transfer_wait(t, -1));
   kvx_transfer_free(t);
 
-  kvx_layout_free(l);
+  kvx_layout_free(e.l);
+  e.l = NULL;
   kvx_layout *l2 = test_layout(a, 16, 2, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
   CHECK(l2 != NULL);
   CHECK_OK(kvx_layout_fill(a, l2, ids, 16, 5));
@@ -239,27 +262,18 @@ static void freed_export_is_revoked(void) {
 
   kvx_layout_free(remote);
   kvx_peer_free(peer);
-  kvx_bytes_free(&bytes);
   kvx_layout_free(l2);
-  kvx_layout_free(mine);
-  kvx_context_free(b);
-  kvx_context_free(a);
+  free_exported(&e);
 }
 
 /* The same export imported twice: freeing the first peer leaves the second working. */
 static void importing_twice_keeps_each_peer(void) {
   if (skipped) return;
-  kvx_context_config c;
-  kvx_context_config_init(&c);
-  kvx_context *a = NULL, *b = NULL;
-  CHECK_OK(kvx_context_new(&c, &a));
-  CHECK_OK(kvx_context_new(&c, &b));
-  kvx_layout *l = test_layout(a, 4, 1, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
-  kvx_layout *mine = test_layout(b, 4, 1, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
-  CHECK(l != NULL && mine != NULL);
-  const kvx_layout *list[1] = {l};
-  kvx_bytes bytes = {NULL, 0};
-  CHECK_OK(kvx_context_export(a, list, 1, &bytes));
+  struct exported e;
+  CHECK(make_exported(4, 1, &e));
+  kvx_context *a = e.a, *b = e.b;
+  kvx_layout *l = e.l, *mine = e.mine;
+  const kvx_bytes bytes = e.bytes;
   kvx_peer *p1 = NULL, *p2 = NULL;
   CHECK_OK(kvx_context_import(b, bytes.data, bytes.len, &p1));
   CHECK_OK(kvx_context_import(b, bytes.data, bytes.len, &p2));
@@ -277,11 +291,7 @@ static void importing_twice_keeps_each_peer(void) {
   CHECK(memcmp(x, y, sizeof x) == 0);
   kvx_layout_free(remote);
   kvx_peer_free(p2);
-  kvx_bytes_free(&bytes);
-  kvx_layout_free(l);
-  kvx_layout_free(mine);
-  kvx_context_free(b);
-  kvx_context_free(a);
+  free_exported(&e);
 }
 
 int main(void) {
