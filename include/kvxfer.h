@@ -555,6 +555,11 @@ typedef struct kvx_transfer_stats {
    * unsupported GPU), so the copy engines ran instead; kvx_last_error() is not set for this.
    */
   uint8_t kernel_fallback;
+  /**
+   * 1 when the bytes went through the context's pinned bounce buffers (0.2): pageable host
+   * memory <-> device, and the disk paths that stage through pinned memory.
+   */
+  uint8_t bounced;
 } kvx_transfer_stats;
 
 

@@ -136,6 +136,9 @@ pub struct TransferStats {
     pub mechanism: Mechanism,
     /// AUTO wanted the SM kernel, but it could not be built or loaded: copy engines ran.
     pub kernel_fallback: bool,
+    /// The bytes went through the context's pinned bounce pool (pageable host memory <->
+    /// device, device <-> disk, disk <-> disk).
+    pub bounced: bool,
     /// Submit to completion; 0 while the transfer is pending.
     pub elapsed_ns: u64,
 }

@@ -371,6 +371,7 @@ mod tests {
             plan: Plan::Direct(Strategy::Memcpy),
             mechanism: Mechanism::Memcpy,
             kernel_fallback: false,
+            bounced: false,
             elapsed_ns: 0,
         }
     }

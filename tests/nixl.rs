@@ -721,6 +721,7 @@ fn host_disk_disk_host_with_reversed_ids() {
         .unwrap();
     t.wait(Some(std::time::Duration::from_secs(60))).unwrap();
     assert_eq!(t.stats().plan, plan);
+    assert!(t.stats().bounced);
     assert_eq!(ctx.checksum(&d2, &all).unwrap(), want);
     let t = ctx
         .submit(&d2, &all, &back, &rev, &TransferOptions::default())

@@ -126,6 +126,7 @@ class _TransferStats(Structure):
         ("elapsed_ns", c_uint64),
         ("mechanism", c_int32),
         ("kernel_fallback", c_uint8),
+        ("bounced", c_uint8),
     ]
 
 
@@ -297,6 +298,7 @@ class Transfer(_Handle):
             "two_hop": s.plan.kind == 1,
             "mechanism": MECHANISM.get(s.mechanism, str(s.mechanism)),
             "kernel_fallback": bool(s.kernel_fallback),
+            "bounced": bool(s.bounced),
             "elapsed_ns": s.elapsed_ns,
         }
 

@@ -14,7 +14,6 @@ mod workers;
 
 use std::sync::Arc;
 
-use crate::cuda::Direction;
 use crate::error::{Error, Result, bail};
 use crate::memory::StorageKind;
 use crate::options::TransferOptions;
@@ -114,38 +113,16 @@ pub(crate) fn dispatch(
     match plan {
         Plan::Direct(Strategy::Memcpy) => {
             let gate = res.gate(options.cuda_stream)?;
-            Ok(host::submit(
-                &res.workers,
-                request,
-                plan,
-                None,
-                gate,
-                has_cuda,
-            ))
+            Ok(host::submit(&res.workers, request, plan, gate, has_cuda))
         }
         Plan::Direct(
             s @ (Strategy::CudaAsyncH2D | Strategy::CudaAsyncD2H | Strategy::CudaAsyncD2D),
         ) => cuda::submit(res.cuda()?, request, plan, s, options),
-        Plan::Direct(s @ (Strategy::CudaBlockingH2D | Strategy::CudaBlockingD2H)) => {
-            let (dir, dev_mem) = if s == Strategy::CudaBlockingH2D {
-                (Direction::HostToDevice, request.dst.memory())
-            } else {
-                (Direction::DeviceToHost, request.src.memory())
-            };
-            let dev = dev_mem
-                .device()
-                .cloned()
-                .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
+        // Pageable host memory moves through the pinned bounce pool: the plan stays the seed's
+        // blocking strategy, the pool is how kvxfer carries it out.
+        Plan::Direct(Strategy::CudaBlockingH2D | Strategy::CudaBlockingD2H) => {
             let gate = res.gate(options.cuda_stream)?;
-            let cuda = Some((dev, dir));
-            Ok(host::submit(
-                &res.workers,
-                request,
-                plan,
-                cuda,
-                gate,
-                has_cuda,
-            ))
+            two_hop::submit_pageable(request, plan, res.cuda()?, &res.workers, &res.bounce, gate)
         }
         Plan::TwoHop {
             first: Strategy::NixlReadFlipped | Strategy::CudaAsyncD2H,

@@ -3,13 +3,16 @@
 //! transfer's completion, which wakes its waiters. Dropping the pool finishes the queued jobs,
 //! then joins.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, unbounded};
 
+use super::memcpy;
 use crate::cuda::StreamGate;
 use crate::error::{Error, Result};
+use crate::plan::CopyOp;
 use crate::transfer::Completion;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -46,6 +49,16 @@ impl Workers {
         self.threads.len()
     }
 
+    /// A handle that queues jobs from inside a job (a two-hop transfer asking idle workers to
+    /// help with its host copies). Held only while that job runs, so it never keeps the pool
+    /// from shutting down.
+    pub(crate) fn spawner(&self) -> Option<Spawner> {
+        self.tx.clone().map(|tx| Spawner {
+            tx,
+            threads: self.threads.len(),
+        })
+    }
+
     /// Queues `job` as one part of `completion`. It starts once `gate` passed; its result, or
     /// an internal error if it panics, is the part's outcome; `keep` (the memory it reads and
     /// writes) is released only after it ran, so freeing a layout cannot release memory under
@@ -71,6 +84,81 @@ impl Workers {
         if let Some(tx) = &self.tx {
             // Sending only fails once every receiver is gone, which happens after drop.
             let _ = tx.send(Box::new(run));
+        }
+    }
+}
+
+/// Queues jobs on the pool from inside one of its jobs.
+#[derive(Clone)]
+pub(crate) struct Spawner {
+    tx: Sender<Job>,
+    threads: usize,
+}
+
+impl Spawner {
+    fn spawn(&self, job: Job) {
+        let _ = self.tx.send(job);
+    }
+
+    /// Copies `copies` (host memory on both sides) on the calling thread and on whichever
+    /// workers are idle: the list is cut into pieces that every participant takes in turn, so
+    /// a helper that never gets to run (every worker busy) only means the caller does more
+    /// itself, and nothing waits for a worker to become free. Returns once every piece is
+    /// copied.
+    ///
+    /// # Safety
+    /// As `memcpy::copy_all`: valid, non-overlapping ranges, untouched by others until this
+    /// returns.
+    pub(crate) unsafe fn copy(&self, copies: &[CopyOp]) {
+        let total: u64 = copies.iter().map(|c| c.len).sum();
+        let streaming = total >= memcpy::STREAMING_MIN_BYTES;
+        // Pieces of about 256 KiB, enough to share between every thread several times over.
+        let n = (total / (256 << 10)).clamp(1, 4 * self.threads as u64) as usize;
+        let shared = Arc::new(Shared {
+            pieces: memcpy::split(copies, n),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            finished: (Mutex::new(()), Condvar::new()),
+            streaming,
+        });
+        for _ in 1..shared.pieces.len().min(self.threads) {
+            let s = shared.clone();
+            self.spawn(Box::new(move || s.work()));
+        }
+        shared.work();
+        let (lock, cv) = &shared.finished;
+        let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while shared.done.load(Ordering::Acquire) < shared.pieces.len() {
+            g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// The pieces of one shared copy and how far it got.
+struct Shared {
+    pieces: Vec<Vec<CopyOp>>,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    finished: (Mutex<()>, Condvar),
+    streaming: bool,
+}
+
+impl Shared {
+    /// Takes pieces until none is left.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::AcqRel);
+            let Some(piece) = self.pieces.get(i) else {
+                return;
+            };
+            // SAFETY: the caller of `Spawner::copy` vouched for every range and waits until
+            // every piece taken here is done.
+            unsafe { memcpy::copy_all(piece, self.streaming) };
+            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.pieces.len() {
+                let (lock, cv) = &self.finished;
+                let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+                cv.notify_all();
+            }
         }
     }
 }

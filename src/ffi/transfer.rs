@@ -60,6 +60,9 @@ pub struct kvx_transfer_stats {
     /// 1 when copy mode AUTO chose the SM kernel but it could not be built or loaded (no NVRTC,
     /// unsupported GPU), so the copy engines ran instead; kvx_last_error() is not set for this.
     pub kernel_fallback: u8,
+    /// 1 when the bytes went through the context's pinned bounce buffers (0.2): pageable host
+    /// memory <-> device, and the disk paths that stage through pinned memory.
+    pub bounced: u8,
 }
 
 /// A submitted transfer. Use one handle from one thread at a time. It keeps the memory of both
@@ -239,6 +242,7 @@ pub unsafe extern "C" fn kvx_transfer_get_stats(
             elapsed_ns: s.elapsed_ns,
             mechanism: s.mechanism as i32,
             kernel_fallback: u8::from(s.kernel_fallback),
+            bounced: u8::from(s.bounced),
         };
         // SAFETY: checked non-NULL above.
         unsafe { write_out(stats_out, out) };

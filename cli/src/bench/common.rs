@@ -76,3 +76,10 @@ pub fn progress(steps: usize, what: &str) -> indicatif::ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
+
+/// Seconds `f` takes.
+pub fn secs(f: impl FnOnce() -> Result<(), String>) -> Result<f64, String> {
+    let t0 = std::time::Instant::now();
+    f()?;
+    Ok(t0.elapsed().as_secs_f64())
+}

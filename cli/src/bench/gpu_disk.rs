@@ -10,7 +10,6 @@ use std::ffi::c_void;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::time::Instant;
 
 use cudarc::driver::sys;
 use kvxfer::{
@@ -18,7 +17,7 @@ use kvxfer::{
     StorageSpec, TransferOptions,
 };
 
-use super::common::{ck, err, legend, median, shape};
+use super::common::{ck, err, legend, median, secs, shape};
 
 pub struct GpuDiskArgs {
     pub json: bool,
@@ -33,12 +32,6 @@ pub struct GpuDiskArgs {
 
 /// Raw I/O piece of the disk baseline.
 const PIECE: usize = 8 << 20;
-
-fn secs(f: impl FnOnce() -> Result<(), String>) -> Result<f64, String> {
-    let t0 = Instant::now();
-    f()?;
-    Ok(t0.elapsed().as_secs_f64())
-}
 
 /// One contiguous allocation of `bytes` as a single-block layout.
 fn one_block(bytes: u64) -> LayoutConfig {

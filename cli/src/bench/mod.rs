@@ -9,6 +9,7 @@ mod gpu_disk;
 pub mod gpu_rdma;
 mod host;
 mod nixl;
+mod pageable;
 mod plot;
 
 #[derive(clap::Args)]
@@ -69,6 +70,11 @@ pub struct Args {
     /// With --gpu-disk: compare with GDS through NIXL's GDS_MT backend instead of GDS.
     #[arg(long, requires = "gpu_disk")]
     gds_mt: bool,
+    /// With --gpu: pageable host memory (a wrapped heap pool) <-> device through the pinned
+    /// bounce pool, against one pageable and one pinned copy of the same bytes; --total-mib
+    /// defaults to 256, --iters to 5, --fragments-kib to 4,16,64 there.
+    #[arg(long, requires = "gpu")]
+    pageable: bool,
     /// Host and --gpu benches: also draw GB/s against fragment size, one line per mechanism
     /// with the limit, into this PNG file.
     #[arg(long, conflicts_with_all = ["nixl", "gpu_disk", "gpu_rdma"])]
@@ -78,6 +84,14 @@ pub struct Args {
 pub fn run(a: &Args) -> Result<(), String> {
     if a.iters == Some(0) || a.total_mib == Some(0) {
         return Err("--iters and --total-mib must be at least 1".into());
+    }
+    if a.gpu && a.pageable {
+        return pageable::run(&pageable::PageableArgs {
+            json: a.json,
+            total_mib: a.total_mib.unwrap_or(256),
+            iters: a.iters.unwrap_or(5),
+            fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
+        });
     }
     if a.gpu {
         return gpu::run(&gpu::GpuArgs {

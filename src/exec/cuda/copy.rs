@@ -2,8 +2,6 @@
 //! driver has it, else a loop of `cuMemcpyAsync`) or to the SM copy kernel (kernel.rs), chosen
 //! per transfer by fragment size and direction.
 
-use std::ffi::c_void;
-
 use cudarc::driver::sys::{self, CUmemLocation, CUmemLocationType, CUstream};
 
 use crate::cuda::{BatchApi, CudaDevice, Direction, check};
@@ -201,31 +199,6 @@ pub unsafe fn enqueue_at(
             }
         };
         check(r, "cuMemcpyBatchAsync")?;
-    }
-    Ok(())
-}
-
-/// Blocking copies between pageable host memory and the device, run on a worker thread.
-///
-/// # Safety
-/// Every range is validated memory that stays alive for the call.
-pub(crate) unsafe fn copy_blocking(
-    dev: &CudaDevice,
-    direction: Direction,
-    copies: &[CopyOp],
-) -> Result<()> {
-    dev.bind()?;
-    for c in copies {
-        // SAFETY: forwarded to the caller.
-        let r = unsafe {
-            match direction {
-                Direction::HostToDevice => {
-                    sys::cuMemcpyHtoD_v2(c.dst, c.src as *const c_void, c.len as usize)
-                }
-                _ => sys::cuMemcpyDtoH_v2(c.dst as *mut c_void, c.src, c.len as usize),
-            }
-        };
-        check(r, "cuMemcpy (pageable host memory)")?;
     }
     Ok(())
 }

@@ -155,6 +155,7 @@ pub(crate) fn submit(
         plan,
         mechanism: choice.mechanism,
         kernel_fallback: choice.kernel_fallback,
+        bounced: false,
         elapsed_ns: 0,
     };
     Ok(Transfer::new(completion, stats, true).with_event(dev.clone(), event, route, gated))

@@ -100,6 +100,7 @@ pub(crate) fn submit(
         plan,
         mechanism: Mechanism::Nixl,
         kernel_fallback: false,
+        bounced: false,
         elapsed_ns: 0,
     };
     Ok(Transfer::new(completion, stats, cuda_context))

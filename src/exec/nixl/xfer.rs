@@ -524,6 +524,7 @@ mod tests {
                     plan: Plan::Direct(Strategy::NixlWrite),
                     mechanism: Mechanism::Nixl,
                     kernel_fallback: false,
+                    bounced: false,
                     elapsed_ns: 0,
                 };
                 Transfer::new(completion, stats, false)

@@ -20,7 +20,7 @@ use super::cuda::copy::{enqueue_copy_engine, prefers_kernel};
 use super::cuda::{CudaExec, Kernel};
 use super::nixl::NixlExec;
 use super::nixl::xfer::{Xfer, direct_fd, finish, start};
-use super::workers::Workers;
+use super::workers::{Spawner, Workers};
 use crate::cuda::{CudaDevice, Direction, StreamGate, TableBuffer, check};
 use crate::error::{Error, Result};
 use crate::memory::{Memory, StorageKind};
@@ -41,6 +41,8 @@ const MAX_PAIRS: usize = 2;
 
 /// One hop of one chunk, in flight.
 enum InFlight<'d> {
+    /// A host copy, done when its hop returned.
+    Done,
     Nixl(Option<XferRequest>),
     /// Copies queued on `dev`'s stream, done when the event is; the copy kernel's list table
     /// goes back to the pool then.
@@ -48,9 +50,14 @@ enum InFlight<'d> {
 }
 
 impl InFlight<'_> {
-    fn wait(self, agent: &Agent) -> Result<()> {
+    fn wait(self, agent: Option<&Agent>) -> Result<()> {
         match self {
-            InFlight::Nixl(r) => finish(agent, r, Error::Io, true),
+            InFlight::Done => Ok(()),
+            InFlight::Nixl(r) => {
+                let agent =
+                    agent.ok_or_else(|| Error::Internal("a disk hop without NIXL".into()))?;
+                finish(agent, r, Error::Io, true)
+            }
             InFlight::Cuda(dev, event, table) => {
                 // SAFETY: a pooled event of `dev`, recorded after this hop's copies; the
                 // pool's events are blocking-sync, so this thread sleeps.
@@ -174,6 +181,50 @@ fn device_hop<'d>(
     Ok(InFlight::Cuda(dev, event, table))
 }
 
+/// `KVX_FAULT_BOUNCE_CHUNK=n`: the host hop of chunk n fails, for tests of what a failure in
+/// the middle of a transfer through the bounce pool leaves behind.
+fn injected_fault(chunk: usize) -> Result<()> {
+    static AT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let at = AT.get_or_init(|| {
+        std::env::var("KVX_FAULT_BOUNCE_CHUNK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    match at {
+        Some(n) if *n == chunk => Err(Error::Internal(format!(
+            "fault injected at chunk {chunk} (KVX_FAULT_BOUNCE_CHUNK)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The host hop between a bounce buffer and pageable memory: the chunk's sources packed into
+/// the buffer (`to_buffer`), or the buffer unpacked to the chunk's destinations, by memcpy on
+/// this thread and on idle workers.
+fn host_hop<'d>(
+    copier: &Spawner,
+    buf: &Arc<Memory>,
+    chunk: &[CopyOp],
+    i: usize,
+    to_buffer: bool,
+) -> Result<InFlight<'d>> {
+    injected_fault(i)?;
+    let base = buf.regions()[0].addr;
+    let copies: Vec<CopyOp> = if to_buffer {
+        pack(chunk, base, true)
+            .into_iter()
+            .map(CopyOp::flipped)
+            .collect()
+    } else {
+        pack(chunk, base, false)
+    };
+    // SAFETY: the request was validated: the pageable ranges lie in memory the transfer holds
+    // alive and no destination overlaps a source; the buffer holds the chunk and is this
+    // transfer's alone until the pipeline gives it back.
+    unsafe { copier.copy(&copies) };
+    Ok(InFlight::Done)
+}
+
 /// The two ends of a two-hop transfer.
 enum Ends<'a> {
     /// NIXL reads into the buffers, NIXL writes out of them.
@@ -191,35 +242,61 @@ enum Ends<'a> {
         dev: DeviceEnd<'a>,
         src: &'a Arc<Memory>,
     },
+    /// Host copies from pageable memory into the buffers, host-to-device copies out of them.
+    HostToDevice {
+        dev: DeviceEnd<'a>,
+        copier: &'a Spawner,
+    },
+    /// Device-to-host copies into the buffers, host copies out of them into pageable memory.
+    DeviceToHost {
+        dev: DeviceEnd<'a>,
+        copier: &'a Spawner,
+    },
 }
 
 /// Moves `copies` between `ends` through `lease`'s two buffers, on the calling (worker)
 /// thread.
-fn run(agent: &Agent, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'_>) -> Result<()> {
+fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'_>) -> Result<()> {
     let pair = lease.pair()?;
-    // In file-offset order of the disk side that sets the pace: a write's destinations, or
-    // the sources of disk -> device. Each chunk's disk request is then ascending and its
-    // neighbours merge; the disk reads ahead.
+    let disk = !matches!(ends, Ends::HostToDevice { .. } | Ends::DeviceToHost { .. });
     let mut copies = copies.to_vec();
-    match ends {
-        Ends::DiskToDevice { .. } => copies.sort_unstable_by_key(|c| c.src),
-        _ => sort_by_dst(&mut copies),
+    if disk {
+        // NIXL reads and writes the buffers: registered once, when first used for a disk.
+        let agent = agent.ok_or_else(|| Error::Internal("a disk hop without NIXL".into()))?;
+        for b in pair {
+            b.ensure_nixl_registered(agent)?;
+        }
+        // In file-offset order of the disk side that sets the pace: a write's destinations,
+        // or the sources of disk -> device. Each chunk's disk request is then ascending and
+        // its neighbours merge; the disk reads ahead.
+        match ends {
+            Ends::DiskToDevice { .. } => copies.sort_unstable_by_key(|c| c.src),
+            _ => sort_by_dst(&mut copies),
+        }
     }
     let chunks = chunks(&copies);
+    let nixl = || agent.ok_or_else(|| Error::Internal("a disk hop without NIXL".into()));
     let fill = |i: usize| match ends {
         Ends::DiskToDisk { src, .. } | Ends::DiskToDevice { src, .. } => {
-            disk_hop(agent, &pair[i % 2], src, &chunks[i], true)
+            disk_hop(nixl()?, &pair[i % 2], src, &chunks[i], true)
         }
-        Ends::DeviceToDisk { dev, .. } => device_hop(dev, &pair[i % 2], &chunks[i], true),
+        Ends::DeviceToDisk { dev, .. } | Ends::DeviceToHost { dev, .. } => {
+            device_hop(dev, &pair[i % 2], &chunks[i], true)
+        }
+        Ends::HostToDevice { copier, .. } => host_hop(copier, &pair[i % 2], &chunks[i], i, true),
     };
     let drain = |i: usize| match ends {
         Ends::DiskToDisk { dst, .. } | Ends::DeviceToDisk { dst, .. } => {
-            disk_hop(agent, &pair[i % 2], dst, &chunks[i], false)
+            disk_hop(nixl()?, &pair[i % 2], dst, &chunks[i], false)
         }
-        Ends::DiskToDevice { dev, .. } => device_hop(dev, &pair[i % 2], &chunks[i], false),
+        Ends::DiskToDevice { dev, .. } | Ends::HostToDevice { dev, .. } => {
+            device_hop(dev, &pair[i % 2], &chunks[i], false)
+        }
+        Ends::DeviceToHost { copier, .. } => host_hop(copier, &pair[i % 2], &chunks[i], i, false),
     };
+    // The hop whose start returns at once goes first, so the other runs meanwhile.
     let order = match ends {
-        Ends::DiskToDevice { .. } => Order::FillFirst,
+        Ends::DiskToDevice { .. } | Ends::DeviceToHost { .. } => Order::FillFirst,
         _ => Order::DrainFirst,
     };
     pipeline(chunks.len(), order, fill, drain, |h| h.wait(agent))
@@ -266,6 +343,7 @@ pub(crate) fn submit(
         plan,
         mechanism: Mechanism::Nixl,
         kernel_fallback: false,
+        bounced: true,
         elapsed_ns: 0,
     };
     let completion = Completion::new(1);
@@ -273,7 +351,7 @@ pub(crate) fn submit(
     let pin_for = cuda.map(|c| c.primary.clone());
     let keep = (src.clone(), dst.clone());
     workers.spawn_part(completion.clone(), gate, keep, move || {
-        let lease = pool.take(|| pool::make_buffer(pin_for.as_ref(), &nixl_agent))?;
+        let lease = pool.take(|| pool::make_buffer(pin_for.as_ref()))?;
         let ends = match &device {
             None => Ends::DiskToDisk {
                 src: &src,
@@ -288,7 +366,78 @@ pub(crate) fn submit(
                 src: &src,
             },
         };
-        run(&nixl_agent, ends, &list.copies, &lease)
+        run(Some(&nixl_agent), ends, &list.copies, &lease)
     });
     Ok(Transfer::new(completion, stats, cuda.is_some()))
+}
+
+/// System <-> device (the seed's blocking strategies CudaBlockingH2D / CudaBlockingD2H) through
+/// the pinned bounce pool: the host hop is memcpy between pageable memory and a bounce buffer
+/// (on this worker and on idle ones), the device hop the copy kernel or the copy engines, the
+/// two pipelined. The pool is the one the disk paths use; `gate`: start after the work queued
+/// on a caller's stream.
+pub(crate) fn submit_pageable(
+    request: &Request<'_>,
+    plan: Plan,
+    cuda: &CudaExec,
+    workers: &Workers,
+    pool: &Arc<BouncePool>,
+    gate: Option<Arc<StreamGate>>,
+) -> Result<Transfer> {
+    let (src, dst) = (request.src.memory().clone(), request.dst.memory().clone());
+    let to_device = dst.kind() == StorageKind::Device;
+    let device_side = if to_device { &dst } else { &src };
+    let dev = device_side
+        .device()
+        .cloned()
+        .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
+    let kernel = cuda.kernel(&dev).ok();
+    let copier = workers
+        .spawner()
+        .ok_or_else(|| Error::Internal("the worker pool is shutting down".into()))?;
+    let list = request.build();
+    let avg = list.bytes / (list.copies.len() as u64).max(1);
+    let direction = if to_device {
+        Direction::HostToDevice
+    } else {
+        Direction::DeviceToHost
+    };
+    let uses_kernel = kernel.as_ref().is_some_and(|k| k.has_list())
+        && prefers_kernel(direction, avg, list.copies.len() as u64);
+    let stats = TransferStats {
+        bytes: list.bytes,
+        fragments: list.fragments,
+        copies: list.copies.len() as u64,
+        plan,
+        mechanism: if uses_kernel {
+            Mechanism::Kernel
+        } else {
+            Mechanism::CopyEngine
+        },
+        kernel_fallback: false,
+        bounced: true,
+        elapsed_ns: 0,
+    };
+    let completion = Completion::new(1);
+    let pin_for = cuda.primary.clone();
+    let pool = pool.clone();
+    let keep = (src, dst);
+    let device = (dev, kernel);
+    workers.spawn_part(completion.clone(), gate, keep, move || {
+        let lease = pool.take(|| pool::make_buffer(Some(&pin_for)))?;
+        let dev = DeviceEnd::of(&device);
+        let ends = if to_device {
+            Ends::HostToDevice {
+                dev,
+                copier: &copier,
+            }
+        } else {
+            Ends::DeviceToHost {
+                dev,
+                copier: &copier,
+            }
+        };
+        run(None, ends, &list.copies, &lease)
+    });
+    Ok(Transfer::new(completion, stats, true))
 }

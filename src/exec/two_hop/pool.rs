@@ -80,12 +80,8 @@ impl Lease<'_> {
     }
 }
 
-/// One bounce buffer: pinned for `dev` where there is a device, registered with `nixl`.
-pub(crate) fn make_buffer(
-    dev: Option<&Arc<CudaDevice>>,
-    nixl: &nixl_sys::Agent,
-) -> Result<Arc<Memory>> {
-    let m = Memory::allocate_pinned(dev, &[CHUNK], 4096)?;
-    m.ensure_nixl_registered(nixl)?;
-    Ok(Arc::new(m))
+/// One bounce buffer: pinned for `dev` where there is a device (NIXL registers it when a disk
+/// hop first uses it).
+pub(crate) fn make_buffer(dev: Option<&Arc<CudaDevice>>) -> Result<Arc<Memory>> {
+    Ok(Arc::new(Memory::allocate_pinned(dev, &[CHUNK], 4096)?))
 }

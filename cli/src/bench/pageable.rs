@@ -1,0 +1,161 @@
+//! `kvxfer bench --gpu --pageable`: scattered fragments between a pageable host pool the
+//! runtime owns (wrapped) and device memory, through kvxfer's pinned bounce pool, against one
+//! pageable copy of the same bytes (what a runtime gets from a plain cudaMemcpy) and one pinned
+//! copy (the link), all measured in the same run.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+use kvxfer::{
+    Backends, Context, ContextConfig, Layout, Region, StorageKind, StorageSpec, TransferOptions,
+};
+
+use super::common::{ck, err, fragment_shape, legend, median, secs};
+
+pub struct PageableArgs {
+    pub json: bool,
+    pub total_mib: u64,
+    pub iters: usize,
+    pub fragments_kib: Vec<u64>,
+}
+
+pub fn run(a: &PageableArgs) -> Result<(), String> {
+    let ctx = Context::new(ContextConfig {
+        nixl_backends: Backends::empty(),
+        ..Default::default()
+    })
+    .map_err(err)?;
+    let dev = ctx
+        .cuda_device()
+        .ok_or("bench --pageable needs a CUDA GPU")?
+        .clone();
+    let total = a.total_mib << 20;
+    // The runtime's pool: plain heap memory, page-aligned, touched once.
+    let pool: Vec<u8> = vec![1u8; total as usize + 4096];
+    let base = (pool.as_ptr() as u64).next_multiple_of(4096);
+    let pinned = ctx
+        .new_layout(
+            fragment_shape(1, total, 4096),
+            &StorageSpec::new(StorageKind::Pinned),
+        )
+        .map_err(err)?;
+    let device = ctx
+        .new_layout(
+            fragment_shape(1, total, 4096),
+            &StorageSpec::new(StorageKind::Device),
+        )
+        .map_err(err)?;
+    let addr = |l: &Layout| l.region(0, 0, 0).map(|r| r.addr).map_err(err);
+    let (p, d) = (addr(&pinned)?, addr(&device)?);
+    dev.bind().map_err(err)?;
+    let copy = |host: u64, to_device: bool| {
+        secs(|| {
+            // SAFETY: both buffers hold `total` bytes; synchronous copies.
+            ck(
+                unsafe {
+                    if to_device {
+                        sys::cuMemcpyHtoD_v2(d, host as *const c_void, total as usize)
+                    } else {
+                        sys::cuMemcpyDtoH_v2(host as *mut c_void, d, total as usize)
+                    }
+                },
+                "one large copy",
+            )
+        })
+    };
+    if !a.json {
+        println!(
+            "pageable <-> device through the bounce pool: {} MiB per point, median of {}, {} worker threads (GB/s)",
+            a.total_mib,
+            a.iters,
+            ctx.worker_threads()
+        );
+        println!(
+            "{:<4} {:>8} {:>9} {:>9} {:>9} {:>7} {:>9}",
+            "dir", "fragment", "kvxfer", "pageable", "pinned", "ratio", "of pinned"
+        );
+    }
+    for &kib in &a.fragments_kib {
+        let fragment = kib << 10;
+        let blocks = total / fragment;
+        let c = fragment_shape(blocks, fragment, 4096);
+        let wrapped = ctx
+            .wrap_layout(
+                c,
+                &StorageSpec::new(StorageKind::System),
+                &[Region {
+                    addr: base,
+                    len: blocks * fragment,
+                }],
+            )
+            .map_err(err)?;
+        let dev_layout = ctx
+            .new_layout(c, &StorageSpec::new(StorageKind::Device))
+            .map_err(err)?;
+        let mut rng = fastrand::Rng::with_seed(kib);
+        let mut sb: Vec<u64> = (0..blocks).collect();
+        let mut db = sb.clone();
+        rng.shuffle(&mut sb);
+        rng.shuffle(&mut db);
+        for (dir, to_device) in [("H2D", true), ("D2H", false)] {
+            let (src, dst) = if to_device {
+                (&wrapped, &dev_layout)
+            } else {
+                (&dev_layout, &wrapped)
+            };
+            let (mut kv, mut pg, mut pn) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..=a.iters {
+                let k = secs(|| {
+                    ctx.submit(src, &sb, dst, &db, &TransferOptions::default())
+                        .and_then(|t| t.wait(None))
+                        .map_err(err)
+                })?;
+                let g = copy(base, to_device)?;
+                let n = copy(p, to_device)?;
+                if i > 0 {
+                    kv.push(k);
+                    pg.push(g);
+                    pn.push(n);
+                }
+            }
+            let gbps = |t: Vec<f64>| total as f64 / median(t) / 1e9;
+            let (k, g, n) = (gbps(kv), gbps(pg), gbps(pn));
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "name": "pageable", "direction": dir, "fragment_bytes": fragment,
+                        "bytes": total, "iters": a.iters, "threads": ctx.worker_threads(),
+                        "gbps": k, "pageable_copy_gbps": g, "pinned_limit_gbps": n,
+                        "ratio": k / g, "ratio_to_pinned": k / n,
+                    })
+                );
+            } else {
+                println!(
+                    "{dir:<4} {kib:>4} KiB {k:>9.2} {g:>9.2} {n:>9.2} {:>7.2} {:>9.3}",
+                    k / g,
+                    k / n
+                );
+            }
+        }
+    }
+    if !a.json {
+        legend(&[
+            (
+                "kvxfer",
+                "scattered fragments of a wrapped pageable pool <-> device, through the pinned bounce pool",
+            ),
+            (
+                "pageable",
+                "one cuMemcpy of the same bytes from / to pageable memory",
+            ),
+            (
+                "pinned",
+                "one cuMemcpy of the same bytes from / to pinned memory: the link",
+            ),
+            ("ratio", "kvxfer / pageable; of pinned: kvxfer / pinned"),
+        ]);
+    }
+    drop(pool);
+    Ok(())
+}
