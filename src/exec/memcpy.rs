@@ -8,8 +8,13 @@ pub(crate) const MIN_SHARE_BYTES: u64 = 1 << 20;
 /// Cuts `copies` into at most `parts` lists of about equal bytes, splitting copies that cross a
 /// share boundary, keeping order. Never returns an empty list of shares for non-empty input.
 pub fn split(copies: &[CopyOp], parts: usize) -> Vec<Vec<CopyOp>> {
+    split_shares(copies, parts, MIN_SHARE_BYTES)
+}
+
+/// As `split`, with shares of at least `min_share` bytes.
+pub fn split_shares(copies: &[CopyOp], parts: usize, min_share: u64) -> Vec<Vec<CopyOp>> {
     let total: u64 = copies.iter().map(|c| c.len).sum();
-    let parts = (parts.max(1) as u64).min(total.div_ceil(MIN_SHARE_BYTES).max(1));
+    let parts = (parts.max(1) as u64).min(total.div_ceil(min_share.max(1)).max(1));
     let share = total.div_ceil(parts);
     let mut out = Vec::with_capacity(parts as usize);
     let mut current = Vec::new();

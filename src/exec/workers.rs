@@ -112,10 +112,14 @@ impl Spawner {
     pub(crate) unsafe fn copy(&self, copies: &[CopyOp]) {
         let total: u64 = copies.iter().map(|c| c.len).sum();
         let streaming = total >= memcpy::STREAMING_MIN_BYTES;
-        // Pieces of about 256 KiB, enough to share between every thread several times over.
-        let n = (total / (256 << 10)).clamp(1, 4 * self.threads as u64) as usize;
+        // Pieces of at least PIECE bytes, up to four per thread so that helpers that start
+        // late still find work. Pieces of 64 KiB to 1 MiB, 1 to 8 per thread, and streaming
+        // stores on or off moved 4 and 16 KiB fragments within the runs' noise
+        // (docs/BENCHMARKS.md, "Pageable host memory through the bounce pool").
+        const PIECE: u64 = 256 << 10;
+        let n = (total / PIECE).clamp(1, 4 * self.threads as u64) as usize;
         let shared = Arc::new(Shared {
-            pieces: memcpy::split(copies, n),
+            pieces: memcpy::split_shares(copies, n, PIECE),
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             finished: (Mutex::new(()), Condvar::new()),
