@@ -125,16 +125,29 @@ impl Spawner {
             finished: (Mutex::new(()), Condvar::new()),
             streaming,
         });
+        let started = std::time::Instant::now();
         for _ in 1..shared.pieces.len().min(self.threads) {
             let s = shared.clone();
-            self.spawn(Box::new(move || s.work()));
+            self.spawn(Box::new(move || {
+                s.work();
+            }));
         }
-        shared.work();
+        let mine = shared.work();
+        let own = started.elapsed();
         let (lock, cv) = &shared.finished;
         let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
         while shared.done.load(Ordering::Acquire) < shared.pieces.len() {
             g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
+        drop(g);
+        tracing::trace!(
+            bytes = total,
+            pieces = shared.pieces.len(),
+            by_caller = mine,
+            caller_us = own.as_micros() as u64,
+            total_us = started.elapsed().as_micros() as u64,
+            "shared host copy"
+        );
     }
 }
 
@@ -148,13 +161,15 @@ struct Shared {
 }
 
 impl Shared {
-    /// Takes pieces until none is left.
-    fn work(&self) {
+    /// Takes pieces until none is left; returns how many it copied.
+    fn work(&self) -> usize {
+        let mut n = 0;
         loop {
             let i = self.next.fetch_add(1, Ordering::AcqRel);
             let Some(piece) = self.pieces.get(i) else {
-                return;
+                return n;
             };
+            n += 1;
             // SAFETY: the caller of `Spawner::copy` vouched for every range and waits until
             // every piece taken here is done.
             unsafe { memcpy::copy_all(piece, self.streaming) };

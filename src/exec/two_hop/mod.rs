@@ -59,11 +59,16 @@ impl InFlight<'_> {
                 finish(agent, r, Error::Io, true)
             }
             InFlight::Cuda(dev, event, table) => {
+                let waited = std::time::Instant::now();
                 // SAFETY: a pooled event of `dev`, recorded after this hop's copies; the
                 // pool's events are blocking-sync, so this thread sleeps.
                 let r = check(
                     unsafe { sys::cuEventSynchronize(event) },
                     "copying through the bounce buffer",
+                );
+                tracing::trace!(
+                    waited_us = waited.elapsed().as_micros() as u64,
+                    "device hop waited for"
                 );
                 dev.recycle_event(event);
                 // After a failed wait the stream may not have passed the table: it stays out of
