@@ -150,6 +150,7 @@ fn device_hop<'d>(
     to_buffer: bool,
 ) -> Result<InFlight<'d>> {
     let dev = end.dev;
+    let started = std::time::Instant::now();
     let base = buf.regions()[0].addr;
     let (direction, copies) = if to_buffer {
         let copies: Vec<CopyOp> = pack(chunk, base, true)
@@ -183,6 +184,11 @@ fn device_hop<'d>(
         }
     };
     let (event, table) = dev.record_or_abandon(stream, table)?;
+    tracing::trace!(
+        copies = copies.len(),
+        queued_us = started.elapsed().as_micros() as u64,
+        "device hop queued"
+    );
     Ok(InFlight::Cuda(dev, event, table))
 }
 
