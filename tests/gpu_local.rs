@@ -32,22 +32,16 @@ fn every_cuda_strategy_layout_kind_and_copy_mode() {
     // 2 KiB bf16 regions (16-byte aligned) and 15-byte FP8 regions (the kernel's byte path).
     let shapes = [(16, 64, 2), (3, 5, 1)];
     for (ss, ds, strategy) in pairs {
-        let async_ = !matches!(
-            strategy,
-            Strategy::CudaBlockingH2D | Strategy::CudaBlockingD2H
-        );
         for sk in KINDS {
             for dk in KINDS {
                 for &(page, inner, width) in &shapes {
                     let src = layout(&ctx, cfg(sk, 16, 3, page, inner, width), ss);
                     let dst = layout(&ctx, cfg(dk, 16, 3, page, inner, width), ds);
                     assert_eq!(ctx.plan(&src, &dst).unwrap(), Plan::Direct(strategy));
-                    let modes: &[CopyMode] = if async_ {
-                        &[CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel]
-                    } else {
-                        &[CopyMode::Auto]
-                    };
-                    for &mode in modes {
+                    // Pageable memory's device hop (through the bounce pool) takes the copy
+                    // mode too.
+                    let modes = [CopyMode::Auto, CopyMode::CopyEngine, CopyMode::Kernel];
+                    for mode in modes {
                         let opts = TransferOptions {
                             copy_mode: mode,
                             ..Default::default()
@@ -56,7 +50,6 @@ fn every_cuda_strategy_layout_kind_and_copy_mode() {
                         match mode {
                             CopyMode::Kernel => assert_eq!(m, Mechanism::Kernel),
                             CopyMode::CopyEngine => assert_eq!(m, Mechanism::CopyEngine),
-                            CopyMode::Auto if !async_ => assert_eq!(m, Mechanism::CopyEngine),
                             CopyMode::Auto => {}
                         }
                     }

@@ -122,7 +122,9 @@ pub(crate) fn dispatch(
         // blocking strategy, the pool is how kvxfer carries it out.
         Plan::Direct(Strategy::CudaBlockingH2D | Strategy::CudaBlockingD2H) => {
             let gate = res.gate(options.cuda_stream)?;
-            two_hop::submit_pageable(request, plan, res.cuda()?, &res.workers, &res.bounce, gate)
+            let cuda = res.cuda()?;
+            let mode = options.copy_mode;
+            two_hop::submit_pageable(request, plan, cuda, &res.workers, &res.bounce, gate, mode)
         }
         Plan::TwoHop {
             first: Strategy::NixlReadFlipped | Strategy::CudaAsyncD2H,

@@ -24,7 +24,7 @@ use super::workers::{Spawner, Workers};
 use crate::cuda::{CudaDevice, Direction, StreamGate, TableBuffer, check};
 use crate::error::{Error, Result};
 use crate::memory::{Memory, StorageKind};
-use crate::options::{Mechanism, TransferStats};
+use crate::options::{CopyMode, Mechanism, TransferStats};
 use crate::plan::copy_list::sort_by_dst;
 use crate::plan::{CopyOp, Plan, Request};
 use crate::transfer::{Completion, Transfer};
@@ -130,13 +130,16 @@ fn disk_hop<'d>(
 struct DeviceEnd<'a> {
     dev: &'a CudaDevice,
     kernel: Option<&'a Kernel>,
+    /// The transfer's copy mode: AUTO's rule per chunk, or always one mechanism.
+    mode: CopyMode,
 }
 
 impl<'a> DeviceEnd<'a> {
-    fn of((dev, kernel): &'a (Arc<CudaDevice>, Option<Arc<Kernel>>)) -> Self {
+    fn of((dev, kernel): &'a (Arc<CudaDevice>, Option<Arc<Kernel>>), mode: CopyMode) -> Self {
         Self {
             dev,
             kernel: kernel.as_deref(),
+            mode,
         }
     }
 }
@@ -168,9 +171,14 @@ fn device_hop<'d>(
     // to and from pinned memory.
     let bytes: u64 = copies.iter().map(|c| c.len).sum();
     let n = copies.len() as u64;
-    let kernel = end
-        .kernel
-        .filter(|k| k.has_list() && prefers_kernel(direction, bytes / n.max(1), n));
+    let kernel = end.kernel.filter(|k| {
+        k.has_list()
+            && match end.mode {
+                CopyMode::Auto => prefers_kernel(direction, bytes / n.max(1), n),
+                CopyMode::Kernel => true,
+                CopyMode::CopyEngine => false,
+            }
+    });
     let table = match kernel {
         // SAFETY: the stream belongs to `dev`; the device ranges were validated with the
         // request, the buffer is CUDA-pinned and holds the chunk; the caller keeps every memory
@@ -369,11 +377,11 @@ pub(crate) fn submit(
                 dst: &dst,
             },
             Some(d) if src.kind() == StorageKind::Device => Ends::DeviceToDisk {
-                dev: DeviceEnd::of(d),
+                dev: DeviceEnd::of(d, CopyMode::Auto),
                 dst: &dst,
             },
             Some(d) => Ends::DiskToDevice {
-                dev: DeviceEnd::of(d),
+                dev: DeviceEnd::of(d, CopyMode::Auto),
                 src: &src,
             },
         };
@@ -385,8 +393,9 @@ pub(crate) fn submit(
 /// System <-> device (the seed's blocking strategies CudaBlockingH2D / CudaBlockingD2H) through
 /// the pinned bounce pool: the host hop is memcpy between pageable memory and a bounce buffer
 /// (on this worker and on idle ones), the device hop the copy kernel or the copy engines, the
-/// two pipelined. The pool is the one the disk paths use; `gate`: start after the work queued
-/// on a caller's stream.
+/// two pipelined; `mode` picks the device hop's mechanism as for pinned memory. The pool is the
+/// one the disk paths use; `gate`: start after the work queued on a caller's stream.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn submit_pageable(
     request: &Request<'_>,
     plan: Plan,
@@ -394,6 +403,7 @@ pub(crate) fn submit_pageable(
     workers: &Workers,
     pool: &Arc<BouncePool>,
     gate: Option<Arc<StreamGate>>,
+    mode: CopyMode,
 ) -> Result<Transfer> {
     let (src, dst) = (request.src.memory().clone(), request.dst.memory().clone());
     let to_device = dst.kind() == StorageKind::Device;
@@ -402,7 +412,11 @@ pub(crate) fn submit_pageable(
         .device()
         .cloned()
         .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
-    let kernel = cuda.kernel(&dev).ok();
+    let kernel = match (cuda.kernel(&dev), mode) {
+        (Ok(k), _) => Some(k),
+        (Err(why), CopyMode::Kernel) => return Err(Error::Unavailable(why)),
+        (Err(_), _) => None,
+    };
     let copier = workers
         .spawner()
         .ok_or_else(|| Error::Internal("the worker pool is shutting down".into()))?;
@@ -414,7 +428,11 @@ pub(crate) fn submit_pageable(
         Direction::DeviceToHost
     };
     let uses_kernel = kernel.as_ref().is_some_and(|k| k.has_list())
-        && prefers_kernel(direction, avg, list.copies.len() as u64);
+        && match mode {
+            CopyMode::Auto => prefers_kernel(direction, avg, list.copies.len() as u64),
+            CopyMode::Kernel => true,
+            CopyMode::CopyEngine => false,
+        };
     let stats = TransferStats {
         bytes: list.bytes,
         fragments: list.fragments,
@@ -436,7 +454,7 @@ pub(crate) fn submit_pageable(
     let device = (dev, kernel);
     workers.spawn_part(completion.clone(), gate, keep, move || {
         let lease = pool.take(|| pool::make_buffer(Some(&pin_for)))?;
-        let dev = DeviceEnd::of(&device);
+        let dev = DeviceEnd::of(&device, mode);
         let ends = if to_device {
             Ends::HostToDevice {
                 dev,
