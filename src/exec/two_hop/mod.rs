@@ -278,7 +278,8 @@ enum Ends<'a> {
 fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'_>) -> Result<()> {
     let pair = lease.pair()?;
     let disk = !matches!(ends, Ends::HostToDevice { .. } | Ends::DeviceToHost { .. });
-    let mut copies = copies.to_vec();
+    // Host <-> device keeps the list's order; only the disk paths sort a copy of it.
+    let mut copies = std::borrow::Cow::Borrowed(copies);
     if disk {
         // NIXL reads and writes the buffers: registered once, when first used for a disk.
         let agent = agent.ok_or_else(|| Error::Internal("a disk hop without NIXL".into()))?;
@@ -288,9 +289,10 @@ fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'
         // In file-offset order of the disk side that sets the pace: a write's destinations,
         // or the sources of disk -> device. Each chunk's disk request is then ascending and
         // its neighbours merge; the disk reads ahead.
+        let copies = copies.to_mut();
         match ends {
             Ends::DiskToDevice { .. } => copies.sort_unstable_by_key(|c| c.src),
-            _ => sort_by_dst(&mut copies),
+            _ => sort_by_dst(copies),
         }
     }
     let chunks = chunks(&copies);
@@ -420,7 +422,13 @@ pub(crate) fn submit_pageable(
     let copier = workers
         .spawner()
         .ok_or_else(|| Error::Internal("the worker pool is shutting down".into()))?;
+    let built = std::time::Instant::now();
     let list = request.build();
+    tracing::trace!(
+        copies = list.copies.len(),
+        built_us = built.elapsed().as_micros() as u64,
+        "pageable copy list built"
+    );
     let avg = list.bytes / (list.copies.len() as u64).max(1);
     let direction = if to_device {
         Direction::HostToDevice
@@ -452,8 +460,11 @@ pub(crate) fn submit_pageable(
     let pool = pool.clone();
     let keep = (src, dst);
     let device = (dev, kernel);
+    let queued = std::time::Instant::now();
     workers.spawn_part(completion.clone(), gate, keep, move || {
+        let started_us = queued.elapsed().as_micros() as u64;
         let lease = pool.take(|| pool::make_buffer(Some(&pin_for)))?;
+        let leased_us = queued.elapsed().as_micros() as u64;
         let dev = DeviceEnd::of(&device, mode);
         let ends = if to_device {
             Ends::HostToDevice {
@@ -466,7 +477,14 @@ pub(crate) fn submit_pageable(
                 copier: &copier,
             }
         };
-        run(None, ends, &list.copies, &lease)
+        let r = run(None, ends, &list.copies, &lease);
+        tracing::trace!(
+            started_us,
+            leased_us,
+            done_us = queued.elapsed().as_micros() as u64,
+            "pageable transfer through the pool"
+        );
+        r
     });
     Ok(Transfer::new(completion, stats, true))
 }

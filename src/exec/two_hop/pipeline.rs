@@ -5,21 +5,53 @@ use super::CHUNK;
 use crate::error::Result;
 use crate::plan::CopyOp;
 
+/// Copies cut into chunks of at most CHUNK bytes each, in one allocation: at 64k fragments a
+/// vector per chunk, grown copy by copy, cost a noticeable part of a transfer's start.
+pub(super) struct Chunks {
+    copies: Vec<CopyOp>,
+    /// Chunk i is `copies[bounds[i]..bounds[i + 1]]`.
+    bounds: Vec<usize>,
+}
+
+impl Chunks {
+    pub(super) fn len(&self) -> usize {
+        self.bounds.len() - 1
+    }
+
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::ops::Index<usize> for Chunks {
+    type Output = [CopyOp];
+
+    fn index(&self, i: usize) -> &[CopyOp] {
+        &self.copies[self.bounds[i]..self.bounds[i + 1]]
+    }
+}
+
 /// Cuts (src offset, dst offset, len) copies into chunks of at most CHUNK bytes each.
-pub(super) fn chunks(copies: &[CopyOp]) -> Vec<Vec<CopyOp>> {
-    let mut out = vec![Vec::new()];
+pub(super) fn chunks(copies: &[CopyOp]) -> Chunks {
+    let bytes: u64 = copies.iter().map(|c| c.len).sum();
+    let n = usize::try_from(bytes.div_ceil(CHUNK)).unwrap_or(usize::MAX);
+    // A chunk boundary splits at most one copy in two.
+    let mut out = Chunks {
+        copies: Vec::with_capacity(copies.len().saturating_add(n)),
+        bounds: Vec::with_capacity(n.saturating_add(1).min(1 << 20)),
+    };
+    out.bounds.push(0);
     let mut room = CHUNK;
     for &c in copies {
         let mut c = c;
         while c.len > 0 {
             if room == 0 {
-                out.push(Vec::new());
+                out.bounds.push(out.copies.len());
                 room = CHUNK;
             }
             let n = c.len.min(room);
-            out.last_mut()
-                .expect("non-empty")
-                .push(CopyOp { len: n, ..c });
+            out.copies.push(CopyOp { len: n, ..c });
             c = CopyOp {
                 src: c.src + n,
                 dst: c.dst + n,
@@ -28,14 +60,12 @@ pub(super) fn chunks(copies: &[CopyOp]) -> Vec<Vec<CopyOp>> {
             room -= n;
         }
     }
-    out.retain(|c| !c.is_empty());
+    if out.copies.len() > *out.bounds.last().unwrap_or(&0) {
+        out.bounds.push(out.copies.len());
+    }
     out
 }
 
-/// Which hop of a chunk to start first when both buffers are busy. A CUDA hop's start blocks
-/// the calling thread for as long as the driver takes to queue its copies (milliseconds for an
-/// 8 MiB chunk of 4 KiB host-to-device copies; docs/BENCHMARKS.md, "GPU ↔ disk and GPU ↔ peer"), so the NIXL hop, whose start
-/// returns at once, goes first and runs meanwhile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Order {
     /// Empty buffer i before filling the other one (the fill is the CUDA hop).
@@ -239,7 +269,7 @@ mod tests {
         assert_eq!(c.len(), 2);
         assert_eq!(
             c[0],
-            vec![CopyOp {
+            [CopyOp {
                 src: 0,
                 dst: 1 << 40,
                 len: CHUNK
@@ -247,7 +277,7 @@ mod tests {
         );
         assert_eq!(
             c[1],
-            vec![
+            [
                 CopyOp {
                     src: CHUNK,
                     dst: (1 << 40) + CHUNK,
