@@ -63,6 +63,21 @@ static void moves_blocks_and_checks_them() {
   EXPECT(!dst && moved);
   kvxfer::transfer t2 = std::move(t);
   EXPECT(!t && t2);
+
+  // One layer at a time: layers outside the transfer's range are OUT_OF_RANGE.
+  kvx_transfer_options o = kvxfer::transfer_options();
+  o.layer_begin = 2;
+  o.layer_end = 4;
+  kvxfer::transfer lt = ctx.submit(src, from, moved, to, &o);
+  try {
+    lt.layer_wait(1);
+    EXPECT(false);
+  } catch (const kvxfer::error &e) {
+    EXPECT(e.status() == KVX_STATUS_OUT_OF_RANGE);
+  }
+  lt.layer_wait(2);
+  lt.layer_wait(3, 10 * 1000 * 1000);
+  EXPECT(lt.stats().fragments == 3 * 2 * 2);
 }
 
 static void errors_carry_the_status_and_message() {

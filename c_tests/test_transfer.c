@@ -242,6 +242,54 @@ static void poll_wait_stats_and_free_order(void) {
   kvx_transfer_free(NULL);
 }
 
+static void layer_waits(void) {
+  kvx_context_config cfg;
+  kvx_context_config_init(&cfg);
+  cfg.nixl_backends = 0;
+  cfg.cuda_device = -1; /* no CUDA, also on a GPU machine: stream waits are refused */
+  kvx_context *ctx = NULL;
+  CHECK_OK(kvx_context_new(&cfg, &ctx));
+  kvx_layout *src = test_layout(ctx, 4, 4, KVX_LAYOUT_KIND_LAYER_SEPARATE_OUTER_FIRST, KVX_STORAGE_KIND_SYSTEM);
+  kvx_layout *dst = test_layout(ctx, 4, 4, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
+  CHECK(src != NULL && dst != NULL);
+  uint64_t s_ids[2] = {3, 1}, d_ids[2] = {0, 2};
+  CHECK_OK(kvx_layout_fill(ctx, src, s_ids, 2, 9));
+  kvx_transfer_options o;
+  kvx_transfer_options_init(&o);
+  o.layer_begin = 1;
+  o.layer_end = 3;
+  kvx_transfer *tr = NULL;
+  CHECK_OK(kvx_transfer_submit(ctx, src, s_ids, dst, d_ids, 2, &o, &tr));
+  int stream = 0;
+  /* Layers outside [layer_begin, layer_end) are refused before anything waits. */
+  CHECK_STATUS(kvx_transfer_layer_wait(tr, 0, -1), KVX_STATUS_OUT_OF_RANGE);
+  CHECK(strstr(kvx_last_error(), "layer 0") != NULL);
+  CHECK_STATUS(kvx_transfer_layer_wait(tr, 3, -1), KVX_STATUS_OUT_OF_RANGE);
+  CHECK_STATUS(kvx_transfer_layer_stream_wait(tr, 3, &stream), KVX_STATUS_OUT_OF_RANGE);
+  CHECK_STATUS(kvx_transfer_layer_wait(NULL, 1, -1), KVX_STATUS_NULL_ARGUMENT);
+  CHECK_STATUS(kvx_transfer_layer_stream_wait(NULL, 1, &stream), KVX_STATUS_NULL_ARGUMENT);
+  CHECK_STATUS(kvx_transfer_layer_stream_wait(tr, 1, NULL), KVX_STATUS_NULL_ARGUMENT);
+  for (uint64_t l = 1; l < 3; l++) {
+    CHECK_OK(kvx_transfer_layer_wait(tr, l, 10 * 1000 * 1000));
+    /* Once a layer's wait returns, its bytes are in place. */
+    for (int i = 0; i < 2; i++) {
+      for (uint64_t o2 = 0; o2 < 2; o2++) {
+        kvx_memory a, b;
+        CHECK_OK(kvx_layout_region(src, s_ids[i], l, o2, &a));
+        CHECK_OK(kvx_layout_region(dst, d_ids[i], l, o2, &b));
+        CHECK(memcmp((const void *)(uintptr_t)a.addr, (const void *)(uintptr_t)b.addr, a.size) == 0);
+      }
+    }
+  }
+  /* This test's context has no CUDA: no stream can be ordered, per layer as for the whole. */
+  CHECK_STATUS(kvx_transfer_layer_stream_wait(tr, 1, &stream), KVX_STATUS_UNAVAILABLE);
+  CHECK_OK(kvx_transfer_wait(tr, -1));
+  kvx_transfer_free(tr);
+  kvx_layout_free(src);
+  kvx_layout_free(dst);
+  kvx_context_free(ctx);
+}
+
 static void empty_transfer_is_complete(void) {
   kvx_context *ctx = test_context(1);
   kvx_layout *a = test_layout(ctx, 2, 1, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);
@@ -316,6 +364,7 @@ static void later_entry_points_are_unavailable(void) {
 int main(void) {
   RUN(every_kind_pair_with_guards);
   RUN(layer_range);
+  RUN(layer_waits);
   RUN(refused_requests_write_nothing);
   RUN(poll_wait_stats_and_free_order);
   RUN(empty_transfer_is_complete);

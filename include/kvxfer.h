@@ -854,6 +854,29 @@ KVX_NODISCARD int32_t kvx_transfer_wait(struct kvx_transfer *transfer, int64_t t
 KVX_NODISCARD int32_t kvx_transfer_stream_wait(struct kvx_transfer *transfer, void *cuda_stream);
 
 /**
+ * Waits until one layer of the transfer is in place (0.2): layers complete in order,
+ * layer_begin first, and never later than the transfer; timeout_us < 0 waits forever. In
+ * this version a layer is complete when the whole transfer is, on every path. Returns OK
+ * once the layer is in place, TIMEOUT (the transfer goes on), the transfer's own error, or
+ * OUT_OF_RANGE for a layer the transfer does not move; NULL_ARGUMENT.
+ */
+KVX_NODISCARD
+int32_t kvx_transfer_layer_wait(struct kvx_transfer *transfer,
+                                uint64_t layer,
+                                int64_t timeout_us);
+
+/**
+ * Makes the CUstream `cuda_stream` wait for one layer of the transfer (0.2), as
+ * kvx_transfer_stream_wait does for the whole transfer (in this version it waits for the
+ * whole transfer). Errors: as kvx_transfer_stream_wait, and OUT_OF_RANGE for a layer the
+ * transfer does not move.
+ */
+KVX_NODISCARD
+int32_t kvx_transfer_layer_stream_wait(struct kvx_transfer *transfer,
+                                       uint64_t layer,
+                                       void *cuda_stream);
+
+/**
  * Writes the transfer's counters. Works at any time. On error *stats_out is untouched.
  */
 KVX_NODISCARD

@@ -123,6 +123,14 @@ class transfer : public detail::handle<kvx_transfer, kvx_transfer_free> {
   void wait(int64_t timeout_us = -1) { check(kvx_transfer_wait(get(), timeout_us)); }
   /* Makes a CUstream wait for the transfer; the host does not block. */
   void stream_wait(void *cuda_stream) { check(kvx_transfer_stream_wait(get(), cuda_stream)); }
+  /* Waits for one layer (0.2; layers complete in order, never later than the transfer). */
+  void layer_wait(uint64_t layer, int64_t timeout_us = -1) {
+    check(kvx_transfer_layer_wait(get(), layer, timeout_us));
+  }
+  /* Makes a CUstream wait for one layer; the host does not block. */
+  void layer_stream_wait(uint64_t layer, void *cuda_stream) {
+    check(kvx_transfer_layer_stream_wait(get(), layer, cuda_stream));
+  }
   kvx_transfer_stats stats() const {
     kvx_transfer_stats s;
     check(kvx_transfer_get_stats(get(), &s));

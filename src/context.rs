@@ -323,7 +323,8 @@ impl Context {
             layers,
         };
         request.validate()?;
-        let t = exec::dispatch(plan, &request, options, &self.res)?;
+        let t =
+            exec::dispatch(plan, &request, options, &self.res)?.with_layers(request.layers.clone());
         let s = t.stats();
         tracing::debug!(
             %plan,

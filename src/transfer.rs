@@ -2,6 +2,7 @@
 //! Completion is pushed by whoever finishes the last piece of work (a condition variable wakes
 //! waiters); nothing polls on a timer.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -167,6 +168,8 @@ pub struct Transfer {
     gpu: Option<GpuEvent>,
     /// Submitted on a context with CUDA, so a caller's stream can be ordered after it.
     cuda_context: bool,
+    /// The layers the transfer moves, for per-layer waits.
+    layers: Range<u64>,
 }
 
 impl Transfer {
@@ -181,7 +184,41 @@ impl Transfer {
             stats,
             gpu: None,
             cuda_context,
+            layers: 0..0,
         }
+    }
+
+    /// The layers this transfer moves (its request's resolved range).
+    pub(crate) fn with_layers(mut self, layers: Range<u64>) -> Self {
+        self.layers = layers;
+        self
+    }
+
+    /// `layer` is one this transfer moves.
+    fn check_layer(&self, layer: u64) -> Result<()> {
+        if self.layers.contains(&layer) {
+            return Ok(());
+        }
+        Err(Error::OutOfRange(format!(
+            "layer {layer} is not among this transfer's layers {}..{}",
+            self.layers.start, self.layers.end
+        )))
+    }
+
+    /// Waits until `layer`'s bytes are in place; `None` waits forever. Layers complete in
+    /// order and never later than the transfer. In this version every path completes a layer
+    /// when the whole transfer completes (per-layer signals on the GPU paths are still to
+    /// come), so the call is `wait` after checking the layer: correct, not yet earlier.
+    pub fn layer_wait(&self, layer: u64, timeout: Option<Duration>) -> Result<()> {
+        self.check_layer(layer)?;
+        self.wait(timeout)
+    }
+
+    /// Makes the CUstream `stream` wait for `layer` only (as [`Transfer::layer_wait`], in this
+    /// version for the whole transfer), as [`Transfer::stream_wait`] does.
+    pub fn layer_stream_wait(&self, layer: u64, stream: usize) -> Result<()> {
+        self.check_layer(layer)?;
+        self.stream_wait(stream)
     }
 
     /// A GPU transfer on `route` whose last copy is followed by `event` on one of `dev`'s

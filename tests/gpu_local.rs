@@ -298,6 +298,75 @@ fn callers_stream_waits_for_the_transfer_without_blocking_the_host() {
 
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn a_consumer_stream_waits_for_each_layer_without_blocking_the_host() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::LayerSeparateBlockFirst, 16, 4, 16, 64, 2);
+    let src = layout(&ctx, c, StorageKind::Pinned);
+    let dst = layout(&ctx, c, StorageKind::Device);
+    let back = layout(&ctx, c, StorageKind::Pinned);
+    ctx.fill(&src, &all(16), 11).unwrap();
+    let (mut gate, mut consumer) = (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: the context is current on this thread; both streams are destroyed below.
+    unsafe {
+        check(sys::cuStreamCreate(&mut gate, 1));
+        check(sys::cuStreamCreate(&mut consumer, 1));
+        check(sys::cuLaunchHostFunc(
+            gate,
+            Some(sleep_300ms),
+            std::ptr::null_mut(),
+        ));
+    }
+    // Layers 1..4, held back 300 ms by `gate`; the consumer reads each layer after its wait.
+    let opts = TransferOptions {
+        cuda_stream: Some(gate as usize),
+        layer_begin: 1,
+        layer_end: 4,
+        ..Default::default()
+    };
+    let t = ctx.submit(&src, &all(16), &dst, &all(16), &opts).unwrap();
+    assert!(matches!(
+        t.layer_stream_wait(0, consumer as usize),
+        Err(kvxfer::Error::OutOfRange(_))
+    ));
+    let started = std::time::Instant::now();
+    let per_layer = c.validate().unwrap().allocation_len as usize;
+    for l in 1..4 {
+        t.layer_stream_wait(l, consumer as usize).unwrap();
+        let (d, r) = (
+            dst.region(0, l, 0).unwrap().addr,
+            back.region(0, l, 0).unwrap().addr,
+        );
+        // SAFETY: a layer-separate layout holds each layer in one allocation of `per_layer`
+        // bytes that starts with block 0, outer 0.
+        unsafe { check(sys::cuMemcpyAsync(r, d, per_layer, consumer)) };
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "layer_stream_wait blocked the host"
+    );
+    // SAFETY: the stream belongs to this context.
+    unsafe { check(sys::cuStreamSynchronize(consumer)) };
+    for b in 0..16 {
+        for o in 0..2 {
+            assert!(
+                bytes(&back, b, 0, o).iter().all(|&x| x == 0),
+                "layer 0 moved"
+            );
+            for l in 1..4 {
+                assert_eq!(bytes(&back, b, l, o), bytes(&src, b, l, o), "{b} {l} {o}");
+            }
+        }
+    }
+    t.wait(None).unwrap();
+    // SAFETY: idle streams.
+    unsafe {
+        check(sys::cuStreamDestroy_v2(gate));
+        check(sys::cuStreamDestroy_v2(consumer));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
 fn lists_of_1k_to_16k_blocks() {
     let ctx = ctx();
     for blocks in [1024u64, 4096, 16384] {

@@ -141,6 +141,69 @@ fn layer_range_moves_only_those_layers() {
 }
 
 #[test]
+fn each_layer_of_a_transfer_can_be_waited_for() {
+    // Without CUDA, also on a GPU machine: stream waits are then refused.
+    let ctx = Context::new(ContextConfig {
+        worker_threads: 2,
+        nixl_backends: kvxfer::Backends::empty(),
+        cuda_device: -1,
+        ..Default::default()
+    })
+    .unwrap();
+    let src = layout(
+        &ctx,
+        LayoutKind::LayerSeparateBlockFirst,
+        StorageKind::System,
+        8,
+    );
+    let dst = layout(&ctx, LayoutKind::FullyContiguous, StorageKind::Pinned, 8);
+    ctx.fill(&src, &ids(8), 5).unwrap();
+    let opts = TransferOptions {
+        layer_begin: 1,
+        layer_end: 3,
+        ..Default::default()
+    };
+    let t = ctx
+        .submit(&src, &[7, 2, 5], &dst, &[0, 1, 2], &opts)
+        .unwrap();
+    // A layer the transfer does not move is refused before anything waits.
+    for l in [0, 3, u64::MAX] {
+        assert!(
+            matches!(t.layer_wait(l, None), Err(Error::OutOfRange(_))),
+            "layer {l}"
+        );
+        assert!(matches!(
+            t.layer_stream_wait(l, 1),
+            Err(Error::OutOfRange(_))
+        ));
+    }
+    for l in 1..3 {
+        t.layer_wait(l, Some(Duration::from_secs(10))).unwrap();
+        // Once its wait returns, the layer's bytes are in place.
+        for (s, d) in [(7, 0), (2, 1), (5, 2)] {
+            for o in 0..2 {
+                let a = src.region(s, l, o).unwrap();
+                let b = dst.region(d, l, o).unwrap();
+                // SAFETY: both regions lie in live host memory of these layouts.
+                let (a, b) = unsafe {
+                    (
+                        std::slice::from_raw_parts(a.addr as *const u8, a.len as usize),
+                        std::slice::from_raw_parts(b.addr as *const u8, b.len as usize),
+                    )
+                };
+                assert_eq!(a, b, "block {s} -> {d}, layer {l}, outer {o}");
+            }
+        }
+    }
+    // A context without CUDA cannot order a stream, for a layer as for the whole transfer.
+    assert!(matches!(
+        t.layer_stream_wait(1, 1),
+        Err(Error::Unavailable(_))
+    ));
+    t.wait(None).unwrap();
+}
+
+#[test]
 fn refused_requests_write_nothing() {
     let ctx = ctx();
     let src = layout(&ctx, LayoutKind::FullyContiguous, StorageKind::System, 8);

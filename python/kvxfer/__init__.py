@@ -162,6 +162,10 @@ _transfer_submit = _sig(
 _transfer_poll = _sig("kvx_transfer_poll", c_int32, c_void_p)
 _transfer_wait = _sig("kvx_transfer_wait", c_int32, c_void_p, c_int64)
 _transfer_stream_wait = _sig("kvx_transfer_stream_wait", c_int32, c_void_p, c_void_p)
+_transfer_layer_wait = _sig("kvx_transfer_layer_wait", c_int32, c_void_p, c_uint64, c_int64)
+_transfer_layer_stream_wait = _sig(
+    "kvx_transfer_layer_stream_wait", c_int32, c_void_p, c_uint64, c_void_p
+)
 _transfer_get_stats = _sig("kvx_transfer_get_stats", c_int32, c_void_p, POINTER(_TransferStats))
 _transfer_free = _sig("kvx_transfer_free", None, c_void_p)
 _context_export = _sig("kvx_context_export", c_int32, c_void_p, POINTER(c_void_p), c_size_t, POINTER(_Bytes))
@@ -285,6 +289,18 @@ class Transfer(_Handle):
         """Makes a CUDA stream (a CUstream handle as an int, e.g. torch's stream.cuda_stream)
         wait for the transfer; the host does not block."""
         _check(_transfer_stream_wait(self._ptr, c_void_p(int(cuda_stream))))
+
+    def layer_wait(self, layer, timeout=None):
+        """Waits for one layer of the transfer (layers complete in order, never later than the
+        transfer), for at most `timeout` seconds; raises KVX_STATUS_OUT_OF_RANGE for a layer
+        the transfer does not move."""
+        us = -1 if timeout is None else int(timeout * 1e6)
+        _check(_transfer_layer_wait(self._ptr, layer, us))
+        return self
+
+    def layer_stream_wait(self, layer, cuda_stream):
+        """Makes a CUDA stream wait for one layer of the transfer; the host does not block."""
+        _check(_transfer_layer_stream_wait(self._ptr, layer, c_void_p(int(cuda_stream))))
 
     @property
     def stats(self):

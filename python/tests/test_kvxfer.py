@@ -56,6 +56,25 @@ def test_errors_carry_the_status():
     assert e.value.status == "KVX_STATUS_INVALID_ARGUMENT"
 
 
+def test_each_layer_can_be_waited_for():
+    ctx = kvxfer.Context(nixl_backends=0, worker_threads=2, cuda_device=-1)
+    src = ctx.new_layout(**SHAPE, storage="system")
+    dst = ctx.new_layout(**SHAPE, kind="layer_separate_block_first", storage="pinned")
+    ctx.fill(src, [4, 6], seed=3)
+    t = ctx.submit(src, [4, 6], dst, [1, 0], layer_begin=1, layer_end=3)
+    for layer in (0, 3):
+        with pytest.raises(kvxfer.Error) as e:
+            t.layer_wait(layer)
+        assert e.value.status == "KVX_STATUS_OUT_OF_RANGE" and f"layer {layer}" in e.value.message
+    for layer in (1, 2):
+        t.layer_wait(layer, timeout=10)
+    with pytest.raises(kvxfer.Error) as e:
+        t.layer_stream_wait(1, 1)
+    assert e.value.status == "KVX_STATUS_UNAVAILABLE"
+    t.wait()
+    assert t.stats["fragments"] == 2 * 2 * 2
+
+
 def test_wrapped_numpy_arrays_and_address_pairs():
     np = pytest.importorskip("numpy")
     ctx = host_context()

@@ -220,6 +220,46 @@ pub unsafe extern "C" fn kvx_transfer_stream_wait(
     }
 }
 
+/// Waits until one layer of the transfer is in place (0.2): layers complete in order,
+/// layer_begin first, and never later than the transfer; timeout_us < 0 waits forever. In
+/// this version a layer is complete when the whole transfer is, on every path. Returns OK
+/// once the layer is in place, TIMEOUT (the transfer goes on), the transfer's own error, or
+/// OUT_OF_RANGE for a layer the transfer does not move; NULL_ARGUMENT.
+#[unsafe(no_mangle)]
+#[must_use]
+pub unsafe extern "C" fn kvx_transfer_layer_wait(
+    transfer: *mut kvx_transfer,
+    layer: u64,
+    timeout_us: i64,
+) -> i32 {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid transfer or NULL.
+        let t = try_status!(unsafe { deref(transfer, "transfer") });
+        outcome(t.inner.layer_wait(layer, timeout_from_us(timeout_us)))
+    }
+}
+
+/// Makes the CUstream `cuda_stream` wait for one layer of the transfer (0.2), as
+/// kvx_transfer_stream_wait does for the whole transfer (in this version it waits for the
+/// whole transfer). Errors: as kvx_transfer_stream_wait, and OUT_OF_RANGE for a layer the
+/// transfer does not move.
+#[unsafe(no_mangle)]
+#[must_use]
+pub unsafe extern "C" fn kvx_transfer_layer_stream_wait(
+    transfer: *mut kvx_transfer,
+    layer: u64,
+    cuda_stream: *mut c_void,
+) -> i32 {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid transfer or NULL.
+        let t = try_status!(unsafe { deref(transfer, "transfer") });
+        if cuda_stream.is_null() {
+            return null_argument("cuda_stream");
+        }
+        outcome(t.inner.layer_stream_wait(layer, cuda_stream as usize))
+    }
+}
+
 /// Writes the transfer's counters. Works at any time. On error *stats_out is untouched.
 #[unsafe(no_mangle)]
 #[must_use]
