@@ -242,17 +242,11 @@ fn transfer_starts_after_work_queued_on_the_callers_stream() {
     }
 }
 
-#[test]
-#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
-fn callers_stream_waits_for_the_transfer_without_blocking_the_host() {
-    let ctx = ctx();
-    let c = cfg(LayoutKind::FullyContiguous, 16, 2, 16, 64, 2);
-    let src = layout(&ctx, c, StorageKind::Pinned);
-    let dst = layout(&ctx, c, StorageKind::Device);
-    let readback = layout(&ctx, c, StorageKind::Pinned);
-    ctx.fill(&src, &all(16), 3).unwrap();
+/// Two streams of the current context: `gate`, held back 300 ms by a host function, and
+/// `consumer`; `destroy_streams` frees them.
+fn gate_and_consumer() -> (sys::CUstream, sys::CUstream) {
     let (mut gate, mut consumer) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: the context is current on this thread; both streams are destroyed below.
+    // SAFETY: the context is current on this thread; the out pointers are locals.
     unsafe {
         check(sys::cuStreamCreate(&mut gate, 1));
         check(sys::cuStreamCreate(&mut consumer, 1));
@@ -262,6 +256,26 @@ fn callers_stream_waits_for_the_transfer_without_blocking_the_host() {
             std::ptr::null_mut(),
         ));
     }
+    (gate, consumer)
+}
+
+fn destroy_streams(streams: &[sys::CUstream]) {
+    for &s in streams {
+        // SAFETY: a stream made by this test, idle now.
+        check(unsafe { sys::cuStreamDestroy_v2(s) });
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn callers_stream_waits_for_the_transfer_without_blocking_the_host() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::FullyContiguous, 16, 2, 16, 64, 2);
+    let src = layout(&ctx, c, StorageKind::Pinned);
+    let dst = layout(&ctx, c, StorageKind::Device);
+    let readback = layout(&ctx, c, StorageKind::Pinned);
+    ctx.fill(&src, &all(16), 3).unwrap();
+    let (gate, consumer) = gate_and_consumer();
     // The transfer is held back 300 ms by `gate`; `consumer` must wait for it.
     let opts = TransferOptions {
         cuda_stream: Some(gate as usize),
@@ -289,11 +303,7 @@ fn callers_stream_waits_for_the_transfer_without_blocking_the_host() {
         ctx.checksum(&readback, &all(16)).unwrap()
     );
     t.wait(None).unwrap();
-    // SAFETY: idle streams.
-    unsafe {
-        check(sys::cuStreamDestroy_v2(gate));
-        check(sys::cuStreamDestroy_v2(consumer));
-    }
+    destroy_streams(&[gate, consumer]);
 }
 
 #[test]
@@ -305,17 +315,7 @@ fn a_consumer_stream_waits_for_each_layer_without_blocking_the_host() {
     let dst = layout(&ctx, c, StorageKind::Device);
     let back = layout(&ctx, c, StorageKind::Pinned);
     ctx.fill(&src, &all(16), 11).unwrap();
-    let (mut gate, mut consumer) = (std::ptr::null_mut(), std::ptr::null_mut());
-    // SAFETY: the context is current on this thread; both streams are destroyed below.
-    unsafe {
-        check(sys::cuStreamCreate(&mut gate, 1));
-        check(sys::cuStreamCreate(&mut consumer, 1));
-        check(sys::cuLaunchHostFunc(
-            gate,
-            Some(sleep_300ms),
-            std::ptr::null_mut(),
-        ));
-    }
+    let (gate, consumer) = gate_and_consumer();
     // Layers 1..4, held back 300 ms by `gate`; the consumer reads each layer after its wait.
     let opts = TransferOptions {
         cuda_stream: Some(gate as usize),
@@ -358,11 +358,7 @@ fn a_consumer_stream_waits_for_each_layer_without_blocking_the_host() {
         }
     }
     t.wait(None).unwrap();
-    // SAFETY: idle streams.
-    unsafe {
-        check(sys::cuStreamDestroy_v2(gate));
-        check(sys::cuStreamDestroy_v2(consumer));
-    }
+    destroy_streams(&[gate, consumer]);
 }
 
 #[test]

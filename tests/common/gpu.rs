@@ -6,7 +6,7 @@ use std::time::Duration;
 use cudarc::driver::sys;
 use kvxfer::{
     Context, ContextConfig, Layout, LayoutConfig, LayoutKind, Mechanism, Plan, StorageKind,
-    StorageSpec, Strategy, TransferOptions,
+    StorageSpec, Strategy, TransferOptions, TransferStats,
 };
 
 use super::all;
@@ -62,6 +62,17 @@ pub fn layout_on(ctx: &Context, c: LayoutConfig, id: i32) -> Layout {
 
 /// Moves reversed, interleaved ids and checks the moved blocks and the untouched guards.
 pub fn check_move(ctx: &Context, src: &Layout, dst: &Layout, opts: &TransferOptions) -> Mechanism {
+    check_move_stats(ctx, src, dst, opts).mechanism
+}
+
+/// As `check_move`, returning the transfer's stats: moved pieces are checked by the checksum
+/// of whole blocks when every layer moves, else the moved blocks must have changed.
+pub fn check_move_stats(
+    ctx: &Context,
+    src: &Layout,
+    dst: &Layout,
+    opts: &TransferOptions,
+) -> TransferStats {
     let n = src.config().num_blocks;
     ctx.fill(src, &all(n), 11).unwrap();
     ctx.fill(dst, &all(n), 22).unwrap();
@@ -75,7 +86,8 @@ pub fn check_move(ctx: &Context, src: &Layout, dst: &Layout, opts: &TransferOpti
     } else {
         opts.layer_end
     };
-    if layers == (0..src.config().num_layers) {
+    let every_layer = layers == (0..src.config().num_layers);
+    if every_layer {
         assert_eq!(
             ctx.checksum(src, &sb).unwrap(),
             ctx.checksum(dst, &db).unwrap()
@@ -88,9 +100,14 @@ pub fn check_move(ctx: &Context, src: &Layout, dst: &Layout, opts: &TransferOpti
                 after[b as usize], before[b as usize],
                 "guard block {b} changed"
             );
+        } else if !every_layer {
+            assert_ne!(
+                after[b as usize], before[b as usize],
+                "block {b} not written"
+            );
         }
     }
-    t.stats().mechanism
+    t.stats()
 }
 
 pub const KINDS: [LayoutKind; 3] = LayoutKind::ALL;
