@@ -47,6 +47,11 @@ impl RemoteUse {
         s.inflight == 0
     }
 
+    /// The exporter revoked the layout (or this importer gave it up).
+    pub(crate) fn is_revoked(&self) -> bool {
+        self.lock().revoked
+    }
+
     /// No transfer is using the layout.
     pub(crate) fn idle(&self) -> bool {
         self.lock().inflight == 0

@@ -239,8 +239,18 @@ impl NixlAgent {
         Ok(control.drain(..).collect())
     }
 
-    /// Sends `msg` to the agent `to`, whose metadata is loaded.
+    /// Sends `msg` to the agent `to`, whose metadata is loaded. An agent no peer handle holds
+    /// any more (its metadata invalidated) is refused here: NIXL would log an error for it.
     pub(crate) fn send(&self, to: &str, msg: &[u8]) -> Result<()> {
+        let loaded = self
+            .remotes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(to)
+            .is_some_and(|&n| n > 0);
+        if !loaded && self.agent.name() != to {
+            bail!(Peer, "no metadata of agent {to:?} is loaded any more");
+        }
         self.agent
             .send_notification(to, msg, None)
             .map_err(|e| Error::Peer(format!("NIXL could not notify {to:?}: {e}")))

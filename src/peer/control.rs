@@ -470,6 +470,14 @@ impl Control {
         if last.is_empty() {
             return;
         }
+        // Ids the exporter revoked are no longer tracked there: no BYE for them. When it
+        // revoked them all (it freed the layouts, perhaps its whole context), nothing is sent,
+        // and NIXL has no notification to fail on a gone agent.
+        let tracked: Vec<u64> = last
+            .iter()
+            .filter(|(_, u)| !u.is_revoked())
+            .map(|(id, _)| *id)
+            .collect();
         let deadline = Instant::now() + DEAD_PEER;
         for (_, u) in &last {
             u.revoke();
@@ -477,11 +485,11 @@ impl Control {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
+        if tracked.is_empty() {
+            return;
+        }
         let mut body = Vec::new();
-        put_ids(
-            &mut body,
-            &last.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-        );
+        put_ids(&mut body, &tracked);
         let _ = self.send(agent, BYE, &body);
     }
 }
