@@ -86,6 +86,22 @@ pub mod baseline {
         unsafe { crate::exec::cuda::copy::enqueue_at(dev, stream, src, dst, copies) }
     }
 
+    /// PTX of CUDA C `source` for `dev`'s architecture, compiled with the NVRTC kvxfer loads
+    /// (for the benches' own kernels, e.g. the compute load of `bench --gpu --busy`).
+    pub fn compile_ptx(
+        dev: &crate::CudaDevice,
+        name: &str,
+        source: &str,
+    ) -> crate::Result<std::ffi::CString> {
+        let (major, minor) = dev.compute_capability;
+        crate::cuda::nvrtc::compile_ptx(source, name, &format!("compute_{major}{minor}"))
+    }
+
+    /// The device's streaming multiprocessors.
+    pub fn sm_count(dev: &crate::CudaDevice) -> u32 {
+        dev.sm_count
+    }
+
     /// Copies every entry on the calling thread, as one share of a host transfer does
     /// (`streaming`: non-temporal stores, as kvxfer uses for large transfers).
     ///

@@ -7,7 +7,7 @@ mod device;
 mod driver;
 mod gate;
 mod module;
-mod nvrtc;
+pub(crate) mod nvrtc;
 mod pace;
 
 pub use device::CudaDevice;

@@ -1,8 +1,10 @@
 //! `kvxfer bench`: transfers against baselines measured in the same run, one module per tier:
-//! `host` (host scatter), `gpu` (host <-> device, device <-> device), `gpu_disk`, `gpu_rdma`
+//! `host` (host scatter), `gpu` (host <-> device, device <-> device), `busy` (beside a compute
+//! kernel), `pageable`, `gpu_disk`, `gpu_rdma`
 //! (device <-> a second process), `nixl` (UCX and POSIX against nixl-sys used directly).
 //! Helpers they share are in `common`.
 
+mod busy;
 mod common;
 mod gpu;
 mod gpu_disk;
@@ -75,6 +77,12 @@ pub struct Args {
     /// defaults to 256, --iters to 5, --fragments-kib to 4,16,64 there.
     #[arg(long, requires = "gpu")]
     pageable: bool,
+    /// With --gpu: pinned <-> device transfers in each copy mode, back to back while a
+    /// compute kernel keeps every SM busy (~50 ms per launch), against the same kernel alone
+    /// and the idle link; --total-mib defaults to 256, --iters to 5, --fragments-kib to
+    /// 4,16,64 there.
+    #[arg(long, requires = "gpu", conflicts_with = "pageable")]
+    busy: bool,
     /// Host and --gpu benches: also draw GB/s against fragment size, one line per mechanism
     /// with the limit, into this PNG file.
     #[arg(long, conflicts_with_all = ["nixl", "gpu_disk", "gpu_rdma"])]
@@ -84,6 +92,14 @@ pub struct Args {
 pub fn run(a: &Args) -> Result<(), String> {
     if a.iters == Some(0) || a.total_mib == Some(0) {
         return Err("--iters and --total-mib must be at least 1".into());
+    }
+    if a.gpu && a.busy {
+        return busy::run(&busy::BusyArgs {
+            json: a.json,
+            total_mib: a.total_mib.unwrap_or(256),
+            iters: a.iters.unwrap_or(5),
+            fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
+        });
     }
     if a.gpu && a.pageable {
         return pageable::run(&pageable::PageableArgs {
