@@ -80,20 +80,32 @@ impl Completion {
 
     fn finish(&self) {
         let mut s = self.lock();
+        let mut late = None;
         // A waiter may already have seen the work's last event fire (`observed_success`).
         if s.outcome.is_none() {
-            s.elapsed_ns = self.elapsed_ns();
-            s.outcome = Some(match s.first_error.take() {
+            let outcome = match s.first_error.take() {
                 Some(e) => Err(e),
                 None => Ok(()),
-            });
+            };
+            if outcome.is_err() {
+                // The failure callback (the context's error counters) runs before the outcome
+                // is published, so a caller whose wait returned the error also sees it counted.
+                if let Some(f) = s.on_error.take() {
+                    drop(s);
+                    f();
+                    s = self.lock();
+                }
+                // One registered while the callback ran is called right after publishing.
+                late = s.on_error.take();
+            }
+            s.elapsed_ns = self.elapsed_ns();
+            s.outcome = Some(outcome);
         }
-        let failed = matches!(s.outcome, Some(Err(_))).then(|| s.on_error.take());
         drop(s);
-        self.done.notify_all();
-        if let Some(Some(f)) = failed {
+        if let Some(f) = late {
             f();
         }
+        self.done.notify_all();
     }
 
     /// Calls `f` once if the transfer fails: at once if it already did.
