@@ -9,11 +9,9 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys;
 use kvxfer::baseline::{compile_ptx, sm_count};
-use kvxfer::{
-    Backends, Context, ContextConfig, CopyMode, StorageKind, StorageSpec, TransferOptions,
-};
+use kvxfer::{CopyMode, StorageKind, StorageSpec, TransferOptions};
 
-use super::common::{ck, err, fragment_shape, legend, median, secs};
+use super::common::{ck, err, fragment_shape, gpu_context, legend, median, secs, shuffled_ids};
 
 pub struct BusyArgs {
     pub json: bool,
@@ -163,16 +161,7 @@ impl Compute {
 }
 
 pub fn run(a: &BusyArgs) -> Result<(), String> {
-    let ctx = Context::new(ContextConfig {
-        nixl_backends: Backends::empty(),
-        ..Default::default()
-    })
-    .map_err(err)?;
-    let dev = ctx
-        .cuda_device()
-        .ok_or("bench --busy needs a CUDA GPU")?
-        .clone();
-    dev.bind().map_err(err)?;
+    let (ctx, dev) = gpu_context("bench --gpu --busy")?;
     let compute = Compute::new(&dev)?;
     let total = a.total_mib << 20;
     let big = fragment_shape(1, total, 4096);
@@ -231,11 +220,7 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
         let gpu = ctx
             .new_layout(c, &StorageSpec::new(StorageKind::Device))
             .map_err(err)?;
-        let mut rng = fastrand::Rng::with_seed(kib);
-        let mut sb: Vec<u64> = (0..blocks).collect();
-        let mut db = sb.clone();
-        rng.shuffle(&mut sb);
-        rng.shuffle(&mut db);
+        let (sb, db) = shuffled_ids(blocks, kib);
         for (dir, to_device) in [("H2D", true), ("D2H", false)] {
             let (src, dst) = if to_device {
                 (&host, &gpu)

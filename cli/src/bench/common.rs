@@ -1,7 +1,7 @@
 //! Helpers every bench shares: medians, error text, block shapes, CUDA result checks.
 
 use cudarc::driver::sys;
-use kvxfer::{LayoutConfig, LayoutKind};
+use kvxfer::{Backends, Context, ContextConfig, CudaDevice, LayoutConfig, LayoutKind};
 
 /// The median; NaN for no samples (a mode the run skipped).
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -82,4 +82,31 @@ pub fn secs(f: impl FnOnce() -> Result<(), String>) -> Result<f64, String> {
     let t0 = std::time::Instant::now();
     f()?;
     Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Block ids 0..blocks shuffled twice from `seed`: the source and destination orders of a
+/// scattered transfer (the same seed gives the same orders in every process).
+pub fn shuffled_ids(blocks: u64, seed: u64) -> (Vec<u64>, Vec<u64>) {
+    let mut sb: Vec<u64> = (0..blocks).collect();
+    let mut db = sb.clone();
+    let mut rng = fastrand::Rng::with_seed(seed);
+    rng.shuffle(&mut sb);
+    rng.shuffle(&mut db);
+    (sb, db)
+}
+
+/// A context without NIXL and its CUDA device, bound on this thread; `what` names the bench
+/// in the error on a machine without a GPU.
+pub fn gpu_context(what: &str) -> Result<(Context, std::sync::Arc<CudaDevice>), String> {
+    let ctx = Context::new(ContextConfig {
+        nixl_backends: Backends::empty(),
+        ..Default::default()
+    })
+    .map_err(err)?;
+    let dev = ctx
+        .cuda_device()
+        .cloned()
+        .ok_or_else(|| format!("{what} needs a CUDA GPU and driver; this machine has none"))?;
+    dev.bind().map_err(err)?;
+    Ok((ctx, dev))
 }

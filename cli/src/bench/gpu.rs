@@ -9,11 +9,10 @@ use cudarc::driver::sys;
 use kvxfer::CudaDevice;
 use kvxfer::baseline::{CopyOp, Loc, copy_engine_batch, cuda_symbol as symbol};
 use kvxfer::{
-    Backends, Context, ContextConfig, CopyMode, Layout, LayoutConfig, LayoutKind, StorageKind,
-    StorageSpec, TransferOptions,
+    Context, CopyMode, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec, TransferOptions,
 };
 
-use super::common::{ck, err, legend, median, progress, shape};
+use super::common::{ck, err, gpu_context, legend, median, progress, shape, shuffled_ids};
 use super::plot::{Panel, Series, draw};
 
 pub struct GpuArgs {
@@ -229,11 +228,7 @@ fn point(
     report: bool,
 ) -> Result<Option<Measured>, String> {
     let n = pair.src.config().num_blocks;
-    let mut rng = fastrand::Rng::with_seed(fragment ^ n);
-    let mut sb: Vec<u64> = (0..n).collect();
-    let mut db = sb.clone();
-    rng.shuffle(&mut sb);
-    rng.shuffle(&mut db);
+    let (sb, db) = shuffled_ids(n, fragment ^ n);
     if !report {
         let t = ctx
             .submit(&pair.src, &sb, &pair.dst, &db, &TransferOptions::default())
@@ -514,17 +509,8 @@ fn latency(ctx: &Context, timer: &Timer, a: &GpuArgs) -> Result<(), String> {
 }
 
 pub fn run(a: &GpuArgs) -> Result<(), String> {
-    let ctx = Context::new(ContextConfig {
-        nixl_backends: Backends::empty(),
-        ..Default::default()
-    })
-    .map_err(err)?;
-    let dev = ctx
-        .cuda_device()
-        .cloned()
-        .ok_or("bench --gpu needs a CUDA GPU and driver; this machine has none")?;
+    let (ctx, dev) = gpu_context("bench --gpu")?;
     let mut stream = std::ptr::null_mut();
-    dev.bind().map_err(err)?;
     // SAFETY: the context is current; destroyed at the end.
     ck(
         unsafe { sys::cuStreamCreate(&mut stream, 1) },

@@ -17,7 +17,7 @@ use kvxfer::{
     StorageSpec, TransferOptions,
 };
 
-use super::common::{ck, err, legend, median, secs, shape};
+use super::common::{ck, err, legend, median, secs, shape, shuffled_ids};
 
 pub struct GpuDiskArgs {
     pub json: bool,
@@ -138,11 +138,7 @@ fn measure(
         StorageKind::Device,
     )?;
     let ids: Vec<u64> = (0..blocks).collect();
-    let mut sb = ids.clone();
-    let mut db = ids.clone();
-    let mut rng = fastrand::Rng::with_seed(fragment);
-    rng.shuffle(&mut sb);
-    rng.shuffle(&mut db);
+    let (sb, db) = shuffled_ids(blocks, fragment);
     ctx.fill(&dev_l, &ids, 7).map_err(err)?;
     let one = TransferOptions::default();
     let kv = |src: &Layout, dst: &Layout, s: &[u64], d: &[u64]| -> Result<(), String> {

@@ -19,7 +19,7 @@ use kvxfer::{
     TransferOptions,
 };
 
-use super::common::{err, legend, median, shape};
+use super::common::{err, legend, median, shape, shuffled_ids};
 
 pub struct GpuRdmaArgs {
     pub json: bool,
@@ -65,12 +65,7 @@ fn blocks_for(total_mib: u64, fragment: u64) -> u64 {
 
 /// The block orders both processes use: source ids here, destination ids at the peer.
 fn orders(kib: u64, blocks: u64) -> (Vec<u64>, Vec<u64>) {
-    let mut sb: Vec<u64> = (0..blocks).collect();
-    let mut db = sb.clone();
-    let mut rng = fastrand::Rng::with_seed(kib);
-    rng.shuffle(&mut sb);
-    rng.shuffle(&mut db);
-    (sb, db)
+    shuffled_ids(blocks, kib)
 }
 
 fn make(

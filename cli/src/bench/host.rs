@@ -11,7 +11,7 @@ use kvxfer::baseline::{CopyOp, HostAllocation, host_copy as copy_all};
 use kvxfer::{Backends, Context, ContextConfig, Layout, StorageKind, StorageSpec, TransferOptions};
 
 use super::Args;
-use super::common::{err, fragment_shape, legend, median, progress};
+use super::common::{err, fragment_shape, legend, median, progress, shuffled_ids};
 use super::plot::{Panel, Series, draw};
 
 struct Point {
@@ -74,11 +74,7 @@ fn measure(
     let bytes = blocks * fragment;
     let src = scattered_layout(ctx, StorageKind::System, blocks, fragment)?;
     let dst = scattered_layout(ctx, dst_kind, blocks, fragment)?;
-    let mut rng = fastrand::Rng::with_seed(fragment);
-    let mut sb: Vec<u64> = (0..blocks).collect();
-    let mut db = sb.clone();
-    rng.shuffle(&mut sb);
-    rng.shuffle(&mut db);
+    let (sb, db) = shuffled_ids(blocks, fragment);
     let all: Vec<u64> = (0..blocks).collect();
     ctx.fill(&src, &all, 1).map_err(err)?;
     ctx.fill(&dst, &all, 2).map_err(err)?;

@@ -6,11 +6,9 @@
 use std::ffi::c_void;
 
 use cudarc::driver::sys;
-use kvxfer::{
-    Backends, Context, ContextConfig, Layout, Region, StorageKind, StorageSpec, TransferOptions,
-};
+use kvxfer::{Layout, Region, StorageKind, StorageSpec, TransferOptions};
 
-use super::common::{ck, err, fragment_shape, legend, median, secs};
+use super::common::{ck, err, fragment_shape, gpu_context, legend, median, secs, shuffled_ids};
 
 pub struct PageableArgs {
     pub json: bool,
@@ -20,15 +18,7 @@ pub struct PageableArgs {
 }
 
 pub fn run(a: &PageableArgs) -> Result<(), String> {
-    let ctx = Context::new(ContextConfig {
-        nixl_backends: Backends::empty(),
-        ..Default::default()
-    })
-    .map_err(err)?;
-    let dev = ctx
-        .cuda_device()
-        .ok_or("bench --pageable needs a CUDA GPU")?
-        .clone();
+    let (ctx, dev) = gpu_context("bench --gpu --pageable")?;
     let total = a.total_mib << 20;
     // The runtime's pool: plain heap memory, page-aligned, touched once.
     let pool: Vec<u8> = vec![1u8; total as usize + 4096];
@@ -92,11 +82,7 @@ pub fn run(a: &PageableArgs) -> Result<(), String> {
         let dev_layout = ctx
             .new_layout(c, &StorageSpec::new(StorageKind::Device))
             .map_err(err)?;
-        let mut rng = fastrand::Rng::with_seed(kib);
-        let mut sb: Vec<u64> = (0..blocks).collect();
-        let mut db = sb.clone();
-        rng.shuffle(&mut sb);
-        rng.shuffle(&mut db);
+        let (sb, db) = shuffled_ids(blocks, kib);
         for (dir, to_device) in [("H2D", true), ("D2H", false)] {
             let (src, dst) = if to_device {
                 (&wrapped, &dev_layout)
