@@ -2,7 +2,9 @@
 //! (`nixl-raw`: one descriptor per fragment, posted and polled as tightly as possible), in the
 //! same run, alternating which goes first. UCX write and read between two agents of this process
 //! (loopback), and POSIX disk write and read. "scattered" permutes the ids on both sides, so nothing coalesces; "runs"
-//! moves consecutive ids, which kvxfer coalesces into one descriptor per run.
+//! moves consecutive ids, which kvxfer coalesces into one descriptor per run. Every row also
+//! gives the same bytes moved as one contiguous descriptor (`contiguous_gbps`), what small
+//! pieces between hosts should approach.
 
 use std::time::Instant;
 
@@ -55,6 +57,37 @@ fn raw(
     Ok(())
 }
 
+/// nixl-sys directly, the same bytes as one descriptor on each side: from the start of
+/// `local` and of `remote` (fragment layouts whose blocks are back to back), `bytes` long.
+fn raw_contiguous(
+    agent: &Agent,
+    write: bool,
+    local: &Layout,
+    remote: &Layout,
+    remote_agent: &str,
+    remote_mem: (MemType, u64),
+    bytes: u64,
+) -> Result<(), String> {
+    let mut l = XferDescList::new(MemType::Dram).map_err(err)?;
+    let mut r = XferDescList::new(remote_mem.0).map_err(err)?;
+    let (x, y) = (
+        local.region(0, 0, 0).map_err(err)?,
+        remote.region(0, 0, 0).map_err(err)?,
+    );
+    l.add_desc(x.addr as usize, bytes as usize, 0);
+    r.add_desc(y.addr as usize, bytes as usize, remote_mem.1);
+    let op = if write { XferOp::Write } else { XferOp::Read };
+    let req = agent
+        .create_xfer_req(op, &l, &r, remote_agent, None)
+        .map_err(err)?;
+    if agent.post_xfer_req(&req, None).map_err(err)? {
+        while agent.get_xfer_status(&req).map_err(err)? == XferStatus::InProgress {
+            std::hint::spin_loop();
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: &NixlArgs) -> Result<(), String> {
     let ctx = Context::new(ContextConfig::default()).map_err(err)?;
     let peer_ctx = Context::new(ContextConfig::default()).map_err(err)?;
@@ -65,8 +98,8 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
             a.total_mib, a.iters
         );
         println!(
-            "{:<12} {:<10} {:>9} {:>8} {:>8} {:>8} {:>7}",
-            "name", "ids", "fragment", "descs", "kvxfer", "raw", "ratio"
+            "{:<12} {:<10} {:>9} {:>8} {:>8} {:>8} {:>7} {:>8} {:>7}",
+            "name", "ids", "fragment", "descs", "kvxfer", "raw", "ratio", "contig", "of it"
         );
     }
     for &kib in &a.fragments_kib {
@@ -134,7 +167,28 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
                 agent.name(),
             ),
         ];
+        let bytes = blocks * fragment;
         for (name, write, other, mem, other_agent) in &cases {
+            // What the transport does with the same bytes in one piece: the ceiling that
+            // gathering small pieces aims at. One kvxfer transfer first registers both sides
+            // with NIXL (kvxfer registers memory on first use).
+            let (src, dst) = if *write {
+                (&local, *other)
+            } else {
+                (*other, &local)
+            };
+            ctx.submit(src, &all, dst, &all, &TransferOptions::default())
+                .and_then(|t| t.wait(None))
+                .map_err(err)?;
+            let mut contiguous = Vec::new();
+            for i in 0..=a.iters {
+                let t0 = Instant::now();
+                raw_contiguous(&agent, *write, &local, other, other_agent, *mem, bytes)?;
+                if i > 0 {
+                    contiguous.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let cg = bytes as f64 / median(contiguous) / 1e9;
             for (ids, lb, rb) in [("scattered", &p1, &p2), ("runs", &all, &all)] {
                 let (mut k, mut r) = (Vec::new(), Vec::new());
                 for i in 0..=a.iters {
@@ -167,24 +221,25 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
                         r.push(tr);
                     }
                 }
-                let bytes = (blocks * fragment) as f64;
                 let descs = k.first().map_or(0, |x| x.1);
-                let kg = bytes / median(k.iter().map(|x| x.0).collect()) / 1e9;
-                let rg = bytes / median(r) / 1e9;
+                let kg = bytes as f64 / median(k.iter().map(|x| x.0).collect()) / 1e9;
+                let rg = bytes as f64 / median(r) / 1e9;
                 if a.json {
                     println!(
                         "{}",
                         serde_json::json!({
                             "name": name, "ids": ids, "fragment_bytes": fragment,
-                            "bytes": blocks * fragment, "descriptors": descs, "iters": a.iters,
+                            "bytes": bytes, "descriptors": descs, "iters": a.iters,
                             "gbps": kg, "baseline": "nixl-raw", "disk_io": disk_io, "baseline_gbps": rg, "ratio": kg / rg,
+                            "contiguous_gbps": cg, "ratio_to_contiguous": kg / cg,
                         })
                     );
                 } else {
                     println!(
-                        "{name:<12} {ids:<10} {:>5} KiB {descs:>8} {kg:>8.2} {rg:>8.2} {:>7.3}",
+                        "{name:<12} {ids:<10} {:>5} KiB {descs:>8} {kg:>8.2} {rg:>8.2} {:>7.3} {cg:>8.2} {:>7.3}",
                         kib,
-                        kg / rg
+                        kg / rg,
+                        kg / cg
                     );
                 }
             }
@@ -203,6 +258,10 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
             (
                 "descs",
                 "descriptors in the request after kvxfer merged neighbours",
+            ),
+            (
+                "contig",
+                "nixl-sys moving the same bytes as one descriptor each side; of it: kvxfer / contig",
             ),
             (
                 "ids",
