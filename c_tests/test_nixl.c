@@ -23,14 +23,24 @@ static void default_context_loads_nixl(void) {
   kvx_context_free(ctx);
 }
 
-static void only_posix(void) {
-  if (skipped) return;
+/* A context with NIXL's POSIX backend only; agent_name NULL generates one. */
+static kvx_context *posix_context(const char *agent_name) {
   kvx_context_config c;
   kvx_context_config_init(&c);
   c.nixl_backends = KVX_BACKEND_POSIX;
-  c.agent_name = "c-test-agent";
+  c.agent_name = agent_name;
   kvx_context *ctx = NULL;
-  CHECK_OK(kvx_context_new(&c, &ctx));
+  if (kvx_context_new(&c, &ctx) != KVX_STATUS_OK) {
+    fprintf(stderr, "kvx_context_new (POSIX) failed: %s\n", kvx_last_error());
+    return NULL;
+  }
+  return ctx;
+}
+
+static void only_posix(void) {
+  if (skipped) return;
+  kvx_context *ctx = posix_context("c-test-agent");
+  CHECK(ctx != NULL);
   kvx_context_free(ctx);
 }
 
@@ -84,11 +94,8 @@ static void export_and_import(void) {
  * the first is freed the file can be used again. */
 static void one_live_layout_per_file(void) {
   if (skipped) return;
-  kvx_context_config c;
-  kvx_context_config_init(&c);
-  c.nixl_backends = KVX_BACKEND_POSIX;
-  kvx_context *ctx = NULL;
-  CHECK_OK(kvx_context_new(&c, &ctx));
+  kvx_context *ctx = posix_context(NULL);
+  CHECK(ctx != NULL);
   char path[256];
   snprintf(path, sizeof path, "/tmp/kvx-c-alias-%d.kv", (int)getpid());
   kvx_layout_config lc = test_layout_config(8, 2, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS);
@@ -109,11 +116,8 @@ static void one_live_layout_per_file(void) {
  * and back: the piece spans the disk layout's back-to-back layer allocations. */
 static void one_block_to_disk_and_back(void) {
   if (skipped) return;
-  kvx_context_config c;
-  kvx_context_config_init(&c);
-  c.nixl_backends = KVX_BACKEND_POSIX;
-  kvx_context *ctx = NULL;
-  CHECK_OK(kvx_context_new(&c, &ctx));
+  kvx_context *ctx = posix_context(NULL);
+  CHECK(ctx != NULL);
   kvx_layout *src = test_layout(ctx, 1, 4, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_PINNED);
   kvx_layout *disk = test_layout(ctx, 1, 4, KVX_LAYOUT_KIND_LAYER_SEPARATE_BLOCK_FIRST, KVX_STORAGE_KIND_DISK);
   kvx_layout *back = test_layout(ctx, 1, 4, KVX_LAYOUT_KIND_FULLY_CONTIGUOUS, KVX_STORAGE_KIND_SYSTEM);

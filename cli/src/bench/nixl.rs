@@ -23,6 +23,26 @@ pub struct NixlArgs {
     pub fragments_kib: Vec<u64>,
 }
 
+/// Posts one request and spins on its status, as tightly as nixl-sys allows.
+fn post_and_spin(
+    agent: &Agent,
+    write: bool,
+    l: &XferDescList,
+    r: &XferDescList,
+    remote_agent: &str,
+) -> Result<(), String> {
+    let op = if write { XferOp::Write } else { XferOp::Read };
+    let req = agent
+        .create_xfer_req(op, l, r, remote_agent, None)
+        .map_err(err)?;
+    if agent.post_xfer_req(&req, None).map_err(err)? {
+        while agent.get_xfer_status(&req).map_err(err)? == XferStatus::InProgress {
+            std::hint::spin_loop();
+        }
+    }
+    Ok(())
+}
+
 /// nixl-sys directly: one descriptor per fragment, then a spin on the status.
 #[allow(clippy::too_many_arguments)]
 fn raw(
@@ -45,16 +65,7 @@ fn raw(
         l.add_desc(x.addr as usize, x.len as usize, 0);
         r.add_desc(y.addr as usize, y.len as usize, remote_mem.1);
     }
-    let op = if write { XferOp::Write } else { XferOp::Read };
-    let req = agent
-        .create_xfer_req(op, &l, &r, remote_agent, None)
-        .map_err(err)?;
-    if agent.post_xfer_req(&req, None).map_err(err)? {
-        while agent.get_xfer_status(&req).map_err(err)? == XferStatus::InProgress {
-            std::hint::spin_loop();
-        }
-    }
-    Ok(())
+    post_and_spin(agent, write, &l, &r, remote_agent)
 }
 
 /// nixl-sys directly, the same bytes as one descriptor on each side: from the start of
@@ -76,16 +87,7 @@ fn raw_contiguous(
     );
     l.add_desc(x.addr as usize, bytes as usize, 0);
     r.add_desc(y.addr as usize, bytes as usize, remote_mem.1);
-    let op = if write { XferOp::Write } else { XferOp::Read };
-    let req = agent
-        .create_xfer_req(op, &l, &r, remote_agent, None)
-        .map_err(err)?;
-    if agent.post_xfer_req(&req, None).map_err(err)? {
-        while agent.get_xfer_status(&req).map_err(err)? == XferStatus::InProgress {
-            std::hint::spin_loop();
-        }
-    }
-    Ok(())
+    post_and_spin(agent, write, &l, &r, remote_agent)
 }
 
 pub fn run(a: &NixlArgs) -> Result<(), String> {
