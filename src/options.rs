@@ -7,6 +7,7 @@ use crate::error::{Error, Result, bail};
 use crate::memory::StorageKind;
 use crate::nixl::Backends;
 use crate::peer::PeerKey;
+use crate::plan::copy_list::CopyList;
 use crate::plan::{Capabilities, Plan};
 
 /// Upper bound on worker threads, so a typo cannot start thousands of threads.
@@ -141,6 +142,22 @@ pub struct TransferStats {
     pub bounced: bool,
     /// Submit to completion; 0 while the transfer is pending.
     pub elapsed_ns: u64,
+}
+
+impl TransferStats {
+    /// The stats of a transfer of `list` by `mechanism`, pending: no fallback, no bounce.
+    pub(crate) fn of(list: &CopyList, plan: Plan, mechanism: Mechanism) -> Self {
+        Self {
+            bytes: list.bytes,
+            fragments: list.fragments,
+            copies: list.copies.len() as u64,
+            plan,
+            mechanism,
+            kernel_fallback: false,
+            bounced: false,
+            elapsed_ns: 0,
+        }
+    }
 }
 
 /// Transfers, bytes and failures of one kind, since the context was made.

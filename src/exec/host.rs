@@ -20,16 +20,7 @@ pub(crate) fn submit(
 ) -> Transfer {
     let list = request.build();
     let shares = memcpy::split(&list.copies, workers.count());
-    let stats = TransferStats {
-        bytes: list.bytes,
-        fragments: list.fragments,
-        copies: list.copies.len() as u64,
-        plan,
-        mechanism: Mechanism::Memcpy,
-        kernel_fallback: false,
-        bounced: false,
-        elapsed_ns: 0,
-    };
+    let stats = TransferStats::of(&list, plan, Mechanism::Memcpy);
     let streaming = list.bytes >= memcpy::STREAMING_MIN_BYTES;
     let completion = Completion::new(shares.len());
     for share in shares {

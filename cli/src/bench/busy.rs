@@ -11,7 +11,9 @@ use cudarc::driver::sys;
 use kvxfer::baseline::{compile_ptx, sm_count};
 use kvxfer::{CopyMode, StorageKind, StorageSpec, TransferOptions};
 
-use super::common::{ck, err, fragment_shape, gpu_context, legend, median, secs, shuffled_ids};
+use super::common::{
+    ck, err, fragment_shape, gpu_context, legend, median, secs, shuffled_ids, timed_large_copy,
+};
 
 pub struct BusyArgs {
     pub json: bool,
@@ -179,19 +181,8 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
     let limit = |to_device: bool| -> Result<f64, String> {
         let mut t = Vec::new();
         for _ in 0..=a.iters {
-            t.push(secs(|| {
-                // SAFETY: both buffers hold `total` bytes; synchronous copies.
-                ck(
-                    unsafe {
-                        if to_device {
-                            sys::cuMemcpyHtoD_v2(d, p as *const c_void, total as usize)
-                        } else {
-                            sys::cuMemcpyDtoH_v2(p as *mut c_void, d, total as usize)
-                        }
-                    },
-                    "one large copy",
-                )
-            })?);
+            // SAFETY: both buffers hold `total` bytes; the device's context is bound.
+            t.push(unsafe { timed_large_copy(p, d, total, to_device) }?);
         }
         t.remove(0);
         Ok(total as f64 / median(t) / 1e9)

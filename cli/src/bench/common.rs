@@ -110,3 +110,34 @@ pub fn gpu_context(what: &str) -> Result<(Context, std::sync::Arc<CudaDevice>), 
     dev.bind().map_err(err)?;
     Ok((ctx, dev))
 }
+
+/// Seconds of one synchronous copy of `bytes` between host memory at `host` (pinned or
+/// pageable) and device memory at `dev`, to the device when `to_device`.
+///
+/// # Safety
+/// Both ranges are live memory of at least `bytes`; the caller bound the device's context.
+pub unsafe fn timed_large_copy(
+    host: u64,
+    dev: sys::CUdeviceptr,
+    bytes: u64,
+    to_device: bool,
+) -> Result<f64, String> {
+    secs(|| {
+        // SAFETY: forwarded to the caller.
+        let r = unsafe {
+            if to_device {
+                sys::cuMemcpyHtoD_v2(dev, host as *const std::ffi::c_void, bytes as usize)
+            } else {
+                sys::cuMemcpyDtoH_v2(host as *mut std::ffi::c_void, dev, bytes as usize)
+            }
+        };
+        ck(
+            r,
+            if to_device {
+                "one large H2D copy"
+            } else {
+                "one large D2H copy"
+            },
+        )
+    })
+}

@@ -11,13 +11,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
-use cudarc::driver::sys;
 use kvxfer::{
     Backends, Capabilities, Context, ContextConfig, Layout, LayoutConfig, LayoutKind, StorageKind,
     StorageSpec, TransferOptions,
 };
 
-use super::common::{ck, err, legend, median, secs, shape, shuffled_ids};
+use super::common::{err, legend, median, secs, shape, shuffled_ids, timed_large_copy};
 
 pub struct GpuDiskArgs {
     pub json: bool,
@@ -200,20 +199,10 @@ pub fn run(a: &GpuDiskArgs) -> Result<(), String> {
     dev.bind().map_err(err)?;
     let (mut d2h, mut h2d) = (Vec::new(), Vec::new());
     for i in 0..=a.iters {
-        // SAFETY: both buffers hold `total` bytes; synchronous copies.
-        let down = secs(|| {
-            ck(
-                unsafe { sys::cuMemcpyDtoH_v2(h as *mut c_void, d, total as usize) },
-                "D2H",
-            )
-        })?;
+        // SAFETY: both buffers hold `total` bytes; the device's context is bound.
+        let down = unsafe { timed_large_copy(h, d, total, false) }?;
         // SAFETY: as above.
-        let up = secs(|| {
-            ck(
-                unsafe { sys::cuMemcpyHtoD_v2(d, h as *const c_void, total as usize) },
-                "H2D",
-            )
-        })?;
+        let up = unsafe { timed_large_copy(h, d, total, true) }?;
         if i > 0 {
             d2h.push(down);
             h2d.push(up);

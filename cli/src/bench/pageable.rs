@@ -3,12 +3,11 @@
 //! pageable copy of the same bytes (what a runtime gets from a plain cudaMemcpy) and one pinned
 //! copy (the link), all measured in the same run.
 
-use std::ffi::c_void;
-
-use cudarc::driver::sys;
 use kvxfer::{Layout, Region, StorageKind, StorageSpec, TransferOptions};
 
-use super::common::{ck, err, fragment_shape, gpu_context, legend, median, secs, shuffled_ids};
+use super::common::{
+    err, fragment_shape, gpu_context, legend, median, secs, shuffled_ids, timed_large_copy,
+};
 
 pub struct PageableArgs {
     pub json: bool,
@@ -38,21 +37,9 @@ pub fn run(a: &PageableArgs) -> Result<(), String> {
     let addr = |l: &Layout| l.region(0, 0, 0).map(|r| r.addr).map_err(err);
     let (p, d) = (addr(&pinned)?, addr(&device)?);
     dev.bind().map_err(err)?;
-    let copy = |host: u64, to_device: bool| {
-        secs(|| {
-            // SAFETY: both buffers hold `total` bytes; synchronous copies.
-            ck(
-                unsafe {
-                    if to_device {
-                        sys::cuMemcpyHtoD_v2(d, host as *const c_void, total as usize)
-                    } else {
-                        sys::cuMemcpyDtoH_v2(host as *mut c_void, d, total as usize)
-                    }
-                },
-                "one large copy",
-            )
-        })
-    };
+    // SAFETY: the pool (from `base`), the pinned and the device buffers all hold `total`
+    // bytes; the device's context is bound.
+    let copy = |host: u64, to_device: bool| unsafe { timed_large_copy(host, d, total, to_device) };
     if !a.json {
         println!(
             "pageable <-> device through the bounce pool: {} MiB per point, median of {}, {} worker threads (GB/s)",

@@ -94,14 +94,8 @@ pub(crate) fn submit(
         })?;
     }
     let stats = TransferStats {
-        bytes: list.bytes,
-        fragments: list.fragments,
         copies: copies.len() as u64,
-        plan,
-        mechanism: Mechanism::Nixl,
-        kernel_fallback: false,
-        bounced: false,
-        elapsed_ns: 0,
+        ..TransferStats::of(&list, plan, Mechanism::Nixl)
     };
     Ok(Transfer::new(completion, stats, cuda_context))
 }

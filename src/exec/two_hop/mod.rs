@@ -358,14 +358,8 @@ pub(crate) fn submit(
     }
     let list = request.build();
     let stats = TransferStats {
-        bytes: list.bytes,
-        fragments: list.fragments,
-        copies: list.copies.len() as u64,
-        plan,
-        mechanism: Mechanism::Nixl,
-        kernel_fallback: false,
         bounced: true,
-        elapsed_ns: 0,
+        ..TransferStats::of(&list, plan, Mechanism::Nixl)
     };
     let completion = Completion::new(1);
     let (nixl_agent, pool) = (agent.agent().clone(), pool.clone());
@@ -441,19 +435,14 @@ pub(crate) fn submit_pageable(
             CopyMode::Kernel => true,
             CopyMode::CopyEngine => false,
         };
+    let mechanism = if uses_kernel {
+        Mechanism::Kernel
+    } else {
+        Mechanism::CopyEngine
+    };
     let stats = TransferStats {
-        bytes: list.bytes,
-        fragments: list.fragments,
-        copies: list.copies.len() as u64,
-        plan,
-        mechanism: if uses_kernel {
-            Mechanism::Kernel
-        } else {
-            Mechanism::CopyEngine
-        },
-        kernel_fallback: false,
         bounced: true,
-        elapsed_ns: 0,
+        ..TransferStats::of(&list, plan, mechanism)
     };
     let completion = Completion::new(1);
     let pin_for = cuda.primary.clone();
