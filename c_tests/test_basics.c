@@ -53,6 +53,7 @@ static void config_defaults(void) {
   CHECK(c.allow_gds == 0 && c.allow_gpu_rdma == 0);
   CHECK(c.disk_dir == NULL);
   CHECK(c.worker_threads == 0);
+  CHECK(c.max_sms == 0);
   kvx_context_config_init(NULL); /* no-op */
 
   kvx_layout_config l;

@@ -201,7 +201,7 @@ static void poll_wait_stats_and_free_order(void) {
   kvx_transfer_stats st;
   CHECK_OK(kvx_transfer_get_stats(tr, &st)); /* works while pending too */
   CHECK(st.bytes == 512ull * 4 * 2 * 2048);
-  CHECK(st.bounced == 0 && st.mechanism == KVX_MECHANISM_MEMCPY);
+  CHECK(st.bounced == 0 && st.sms == 0 && st.mechanism == KVX_MECHANISM_MEMCPY);
   kvx_context_stats cs;
   CHECK_OK(kvx_context_get_stats(ctx, &cs));
   CHECK(cs.by_mechanism[KVX_MECHANISM_MEMCPY].transfers == 1);

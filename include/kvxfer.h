@@ -356,6 +356,15 @@ typedef struct kvx_context_config {
    * Bytes at peer_key; 0 without a key.
    */
   size_t peer_key_len;
+  /**
+   * SM budget of kvxfer's copy kernel (0.2); 0 (the default) = auto: host <-> device
+   * takes the fewest SMs that reach the link (measured once per process and GPU, a few
+   * milliseconds at the first context), device <-> device one full wave. Any other value
+   * caps every direction (more than the GPU has means all of them). The kernel's streams
+   * run at the highest stream priority, so its few blocks are scheduled as soon as an SM
+   * has room. kvx_transfer_stats.sms says how many SMs a transfer used.
+   */
+  uint32_t max_sms;
 } kvx_context_config;
 
 /**
@@ -560,6 +569,11 @@ typedef struct kvx_transfer_stats {
    * memory <-> device, and the disk paths that stage through pinned memory.
    */
   uint8_t bounced;
+  /**
+   * SMs kvxfer's copy kernel ran on (0.2; its blocks, at most the GPU's SMs); 0 when the
+   * kernel did not move the bytes. In the struct's former padding: its size is unchanged.
+   */
+  uint16_t sms;
 } kvx_transfer_stats;
 
 

@@ -94,7 +94,7 @@ impl Context {
         let cuda = if config.cuda_device < 0 {
             Err("this context was made with cuda_device = -1".to_string())
         } else {
-            match CudaExec::open(config.cuda_device) {
+            match CudaExec::open(config.cuda_device, config.max_sms) {
                 Ok(c) => Ok(c),
                 // No driver or no device: the context works without CUDA.
                 Err(Error::Unavailable(why)) => Err(why),

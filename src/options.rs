@@ -30,6 +30,9 @@ pub struct ContextConfig {
     /// The deployment's secret: exports are authenticated with it, and imports refuse any
     /// export not made with the same one. `None`: peers' NIXL metadata is trusted.
     pub peer_key: Option<PeerKey>,
+    /// SM budget of kvxfer's copy kernel; 0 = auto: host <-> device takes the fewest SMs that
+    /// reach the link (measured), device <-> device one full wave. Caps every direction.
+    pub max_sms: u32,
 }
 
 impl ContextConfig {
@@ -49,6 +52,7 @@ impl Default for ContextConfig {
             disk_dir: None,
             worker_threads: 0,
             peer_key: None,
+            max_sms: 0,
         }
     }
 }
@@ -140,6 +144,8 @@ pub struct TransferStats {
     /// The bytes went through the context's pinned bounce pool (pageable host memory <->
     /// device, device <-> disk, disk <-> disk).
     pub bounced: bool,
+    /// SMs the copy kernel ran on (its blocks, at most the GPU's SMs); 0 without the kernel.
+    pub sms: u32,
     /// Submit to completion; 0 while the transfer is pending.
     pub elapsed_ns: u64,
 }
@@ -155,6 +161,7 @@ impl TransferStats {
             mechanism,
             kernel_fallback: false,
             bounced: false,
+            sms: 0,
             elapsed_ns: 0,
         }
     }

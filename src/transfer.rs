@@ -3,7 +3,7 @@
 //! waiters); nothing polls on a timer.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,8 @@ pub(crate) struct Completion {
     state: Mutex<State>,
     done: Condvar,
     remaining: AtomicUsize,
+    /// Leading layers of the transfer's range known to be in place (per-layer signals).
+    layers_done: AtomicU64,
     started: Instant,
 }
 
@@ -53,6 +55,7 @@ impl Completion {
             }),
             done: Condvar::new(),
             remaining: AtomicUsize::new(parts),
+            layers_done: AtomicU64::new(0),
             started: Instant::now(),
         });
         if parts == 0 {
@@ -106,6 +109,19 @@ impl Completion {
             f();
         }
         self.done.notify_all();
+    }
+
+    /// The next layer (in order) is in place.
+    pub(crate) fn layer_done(&self) {
+        // Under the lock, so that a waiter between its check and its sleep is not missed.
+        let _s = self.lock();
+        self.layers_done.fetch_add(1, Ordering::AcqRel);
+        self.done.notify_all();
+    }
+
+    /// The `index`-th layer of the range (from 0) is in place, or the outcome is known.
+    fn layer_settled(&self, s: &State, index: u64) -> bool {
+        s.outcome.is_some() || self.layers_done.load(Ordering::Acquire) > index
     }
 
     /// Calls `f` once if the transfer fails: at once if it already did.
@@ -182,7 +198,16 @@ pub struct Transfer {
     cuda_context: bool,
     /// The layers the transfer moves, for per-layer waits.
     layers: Range<u64>,
+    /// A GPU transfer's per-layer events (pooled; empty where layers complete with the
+    /// transfer).
+    layer_events: Vec<sys::CUevent>,
 }
+
+// SAFETY: CUDA events may be used from any thread with their context bound (done before use);
+// the rest is Send and Sync.
+unsafe impl Send for Transfer {}
+// SAFETY: as above; the event handles are never mutated.
+unsafe impl Sync for Transfer {}
 
 impl Transfer {
     /// `cuda_context`: submitted on a context with CUDA, so `stream_wait` can order a stream.
@@ -197,6 +222,7 @@ impl Transfer {
             gpu: None,
             cuda_context,
             layers: 0..0,
+            layer_events: Vec::new(),
         }
     }
 
@@ -218,19 +244,76 @@ impl Transfer {
     }
 
     /// Waits until `layer`'s bytes are in place; `None` waits forever. Layers complete in
-    /// order and never later than the transfer. In this version every path completes a layer
-    /// when the whole transfer completes (per-layer signals on the GPU paths are still to
-    /// come), so the call is `wait` after checking the layer: correct, not yet earlier.
+    /// order and never later than the transfer: on GPU paths each layer has its own event
+    /// (the progress engine reports them in order); elsewhere a layer completes with the
+    /// transfer. A failed transfer fails every layer wait that had not returned yet.
     pub fn layer_wait(&self, layer: u64, timeout: Option<Duration>) -> Result<()> {
         self.check_layer(layer)?;
-        self.wait(timeout)
+        let index = layer - self.layers.start;
+        if self.layer_events.is_empty() {
+            return self.wait(timeout);
+        }
+        let c = &self.completion;
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let mut s = c.lock();
+        while !c.layer_settled(&s, index) {
+            s = match deadline {
+                None => c.done.wait(s).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::Timeout(format!(
+                            "layer {layer} still moving after {} µs",
+                            timeout.unwrap_or_default().as_micros()
+                        )));
+                    }
+                    c.done
+                        .wait_timeout(s, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+        match &s.outcome {
+            Some(Err(e)) => Err(e.clone()),
+            _ => Ok(()),
+        }
     }
 
-    /// Makes the CUstream `stream` wait for `layer` only (as [`Transfer::layer_wait`], in this
-    /// version for the whole transfer), as [`Transfer::stream_wait`] does.
+    /// Makes the CUstream `stream` wait for `layer` only, as [`Transfer::stream_wait`] does
+    /// for the whole transfer; the host does not block. Where the transfer has no per-layer
+    /// events, the stream waits for the whole transfer.
     pub fn layer_stream_wait(&self, layer: u64, stream: usize) -> Result<()> {
         self.check_layer(layer)?;
-        self.stream_wait(stream)
+        let index = layer - self.layers.start;
+        let Some(&event) = self.layer_events.get(index as usize) else {
+            return self.stream_wait(stream);
+        };
+        let Some(g) = &self.gpu else {
+            return self.stream_wait(stream);
+        };
+        {
+            let s = self.completion.lock();
+            if self.completion.layer_settled(&s, index) {
+                return match &s.outcome {
+                    Some(Err(e)) => Err(e.clone()),
+                    _ => Ok(()), // nothing left to wait for
+                };
+            }
+        }
+        g.dev.bind()?;
+        // As in `stream_wait`: an event recycled meanwhile makes the stream wait longer than
+        // needed, never too short.
+        // SAFETY: the event is pooled, never destroyed while the device lives (held by `g`);
+        // the caller passes a live CUstream.
+        let r = unsafe { sys::cuStreamWaitEvent(stream as sys::CUstream, event, 0) };
+        check(r, "cuStreamWaitEvent")
+    }
+
+    /// The events of a GPU transfer's layers, in order (one per layer of its range).
+    pub(crate) fn with_layer_events(mut self, events: Vec<sys::CUevent>) -> Self {
+        self.layer_events = events;
+        self
     }
 
     /// A GPU transfer on `route` whose last copy is followed by `event` on one of `dev`'s
@@ -258,16 +341,23 @@ impl Transfer {
         self
     }
 
-    /// For a GPU transfer whose duration can be predicted: sleeps until shortly before it
-    /// should end, then watches its event for at most SPIN_BUDGET, so that the caller is not
+    /// For a GPU transfer: sleeps until shortly before it should end (when its duration can be
+    /// predicted), then watches its event for at most SPIN_BUDGET, so that the caller is not
     /// left waiting for two thread wake-ups after the copy finished. `None`: not finished by
     /// then (or by `deadline`); the caller sleeps until the progress engine reports.
     fn finish_by_watching(&self, deadline: Option<Instant>) -> Option<Result<()>> {
         let g = self.gpu.as_ref()?;
-        let expected = g.expected?;
         let c = &self.completion;
-        let lead = (expected / 4).min(SPIN_LEAD);
-        let watch_from = c.started + expected.saturating_sub(lead);
+        // Unknown duration (nothing learned yet, too small to learn from, or gated on a
+        // caller's stream): watch from the start. A small transfer is then seen done at once
+        // instead of two thread wake-ups later.
+        let watch_from = match g.expected {
+            Some(expected) => {
+                let lead = (expected / 4).min(SPIN_LEAD);
+                c.started + expected.saturating_sub(lead)
+            }
+            None => c.started,
+        };
         {
             let mut s = c.lock();
             loop {
@@ -421,6 +511,7 @@ mod tests {
             mechanism: Mechanism::Memcpy,
             kernel_fallback: false,
             bounced: false,
+            sms: 0,
             elapsed_ns: 0,
         }
     }

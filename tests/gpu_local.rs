@@ -477,3 +477,150 @@ fn wide_block_ids_reach_the_kernel_whole() {
         assert_eq!(ctx.checksum(&big, &guards).unwrap(), guard_before);
     }
 }
+
+/// A context whose copy kernel may take `max_sms` SMs.
+fn ctx_with_sms(max_sms: u32) -> kvxfer::Context {
+    kvxfer::Context::new(kvxfer::ContextConfig {
+        worker_threads: 4,
+        nixl_backends: kvxfer::Backends::empty(),
+        max_sms,
+        ..Default::default()
+    })
+    .expect("context")
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn layers_complete_one_by_one_and_their_bytes_are_in_place() {
+    // One SM: 256 MiB take several milliseconds, so that layer 0 lands long before the last.
+    let ctx = ctx_with_sms(1);
+    let (layers, blocks) = (32u64, 64u64);
+    // 64 KiB regions: 8 MiB per layer.
+    let c = cfg(
+        LayoutKind::LayerSeparateBlockFirst,
+        blocks,
+        layers,
+        32,
+        1024,
+        2,
+    );
+    let per_layer = c.validate().unwrap().allocation_len as usize;
+    let host = layout(&ctx, c, StorageKind::Pinned);
+    let gpu = layout(&ctx, c, StorageKind::Device);
+    let back = layout(&ctx, c, StorageKind::Pinned);
+    let expect = layout(&ctx, c, StorageKind::Pinned);
+    let sb = all(blocks);
+    let db: Vec<u64> = sb.iter().rev().copied().collect();
+    // SAFETY: the context is current on this thread; the out pointer is a local.
+    let consumer = {
+        let mut s = std::ptr::null_mut();
+        check(unsafe { sys::cuStreamCreate(&mut s, 1) });
+        s
+    };
+    for mode in [CopyMode::Kernel, CopyMode::CopyEngine] {
+        for to_device in [true, false] {
+            let seed = 40 + u64::from(to_device);
+            let (src, dst) = if to_device {
+                (&host, &gpu)
+            } else {
+                (&gpu, &host)
+            };
+            ctx.fill(src, &sb, seed).unwrap();
+            ctx.fill(&expect, &sb, seed).unwrap();
+            ctx.fill(dst, &sb, 7).unwrap();
+            let opts = TransferOptions {
+                copy_mode: mode,
+                ..Default::default()
+            };
+            let t = ctx.submit(src, &sb, dst, &db, &opts).unwrap();
+            if to_device {
+                // The engine's side: each layer read on its stream right after its wait.
+                for l in 0..layers {
+                    t.layer_stream_wait(l, consumer as usize).unwrap();
+                    let (d, r) = (
+                        gpu.region(0, l, 0).unwrap().addr,
+                        back.region(0, l, 0).unwrap().addr,
+                    );
+                    // SAFETY: a layer-separate layout holds each layer in one allocation of
+                    // `per_layer` bytes starting with block 0, outer 0.
+                    unsafe { check(sys::cuMemcpyAsync(r, d, per_layer, consumer)) };
+                }
+            }
+            t.layer_wait(0, Some(Duration::from_secs(60))).unwrap();
+            let first_early = t.poll().is_none();
+            for l in 0..layers {
+                t.layer_wait(l, Some(Duration::from_secs(60))).unwrap();
+                if !to_device {
+                    // The host sees a layer's bytes as soon as its wait returns.
+                    for (s, d) in sb.iter().zip(&db) {
+                        for o in 0..2 {
+                            assert!(
+                                bytes(&host, *d, l, o) == bytes(&expect, *s, l, o),
+                                "{mode:?} D2H layer {l} block {d} outer {o} not in place"
+                            );
+                        }
+                    }
+                }
+            }
+            t.wait(Some(Duration::from_secs(60))).unwrap();
+            let stats = t.stats();
+            if mode == CopyMode::Kernel {
+                assert_eq!(stats.mechanism, Mechanism::Kernel);
+                assert_eq!(stats.sms, 1, "max_sms = 1");
+                assert!(
+                    first_early,
+                    "{mode:?} to_device={to_device}: layer 0 completed only with the transfer"
+                );
+            } else {
+                assert_eq!(stats.mechanism, Mechanism::CopyEngine);
+                assert_eq!(stats.sms, 0);
+            }
+            if to_device {
+                // SAFETY: the stream belongs to this context.
+                unsafe { check(sys::cuStreamSynchronize(consumer)) };
+                for (s, d) in sb.iter().zip(&db) {
+                    for l in 0..layers {
+                        for o in 0..2 {
+                            assert!(
+                                bytes(&back, *d, l, o) == bytes(&expect, *s, l, o),
+                                "{mode:?} H2D: the consumer read layer {l} of block {d} too early"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    destroy_streams(&[consumer]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn the_kernel_takes_the_sms_its_budget_allows() {
+    // 4 KiB regions; 2048 pairs x 2 layers x 2 outer: more warps' work than one full wave.
+    let c = cfg(LayoutKind::LayerSeparateBlockFirst, 4096, 2, 16, 128, 2);
+    for max_sms in [0u32, 3] {
+        let ctx = ctx_with_sms(max_sms);
+        let sm_count = kvxfer::baseline::sm_count(ctx.cuda_device().unwrap());
+        let pinned = layout(&ctx, c, StorageKind::Pinned);
+        let a = layout(&ctx, c, StorageKind::Device);
+        let b = layout(&ctx, c, StorageKind::Device);
+        let opts = TransferOptions {
+            copy_mode: CopyMode::Kernel,
+            ..Default::default()
+        };
+        for (src, dst, what) in [(&pinned, &a, "H2D"), (&a, &pinned, "D2H"), (&a, &b, "D2D")] {
+            let stats = check_move_stats(&ctx, src, dst, &opts);
+            assert_eq!(stats.mechanism, Mechanism::Kernel, "{what}");
+            assert!(stats.sms >= 1, "{what}: {} SMs", stats.sms);
+            match (max_sms, what) {
+                // One full wave on every SM (the transfer has more warps' work than that).
+                (0, "D2D") => assert_eq!(stats.sms, sm_count, "D2D takes every SM"),
+                // The link needs a few SMs, not all of them.
+                (0, _) => assert!(stats.sms < sm_count, "{what}: {} SMs", stats.sms),
+                (3, "D2D") => assert_eq!(stats.sms, 3, "D2D under max_sms = 3"),
+                _ => assert!(stats.sms <= 3, "{what}: {} SMs over max_sms = 3", stats.sms),
+            }
+        }
+    }
+}

@@ -27,6 +27,7 @@ from ctypes import (
     c_int64,
     c_size_t,
     c_uint8,
+    c_uint16,
     c_uint32,
     c_uint64,
     c_void_p,
@@ -74,6 +75,7 @@ class _ContextConfig(Structure):
         ("worker_threads", c_uint32),
         ("peer_key", POINTER(c_uint8)),
         ("peer_key_len", c_size_t),
+        ("max_sms", c_uint32),
     ]
 
 
@@ -127,6 +129,7 @@ class _TransferStats(Structure):
         ("mechanism", c_int32),
         ("kernel_fallback", c_uint8),
         ("bounced", c_uint8),
+        ("sms", c_uint16),
     ]
 
 
@@ -315,6 +318,7 @@ class Transfer(_Handle):
             "mechanism": MECHANISM.get(s.mechanism, str(s.mechanism)),
             "kernel_fallback": bool(s.kernel_fallback),
             "bounced": bool(s.bounced),
+            "sms": s.sms,
             "elapsed_ns": s.elapsed_ns,
         }
 
@@ -339,7 +343,7 @@ class Context(_Handle):
 
     Keyword arguments are the fields of kvx_context_config: nixl_backends (int bits or a list
     of "ucx", "posix", "gds", "gds_mt"; default ucx and posix), cuda_device (default 0, -1 for
-    none), allow_gds, allow_gpu_rdma, disk_dir, worker_threads, agent_name, peer_key (bytes)."""
+    none), allow_gds, allow_gpu_rdma, disk_dir, worker_threads, agent_name, peer_key (bytes), max_sms."""
 
     _free = staticmethod(_context_free)
 

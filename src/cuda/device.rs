@@ -58,6 +58,16 @@ pub(crate) struct TableBuffer {
 // SAFETY: the buffer is plain pinned memory owned by the pool; one transfer uses it at a time.
 unsafe impl Send for TableBuffer {}
 
+/// One u32 counter per layer in device memory, which the copy kernel counts up as pieces of
+/// each layer land. Counters are never reset: `counts` mirrors what they hold once the work
+/// that used them completed, and a layer is done when its counter reaches its count plus the
+/// layer's items (the wait compares cyclically, so wrapping is harmless). Pooled.
+#[derive(Debug)]
+pub(crate) struct Signals {
+    pub(crate) device: u64,
+    pub(crate) counts: Vec<u32>,
+}
+
 /// One CUDA device as a context uses it. Its memory, modules and the work on its streams keep
 /// it alive (`Arc`), so it is released after everything that needs its context.
 #[derive(Debug)]
@@ -68,9 +78,12 @@ pub struct CudaDevice {
     pub(crate) sm_count: u32,
     pub(crate) compute_capability: (i32, i32),
     streams: [CUstream; 3],
+    /// Per direction, where per-layer signals wait for the kernel's counters (`Signals`).
+    signal_streams: [CUstream; 3],
     pub(crate) batch: BatchApi,
     events: Mutex<Vec<CUevent>>,
     tables: Mutex<Vec<TableBuffer>>,
+    signals: Mutex<Vec<Signals>>,
     /// Bandwidth learned per route, for waiters (pace.rs).
     pub(crate) pace: Pace,
     /// Other devices by ordinal, and whether this device's kernels and copies reach their
@@ -154,21 +167,36 @@ impl CudaDevice {
             sm_count,
             compute_capability,
             streams: [std::ptr::null_mut(); 3],
+            signal_streams: [std::ptr::null_mut(); 3],
             batch,
             events: Mutex::new(Vec::new()),
             tables: Mutex::new(Vec::new()),
+            signals: Mutex::new(Vec::new()),
             pace: Pace::default(),
             peers: Mutex::new(Vec::new()),
         };
         this.bind()?;
-        for s in &mut this.streams {
+        // kvxfer's streams get the highest priority: a transfer's few blocks are scheduled as
+        // soon as an SM has room, ahead of the next blocks of an engine's long kernels, instead
+        // of waiting for them (the SM budget keeps what they take small).
+        let (mut _least, mut greatest) = (0, 0);
+        // SAFETY: the context is current; out pointers are locals.
+        check(
+            unsafe { sys::cuCtxGetStreamPriorityRange(&mut _least, &mut greatest) },
+            "cuCtxGetStreamPriorityRange",
+        )?;
+        for s in this.streams.iter_mut().chain(&mut this.signal_streams) {
             // SAFETY: the context is current; the out pointer is a field of `this`, which
             // destroys the stream in Drop.
             check(
                 unsafe {
-                    sys::cuStreamCreate(s, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+                    sys::cuStreamCreateWithPriority(
+                        s,
+                        sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                        greatest,
+                    )
                 },
-                "cuStreamCreate",
+                "cuStreamCreateWithPriority",
             )?;
         }
         Ok(Arc::new(this))
@@ -220,6 +248,56 @@ impl CudaDevice {
 
     pub(crate) fn stream(&self, d: Direction) -> CUstream {
         self.streams[d as usize]
+    }
+
+    /// The stream where per-layer signals of direction `d` wait.
+    pub(crate) fn signal_stream(&self, d: Direction) -> CUstream {
+        self.signal_streams[d as usize]
+    }
+
+    /// Counters for `layers` layers, from the pool when one is large enough.
+    pub(crate) fn signals(&self, layers: usize) -> Result<Signals> {
+        {
+            let mut pool = self.signals.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = pool.iter().position(|s| s.counts.len() >= layers) {
+                return Ok(pool.swap_remove(i));
+            }
+        }
+        let n = layers.next_power_of_two().max(128);
+        let mut device = 0;
+        // SAFETY: the caller bound the context; the out pointer is a local; freed in Drop (or
+        // below on failure).
+        check(
+            unsafe { sys::cuMemAlloc_v2(&mut device, n * 4) },
+            "cuMemAlloc (layer counters)",
+        )?;
+        // SAFETY: `device` holds n u32s; synchronous, before any stream can use it.
+        if let Err(e) = check(
+            unsafe { sys::cuMemsetD32_v2(device, 0, n) },
+            "cuMemsetD32 (layer counters)",
+        ) {
+            // SAFETY: allocated above, used by nothing.
+            unsafe { sys::cuMemFree_v2(device) };
+            return Err(e);
+        }
+        Ok(Signals {
+            device,
+            counts: vec![0; n],
+        })
+    }
+
+    /// Returns counters whose work completed successfully: their counts are then exact. (After
+    /// a failure they are not, and the buffer is freed instead.)
+    pub(crate) fn recycle_signals(&self, s: Signals, ok: bool) {
+        if ok {
+            self.signals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(s);
+        } else if self.bind().is_ok() {
+            // SAFETY: allocated by `signals`; the work that used it is over.
+            unsafe { sys::cuMemFree_v2(s.device) };
+        }
     }
 
     /// An event from the pool (blocking-sync: a waiting thread sleeps instead of spinning).
@@ -365,7 +443,7 @@ impl Drop for CudaDevice {
         // streams are drained first so no queued work uses a freed table. Modules and memory of
         // the device hold it alive, so none is left to unload or free.
         unsafe {
-            for s in self.streams {
+            for s in self.streams.into_iter().chain(self.signal_streams) {
                 if !s.is_null() {
                     sys::cuStreamSynchronize(s);
                     sys::cuStreamDestroy_v2(s);
@@ -387,6 +465,14 @@ impl Drop for CudaDevice {
             {
                 sys::cuMemFreeHost(t.host.cast());
                 sys::cuMemFree_v2(t.device);
+            }
+            for s in self
+                .signals
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+            {
+                sys::cuMemFree_v2(s.device);
             }
             let mut dev = 0;
             if sys::cuDeviceGet(&mut dev, self.ordinal) == sys::CUresult::CUDA_SUCCESS {

@@ -11,7 +11,7 @@ pub(crate) mod nvrtc;
 mod pace;
 
 pub use device::CudaDevice;
-pub(crate) use device::{BatchApi, TableBuffer};
+pub(crate) use device::{BatchApi, Signals, TableBuffer};
 pub use driver::symbol;
 pub(crate) use driver::{check, driver};
 pub(crate) use gate::StreamGate;

@@ -65,6 +65,13 @@ pub struct kvx_context_config {
     pub peer_key: *const u8,
     /// Bytes at peer_key; 0 without a key.
     pub peer_key_len: usize,
+    /// SM budget of kvxfer's copy kernel (0.2); 0 (the default) = auto: host <-> device
+    /// takes the fewest SMs that reach the link (measured once per process and GPU, a few
+    /// milliseconds at the first context), device <-> device one full wave. Any other value
+    /// caps every direction (more than the GPU has means all of them). The kernel's streams
+    /// run at the highest stream priority, so its few blocks are scheduled as soon as an SM
+    /// has room. kvx_transfer_stats.sms says how many SMs a transfer used.
+    pub max_sms: u32,
 }
 
 /// A context: capabilities, worker threads, the CUDA device (its primary context, one stream per
@@ -98,6 +105,7 @@ pub unsafe extern "C" fn kvx_context_config_init(config: *mut kvx_context_config
             worker_threads: 0,
             peer_key: std::ptr::null(),
             peer_key_len: 0,
+            max_sms: d.max_sms,
         };
         // SAFETY: non-NULL checked; the caller passes a writable struct.
         unsafe { write_out(config, c) }
@@ -157,6 +165,7 @@ pub unsafe extern "C" fn kvx_context_new(
             },
             disk_dir,
             worker_threads: c.worker_threads,
+            max_sms: c.max_sms,
         };
         let inner = try_core!(Context::new(config));
         let handle = Box::into_raw(Box::new(kvx_context { inner }));

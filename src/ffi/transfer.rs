@@ -63,6 +63,9 @@ pub struct kvx_transfer_stats {
     /// 1 when the bytes went through the context's pinned bounce buffers (0.2): pageable host
     /// memory <-> device, and the disk paths that stage through pinned memory.
     pub bounced: u8,
+    /// SMs kvxfer's copy kernel ran on (0.2; its blocks, at most the GPU's SMs); 0 when the
+    /// kernel did not move the bytes. In the struct's former padding: its size is unchanged.
+    pub sms: u16,
 }
 
 /// A submitted transfer. Use one handle from one thread at a time. It keeps the memory of both
@@ -70,6 +73,9 @@ pub struct kvx_transfer_stats {
 pub struct kvx_transfer {
     inner: Transfer,
 }
+
+// 0.1 callers pass a 56-byte struct: `sms` (0.2) lives in what was padding.
+const _: () = assert!(std::mem::size_of::<kvx_transfer_stats>() == 56);
 
 const _: () = {
     const fn send<T: Send>() {}
@@ -221,8 +227,9 @@ pub unsafe extern "C" fn kvx_transfer_stream_wait(
 }
 
 /// Waits until one layer of the transfer is in place (0.2): layers complete in order,
-/// layer_begin first, and never later than the transfer; timeout_us < 0 waits forever. In
-/// this version a layer is complete when the whole transfer is, on every path. Returns OK
+/// layer_begin first, and never later than the transfer; timeout_us < 0 waits forever. On
+/// the GPU paths each layer has its own event; host paths (memcpy, pageable, disk, peers)
+/// complete a layer with the whole transfer. Returns OK
 /// once the layer is in place, TIMEOUT (the transfer goes on), the transfer's own error, or
 /// OUT_OF_RANGE for a layer the transfer does not move; NULL_ARGUMENT.
 #[unsafe(no_mangle)]
@@ -240,8 +247,9 @@ pub unsafe extern "C" fn kvx_transfer_layer_wait(
 }
 
 /// Makes the CUstream `cuda_stream` wait for one layer of the transfer (0.2), as
-/// kvx_transfer_stream_wait does for the whole transfer (in this version it waits for the
-/// whole transfer). Errors: as kvx_transfer_stream_wait, and OUT_OF_RANGE for a layer the
+/// kvx_transfer_stream_wait does for the whole transfer; the host does not block. Where the
+/// transfer has no per-layer events (host paths, whole-block copies between fully contiguous
+/// layouts), the stream waits for the whole transfer. Errors: as kvx_transfer_stream_wait, and OUT_OF_RANGE for a layer the
 /// transfer does not move.
 #[unsafe(no_mangle)]
 #[must_use]
@@ -283,6 +291,7 @@ pub unsafe extern "C" fn kvx_transfer_get_stats(
             mechanism: s.mechanism as i32,
             kernel_fallback: u8::from(s.kernel_fallback),
             bounced: u8::from(s.bounced),
+            sms: u16::try_from(s.sms).unwrap_or(u16::MAX),
         };
         // SAFETY: checked non-NULL above.
         unsafe { write_out(stats_out, out) };

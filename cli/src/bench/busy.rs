@@ -1,6 +1,6 @@
 //! `kvxfer bench --gpu --busy`: transfers beside an engine's compute. A compute-bound load
-//! (an NVRTC-compiled kernel launched 50 times, one full wave each: every SM busy for ~50 ms,
-//! like a prefill's GEMMs) runs on its own stream; as it starts, kvxfer moves 256 MiB of
+//! (an NVRTC-compiled kernel launched 50 times, each eight waves of short blocks as a GEMM's
+//! tiles are: every SM busy for ~50 ms, like a prefill's GEMMs) runs on its own stream; as it starts, kvxfer moves 256 MiB of
 //! scattered fragments between pinned and device memory in one transfer, in each copy mode.
 //! Reported: how much longer the load took than alone (alone and with alternate, medians) and
 //! the transfer's GB/s (submit to wait) against the idle link.
@@ -38,9 +38,13 @@ extern "C" __global__ void kvx_bench_spin(float *out, unsigned iters) {
 const THREADS: u32 = 512;
 /// How long the compute load should run alone.
 const COMPUTE_MS: f64 = 50.0;
-/// Kernel launches of the load, each one full wave: like a model's GEMMs, one after another
-/// on one stream, so other kernels' blocks can be scheduled between them.
+/// Kernel launches of the load: like a model's GEMMs, one after another on one stream.
 const LAUNCHES: u32 = 50;
+/// Waves of blocks per launch. A GEMM of a prefill cuts its output into many more tiles than
+/// the GPU runs at once (8192² in 128×256 tiles: ~16 waves on 132 SMs), so a few SMs taken by
+/// a copy delay a few tiles, not the kernel's last wave. (A load of exactly one wave per
+/// launch is the worst case instead: one SM taken makes a second, almost empty wave.)
+const WAVES: u32 = 8;
 
 /// The compute load: the loaded kernel, its launch shape and its own stream and events.
 struct Compute {
@@ -94,8 +98,8 @@ impl Compute {
         )?;
         let mut c = Self {
             function,
-            blocks: sm_count(dev) * per_sm.max(1) as u32,
-            iters: 1 << 12,
+            blocks: sm_count(dev) * per_sm.max(1) as u32 * WAVES,
+            iters: 1 << 10,
             out,
             stream,
             start,
@@ -190,15 +194,15 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
     let limits = [limit(true)?, limit(false)?];
     if !a.json {
         println!(
-            "beside a compute load on every SM ({:.0} ms alone, {LAUNCHES} launches of {} blocks x {THREADS}): {} MiB per transfer, median of {}",
+            "beside a compute load on every SM ({:.0} ms alone, {LAUNCHES} launches of {} blocks x {THREADS}, {WAVES} waves each): {} MiB per transfer, median of {}",
             compute.alone()?,
             compute.blocks,
             a.total_mib,
             a.iters
         );
         println!(
-            "{:<4} {:<11} {:>8} {:>9} {:>7} {:>10} {:>10} {:>9}",
-            "dir", "mode", "fragment", "GB/s", "ratio", "alone ms", "with ms", "slowdown"
+            "{:<4} {:<11} {:>8} {:>9} {:>7} {:>10} {:>10} {:>9} {:>4}",
+            "dir", "mode", "fragment", "GB/s", "ratio", "alone ms", "with ms", "slowdown", "SMs"
         );
     }
     for &kib in &a.fragments_kib {
@@ -228,6 +232,7 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
                     ..Default::default()
                 };
                 let (mut alone, mut with, mut gbps) = (Vec::new(), Vec::new(), Vec::new());
+                let mut sms = 0;
                 // Round 0 warms up; alone and with alternate so that clock drift hits both.
                 for i in 0..=a.iters {
                     let ms_alone = compute.alone()?;
@@ -235,9 +240,10 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
                     // One transfer submitted as the load starts, as a runtime offloads or
                     // reloads beside a prefill: what it costs the load, and how fast it moves.
                     let took = secs(|| {
-                        ctx.submit(src, &sb, dst, &db, &opts)
-                            .and_then(|t| t.wait(None))
-                            .map_err(err)
+                        let t = ctx.submit(src, &sb, dst, &db, &opts).map_err(err)?;
+                        t.wait(None).map_err(err)?;
+                        sms = t.stats().sms;
+                        Ok(())
                     })?;
                     let ms_with = compute.elapsed_ms()?;
                     if i > 0 {
@@ -258,11 +264,12 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
                             "transfer_gbps": gbps, "limit_gbps": limit,
                             "transfer_ratio": ratio, "compute_alone_ms": alone,
                             "compute_with_transfer_ms": with, "compute_slowdown": slowdown,
+                            "sms": sms,
                         })
                     );
                 } else {
                     println!(
-                        "{dir:<4} {mode_name:<11} {kib:>4} KiB {gbps:>9.2} {ratio:>7.3} {alone:>10.2} {with:>10.2} {:>8.1}%",
+                        "{dir:<4} {mode_name:<11} {kib:>4} KiB {gbps:>9.2} {ratio:>7.3} {alone:>10.2} {with:>10.2} {:>8.1}% {sms:>4}",
                         slowdown * 100.0
                     );
                 }
@@ -284,6 +291,10 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
                 "the compute kernel's device time alone, and with the transfers beside it",
             ),
             ("slowdown", "with / alone - 1: what the engine loses"),
+            (
+                "SMs",
+                "SMs the copy kernel ran on (stats.sms; 0: copy engines)",
+            ),
         ]);
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! `kvxfer bench`: transfers against baselines measured in the same run, one module per tier:
 //! `host` (host scatter), `gpu` (host <-> device, device <-> device), `busy` (beside a compute
-//! kernel), `pageable`, `gpu_disk`, `gpu_rdma`
+//! kernel), `layers` (layer by layer: `--layerwise`, `--latency`), `pageable`, `gpu_disk`, `gpu_rdma`
 //! (device <-> a second process), `nixl` (UCX and POSIX against nixl-sys used directly).
 //! Helpers they share are in `common`.
 
@@ -10,6 +10,7 @@ mod gpu;
 mod gpu_disk;
 pub mod gpu_rdma;
 mod host;
+mod layers;
 mod nixl;
 mod pageable;
 mod plot;
@@ -83,6 +84,15 @@ pub struct Args {
     /// 4,16,64 there.
     #[arg(long, requires = "gpu", conflicts_with = "pageable")]
     busy: bool,
+    /// With --gpu: 32 layers reloaded host -> device in one transfer while an engine-like
+    /// kernel per layer waits for its layer (`layer_stream_wait`), against each alone;
+    /// --iters defaults to 5.
+    #[arg(long, requires = "gpu", conflicts_with_all = ["pageable", "busy"])]
+    layerwise: bool,
+    /// With --gpu: submit -> wait latency of one layer (32 scattered blocks x K,V x 16 KiB) and
+    /// of one 4 KiB block host -> device, percentiles over 400 x --iters rounds (default 5).
+    #[arg(long, requires = "gpu", conflicts_with_all = ["pageable", "busy", "layerwise"])]
+    latency: bool,
     /// Host and --gpu benches: also draw GB/s against fragment size, one line per mechanism
     /// with the limit, into this PNG file.
     #[arg(long, conflicts_with_all = ["nixl", "gpu_disk", "gpu_rdma"])]
@@ -100,6 +110,17 @@ pub fn run(a: &Args) -> Result<(), String> {
             iters: a.iters.unwrap_or(5),
             fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
         });
+    }
+    if a.gpu && (a.layerwise || a.latency) {
+        let args = layers::LayersArgs {
+            json: a.json,
+            iters: a.iters.unwrap_or(5),
+        };
+        return if a.layerwise {
+            layers::layerwise(&args)
+        } else {
+            layers::latency(&args)
+        };
     }
     if a.gpu && a.pageable {
         return pageable::run(&pageable::PageableArgs {

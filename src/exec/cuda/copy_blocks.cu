@@ -43,12 +43,14 @@ struct Desc {
   u64 id_bytes;           // 2, 4 or 8: the narrowest width both layouts' ids fit
   u64 items;              // pairs * layers * outer * pieces_per_region
   u64 table;              // device address of the table (kvx_copy_blocks only)
+  u64 signals;            // device address of one u32 counter per layer in range, or 0
+  u64 system_fence;       // 1: the destination is host memory (fence at system scope)
 };
 
 // Table sizes, in u64 words, that fit the two inline kernels' parameters (4096 and 32760 bytes
 // with the descriptor); kernel.rs mirrors these.
-#define KVX_INLINE_SMALL 493
-#define KVX_INLINE_LARGE 4076
+#define KVX_INLINE_SMALL 491
+#define KVX_INLINE_LARGE 4074
 
 __device__ __forceinline__ u64 address(const Side& s, const u64* t, u64 outer, u64 region, u64 b,
                                        u64 l, u64 o) {
@@ -85,6 +87,10 @@ __device__ __forceinline__ void copy_piece(const char* src, char* dst, u64 len, 
   }
 }
 
+// Items run layer by layer (layer outermost), so that with a grid-stride loop the layers finish
+// in order. With signals, each warp adds one to its layer's counter once its piece is in place
+// (fenced first), and the host's stream waits for each counter to reach the layer's item count:
+// per-layer completion from one launch.
 __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
   const unsigned lane = threadIdx.x & 31u;
   const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -95,8 +101,9 @@ __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
     r /= d.pieces_per_region;
     const u64 o = r % d.outer;
     r /= d.outer;
-    const u64 l = d.layer_begin + r % d.layers;
-    const u64 p = r / d.layers;
+    const u64 p = r % d.pairs;
+    const u64 lr = r / d.pairs;
+    const u64 l = d.layer_begin + lr;
     const u64 sb = block_id(d, t, 2 * p);
     const u64 db = block_id(d, t, 2 * p + 1);
     const u64 off = piece * d.piece;
@@ -104,6 +111,15 @@ __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
     const u64 src = address(d.src, t, d.outer, d.region, sb, l, o) + off;
     const u64 dst = address(d.dst, t, d.outer, d.region, db, l, o) + off;
     copy_piece((const char*)src, (char*)dst, len, lane);
+    if (d.signals) {
+      if (d.system_fence) {
+        __threadfence_system();
+      } else {
+        __threadfence();
+      }
+      __syncwarp();
+      if (lane == 0) atomicAdd((unsigned*)d.signals + lr, 1u);
+    }
   }
 }
 

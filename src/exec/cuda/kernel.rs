@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUstream};
 
-use crate::cuda::{CudaDevice, Entry, Module, TableBuffer, check};
+use super::budget::Budget;
+use crate::cuda::{CudaDevice, Direction, Entry, Module, TableBuffer, check};
 use crate::error::{Error, Result};
 use crate::layout::{Layout, LayoutKind};
 use crate::plan::CopyOp;
@@ -46,13 +47,15 @@ struct Desc {
     id_bytes: u64,
     items: u64,
     table: u64,
+    signals: u64,
+    system_fence: u64,
 }
 
 const DESC_WORDS: usize = std::mem::size_of::<Desc>() / 8;
 /// Table words the inline kernels carry: `KVX_INLINE_SMALL` / `KVX_INLINE_LARGE` in
 /// copy_blocks.cu, so that descriptor and table make 4096 and 32760 bytes.
-const INLINE_SMALL: usize = 493;
-const INLINE_LARGE: usize = 4076;
+const INLINE_SMALL: usize = 491;
+const INLINE_LARGE: usize = 4074;
 const _: () = assert!((DESC_WORDS + INLINE_SMALL) * 8 == 4096);
 const _: () = assert!((DESC_WORDS + INLINE_LARGE) * 8 <= 32764);
 
@@ -68,15 +71,39 @@ pub(crate) struct Kernel {
     large: Option<Entry>,
     /// Copies of an explicit list (`kvx_copy_list`).
     list: Option<Entry>,
+    /// Blocks each direction may take.
+    budget: Budget,
 }
 
-/// What the kernel moves: `pairs[i] = (src id, dst id)` for the layers in `layers`.
+/// What the kernel moves: `pairs[i] = (src id, dst id)` for the layers in `layers`, in
+/// `direction` (which sets the blocks it may take: `Budget`).
 pub(crate) struct Job<'a> {
     pub src: &'a Layout,
     pub dst: &'a Layout,
     pub src_blocks: &'a [u64],
     pub dst_blocks: &'a [u64],
     pub layers: std::ops::Range<u64>,
+    pub direction: Direction,
+    /// Per-layer counters the kernel counts up (device address; one u32 per layer in range)
+    /// and whether the destination is host memory.
+    pub signals: Option<(u64, bool)>,
+}
+
+impl Job<'_> {
+    /// Items (warp-sized pieces) of one layer: its counter's target increment.
+    pub(crate) fn items_per_layer(&self) -> u64 {
+        self.src_blocks.len() as u64
+            * self.src.config().outer_dim
+            * self.src.region_len().div_ceil(PIECE)
+    }
+}
+
+/// What one launch took.
+pub(crate) struct Launched {
+    /// The table uploaded for it, to recycle once the stream passed the launch.
+    pub table: Option<TableBuffer>,
+    /// Blocks launched.
+    pub ctas: u32,
 }
 
 fn side(l: &Layout, bases: usize) -> Side {
@@ -137,17 +164,32 @@ fn write_table(out: &mut [u64], bases: &[u64], src: &[u64], dst: &[u64], width: 
 }
 
 impl Kernel {
-    /// Compiles (once per architecture) and loads the kernel on `dev`.
-    pub(crate) fn build(dev: &Arc<CudaDevice>) -> Result<Self> {
+    /// Compiles (once per architecture) and loads the kernel on `dev`, with an SM budget of
+    /// `max_sms` (0 = auto: host <-> device sized from the measured link, device <-> device one
+    /// full wave).
+    pub(crate) fn build(dev: &Arc<CudaDevice>, max_sms: u32) -> Result<Self> {
         let module = Module::build(dev, "copy_blocks.cu", SOURCE)
             .map_err(|e| Error::Unavailable(format!("the copy kernel: {e}")))?;
-        Ok(Self {
+        let mut this = Self {
             table: module.entry(c"kvx_copy_blocks", THREADS)?,
             small: module.entry(c"kvx_copy_blocks_p4k", THREADS)?,
             large: module.entry(c"kvx_copy_blocks_p32k", THREADS).ok(),
             list: module.entry(c"kvx_copy_list", THREADS).ok(),
             _module: module,
-        })
+            budget: Budget::full(),
+        };
+        this.budget = Budget::new(dev, &this, max_sms);
+        Ok(this)
+    }
+
+    /// Blocks a launch in `direction` may take (one per SM while SMs have room).
+    pub(crate) fn ctas(&self, direction: Direction) -> u32 {
+        self.budget.ctas(direction)
+    }
+
+    /// The SMs a launch of `ctas` blocks runs on, as stats report it.
+    pub(crate) fn sms(&self, dev: &CudaDevice, ctas: u32) -> u32 {
+        ctas.min(dev.sm_count)
     }
 
     /// Whether `enqueue_list` can run.
@@ -155,9 +197,10 @@ impl Kernel {
         self.list.is_some()
     }
 
-    /// Launches `kvx_copy_list` for `copies` on `stream`, copies longer than PIECE cut into
-    /// PIECE-sized ones so that many warps share them. The list is uploaded through a pooled
-    /// table, which is returned: it must stay untouched until the stream has passed this work.
+    /// Launches `kvx_copy_list` for `copies` on `stream` on at most `ctas` blocks, copies
+    /// longer than PIECE cut into PIECE-sized ones so that many warps share them. The list is
+    /// uploaded through a pooled table, which is returned with the blocks launched: it must
+    /// stay untouched until the stream has passed this work.
     ///
     /// # Safety
     /// `stream` is a live stream of `dev`; every copy's two ranges are memory the SMs of `dev`
@@ -168,7 +211,8 @@ impl Kernel {
         dev: &CudaDevice,
         stream: CUstream,
         copies: &[CopyOp],
-    ) -> Result<TableBuffer> {
+        ctas: u32,
+    ) -> Result<(TableBuffer, u32)> {
         let Some(entry) = self.list else {
             return Err(Error::Unavailable(
                 "the copy kernel has no list entry".into(),
@@ -184,7 +228,7 @@ impl Kernel {
             t.copy_from_slice(&op);
         }
         let mut list = [table.device, n];
-        let mut run = || -> Result<()> {
+        let mut run = || -> Result<u32> {
             // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
             // asynchronous and ordered before the launch on the same stream.
             check(
@@ -194,10 +238,10 @@ impl Kernel {
                 "cuMemcpyHtoDAsync (copy list)",
             )?;
             // SAFETY: the entry takes (const List) by value: two u64s.
-            unsafe { launch(entry, stream, list.as_mut_ptr().cast(), n) }
+            unsafe { launch(entry, stream, list.as_mut_ptr().cast(), n, ctas) }
         };
         match run() {
-            Ok(()) => Ok(table),
+            Ok(ctas) => Ok((table, ctas)),
             Err(e) => {
                 dev.abandon(stream, Some(table));
                 Err(e)
@@ -217,7 +261,7 @@ impl Kernel {
         dev: &CudaDevice,
         stream: CUstream,
         job: &Job<'_>,
-    ) -> Result<Option<TableBuffer>> {
+    ) -> Result<Launched> {
         let (src, dst) = (job.src, job.dst);
         let (src_regions, dst_regions) = (src.memory().regions(), dst.memory().regions());
         let n_bases = src_regions.len() + dst_regions.len();
@@ -247,6 +291,8 @@ impl Kernel {
             id_bytes: width as u64,
             items: pairs as u64 * layers * outer * pieces_per_region,
             table: 0,
+            signals: job.signals.map_or(0, |(a, _)| a),
+            system_fence: u64::from(job.signals.is_some_and(|(_, host)| host)),
         };
         let inline = if words <= INLINE_SMALL {
             Some((self.small, INLINE_SMALL))
@@ -262,8 +308,16 @@ impl Kernel {
             write_table(table, &bases, job.src_blocks, job.dst_blocks, width);
             // SAFETY: `param` holds the whole Inline<capacity> parameter the entry takes; the
             // driver copies it during the call.
-            unsafe { launch(entry, stream, param.as_mut_ptr().cast(), desc.items) }?;
-            return Ok(None);
+            let ctas = unsafe {
+                launch(
+                    entry,
+                    stream,
+                    param.as_mut_ptr().cast(),
+                    desc.items,
+                    self.ctas(job.direction),
+                )
+            }?;
+            return Ok(Launched { table: None, ctas });
         }
         let table = dev.table(words)?;
         desc.table = table.device;
@@ -271,7 +325,7 @@ impl Kernel {
         // contract).
         let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
         write_table(host, &bases, job.src_blocks, job.dst_blocks, width);
-        let mut run = || -> Result<()> {
+        let mut run = || -> Result<u32> {
             // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
             // asynchronous and ordered before the launch on the same stream.
             check(
@@ -287,11 +341,15 @@ impl Kernel {
                     stream,
                     (&mut desc as *mut Desc).cast(),
                     desc.items,
+                    self.ctas(job.direction),
                 )
             }
         };
         match run() {
-            Ok(()) => Ok(Some(table)),
+            Ok(ctas) => Ok(Launched {
+                table: Some(table),
+                ctas,
+            }),
             Err(e) => {
                 dev.abandon(stream, Some(table));
                 Err(e)
@@ -315,15 +373,25 @@ fn desc_words(d: &Desc) -> [u64; DESC_WORDS] {
     unsafe { std::mem::transmute(*d) }
 }
 
-/// Launches `entry` with enough warps for `items` (at most one wave).
+/// Launches `entry` with enough warps for `items`, on at most `ctas` blocks and one wave;
+/// returns the blocks launched.
 ///
 /// # Safety
 /// As `Entry::launch`.
-unsafe fn launch(entry: Entry, stream: CUstream, param: *mut c_void, items: u64) -> Result<()> {
+unsafe fn launch(
+    entry: Entry,
+    stream: CUstream,
+    param: *mut c_void,
+    items: u64,
+    ctas: u32,
+) -> Result<u32> {
     let warps_per_block = u64::from(THREADS / 32);
-    let blocks = items.div_ceil(warps_per_block).min(u64::from(u32::MAX)) as u32;
+    let blocks = items
+        .div_ceil(warps_per_block)
+        .min(u64::from(ctas.clamp(1, entry.max_blocks))) as u32;
     // SAFETY: forwarded to the caller.
-    unsafe { entry.launch(stream, param, blocks) }
+    unsafe { entry.launch(stream, param, blocks) }?;
+    Ok(blocks.max(1))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! the context's device's streams: copy engines (`copy.rs`) or kvxfer's SM copy kernel
 //! (`kernel.rs`), completed by the progress engine (`progress.rs`) when their event fires.
 
+mod budget;
 pub(crate) mod copy;
 mod kernel;
 mod progress;
@@ -27,19 +28,23 @@ pub(crate) struct CudaExec {
     /// The copy kernel by device ordinal, built on first use; `Err` says why it cannot be.
     kernels: Mutex<HashMap<i32, std::result::Result<Arc<Kernel>, String>>>,
     others: Mutex<HashMap<i32, Arc<CudaDevice>>>,
+    /// The context's `max_sms` (0 = auto).
+    max_sms: u32,
     pub(crate) primary: Arc<CudaDevice>,
 }
 
 impl CudaExec {
     /// Opens device `ordinal` and starts its progress engine. The copy kernel is built now
-    /// rather than on the first, latency-critical transfer; if it cannot be built, AUTO falls
-    /// back to copy engines and says so per transfer.
-    pub(crate) fn open(ordinal: i32) -> Result<Self> {
+    /// (with its SM budget under `max_sms`) rather than on the first, latency-critical
+    /// transfer; if it cannot be built, AUTO falls back to copy engines and says so per
+    /// transfer.
+    pub(crate) fn open(ordinal: i32, max_sms: u32) -> Result<Self> {
         let primary = CudaDevice::open(ordinal)?;
         let this = Self {
             progress: Progress::new(&primary)?,
             kernels: Mutex::default(),
             others: Mutex::default(),
+            max_sms,
             primary,
         };
         let _ = this.kernel(&this.primary);
@@ -66,7 +71,7 @@ impl CudaExec {
         kernels
             .entry(dev.ordinal)
             .or_insert_with(|| {
-                Kernel::build(dev).map(Arc::new).map_err(|e| {
+                Kernel::build(dev, self.max_sms).map(Arc::new).map_err(|e| {
                     tracing::warn!(
                         "the copy kernel cannot run on CUDA device {}: {e}; AUTO moves small \
                          fragments with the copy engines",

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Sender, unbounded};
 use cudarc::driver::sys::{self, CUevent};
 
-use crate::cuda::{CudaDevice, Direction, Route, StreamGate, TableBuffer, check};
+use crate::cuda::{CudaDevice, Direction, Route, Signals, StreamGate, TableBuffer, check};
 use crate::error::{Error, Result};
 use crate::memory::Memory;
 use crate::transfer::Completion;
@@ -16,6 +16,10 @@ use crate::transfer::Completion;
 /// What a transfer holds until its last copy finished.
 pub(crate) struct Pending {
     pub(crate) event: CUevent,
+    /// One event per layer, in order, for transfers that complete layer by layer.
+    pub(crate) layer_events: Vec<CUevent>,
+    /// The kernel's per-layer counters behind `layer_events`.
+    pub(crate) signals: Option<Signals>,
     /// Bytes the transfer moves and its route, for the device's pace.
     pub(crate) bytes: u64,
     pub(crate) route: Route,
@@ -46,6 +50,20 @@ impl Progress {
                 .spawn(move || {
                     let bound = dev.bind();
                     for p in rx {
+                        // Layers first, in order: each wakes its waiters as it lands.
+                        let mut layers_ok = true;
+                        for &e in &p.layer_events {
+                            let r = match &bound {
+                                // SAFETY: a pooled event recorded for this transfer, recycled
+                                // only after the transfer completed (below).
+                                Ok(()) => check(unsafe { sys::cuEventSynchronize(e) }, "layer"),
+                                Err(e) => Err(e.clone()),
+                            };
+                            layers_ok &= r.is_ok();
+                            if r.is_ok() {
+                                p.completion.layer_done();
+                            }
+                        }
                         let r = match &bound {
                             // SAFETY: the event was recorded on this lane's stream and stays
                             // alive (pooled) until recycled below.
@@ -60,13 +78,19 @@ impl Progress {
                             // Late by this thread's wake-up, so a little slow.
                             dev.pace.learn(p.route, p.bytes, p.completion.age());
                         }
+                        if let Some(s) = p.signals {
+                            dev.recycle_signals(s, r.is_ok() && layers_ok);
+                        }
                         // The memory goes before completion is reported, so a layout freed
-                        // after a wait is released at once. Completed before the event goes
+                        // after a wait is released at once. Completed before the events go
                         // back to the pool: a waiter that finds the transfer still pending may
-                        // query the event, and it must not be another transfer's yet.
+                        // query an event, and it must not be another transfer's yet.
                         drop(p.memory);
                         p.completion.part_done(r);
                         dev.recycle_event(p.event);
+                        for e in p.layer_events {
+                            dev.recycle_event(e);
+                        }
                         if let Some(t) = p.table {
                             dev.recycle_table(t);
                         }

@@ -4,9 +4,11 @@
 
 use super::CudaExec;
 use super::copy::{self, Loc};
-use super::kernel::Job;
+use super::kernel::{Job, Kernel, Launched};
 use super::progress::Pending;
-use crate::cuda::{Direction, Route};
+use cudarc::driver::sys::{self, CUevent, CUstream};
+
+use crate::cuda::{CudaDevice, Direction, Route, Signals, check};
 use crate::error::{Error, Result, bail};
 use crate::layout::LayoutKind;
 use crate::memory::{Memory, StorageKind};
@@ -98,7 +100,9 @@ pub(crate) fn submit(
     if let Some(g) = &gate {
         g.stream_waits(stream)?;
     }
-    let (table, copies) = match (choice.mechanism, &kernel) {
+    let mut layer_events = Vec::new();
+    let mut signals = None;
+    let (table, copies, sms) = match (choice.mechanism, &kernel) {
         (Mechanism::Kernel, Ok(kernel)) => {
             let job = Job {
                 src: request.src,
@@ -106,28 +110,41 @@ pub(crate) fn submit(
                 src_blocks: request.src_blocks,
                 dst_blocks: request.dst_blocks,
                 layers: request.layers.clone(),
+                direction,
+                signals: None,
             };
             // SAFETY: `stream` belongs to `dev`; the request was validated and `Pending` keeps
             // both memories alive until the progress engine saw the stream pass this work.
-            let table = unsafe { kernel.enqueue(dev, stream, &job) }.inspect_err(|_| {
-                dev.abandon(stream, None);
-            })?;
-            (table, fragments)
+            let (launched, s) =
+                unsafe { enqueue_kernel(dev, stream, kernel, job, &mut layer_events) }?;
+            signals = s;
+            (launched.table, fragments, kernel.sms(dev, launched.ctas))
         }
         (Mechanism::Kernel, Err(why)) => return Err(Error::Unavailable(why.clone())),
         _ => {
-            // The whole list first, then the batch calls back to back: on an H100, pauses of
-            // 200 µs or more between batch calls of small host-to-device copies (the time to
-            // build the next chunk) made the driver's calls 3x slower and the copies run at a
-            // third of the speed (docs/BENCHMARKS.md, "GPU tiers, third pass").
-            let list = request.build();
+            let per_layer = layers > 1 && !whole_blocks;
+            let ends = (loc(src_mem), loc(dst_mem));
             // SAFETY: as above.
-            unsafe { copy::enqueue_at(dev, stream, loc(src_mem), loc(dst_mem), &list.copies) }
-                .inspect_err(|_| dev.abandon(stream, None))?;
-            (None, list.copies.len() as u64)
+            let copies = unsafe {
+                enqueue_engines(dev, stream, request, ends, per_layer, &mut layer_events)
+            }?;
+            (None, copies, 0)
         }
     };
-    let (event, table) = dev.record_or_abandon(stream, table)?;
+    let (event, table) = match dev.record_or_abandon(stream, table) {
+        Ok(r) => r,
+        Err(e) => {
+            abandon_layers(
+                dev,
+                &[stream, dev.signal_stream(direction)],
+                &mut layer_events,
+            );
+            if let Some(s) = signals.take() {
+                dev.recycle_signals(s, false);
+            }
+            return Err(e);
+        }
+    };
     let completion = Completion::new(1);
     let bytes = fragments * region;
     let route = Route {
@@ -140,6 +157,8 @@ pub(crate) fn submit(
         direction,
         Pending {
             event,
+            layer_events: layer_events.clone(),
+            signals,
             bytes,
             route,
             completion: completion.clone(),
@@ -156,7 +175,171 @@ pub(crate) fn submit(
         mechanism: choice.mechanism,
         kernel_fallback: choice.kernel_fallback,
         bounced: false,
+        sms,
         elapsed_ns: 0,
     };
-    Ok(Transfer::new(completion, stats, true).with_event(dev.clone(), event, route, gated))
+    Ok(Transfer::new(completion, stats, true)
+        .with_event(dev.clone(), event, route, gated)
+        .with_layer_events(layer_events))
+}
+
+/// Launches the copy kernel for `job`; a multi-layer job also gets per-layer counters, whose
+/// signals (one event per layer, into `events`) are queued on the direction's signal stream.
+/// Returns the launch and the counters (for the progress engine to recycle).
+///
+/// # Safety
+/// As `Kernel::enqueue`.
+unsafe fn enqueue_kernel(
+    dev: &CudaDevice,
+    stream: CUstream,
+    kernel: &Kernel,
+    mut job: Job<'_>,
+    events: &mut Vec<CUevent>,
+) -> Result<(Launched, Option<Signals>)> {
+    let layers = (job.layers.end - job.layers.start) as usize;
+    // Counts far below u32's half, so that the cyclic comparison of the wait holds.
+    let per_layer = u32::try_from(job.items_per_layer())
+        .ok()
+        .filter(|n| *n < 1 << 30);
+    let mut signals = match per_layer {
+        Some(_) if layers > 1 => Some(dev.signals(layers)?),
+        _ => None,
+    };
+    job.signals = signals
+        .as_ref()
+        .map(|s| (s.device, job.direction == Direction::DeviceToHost));
+    // SAFETY: forwarded to the caller.
+    let launched = match unsafe { kernel.enqueue(dev, stream, &job) } {
+        Ok(l) => l,
+        Err(e) => {
+            dev.abandon(stream, None);
+            if let Some(s) = signals {
+                // Nothing counted: the counts are still exact.
+                dev.recycle_signals(s, true);
+            }
+            return Err(e);
+        }
+    };
+    if let (Some(s), Some(per_layer)) = (&mut signals, per_layer)
+        && let Err(e) = signal_layers(dev, job.direction, s, layers, per_layer, events)
+    {
+        abandon_layers(dev, &[stream, dev.signal_stream(job.direction)], events);
+        if let Some(s) = signals {
+            dev.recycle_signals(s, false);
+        }
+        if let Some(t) = launched.table {
+            dev.recycle_table(t);
+        }
+        return Err(e);
+    }
+    Ok((launched, signals))
+}
+
+/// Queues `request` on the copy engines. The whole list first, then the batch calls back to
+/// back: on an H100, pauses of 200 µs or more between batch calls of small host-to-device
+/// copies (the time to build the next chunk) made the driver's calls 3x slower and the copies
+/// run at a third of the speed (docs/BENCHMARKS.md, "GPU tiers, third pass"). With
+/// `per_layer`, one list per layer, each followed by its layer's event (into `events`).
+/// Returns the copies queued.
+///
+/// # Safety
+/// `stream` is a live stream of `dev`; the request was validated and both memories stay alive
+/// until the stream has passed this work.
+unsafe fn enqueue_engines(
+    dev: &CudaDevice,
+    stream: CUstream,
+    request: &Request<'_>,
+    (src, dst): (Loc, Loc),
+    per_layer: bool,
+    events: &mut Vec<CUevent>,
+) -> Result<u64> {
+    let lists: Vec<_> = if per_layer {
+        request
+            .layers
+            .clone()
+            .map(|l| {
+                Request {
+                    layers: l..l + 1,
+                    ..request.clone()
+                }
+                .build()
+            })
+            .collect()
+    } else {
+        vec![request.build()]
+    };
+    let mut copies = 0;
+    for list in &lists {
+        // SAFETY: forwarded to the caller.
+        let queued =
+            unsafe { copy::enqueue_at(dev, stream, src, dst, &list.copies) }.and_then(|()| {
+                if per_layer {
+                    record_layer(dev, stream, events)
+                } else {
+                    Ok(())
+                }
+            });
+        if let Err(e) = queued {
+            abandon_layers(dev, &[stream], events);
+            return Err(e);
+        }
+        copies += list.copies.len() as u64;
+    }
+    Ok(copies)
+}
+
+/// On `d`'s signal stream, for each of `layers` layers in `s`: wait until the kernel counted
+/// its `per_layer` pieces, then record the layer's event (into `events`). The counts in `s`
+/// become what the counters hold once the kernel finished.
+fn signal_layers(
+    dev: &CudaDevice,
+    d: Direction,
+    s: &mut Signals,
+    layers: usize,
+    per_layer: u32,
+    events: &mut Vec<CUevent>,
+) -> Result<()> {
+    let stream = dev.signal_stream(d);
+    for (i, count) in s.counts.iter_mut().take(layers).enumerate() {
+        let target = count.wrapping_add(per_layer);
+        // SAFETY: a live stream of `dev`; the counter lies in `s`'s allocation, which the
+        // progress engine keeps until this stream passed the wait (the layer's event).
+        check(
+            unsafe {
+                sys::cuStreamWaitValue32_v2(
+                    stream,
+                    s.device + 4 * i as u64,
+                    target,
+                    sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+                )
+            },
+            "cuStreamWaitValue32 (layer signal)",
+        )?;
+        *count = target;
+        record_layer(dev, stream, events)?;
+    }
+    Ok(())
+}
+
+/// Records a pooled event on `stream` after what is queued there: one layer's completion.
+fn record_layer(dev: &CudaDevice, stream: CUstream, events: &mut Vec<CUevent>) -> Result<()> {
+    let e = dev.event()?;
+    // SAFETY: the event and stream are live handles of `dev`.
+    if let Err(err) = check(unsafe { sys::cuEventRecord(e, stream) }, "cuEventRecord") {
+        dev.recycle_event(e);
+        return Err(err);
+    }
+    events.push(e);
+    Ok(())
+}
+
+/// A transfer failed after queuing work: waits until `streams` passed it (`abandon`), then
+/// returns its layer events to the pool.
+fn abandon_layers(dev: &CudaDevice, streams: &[CUstream], events: &mut Vec<CUevent>) {
+    for &s in streams {
+        dev.abandon(s, None);
+    }
+    for e in events.drain(..) {
+        dev.recycle_event(e);
+    }
 }

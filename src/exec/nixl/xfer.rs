@@ -525,6 +525,7 @@ mod tests {
                     mechanism: Mechanism::Nixl,
                     kernel_fallback: false,
                     bounced: false,
+                    sms: 0,
                     elapsed_ns: 0,
                 };
                 Transfer::new(completion, stats, false)

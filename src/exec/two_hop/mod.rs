@@ -183,7 +183,7 @@ fn device_hop<'d>(
         // SAFETY: the stream belongs to `dev`; the device ranges were validated with the
         // request, the buffer is CUDA-pinned and holds the chunk; the caller keeps every memory
         // alive until this hop is waited for.
-        Some(k) => Some(unsafe { k.enqueue_list(dev, stream, &copies) }?),
+        Some(k) => Some(unsafe { k.enqueue_list(dev, stream, &copies, k.ctas(direction)) }?.0),
         // SAFETY: as above.
         None => {
             unsafe { enqueue_copy_engine(dev, stream, direction, &copies) }
@@ -440,8 +440,13 @@ pub(crate) fn submit_pageable(
     } else {
         Mechanism::CopyEngine
     };
+    let sms = match &kernel {
+        Some(k) if uses_kernel => k.sms(&dev, k.ctas(direction)),
+        _ => 0,
+    };
     let stats = TransferStats {
         bounced: true,
+        sms,
         ..TransferStats::of(&list, plan, mechanism)
     };
     let completion = Completion::new(1);
