@@ -360,7 +360,7 @@ typedef struct kvx_context_config {
    * SM budget of kvxfer's copy kernel (0.2); 0 (the default) = auto: host <-> device
    * takes the fewest SMs that reach the link (measured once per process and GPU, a few
    * milliseconds at the first context), device <-> device one full wave. Any other value
-   * caps every direction (more than the GPU has means all of them). The kernel's streams
+   * is the budget of every direction (more than the GPU has means all of them). The kernel's streams
    * run at the highest stream priority, so its few blocks are scheduled as soon as an SM
    * has room. kvx_transfer_stats.sms says how many SMs a transfer used.
    */
@@ -869,8 +869,9 @@ KVX_NODISCARD int32_t kvx_transfer_stream_wait(struct kvx_transfer *transfer, vo
 
 /**
  * Waits until one layer of the transfer is in place (0.2): layers complete in order,
- * layer_begin first, and never later than the transfer; timeout_us < 0 waits forever. In
- * this version a layer is complete when the whole transfer is, on every path. Returns OK
+ * layer_begin first, and never later than the transfer; timeout_us < 0 waits forever. On
+ * the GPU paths each layer has its own event; host paths (memcpy, pageable, disk, peers)
+ * complete a layer with the whole transfer. Returns OK
  * once the layer is in place, TIMEOUT (the transfer goes on), the transfer's own error, or
  * OUT_OF_RANGE for a layer the transfer does not move; NULL_ARGUMENT.
  */
@@ -881,8 +882,9 @@ int32_t kvx_transfer_layer_wait(struct kvx_transfer *transfer,
 
 /**
  * Makes the CUstream `cuda_stream` wait for one layer of the transfer (0.2), as
- * kvx_transfer_stream_wait does for the whole transfer (in this version it waits for the
- * whole transfer). Errors: as kvx_transfer_stream_wait, and OUT_OF_RANGE for a layer the
+ * kvx_transfer_stream_wait does for the whole transfer; the host does not block. Where the
+ * transfer has no per-layer events (host paths, whole-block copies between fully contiguous
+ * layouts), the stream waits for the whole transfer. Errors: as kvx_transfer_stream_wait, and OUT_OF_RANGE for a layer the
  * transfer does not move.
  */
 KVX_NODISCARD

@@ -31,7 +31,7 @@ pub struct ContextConfig {
     /// export not made with the same one. `None`: peers' NIXL metadata is trusted.
     pub peer_key: Option<PeerKey>,
     /// SM budget of kvxfer's copy kernel; 0 = auto: host <-> device takes the fewest SMs that
-    /// reach the link (measured), device <-> device one full wave. Caps every direction.
+    /// reach the link (measured), device <-> device one full wave. Any other value is every direction's budget.
     pub max_sms: u32,
 }
 

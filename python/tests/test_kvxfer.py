@@ -1,6 +1,7 @@
 """The Python bindings over the installed package: host tiers here, NIXL (disk, peers) where it
 loads, GPU tests where there is a GPU and PyTorch (skipped, and reported so, elsewhere)."""
 
+import ctypes
 import os
 
 import pytest
@@ -92,6 +93,14 @@ def test_wrapped_numpy_arrays_and_address_pairs():
     ctx.submit(wrapped, [1, 6], pair, [0, 7]).wait()
     assert ctx.checksum(wrapped, [1, 6]) == ctx.checksum(pair, [0, 7])
     assert flat.any()
+    # Ids straight from memory (no per-id conversion): NumPy int64/uint64, a ctypes array; a
+    # strided view is copied, never read with the wrong stride.
+    ctx.fill(wrapped, [2, 3, 4], seed=8)
+    ctx.submit(wrapped, np.array([2, 3], dtype=np.int64), pair, np.array([5, 4], dtype=np.uint64)).wait()
+    assert ctx.checksum(pair, [5, 4]) == ctx.checksum(wrapped, [2, 3])
+    ids = (ctypes.c_uint64 * 2)(4, 2)
+    ctx.submit(wrapped, ids, pair, np.array([9, 3, 9, 1], dtype=np.int64)[1::2]).wait()
+    assert ctx.checksum(pair, [3, 1]) == ctx.checksum(wrapped, [4, 2])
 
 
 def test_disk_and_a_peer_with_a_notification(tmp_path):

@@ -68,7 +68,7 @@ pub struct kvx_context_config {
     /// SM budget of kvxfer's copy kernel (0.2); 0 (the default) = auto: host <-> device
     /// takes the fewest SMs that reach the link (measured once per process and GPU, a few
     /// milliseconds at the first context), device <-> device one full wave. Any other value
-    /// caps every direction (more than the GPU has means all of them). The kernel's streams
+    /// is the budget of every direction (more than the GPU has means all of them). The kernel's streams
     /// run at the highest stream priority, so its few blocks are scheduled as soon as an SM
     /// has room. kvx_transfer_stats.sms says how many SMs a transfer used.
     pub max_sms: u32,

@@ -1,6 +1,7 @@
 //! `kvxfer bench --gpu --busy`: transfers beside an engine's compute. A compute-bound load
-//! (an NVRTC-compiled kernel launched 50 times, each eight waves of short blocks as a GEMM's
-//! tiles are: every SM busy for ~50 ms, like a prefill's GEMMs) runs on its own stream; as it starts, kvxfer moves 256 MiB of
+//! (an NVRTC-compiled tensor-core kernel launched 50 times, each eight waves of short blocks,
+//! two 8-warp blocks per SM, as a GEMM's tiles are: every SM busy for ~50 ms, like a prefill's
+//! GEMMs) runs on its own stream; as it starts, kvxfer moves 256 MiB of
 //! scattered fragments between pinned and device memory in one transfer, in each copy mode.
 //! Reported: how much longer the load took than alone (alone and with alternate, medians) and
 //! the transfer's GB/s (submit to wait) against the idle link.
@@ -12,7 +13,7 @@ use kvxfer::baseline::{compile_ptx, sm_count};
 use kvxfer::{CopyMode, StorageKind, StorageSpec, TransferOptions};
 
 use super::common::{
-    ck, err, fragment_shape, gpu_context, legend, median, secs, shuffled_ids, timed_large_copy,
+    ck, err, fragment_shape, gpu_context_with, legend, median, secs, shuffled_ids, timed_large_copy,
 };
 
 pub struct BusyArgs {
@@ -20,22 +21,44 @@ pub struct BusyArgs {
     pub total_mib: u64,
     pub iters: usize,
     pub fragments_kib: Vec<u64>,
+    pub max_sms: u32,
 }
 
-/// Independent FMA chains per thread, so that the SMs' FMA pipes stay full.
+/// Tensor-core work, as a GEMM's: four independent bf16 MMA chains per warp (m16n8k16, f32
+/// accumulators) keep the tensor pipes full while the warps mostly wait on them, leaving
+/// issue slots free, as a real GEMM does. (A load of plain FMA chains instead issues an
+/// instruction every cycle on every scheduler and starves any other warp on its SMs: beside it
+/// the copy kernel moved 0.1-0.4 of the link; docs/BENCHMARKS.md.)
 const SPIN: &str = r#"
 extern "C" __global__ void kvx_bench_spin(float *out, unsigned iters) {
-    float a = threadIdx.x * 1e-3f, b = blockIdx.x * 1e-3f, c = 0.5f, d = 0.25f;
-    const float x = 0.99999f, y = 1e-7f;
+    unsigned a0 = threadIdx.x | 0x3f800000u, a1 = a0 ^ 0x10001u, a2 = a0 ^ 0x20002u, a3 = a0 ^ 0x30003u;
+    unsigned b0 = blockIdx.x | 0x3f800000u, b1 = b0 ^ 0x40004u;
+    float c[4][4] = {};
     for (unsigned i = 0; i < iters; i++) {
-        a = fmaf(a, x, y); b = fmaf(b, x, y); c = fmaf(c, x, y); d = fmaf(d, x, y);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            asm volatile(
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                : "+f"(c[k][0]), "+f"(c[k][1]), "+f"(c[k][2]), "+f"(c[k][3])
+                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        }
     }
-    if (a + b + c + d == 1234.5f) out[0] = a;
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 4; k++) s += c[k][0] + c[k][1] + c[k][2] + c[k][3];
+    if (s == 1234.5f) out[0] = s;
 }
 "#;
 
-/// Threads per block of the compute kernel; blocks per SM fill it.
-const THREADS: u32 = 512;
+/// Threads per block of the compute load: a GEMM's CTA (8 warps).
+const THREADS: u32 = 256;
+/// Blocks of the load resident per SM, as a GEMM's tiles are: each holds a large share of the
+/// SM's shared memory (reserved here, not used), so an SM runs two of them, 16 warps, which
+/// keep its tensor pipes full. A load that fills every thread slot instead (2048 per SM)
+/// leaves no room for any other kernel's warps, which no engine's GEMM or attention kernel
+/// does.
+const BLOCKS_PER_SM: i32 = 2;
 /// How long the compute load should run alone.
 const COMPUTE_MS: f64 = 50.0;
 /// Kernel launches of the load: like a model's GEMMs, one after another on one stream.
@@ -49,6 +72,9 @@ const WAVES: u32 = 8;
 /// The compute load: the loaded kernel, its launch shape and its own stream and events.
 struct Compute {
     function: sys::CUfunction,
+    /// Dynamic shared memory each block reserves, and the blocks per SM that leaves.
+    smem: u32,
+    per_sm: u32,
     blocks: u32,
     iters: u32,
     out: sys::CUdeviceptr,
@@ -83,23 +109,48 @@ impl Compute {
             ck(sys::cuEventCreate(&mut end, 0), "cuEventCreate")?;
             ck(sys::cuMemAlloc_v2(&mut out, 4), "cuMemAlloc")?;
         }
+        let (mut device, mut smem_per_sm) = (0, 0);
+        // SAFETY: a live device ordinal; the out pointers are locals.
+        unsafe {
+            ck(sys::cuDeviceGet(&mut device, dev.ordinal()), "cuDeviceGet")?;
+            ck(
+                sys::cuDeviceGetAttribute(
+                    &mut smem_per_sm,
+                    sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+                    device,
+                ),
+                "cuDeviceGetAttribute",
+            )?;
+        }
+        // Each block reserves a little under its share, leaving the per-block reserve.
+        let smem = (smem_per_sm / BLOCKS_PER_SM - 2048).max(0);
         let mut per_sm = 0;
         // SAFETY: a live function; the out pointer is a local.
-        ck(
-            unsafe {
+        unsafe {
+            ck(
+                sys::cuFuncSetAttribute(
+                    function,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem,
+                ),
+                "cuFuncSetAttribute",
+            )?;
+            ck(
                 sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
                     &mut per_sm,
                     function,
                     THREADS as i32,
-                    0,
-                )
-            },
-            "cuOccupancyMaxActiveBlocksPerMultiprocessor",
-        )?;
+                    smem as usize,
+                ),
+                "cuOccupancyMaxActiveBlocksPerMultiprocessor",
+            )?;
+        }
         let mut c = Self {
             function,
+            smem: smem as u32,
+            per_sm: per_sm.max(1) as u32,
             blocks: sm_count(dev) * per_sm.max(1) as u32 * WAVES,
-            iters: 1 << 10,
+            iters: 1 << 8,
             out,
             stream,
             start,
@@ -134,7 +185,7 @@ impl Compute {
                         THREADS,
                         1,
                         1,
-                        0,
+                        self.smem,
                         self.stream,
                         params.as_mut_ptr(),
                         std::ptr::null_mut(),
@@ -167,7 +218,7 @@ impl Compute {
 }
 
 pub fn run(a: &BusyArgs) -> Result<(), String> {
-    let (ctx, dev) = gpu_context("bench --gpu --busy")?;
+    let (ctx, dev) = gpu_context_with("bench --gpu --busy", a.max_sms)?;
     let compute = Compute::new(&dev)?;
     let total = a.total_mib << 20;
     let big = fragment_shape(1, total, 4096);
@@ -192,11 +243,25 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
         Ok(total as f64 / median(t) / 1e9)
     };
     let limits = [limit(true)?, limit(false)?];
+    // The same copy while the load runs: what the link gives anyone beside it.
+    let busy_limit = |to_device: bool| -> Result<f64, String> {
+        let mut t = Vec::new();
+        for _ in 0..=a.iters {
+            compute.launch()?;
+            // SAFETY: as above.
+            t.push(unsafe { timed_large_copy(p, d, total, to_device) }?);
+            compute.elapsed_ms()?;
+        }
+        t.remove(0);
+        Ok(total as f64 / median(t) / 1e9)
+    };
+    let busy_limits = [busy_limit(true)?, busy_limit(false)?];
     if !a.json {
         println!(
-            "beside a compute load on every SM ({:.0} ms alone, {LAUNCHES} launches of {} blocks x {THREADS}, {WAVES} waves each): {} MiB per transfer, median of {}",
+            "beside a compute load on every SM ({:.0} ms alone, {LAUNCHES} launches of {} blocks x {THREADS}, {} per SM, {WAVES} waves each): {} MiB per transfer, median of {}",
             compute.alone()?,
             compute.blocks,
+            compute.per_sm,
             a.total_mib,
             a.iters
         );
@@ -254,6 +319,7 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
                 }
                 let (alone, with, gbps) = (median(alone), median(with), median(gbps));
                 let limit = limits[usize::from(!to_device)];
+                let busy_limit = busy_limits[usize::from(!to_device)];
                 let (ratio, slowdown) = (gbps / limit, with / alone - 1.0);
                 if a.json {
                     println!(
@@ -262,9 +328,10 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
                             "name": "busy", "direction": dir, "mode": mode_name,
                             "fragment_bytes": fragment, "bytes": total, "iters": a.iters,
                             "transfer_gbps": gbps, "limit_gbps": limit,
+                            "busy_limit_gbps": busy_limit,
                             "transfer_ratio": ratio, "compute_alone_ms": alone,
                             "compute_with_transfer_ms": with, "compute_slowdown": slowdown,
-                            "sms": sms,
+                            "sms": sms, "load_warps_per_sm": compute.per_sm * THREADS / 32,
                         })
                     );
                 } else {

@@ -98,8 +98,17 @@ pub fn shuffled_ids(blocks: u64, seed: u64) -> (Vec<u64>, Vec<u64>) {
 /// A context without NIXL and its CUDA device, bound on this thread; `what` names the bench
 /// in the error on a machine without a GPU.
 pub fn gpu_context(what: &str) -> Result<(Context, std::sync::Arc<CudaDevice>), String> {
+    gpu_context_with(what, 0)
+}
+
+/// As `gpu_context`, with the copy kernel's SM budget `max_sms` (0 = auto).
+pub fn gpu_context_with(
+    what: &str,
+    max_sms: u32,
+) -> Result<(Context, std::sync::Arc<CudaDevice>), String> {
     let ctx = Context::new(ContextConfig {
         nixl_backends: Backends::empty(),
+        max_sms,
         ..Default::default()
     })
     .map_err(err)?;

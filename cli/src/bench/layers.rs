@@ -13,11 +13,12 @@ use cudarc::driver::sys;
 use kvxfer::baseline::{compile_ptx, sm_count};
 use kvxfer::{LayoutConfig, LayoutKind, StorageKind, StorageSpec, TransferOptions};
 
-use super::common::{ck, err, gpu_context, legend, median, shuffled_ids};
+use super::common::{ck, err, gpu_context_with, legend, median, shuffled_ids};
 
 pub struct LayersArgs {
     pub json: bool,
     pub iters: usize,
+    pub max_sms: u32,
 }
 
 /// Reads its layer (every byte, 16 at a time) and then works `iters` FMA rounds: an engine's
@@ -136,7 +137,7 @@ impl Engine {
 }
 
 pub fn layerwise(a: &LayersArgs) -> Result<(), String> {
-    let (ctx, dev) = gpu_context("bench --gpu --layerwise")?;
+    let (ctx, dev) = gpu_context_with("bench --gpu --layerwise", a.max_sms)?;
     let mut engine = Engine::new(&dev)?;
     let c = kv_shape(RELOAD_BLOCKS, LAYERS);
     let layer_bytes = c.validate().map_err(err)?.allocation_len;
@@ -238,7 +239,7 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 pub fn latency(a: &LayersArgs) -> Result<(), String> {
-    let (ctx, _dev) = gpu_context("bench --gpu --latency")?;
+    let (ctx, _dev) = gpu_context_with("bench --gpu --latency", a.max_sms)?;
     let rounds = (a.iters * 400).max(200);
     let mut stream = std::ptr::null_mut();
     // SAFETY: the bench's context is current; the out pointer is a local.

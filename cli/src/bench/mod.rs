@@ -93,6 +93,10 @@ pub struct Args {
     /// of one 4 KiB block host -> device, percentiles over 400 x --iters rounds (default 5).
     #[arg(long, requires = "gpu", conflicts_with_all = ["pageable", "busy", "layerwise"])]
     latency: bool,
+    /// With --busy, --layerwise, --latency: the context's max_sms (the copy kernel's SM
+    /// budget; 0 = auto).
+    #[arg(long, requires = "gpu", default_value_t = 0)]
+    max_sms: u32,
     /// Host and --gpu benches: also draw GB/s against fragment size, one line per mechanism
     /// with the limit, into this PNG file.
     #[arg(long, conflicts_with_all = ["nixl", "gpu_disk", "gpu_rdma"])]
@@ -109,12 +113,14 @@ pub fn run(a: &Args) -> Result<(), String> {
             total_mib: a.total_mib.unwrap_or(256),
             iters: a.iters.unwrap_or(5),
             fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
+            max_sms: a.max_sms,
         });
     }
     if a.gpu && (a.layerwise || a.latency) {
         let args = layers::LayersArgs {
             json: a.json,
             iters: a.iters.unwrap_or(5),
+            max_sms: a.max_sms,
         };
         return if a.layerwise {
             layers::layerwise(&args)

@@ -1,11 +1,17 @@
 //! The copy kernel's SM budget. Between host and device the link, not the SMs, sets the speed:
 //! by Little's law the kernel needs only as many blocks as keep `link bandwidth × latency`
-//! bytes in flight, and every further block takes an SM from the engine running beside it
-//! (with one full wave, an engine's kernels ran ~10% slower). So the budget is measured once
-//! per process and device: the link (one large copy each way) and what one block moves alone
-//! (its bytes in flight over the latency); host <-> device gets `MARGIN × link / one block`
-//! blocks. Device <-> device is bound by memory bandwidth and takes one full wave unless
-//! `max_sms` caps it; `max_sms` caps every direction.
+//! bytes in flight, and every further block takes issue slots and memory pipes from the engine
+//! running beside it (with one full wave, an engine's kernels ran ~10% slower). So the budget
+//! is measured once per process and device: the link (one large copy each way) and what 1, 2,
+//! 3, 4, 6, ... blocks of the kernel move (each block's bytes in flight over the latency, until
+//! the link caps it); host <-> device gets twice the fewest blocks that reach 0.95 of the best
+//! (on an H200: 6 and 2 blocks of 256 threads, so 12 and 4). Twice, because a block that
+//! shares its SM with an engine's warps moved a half (H2D) to a quarter (D2H, 4 KiB pieces) of
+//! what it moves alone (docs/BENCHMARKS.md, "Beside a busy engine"). Blocks are not given SMs
+//! of their own: an engine kernel sized to one wave (a persistent GEMM, a per-layer kernel of
+//! one block per SM) would then run a second wave for the blocks kvxfer displaced. Device <->
+//! device is bound by memory bandwidth and takes one full wave. A `max_sms` the runtime sets
+//! is what every direction takes.
 
 use std::sync::Mutex;
 
@@ -16,25 +22,39 @@ use crate::cuda::{CudaDevice, Direction, check};
 use crate::error::Result;
 use crate::plan::CopyOp;
 
-/// Blocks beyond the estimate: the link's latency varies, and blocks beside an engine's get
-/// fewer issue slots than alone.
-const MARGIN: f64 = 1.5;
-/// Bytes each measurement moves: long enough that launch costs vanish (~0.15 ms on the link).
-const PROBE: usize = 8 << 20;
-/// Copies of the probe: the kernel's piece size.
-const PROBE_PIECE: u64 = 64 << 10;
+/// Bytes each measurement moves: long enough that launch costs fade (~0.3 ms on the link).
+const PROBE: usize = 16 << 20;
+/// Pieces of the probe: a KV region of 16 tokens of one layer's heads.
+const PROBE_PIECE: u64 = 16 << 10;
+/// Block counts tried, in order.
+const TRIED: [u32; 10] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32];
+/// Enough blocks reach this share of the best rate measured.
+const REACH: f64 = 0.95;
 
 /// Blocks per direction; `u32::MAX` is one full wave.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Budget {
     ctas: [u32; 3],
+    /// `max_sms`, or `u32::MAX` without one.
+    cap: u32,
 }
 
-/// What was measured on one device: GB/s of the link and of one block, to and from it.
+/// Bytes a warp has in flight with one small piece.
+const WARP_BYTES: u64 = 4096;
+/// A transfer the budget's blocks carry in at most this many rounds of one small piece per
+/// warp is short.
+const SHORT_ROUNDS: u64 = 16;
+/// A short transfer may take this many times the budget.
+const SHORT_BOOST: u32 = 4;
+
+/// What was measured on one device, to and from it: GB/s of the link, and the fewest blocks
+/// that reach it with what they moved.
 #[derive(Debug, Clone, Copy)]
 struct Link {
     link_gbps: [f64; 2],
-    block_gbps: [f64; 2],
+    blocks: [u32; 2],
+    blocks_gbps: [f64; 2],
+    one_block_gbps: [f64; 2],
 }
 
 /// Measured once per process and device ordinal (every context of the device shares it).
@@ -45,6 +65,7 @@ impl Budget {
     pub(crate) fn full() -> Self {
         Self {
             ctas: [u32::MAX; 3],
+            cap: u32::MAX,
         }
     }
 
@@ -55,7 +76,9 @@ impl Budget {
         } else {
             max_sms.min(dev.sm_count)
         };
-        let link = {
+        let link = if max_sms != 0 {
+            None
+        } else {
             let mut links = LINKS.lock().unwrap_or_else(|p| p.into_inner());
             match links.iter().find(|(o, _)| *o == dev.ordinal) {
                 Some((_, l)) => *l,
@@ -76,23 +99,31 @@ impl Budget {
             }
         };
         let host = |i: usize| -> u32 {
+            // Without a measurement (or with a budget the runtime set): the cap.
             let Some(l) = link else { return cap };
-            let need = (MARGIN * l.link_gbps[i] / l.block_gbps[i].max(0.1)).ceil();
-            (need as u32).clamp(1, dev.sm_count).min(cap)
+            // Twice: blocks that share their SMs with an engine's warps move less.
+            let n = 2 * l.blocks[i];
+            n.clamp(1, dev.sm_count).min(cap)
         };
         let this = Self {
             ctas: [host(0), host(1), cap],
+            cap,
         };
         if let Some(l) = link {
             tracing::debug!(
-                "CUDA device {}: host->device {:.1} GB/s, one block {:.1} GB/s: {} blocks; \
-                 device->host {:.1} GB/s, one block {:.1} GB/s: {} blocks; device<->device {}",
+                "CUDA device {}: host->device link {:.1} GB/s, one block {:.1}, {} blocks {:.1}: \
+                 {} blocks; device->host link {:.1} GB/s, one block {:.1}, {} blocks {:.1}: {} \
+                 blocks; device<->device {}",
                 dev.ordinal,
                 l.link_gbps[0],
-                l.block_gbps[0],
+                l.one_block_gbps[0],
+                l.blocks[0],
+                l.blocks_gbps[0],
                 this.ctas[0],
                 l.link_gbps[1],
-                l.block_gbps[1],
+                l.one_block_gbps[1],
+                l.blocks[1],
+                l.blocks_gbps[1],
                 this.ctas[1],
                 if cap == u32::MAX {
                     "one full wave".to_string()
@@ -107,6 +138,25 @@ impl Budget {
     /// Blocks a launch in `d` may take.
     pub(crate) fn ctas(&self, d: Direction) -> u32 {
         self.ctas[d as usize]
+    }
+
+    /// Blocks for a launch of `bytes` in `d`. A short host <-> device transfer (a layer, a few
+    /// blocks) is bound by latency, not by the link: it may take up to SHORT_BOOST times the
+    /// budget, so that all of it is in flight at once, since it holds those SMs for
+    /// microseconds only.
+    pub(crate) fn launch(&self, d: Direction, bytes: u64, warps_per_block: u32) -> u32 {
+        let base = self.ctas(d);
+        if d == Direction::DeviceToDevice || base == u32::MAX {
+            return base;
+        }
+        let block_bytes = WARP_BYTES * u64::from(warps_per_block.max(1));
+        if bytes > u64::from(base) * block_bytes * SHORT_ROUNDS {
+            return base;
+        }
+        let all_at_once = u32::try_from(bytes.div_ceil(block_bytes)).unwrap_or(u32::MAX);
+        all_at_once
+            .clamp(base, base.saturating_mul(SHORT_BOOST))
+            .min(self.cap)
     }
 }
 
@@ -193,7 +243,9 @@ fn measure(dev: &CudaDevice, kernel: &Kernel) -> Result<Link> {
     let (host, device) = (p.host as u64, p.device);
     let mut link = Link {
         link_gbps: [0.0; 2],
-        block_gbps: [0.0; 2],
+        blocks: [1; 2],
+        blocks_gbps: [0.0; 2],
+        one_block_gbps: [0.0; 2],
     };
     for (i, d) in [Direction::HostToDevice, Direction::DeviceToHost]
         .into_iter()
@@ -201,7 +253,8 @@ fn measure(dev: &CudaDevice, kernel: &Kernel) -> Result<Link> {
     {
         let stream = dev.stream(d);
         let to_device = d == Direction::HostToDevice;
-        let ms = p.time(stream, 3, || {
+        // The first copies also bring the GPU's clocks up: the best of five.
+        let ms = p.time(stream, 5, || {
             // SAFETY: both buffers hold PROBE bytes; the host one is pinned.
             let r = unsafe {
                 if to_device {
@@ -225,18 +278,33 @@ fn measure(dev: &CudaDevice, kernel: &Kernel) -> Result<Link> {
                 len: PROBE_PIECE,
             })
             .collect();
-        let mut tables = Vec::new();
-        let timed = p.time(stream, 2, || {
-            // SAFETY: every copy lies in the two probe buffers, which outlive the stream's
-            // work (synchronized by `time` before they are freed).
-            let (t, _) = unsafe { kernel.enqueue_list(dev, stream, &copies, 1) }?;
-            tables.push(t);
-            Ok(())
-        });
-        for t in tables {
-            dev.recycle_table(t);
+        let mut curve = Vec::new();
+        for n in TRIED.into_iter().filter(|&n| n <= dev.sm_count) {
+            let mut tables = Vec::new();
+            let timed = p.time(stream, 3, || {
+                // SAFETY: every copy lies in the two probe buffers, which outlive the stream's
+                // work (synchronized by `time` before they are freed).
+                let (t, _) = unsafe { kernel.enqueue_list(dev, stream, &copies, n) }?;
+                tables.push(t);
+                Ok(())
+            });
+            for t in tables {
+                dev.recycle_table(t);
+            }
+            curve.push((n, PROBE as f64 / timed? / 1e6));
         }
-        link.block_gbps[i] = PROBE as f64 / timed? / 1e6;
+        // The kernel's own best (a little below the copy engines' link at these pieces).
+        let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
+        tracing::trace!(device = dev.ordinal, direction = ?d, ?curve, "blocks -> GB/s");
+        let (n, gbps) = curve
+            .iter()
+            .copied()
+            .find(|c| c.1 >= REACH * best)
+            .or_else(|| curve.last().copied())
+            .unwrap_or((1, 0.0));
+        link.blocks[i] = n;
+        link.blocks_gbps[i] = gbps;
+        link.one_block_gbps[i] = curve.first().map_or(0.0, |c| c.1);
     }
     Ok(link)
 }

@@ -47,8 +47,10 @@ struct Desc {
   u64 system_fence;       // 1: the destination is host memory (fence at system scope)
 };
 
-// Table sizes, in u64 words, that fit the two inline kernels' parameters (4096 and 32760 bytes
-// with the descriptor); kernel.rs mirrors these.
+// Table sizes, in u64 words, that fit the three inline kernels' parameters (1024, 4096 and
+// 32760 bytes with the descriptor); kernel.rs mirrors these. The driver copies the whole
+// parameter at each launch, so a small table takes the smallest.
+#define KVX_INLINE_TINY 107
 #define KVX_INLINE_SMALL 491
 #define KVX_INLINE_LARGE 4074
 
@@ -87,45 +89,83 @@ __device__ __forceinline__ void copy_piece(const char* src, char* dst, u64 len, 
   }
 }
 
+// An item's position: (piece, outer, pair, layer in range), piece fastest.
+struct Pos {
+  u64 piece, o, p, l;
+};
+
+__device__ __forceinline__ Pos split(const Desc& d, u64 i) {
+  Pos x;
+  x.piece = i % d.pieces_per_region;
+  i /= d.pieces_per_region;
+  x.o = i % d.outer;
+  i /= d.outer;
+  x.p = i % d.pairs;
+  x.l = i / d.pairs;
+  return x;
+}
+
+// Publishes `n` pieces of layer `lr` this warp copied: fenced first (at system scope when the
+// destination is host memory), so that whoever sees the count sees the bytes.
+__device__ __forceinline__ void count(const Desc& d, u64 lr, unsigned n, unsigned lane) {
+  if (d.system_fence) {
+    __threadfence_system();
+  } else {
+    __threadfence();
+  }
+  __syncwarp();
+  if (lane == 0) atomicAdd((unsigned*)d.signals + lr, n);
+}
+
 // Items run layer by layer (layer outermost), so that with a grid-stride loop the layers finish
-// in order. With signals, each warp adds one to its layer's counter once its piece is in place
-// (fenced first), and the host's stream waits for each counter to reach the layer's item count:
-// per-layer completion from one launch.
+// in order. A warp takes 32 of its items at a time: each lane works out one item's addresses,
+// then the warp copies the 32 pieces one after the other, taking each one's addresses from its
+// lane. Address arithmetic (divisions, table reads, the layout formulas) is then one pass per
+// 32 pieces instead of one per piece: beside an engine whose warps take most issue slots, it
+// was what limited the copy of small pieces. With signals, a warp adds the pieces of a layer to
+// the layer's counter once they are in place, when it moves on to another layer (one fence per
+// layer, not per piece: a fence per 4 KiB piece cost a fifth of device-to-device speed), and
+// the host's stream waits for each counter to reach the layer's item count: per-layer
+// completion from one launch.
 __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
   const unsigned lane = threadIdx.x & 31u;
   const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const u64 warps = ((u64)gridDim.x * blockDim.x) >> 5;
-  for (u64 i = warp; i < d.items; i += warps) {
-    u64 r = i;
-    const u64 piece = r % d.pieces_per_region;
-    r /= d.pieces_per_region;
-    const u64 o = r % d.outer;
-    r /= d.outer;
-    const u64 p = r % d.pairs;
-    const u64 lr = r / d.pairs;
-    const u64 l = d.layer_begin + lr;
-    const u64 sb = block_id(d, t, 2 * p);
-    const u64 db = block_id(d, t, 2 * p + 1);
-    const u64 off = piece * d.piece;
-    const u64 len = min(d.piece, d.region - off);
-    const u64 src = address(d.src, t, d.outer, d.region, sb, l, o) + off;
-    const u64 dst = address(d.dst, t, d.outer, d.region, db, l, o) + off;
-    copy_piece((const char*)src, (char*)dst, len, lane);
-    if (d.signals) {
-      if (d.system_fence) {
-        __threadfence_system();
-      } else {
-        __threadfence();
+  unsigned pending = 0;
+  u64 counting = 0;
+  for (u64 base = warp; base < d.items; base += 32 * warps) {
+    const u64 mine = base + lane * warps;
+    u64 src = 0, dst = 0, len = 0, lr = 0;
+    if (mine < d.items) {
+      const Pos x = split(d, mine);
+      const u64 l = d.layer_begin + x.l;
+      const u64 sb = block_id(d, t, 2 * x.p);
+      const u64 db = block_id(d, t, 2 * x.p + 1);
+      const u64 off = x.piece * d.piece;
+      len = min(d.piece, d.region - off);
+      src = address(d.src, t, d.outer, d.region, sb, l, x.o) + off;
+      dst = address(d.dst, t, d.outer, d.region, db, l, x.o) + off;
+      lr = x.l;
+    }
+    const u64 left = (d.items - base + warps - 1) / warps;
+    const unsigned n = left < 32 ? (unsigned)left : 32u;
+    for (unsigned k = 0; k < n; ++k) {
+      const u64 s = __shfl_sync(0xffffffffu, src, k);
+      const u64 t2 = __shfl_sync(0xffffffffu, dst, k);
+      const u64 m = __shfl_sync(0xffffffffu, len, k);
+      if (d.signals) {
+        const u64 lk = __shfl_sync(0xffffffffu, lr, k);
+        if (pending && lk != counting) {
+          count(d, counting, pending, lane);
+          pending = 0;
+        }
+        counting = lk;
+        ++pending;
       }
-      __syncwarp();
-      if (lane == 0) atomicAdd((unsigned*)d.signals + lr, 1u);
+      copy_piece((const char*)s, (char*)t2, m, lane);
     }
   }
-}
-
-// Table in device memory.
-extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks(const Desc d) {
-  copy_items(d, (const u64*)d.table);
+  if (d.signals && pending) count(d, counting, pending, lane);
 }
 
 template <int WORDS>
@@ -134,17 +174,27 @@ struct Inline {
   u64 table[WORDS];
 };
 
-// Table inside the parameter: __grid_constant__ lets the warps read it in place (constant
-// cache) instead of each thread copying the parameter to local memory.
-extern "C" __global__ void __launch_bounds__(256)
-    kvx_copy_blocks_p4k(const __grid_constant__ Inline<KVX_INLINE_SMALL> p) {
-  copy_items(p.d, p.table);
-}
+// The entry points: the table in device memory (kvx_copy_blocks), or inside the parameter
+// (_p1k, _p4k, _p32k): __grid_constant__ lets the warps read it in place (constant cache)
+// instead of each thread copying the parameter to local memory.
+#define KVX_BLOCK_ENTRIES(SUFFIX, THREADS)                                                    \
+  extern "C" __global__ void __launch_bounds__(THREADS) kvx_copy_blocks##SUFFIX(const Desc d) { \
+    copy_items(d, (const u64*)d.table);                                                      \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                      \
+      kvx_copy_blocks_p1k##SUFFIX(const __grid_constant__ Inline<KVX_INLINE_TINY> p) {        \
+    copy_items(p.d, p.table);                                                                \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                      \
+      kvx_copy_blocks_p4k##SUFFIX(const __grid_constant__ Inline<KVX_INLINE_SMALL> p) {       \
+    copy_items(p.d, p.table);                                                                \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                      \
+      kvx_copy_blocks_p32k##SUFFIX(const __grid_constant__ Inline<KVX_INLINE_LARGE> p) {      \
+    copy_items(p.d, p.table);                                                                \
+  }
 
-extern "C" __global__ void __launch_bounds__(256)
-    kvx_copy_blocks_p32k(const __grid_constant__ Inline<KVX_INLINE_LARGE> p) {
-  copy_items(p.d, p.table);
-}
+KVX_BLOCK_ENTRIES(, 256)
 
 // A list of (source address, destination address, length) copies, three words each, in device
 // memory: the two-hop path's hop between device memory and a pinned bounce buffer, whose pieces
@@ -156,7 +206,7 @@ struct List {
   u64 n;
 };
 
-extern "C" __global__ void __launch_bounds__(256) kvx_copy_list(const List l) {
+__device__ __forceinline__ void copy_list(const List& l) {
   const u64* ops = (const u64*)l.ops;
   const unsigned lane = threadIdx.x & 31u;
   const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -165,3 +215,5 @@ extern "C" __global__ void __launch_bounds__(256) kvx_copy_list(const List l) {
     copy_piece((const char*)ops[3 * i], (char*)ops[3 * i + 1], ops[3 * i + 2], lane);
   }
 }
+
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_list(const List l) { copy_list(l); }

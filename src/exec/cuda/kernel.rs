@@ -19,6 +19,8 @@ const SOURCE: &str = include_str!("copy_blocks.cu");
 const THREADS: u32 = 256;
 /// Bytes one warp copies per item: regions larger than this are shared between warps.
 const PIECE: u64 = 64 << 10;
+/// Short transfers cut regions down to this, so that every warp has a piece.
+const MIN_PIECE: u64 = 4 << 10;
 
 /// One side of the descriptor; mirrors `struct Side` in copy_blocks.cu.
 #[repr(C)]
@@ -52,10 +54,12 @@ struct Desc {
 }
 
 const DESC_WORDS: usize = std::mem::size_of::<Desc>() / 8;
-/// Table words the inline kernels carry: `KVX_INLINE_SMALL` / `KVX_INLINE_LARGE` in
-/// copy_blocks.cu, so that descriptor and table make 4096 and 32760 bytes.
+/// Table words the inline kernels carry: `KVX_INLINE_TINY` / `_SMALL` / `_LARGE` in
+/// copy_blocks.cu, so that descriptor and table make 1024, 4096 and 32760 bytes.
+const INLINE_TINY: usize = 107;
 const INLINE_SMALL: usize = 491;
 const INLINE_LARGE: usize = 4074;
+const _: () = assert!((DESC_WORDS + INLINE_TINY) * 8 == 1024);
 const _: () = assert!((DESC_WORDS + INLINE_SMALL) * 8 == 4096);
 const _: () = assert!((DESC_WORDS + INLINE_LARGE) * 8 <= 32764);
 
@@ -65,6 +69,8 @@ pub(crate) struct Kernel {
     _module: Module,
     /// Table in device memory.
     table: Entry,
+    /// Table inside a 1 KB parameter (a launch copies less).
+    tiny: Option<Entry>,
     /// Table inside a 4 KB parameter.
     small: Entry,
     /// Table inside a 32 KB parameter (CUDA 12.1 drivers and later).
@@ -90,11 +96,11 @@ pub(crate) struct Job<'a> {
 }
 
 impl Job<'_> {
-    /// Items (warp-sized pieces) of one layer: its counter's target increment.
-    pub(crate) fn items_per_layer(&self) -> u64 {
+    /// The most items (warp-sized pieces) one layer can have, at the smallest piece size.
+    pub(crate) fn max_items_per_layer(&self) -> u64 {
         self.src_blocks.len() as u64
             * self.src.config().outer_dim
-            * self.src.region_len().div_ceil(PIECE)
+            * self.src.region_len().div_ceil(MIN_PIECE)
     }
 }
 
@@ -104,6 +110,8 @@ pub(crate) struct Launched {
     pub table: Option<TableBuffer>,
     /// Blocks launched.
     pub ctas: u32,
+    /// Items of each layer: what its counter counts up by.
+    pub items_per_layer: u64,
 }
 
 fn side(l: &Layout, bases: usize) -> Side {
@@ -172,6 +180,7 @@ impl Kernel {
             .map_err(|e| Error::Unavailable(format!("the copy kernel: {e}")))?;
         let mut this = Self {
             table: module.entry(c"kvx_copy_blocks", THREADS)?,
+            tiny: module.entry(c"kvx_copy_blocks_p1k", THREADS).ok(),
             small: module.entry(c"kvx_copy_blocks_p4k", THREADS)?,
             large: module.entry(c"kvx_copy_blocks_p32k", THREADS).ok(),
             list: module.entry(c"kvx_copy_list", THREADS).ok(),
@@ -185,6 +194,24 @@ impl Kernel {
     /// Blocks a launch in `direction` may take (one per SM while SMs have room).
     pub(crate) fn ctas(&self, direction: Direction) -> u32 {
         self.budget.ctas(direction)
+    }
+
+    /// Blocks and the piece size (bytes a warp copies per item) for `bytes` in `direction`:
+    /// pieces as large as PIECE, but small enough (down to MIN_PIECE) that every warp of the
+    /// launch has one, so that a short transfer is in flight at once.
+    fn shape(&self, entry: Entry, direction: Direction, bytes: u64) -> (u32, u64) {
+        let ctas = self
+            .budget
+            .launch(direction, bytes, THREADS / 32)
+            .clamp(1, entry.max_blocks);
+        let warps = u64::from(ctas) * u64::from(THREADS / 32);
+        let per_warp = (bytes / warps).max(1);
+        let piece = if per_warp >= PIECE {
+            PIECE
+        } else {
+            (1u64 << per_warp.ilog2()).max(MIN_PIECE)
+        };
+        (ctas, piece)
     }
 
     /// The SMs a launch of `ctas` blocks runs on, as stats report it.
@@ -276,7 +303,20 @@ impl Kernel {
         let region = src.region_len();
         let outer = src.config().outer_dim;
         let layers = job.layers.end - job.layers.start;
-        let pieces_per_region = region.div_ceil(PIECE);
+        let bytes = pairs as u64 * layers * outer * region;
+        let inline = if let (true, Some(tiny)) = (words <= INLINE_TINY, self.tiny) {
+            Some((tiny, INLINE_TINY))
+        } else if words <= INLINE_SMALL {
+            Some((self.small, INLINE_SMALL))
+        } else if words <= INLINE_LARGE {
+            self.large.map(|e| (e, INLINE_LARGE))
+        } else {
+            None
+        };
+        let entry = inline.map_or(self.table, |(e, _)| e);
+        let (ctas, piece) = self.shape(entry, job.direction, bytes);
+        let pieces_per_region = region.div_ceil(piece);
+        let items_per_layer = pairs as u64 * outer * pieces_per_region;
         let mut desc = Desc {
             src: side(src, 0),
             dst: side(dst, src_regions.len()),
@@ -284,7 +324,7 @@ impl Kernel {
             outer,
             layer_begin: job.layers.start,
             layers,
-            piece: PIECE,
+            piece,
             pieces_per_region,
             pairs: pairs as u64,
             pair_ids: n_bases as u64,
@@ -294,13 +334,6 @@ impl Kernel {
             signals: job.signals.map_or(0, |(a, _)| a),
             system_fence: u64::from(job.signals.is_some_and(|(_, host)| host)),
         };
-        let inline = if words <= INLINE_SMALL {
-            Some((self.small, INLINE_SMALL))
-        } else if words <= INLINE_LARGE {
-            self.large.map(|e| (e, INLINE_LARGE))
-        } else {
-            None
-        };
         if let Some((entry, capacity)) = inline {
             let mut param = vec![0u64; DESC_WORDS + capacity];
             let (head, table) = param.split_at_mut(DESC_WORDS);
@@ -308,16 +341,13 @@ impl Kernel {
             write_table(table, &bases, job.src_blocks, job.dst_blocks, width);
             // SAFETY: `param` holds the whole Inline<capacity> parameter the entry takes; the
             // driver copies it during the call.
-            let ctas = unsafe {
-                launch(
-                    entry,
-                    stream,
-                    param.as_mut_ptr().cast(),
-                    desc.items,
-                    self.ctas(job.direction),
-                )
-            }?;
-            return Ok(Launched { table: None, ctas });
+            let ctas =
+                unsafe { launch(entry, stream, param.as_mut_ptr().cast(), desc.items, ctas) }?;
+            return Ok(Launched {
+                table: None,
+                ctas,
+                items_per_layer,
+            });
         }
         let table = dev.table(words)?;
         desc.table = table.device;
@@ -341,7 +371,7 @@ impl Kernel {
                     stream,
                     (&mut desc as *mut Desc).cast(),
                     desc.items,
-                    self.ctas(job.direction),
+                    ctas,
                 )
             }
         };
@@ -349,6 +379,7 @@ impl Kernel {
             Ok(ctas) => Ok(Launched {
                 table: Some(table),
                 ctas,
+                items_per_layer,
             }),
             Err(e) => {
                 dev.abandon(stream, Some(table));

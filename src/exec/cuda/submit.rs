@@ -24,6 +24,7 @@ pub(crate) fn submit(
     strategy: Strategy,
     options: &TransferOptions,
 ) -> Result<Transfer> {
+    let started = std::time::Instant::now();
     let dev = &cuda.primary;
     let direction = match strategy {
         Strategy::CudaAsyncH2D => Direction::HostToDevice,
@@ -92,6 +93,7 @@ pub(crate) fn submit(
         options.copy_mode,
         reachable(src_mem) && reachable(dst_mem),
     )?;
+    let chosen = started.elapsed();
     dev.bind()?;
     let stream = dev.stream(direction);
     // The gate's event stays out of the pool until the transfer completes: a pooled event
@@ -131,6 +133,7 @@ pub(crate) fn submit(
             (None, copies, 0)
         }
     };
+    let queued = started.elapsed();
     let (event, table) = match dev.record_or_abandon(stream, table) {
         Ok(r) => r,
         Err(e) => {
@@ -145,6 +148,7 @@ pub(crate) fn submit(
             return Err(e);
         }
     };
+    let recorded = started.elapsed();
     let completion = Completion::new(1);
     let bytes = fragments * region;
     let route = Route {
@@ -166,6 +170,14 @@ pub(crate) fn submit(
             memory: vec![src_mem.clone(), dst_mem.clone()],
             gate,
         },
+    );
+    // Where a submit's time goes (KVX_LOG=kvxfer=trace; `bench --gpu --latency` sums it up).
+    tracing::trace!(
+        choose_ns = chosen.as_nanos() as u64,
+        queue_ns = (queued - chosen).as_nanos() as u64,
+        record_ns = (recorded - queued).as_nanos() as u64,
+        total_ns = started.elapsed().as_nanos() as u64,
+        "cuda submit"
     );
     let stats = TransferStats {
         bytes,
@@ -198,12 +210,11 @@ unsafe fn enqueue_kernel(
 ) -> Result<(Launched, Option<Signals>)> {
     let layers = (job.layers.end - job.layers.start) as usize;
     // Counts far below u32's half, so that the cyclic comparison of the wait holds.
-    let per_layer = u32::try_from(job.items_per_layer())
-        .ok()
-        .filter(|n| *n < 1 << 30);
-    let mut signals = match per_layer {
-        Some(_) if layers > 1 => Some(dev.signals(layers)?),
-        _ => None,
+    let countable = job.max_items_per_layer() < 1 << 30;
+    let mut signals = if layers > 1 && countable {
+        Some(dev.signals(layers)?)
+    } else {
+        None
     };
     job.signals = signals
         .as_ref()
@@ -220,17 +231,19 @@ unsafe fn enqueue_kernel(
             return Err(e);
         }
     };
-    if let (Some(s), Some(per_layer)) = (&mut signals, per_layer)
-        && let Err(e) = signal_layers(dev, job.direction, s, layers, per_layer, events)
-    {
-        abandon_layers(dev, &[stream, dev.signal_stream(job.direction)], events);
-        if let Some(s) = signals {
-            dev.recycle_signals(s, false);
+    if let Some(s) = &mut signals {
+        // Below 2^30 (checked above at the smallest piece).
+        let per_layer = launched.items_per_layer as u32;
+        if let Err(e) = signal_layers(dev, job.direction, s, layers, per_layer, events) {
+            abandon_layers(dev, &[stream, dev.signal_stream(job.direction)], events);
+            if let Some(s) = signals {
+                dev.recycle_signals(s, false);
+            }
+            if let Some(t) = launched.table {
+                dev.recycle_table(t);
+            }
+            return Err(e);
         }
-        if let Some(t) = launched.table {
-            dev.recycle_table(t);
-        }
-        return Err(e);
     }
     Ok((launched, signals))
 }
