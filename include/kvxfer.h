@@ -80,6 +80,16 @@
 #define KVX_LAYOUT_KIND_LAYER_SEPARATE_OUTER_FIRST 2
 
 /**
+ * A region is [page][head][dim]: token-major (0.2).
+ */
+#define KVX_HEAD_ORDER_NHD 0
+
+/**
+ * A region is [head][page][dim]: head-major (0.2).
+ */
+#define KVX_HEAD_ORDER_HND 1
+
+/**
  * Log level: errors only.
  */
 #define KVX_LOG_LEVEL_ERROR 1
@@ -456,6 +466,24 @@ typedef struct kvx_layout_config {
    * KVX_LAYOUT_KIND_*.
    */
   int32_t kind;
+  /**
+   * Heads this layout holds (0.2); inner_dim = num_heads * head_dim. 0 (the default): the
+   * region is opaque, as in 0.1. When both layouts of a transfer set it, the transfer copies,
+   * for every block pair, layer and outer, the heads both hold (a tensor-parallel slice: a
+   * decode rank assembled from prefill ranks' transfers, or split the other way), each side
+   * in its own head_order; equal page_size, head_dim, dtype_width_bytes and outer_dim are
+   * required, and at least one common head (else INVALID_ARGUMENT, nothing written).
+   */
+  uint32_t num_heads;
+  /**
+   * Index of the layout's first head among the layer's heads (its tensor-parallel slice).
+   */
+  uint32_t head_begin;
+  /**
+   * KVX_HEAD_ORDER_NHD (0): a region is [page][head][dim]; KVX_HEAD_ORDER_HND (1):
+   * [head][page][dim].
+   */
+  int32_t head_order;
 } kvx_layout_config;
 
 /**
@@ -575,6 +603,8 @@ typedef struct kvx_transfer_stats {
    */
   uint16_t sms;
 } kvx_transfer_stats;
+
+
 
 
 

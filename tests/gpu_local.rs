@@ -451,6 +451,7 @@ fn wide_block_ids_reach_the_kernel_whole() {
             dtype_width: 1,
             alignment: 1,
             kind: LayoutKind::FullyContiguous,
+            heads: Default::default(),
         };
         let big = layout(&ctx, c, StorageKind::Device);
         let sb = [hi + 3, 5, hi + 60, 7, hi + 1, 13, hi + 40, 17];

@@ -28,6 +28,7 @@ fn config(kind: LayoutKind, blocks: u64, layers: u64) -> LayoutConfig {
         dtype_width: 2,
         alignment: 256,
         kind,
+        heads: Default::default(),
     }
 }
 
@@ -303,6 +304,7 @@ fn large_transfer_is_split_and_coalesced() {
         dtype_width: 2,
         alignment: 1,
         kind: LayoutKind::FullyContiguous,
+        heads: Default::default(),
     }; // 32 KiB regions, 256 KiB blocks, 16 MiB in all
     let sys = StorageSpec::new(StorageKind::System);
     let src = ctx.new_layout(cfg, &sys).unwrap();

@@ -105,6 +105,7 @@ fn export_and_import_between_two_contexts() {
         dtype_width: 2,
         alignment: 256,
         kind: LayoutKind::LayerSeparateBlockFirst,
+        heads: Default::default(),
     };
     let fc = LayoutConfig {
         kind: LayoutKind::FullyContiguous,
@@ -180,6 +181,7 @@ fn malformed_imports_are_refused() {
         dtype_width: 2,
         alignment: 1,
         kind: LayoutKind::FullyContiguous,
+        heads: Default::default(),
     };
     let l = a
         .new_layout(c, &StorageSpec::new(StorageKind::System))
@@ -212,6 +214,7 @@ fn disk_config(kind: LayoutKind) -> LayoutConfig {
         dtype_width: 2,
         alignment: 1,
         kind,
+        heads: Default::default(),
     }
 }
 
@@ -463,6 +466,7 @@ fn gpu_rdma_setup_splits_long_lists_over_ucx_threads() {
         dtype_width: 2,
         alignment: 1,
         kind: LayoutKind::LayerSeparateBlockFirst,
+        heads: Default::default(),
     };
     let all: Vec<u64> = (0..2048).collect();
     let a_pool = a
@@ -689,6 +693,7 @@ fn host_disk_disk_host_with_reversed_ids() {
         dtype_width: 2,
         alignment: 1,
         kind: LayoutKind::LayerSeparateBlockFirst,
+        heads: Default::default(),
     };
     let all: Vec<u64> = (0..64).collect();
     let rev: Vec<u64> = (0..64).rev().collect();
@@ -780,6 +785,7 @@ fn a_full_disk_is_an_io_error() {
             dtype_width: 2,
             alignment: 1,
             kind: LayoutKind::FullyContiguous,
+            heads: Default::default(),
         }; // 16 blocks of 256 KiB: 4 MiB on a 1 MiB file system
         let all: Vec<u64> = (0..16).collect();
         let host = ctx
@@ -829,6 +835,7 @@ fn big_config() -> LayoutConfig {
         dtype_width: 2,
         alignment: 1,
         kind: LayoutKind::FullyContiguous,
+        heads: Default::default(),
     } // 1 GiB
 }
 
@@ -929,6 +936,7 @@ fn o_direct_where_the_file_system_allows() {
         dtype_width: 2,
         alignment: 4096,
         kind: LayoutKind::LayerSeparateOuterFirst,
+        heads: Default::default(),
     }; // 4 KiB regions: every copy is O_DIRECT-aligned
     let disk = ctx
         .new_layout(c, &StorageSpec::new(StorageKind::Disk))

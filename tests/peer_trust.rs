@@ -40,6 +40,7 @@ fn config(blocks: u64) -> LayoutConfig {
         dtype_width: 2,
         alignment: 1,
         kind: LayoutKind::LayerSeparateBlockFirst,
+        heads: Default::default(),
     }
 }
 
@@ -270,6 +271,7 @@ fn stale_config() -> LayoutConfig {
         dtype_width: 2,
         alignment: 1,
         kind: LayoutKind::FullyContiguous,
+        heads: Default::default(),
     }
 }
 

@@ -26,6 +26,7 @@ fn shape(blocks: u64, kind: LayoutKind) -> LayoutConfig {
         dtype_width: 2,
         alignment: 256,
         kind,
+        heads: Default::default(),
     }
 }
 

@@ -51,6 +51,7 @@ fn importer() -> &'static Importer {
                         dtype_width: 2,
                         alignment: 1,
                         kind: kvxfer::LayoutKind::LayerSeparateBlockFirst,
+                        heads: Default::default(),
                     },
                     &kvxfer::StorageSpec::new(kvxfer::StorageKind::System),
                 )

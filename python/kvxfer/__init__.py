@@ -59,6 +59,7 @@ OK, PENDING, TIMEOUT = 0, 1, -10
 
 STORAGE = {"system": 0, "pinned": 1, "device": 2, "disk": 3}
 LAYOUT = {"fully_contiguous": 0, "layer_separate_block_first": 1, "layer_separate_outer_first": 2}
+HEAD_ORDER = {"nhd": 0, "hnd": 1}
 COPY_MODE = {"auto": 0, "copy_engine": 1, "kernel": 2}
 BACKEND = {"ucx": 1, "posix": 2, "gds": 4, "gds_mt": 8}
 MECHANISM = {0: "memcpy", 1: "copy_engine", 2: "kernel", 3: "nixl"}
@@ -89,6 +90,9 @@ class _LayoutConfig(Structure):
         ("dtype_width_bytes", c_uint32),
         ("alignment", c_uint32),
         ("kind", c_int32),
+        ("num_heads", c_uint32),
+        ("head_begin", c_uint32),
+        ("head_order", c_int32),
     ]
 
 
@@ -386,19 +390,27 @@ class Context(_Handle):
         super().__init__(p.value)
 
     @staticmethod
-    def _layout_config(num_blocks, num_layers, page_size, inner_dim, outer_dim, dtype_width, alignment, kind):
+    def _layout_config(num_blocks, num_layers, page_size, inner_dim, outer_dim, dtype_width, alignment, kind,
+                       heads):
         c = _LayoutConfig()
         _layout_config_init(byref(c))
         c.num_blocks, c.num_layers, c.outer_dim = num_blocks, num_layers, outer_dim
         c.page_size, c.inner_dim = page_size, inner_dim
         c.dtype_width_bytes, c.alignment = dtype_width, alignment
         c.kind = _enum(LAYOUT, kind, "layout kind")
+        num_heads, head_begin, head_order = heads
+        c.num_heads, c.head_begin = num_heads, head_begin
+        c.head_order = _enum(HEAD_ORDER, head_order, "head order")
         return c
 
     def new_layout(self, *, num_blocks, num_layers, page_size, inner_dim, outer_dim=2, dtype_width=2,
-                   alignment=1, kind="fully_contiguous", storage="system", device_id=0, path=None):
-        """A layout over memory kvxfer allocates (and frees with it)."""
-        c = self._layout_config(num_blocks, num_layers, page_size, inner_dim, outer_dim, dtype_width, alignment, kind)
+                   alignment=1, kind="fully_contiguous", storage="system", device_id=0, path=None,
+                   num_heads=0, head_begin=0, head_order="nhd"):
+        """A layout over memory kvxfer allocates (and frees with it). num_heads > 0 describes
+        the heads its regions hold (head_begin.., in head_order "nhd" or "hnd") for head
+        transforms between differently sharded engines."""
+        c = self._layout_config(num_blocks, num_layers, page_size, inner_dim, outer_dim, dtype_width, alignment, kind,
+                                (num_heads, head_begin, head_order))
         p_path = None if path is None else str(path).encode()
         s = _Storage(_enum(STORAGE, storage, "storage kind"), device_id, p_path)
         p = c_void_p()
@@ -406,11 +418,13 @@ class Context(_Handle):
         return Layout(p.value, keep=(self,))
 
     def wrap_layout(self, regions, *, num_blocks, num_layers, page_size, inner_dim, outer_dim=2, dtype_width=2,
-                    alignment=1, kind="fully_contiguous", storage="system", device_id=0):
+                    alignment=1, kind="fully_contiguous", storage="system", device_id=0,
+                    num_heads=0, head_begin=0, head_order="nhd"):
         """A layout over memory you own: one region for fully contiguous layouts, one per layer
         otherwise; each a tensor, an array or (address, size). The objects are kept alive as
         long as the layout."""
-        c = self._layout_config(num_blocks, num_layers, page_size, inner_dim, outer_dim, dtype_width, alignment, kind)
+        c = self._layout_config(num_blocks, num_layers, page_size, inner_dim, outer_dim, dtype_width, alignment, kind,
+                                (num_heads, head_begin, head_order))
         mem = [_memory_of(r) for r in regions]
         arr = (_Memory * len(mem))(*[_Memory(a, n) for a, n in mem])
         s = _Storage(_enum(STORAGE, storage, "storage kind"), device_id, None)

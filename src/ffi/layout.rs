@@ -10,7 +10,7 @@ use super::context::kvx_context;
 use super::status::KVX_STATUS_OK;
 use crate::context::Context;
 use crate::error::Error;
-use crate::layout::{Layout, LayoutConfig, LayoutKind};
+use crate::layout::{HeadOrder, Heads, Layout, LayoutConfig, LayoutKind};
 use crate::memory::{Region, StorageKind};
 use crate::options::StorageSpec;
 
@@ -29,6 +29,11 @@ pub const KVX_LAYOUT_KIND_FULLY_CONTIGUOUS: i32 = 0;
 pub const KVX_LAYOUT_KIND_LAYER_SEPARATE_BLOCK_FIRST: i32 = 1;
 /// One allocation per layer, laid out [outer][block][region].
 pub const KVX_LAYOUT_KIND_LAYER_SEPARATE_OUTER_FIRST: i32 = 2;
+
+/// A region is [page][head][dim]: token-major (0.2).
+pub const KVX_HEAD_ORDER_NHD: i32 = 0;
+/// A region is [head][page][dim]: head-major (0.2).
+pub const KVX_HEAD_ORDER_HND: i32 = 1;
 
 /// Where a layout's memory lives.
 /// DEVICE: device_id is the CUDA ordinal. DISK: path NULL = a new unlinked file in the context's
@@ -62,6 +67,18 @@ pub struct kvx_layout_config {
     pub alignment: u32,
     /// KVX_LAYOUT_KIND_*.
     pub kind: i32,
+    /// Heads this layout holds (0.2); inner_dim = num_heads * head_dim. 0 (the default): the
+    /// region is opaque, as in 0.1. When both layouts of a transfer set it, the transfer copies,
+    /// for every block pair, layer and outer, the heads both hold (a tensor-parallel slice: a
+    /// decode rank assembled from prefill ranks' transfers, or split the other way), each side
+    /// in its own head_order; equal page_size, head_dim, dtype_width_bytes and outer_dim are
+    /// required, and at least one common head (else INVALID_ARGUMENT, nothing written).
+    pub num_heads: u32,
+    /// Index of the layout's first head among the layer's heads (its tensor-parallel slice).
+    pub head_begin: u32,
+    /// KVX_HEAD_ORDER_NHD (0): a region is [page][head][dim]; KVX_HEAD_ORDER_HND (1):
+    /// [head][page][dim].
+    pub head_order: i32,
 }
 
 /// A span of memory: a host or device address, or a file offset for DISK.
@@ -101,6 +118,9 @@ pub unsafe extern "C" fn kvx_layout_config_init(config: *mut kvx_layout_config) 
             dtype_width_bytes: 2,
             alignment: 1,
             kind: KVX_LAYOUT_KIND_FULLY_CONTIGUOUS,
+            num_heads: 0,
+            head_begin: 0,
+            head_order: KVX_HEAD_ORDER_NHD,
         };
         // SAFETY: non-NULL checked; the caller passes a writable struct.
         unsafe { write_out(config, c) }
@@ -117,6 +137,11 @@ fn layout_config(c: &kvx_layout_config) -> Result<LayoutConfig, i32> {
         dtype_width: c.dtype_width_bytes,
         alignment: c.alignment,
         kind: LayoutKind::try_from(c.kind).map_err(fail)?,
+        heads: Heads {
+            num_heads: c.num_heads,
+            head_begin: c.head_begin,
+            order: HeadOrder::try_from(c.head_order).map_err(fail)?,
+        },
     })
 }
 

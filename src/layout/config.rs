@@ -1,5 +1,6 @@
 //! Layout configuration, its validation and the address arithmetic of DESIGN.md.
 
+use super::heads::Heads;
 use crate::error::{Error, Result, bail};
 
 /// How blocks, layers and the K/V dimension are arranged in memory.
@@ -62,6 +63,9 @@ pub struct LayoutConfig {
     /// Power of two; pads the block stride and is required of every region's start.
     pub alignment: u32,
     pub kind: LayoutKind,
+    /// The heads a region holds and their order (0.2); `Heads::OPAQUE` (the default): the
+    /// region is opaque, and transfers need equal regions.
+    pub heads: Heads,
 }
 
 /// The validated sizes derived from a [`LayoutConfig`]; all products are overflow-checked.
@@ -124,6 +128,7 @@ impl LayoutConfig {
                 self.dtype_width
             );
         }
+        self.heads.validate(self.inner_dim)?;
         if !self.alignment.is_power_of_two() {
             bail!(
                 InvalidArgument,
@@ -227,6 +232,7 @@ mod tests {
             dtype_width: 2,
             alignment: 1,
             kind,
+            heads: Default::default(),
         }
     }
 

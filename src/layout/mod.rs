@@ -1,8 +1,10 @@
 //! Layouts: how a pool of KV blocks is laid out over its memory, with every index checked.
 
 mod config;
+pub(crate) mod heads;
 
 pub use config::{Geometry, LayoutConfig, LayoutKind};
+pub use heads::{HeadOrder, Heads};
 
 use std::sync::{Arc, OnceLock};
 
@@ -180,6 +182,16 @@ impl Layout {
     /// Bytes of one (block, layer, outer) piece.
     pub fn region_len(&self) -> u64 {
         self.geometry.region
+    }
+
+    /// The heads of this layout's regions as one side of a transform; `None` when opaque.
+    pub(crate) fn head_side(&self) -> Option<heads::Side> {
+        let c = &self.config;
+        (!c.heads.is_opaque()).then(|| heads::Side {
+            heads: c.heads,
+            page_size: c.page_size,
+            head_bytes: c.inner_dim / u64::from(c.heads.num_heads) * u64::from(c.dtype_width),
+        })
     }
 
     /// The memory of (block, layer, outer), after checking every index.

@@ -319,6 +319,7 @@ impl<'a> Reader<'a> {
             dtype_width,
             alignment,
             kind,
+            heads: Default::default(),
         };
         let geometry = config.validate()?;
         let n = self.u32()?;
@@ -382,6 +383,7 @@ mod tests {
             dtype_width: 2,
             alignment: 256,
             kind: LayoutKind::LayerSeparateOuterFirst,
+            heads: Default::default(),
         };
         let len = c.validate().unwrap().allocation_len;
         PeerBlob {

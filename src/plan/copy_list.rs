@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use crate::error::{Result, bail};
+use crate::layout::heads::{self, Piece};
 use crate::layout::{Layout, LayoutKind};
 
 /// Most (block, layer, outer) pieces one transfer may have (16k blocks × 64 layers × K/V is
@@ -114,13 +115,21 @@ impl Request<'_> {
                 d.outer_dim
             );
         }
-        if self.src.region_len() != self.dst.region_len() {
-            bail!(
+        match (self.src.head_side(), self.dst.head_side()) {
+            (Some(a), Some(b)) => heads::check(&a, &b, s.dtype_width, d.dtype_width)?,
+            _ if self.src.region_len() != self.dst.region_len() => bail!(
                 InvalidArgument,
-                "layouts differ in region size ({} vs {} bytes per block, layer and outer)",
+                "layouts differ in region size ({} vs {} bytes per block, layer and outer){}",
                 self.src.region_len(),
-                self.dst.region_len()
-            );
+                self.dst.region_len(),
+                if s.heads.is_opaque() != d.heads.is_opaque() {
+                    "; only one of them describes its heads (num_heads), so no head transform \
+                     applies"
+                } else {
+                    ""
+                }
+            ),
+            _ => {}
         }
         if self.layers.start >= self.layers.end || self.layers.end > s.num_layers.min(d.num_layers)
         {
@@ -187,20 +196,52 @@ impl Request<'_> {
         Ok(())
     }
 
+    /// The copies inside one region pair of a head transform (both layouts describe their
+    /// heads), or `None` when regions move whole.
+    pub(crate) fn transform(&self) -> Option<Vec<Piece>> {
+        let (a, b) = (self.src.head_side()?, self.dst.head_side()?);
+        Some(heads::pieces(&a, &b))
+    }
+
     /// The copy list of a validated request, walked in the order that keeps the destination
-    /// contiguous so that neighbours coalesce.
+    /// contiguous so that neighbours coalesce; with a head transform, each region pair is cut
+    /// into its pieces.
     pub fn build(&self) -> CopyList {
         let region = self.src.region_len();
         let n = self.fragments();
+        let pieces = self.transform();
+        let per_fragment = pieces.as_ref().map_or(1, |p| p.len() as u64).max(1);
+        let moved = pieces
+            .as_ref()
+            .map_or(region, |p| p.iter().map(|p| p.len).sum());
         let mut list = CopyList {
             // One allocation instead of ~17 doublings, each copying the list so far (a fifth of
             // the build's time at 64k fragments). Coalescing can only shorten the list.
-            copies: Vec::with_capacity(usize::try_from(n).unwrap_or(usize::MAX).min(1 << 20)),
+            copies: Vec::with_capacity(
+                usize::try_from(n.saturating_mul(per_fragment))
+                    .unwrap_or(usize::MAX)
+                    .min(1 << 20),
+            ),
             fragments: n,
-            bytes: n * region,
+            bytes: n * moved,
         };
-        self.walk(|src, dst| coalesce(&mut list.copies, src, dst, region));
+        match &pieces {
+            None => self.walk(|src, dst| coalesce(&mut list.copies, src, dst, region)),
+            Some(pieces) => self.walk(|src, dst| {
+                for p in pieces {
+                    coalesce(&mut list.copies, src + p.src, dst + p.dst, p.len);
+                }
+            }),
+        }
         list
+    }
+
+    /// Bytes the request moves: whole regions, or a transform's pieces.
+    pub fn bytes(&self) -> u64 {
+        let per = self
+            .transform()
+            .map_or(self.src.region_len(), |p| p.iter().map(|p| p.len).sum());
+        self.fragments() * per
     }
 
     /// (block, layer, outer) pieces of the request in the request's layer range.
@@ -331,6 +372,7 @@ mod tests {
             dtype_width: 2,
             alignment: 1,
             kind,
+            heads: Default::default(),
         }
     }
 
@@ -534,6 +576,7 @@ mod tests {
             dtype_width: 1,
             alignment: 1,
             kind: LayoutKind::FullyContiguous,
+            heads: Default::default(),
         };
         let len = c.validate().unwrap().allocation_len;
         let mem = |addr| Memory::caller_owned(StorageKind::System, 0, vec![Region { addr, len }]);

@@ -39,6 +39,7 @@ pub fn cfg(
         dtype_width: width,
         alignment: 1,
         kind,
+        heads: Default::default(),
     }
 }
 

@@ -25,6 +25,7 @@ pub fn fragment_shape(blocks: u64, fragment: u64, alignment: u32) -> LayoutConfi
         dtype_width: 2,
         alignment,
         kind: LayoutKind::FullyContiguous,
+        heads: Default::default(),
     }
 }
 
@@ -50,6 +51,7 @@ pub fn shape(kind: LayoutKind, blocks: u64, fragment: u64) -> LayoutConfig {
         dtype_width: 2,
         alignment: 256,
         kind,
+        heads: Default::default(),
     }
 }
 

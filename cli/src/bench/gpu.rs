@@ -528,6 +528,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
         dtype_width: 2,
         alignment: 256,
         kind: LayoutKind::FullyContiguous,
+        heads: Default::default(),
     };
     let lim_host = ctx
         .new_layout(big, &StorageSpec::new(StorageKind::Pinned))

@@ -43,6 +43,7 @@ fn one_block(bytes: u64) -> LayoutConfig {
         dtype_width: 1,
         alignment: 4096,
         kind: LayoutKind::FullyContiguous,
+        heads: Default::default(),
     }
 }
 

@@ -52,6 +52,7 @@ fn kv_shape(blocks: u64, layers: u64) -> LayoutConfig {
         dtype_width: 2,
         alignment: 4096,
         kind: LayoutKind::LayerSeparateBlockFirst,
+        heads: Default::default(),
     }
 }
 

@@ -79,10 +79,12 @@ pub(crate) fn submit(
         && dc.kind == LayoutKind::FullyContiguous
         && layers == sc.num_layers
         && layers == dc.num_layers;
-    let unit = if whole_blocks {
-        region * layers * sc.outer_dim
-    } else {
-        region
+    // A head transform cuts each region into its pieces (a head of a token, or runs of them).
+    let transform = request.transform();
+    let unit = match &transform {
+        Some(p) => p.iter().map(|p| p.len).sum::<u64>() / (p.len() as u64).max(1),
+        None if whole_blocks => region * layers * sc.outer_dim,
+        None => region,
     };
     let kernel = cuda.kernel(dev);
     let choice = copy::choose(
@@ -105,6 +107,20 @@ pub(crate) fn submit(
     let mut layer_events = Vec::new();
     let mut signals = None;
     let (table, copies, sms) = match (choice.mechanism, &kernel) {
+        (Mechanism::Kernel, Ok(kernel)) if transform.is_some() => {
+            // The pieces follow no layout formula: the kernel's list entry copies them, one
+            // warp per piece; layers complete with the transfer.
+            if !kernel.has_list() {
+                return Err(Error::Unavailable(
+                    "the copy kernel has no list entry for a head transform".into(),
+                ));
+            }
+            let list = request.build();
+            // SAFETY: as below; every copy lies in the validated regions of both layouts.
+            let (table, ctas) =
+                unsafe { kernel.enqueue_list(dev, stream, &list.copies, kernel.ctas(direction)) }?;
+            (Some(table), list.copies.len() as u64, kernel.sms(dev, ctas))
+        }
         (Mechanism::Kernel, Ok(kernel)) => {
             let job = Job {
                 src: request.src,
@@ -150,7 +166,7 @@ pub(crate) fn submit(
     };
     let recorded = started.elapsed();
     let completion = Completion::new(1);
-    let bytes = fragments * region;
+    let bytes = request.bytes();
     let route = Route {
         direction,
         kernel: choice.mechanism == Mechanism::Kernel,

@@ -458,6 +458,7 @@ mod tests {
             dtype_width: 2,
             alignment: 1,
             kind: LayoutKind::FullyContiguous,
+            heads: Default::default(),
         };
         let ls = LayoutConfig {
             kind: LayoutKind::LayerSeparateBlockFirst,
