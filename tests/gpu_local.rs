@@ -625,3 +625,140 @@ fn the_kernel_takes_the_sms_its_budget_allows() {
         }
     }
 }
+
+/// A layout of 16 blocks, 3 layers, 16 tokens, heads of 128 bf16, holding `n` heads from
+/// `begin` in `order`.
+fn heads_layout(
+    ctx: &kvxfer::Context,
+    kind: LayoutKind,
+    (n, begin, order): (u32, u32, kvxfer::HeadOrder),
+    storage: StorageKind,
+) -> kvxfer::Layout {
+    let c = LayoutConfig {
+        num_blocks: 16,
+        num_layers: 3,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: u64::from(n) * 128,
+        dtype_width: 2,
+        alignment: 256,
+        kind,
+        heads: kvxfer::Heads {
+            num_heads: n,
+            head_begin: begin,
+            order,
+        },
+    };
+    layout(ctx, c, storage)
+}
+
+/// Head `h` of token `t` in (b, layer, o) of a pinned layout, by the layout's formula.
+fn head_bytes(l: &kvxfer::Layout, b: u64, layer: u64, o: u64, t: u64, h: u32) -> Vec<u8> {
+    let c = l.config();
+    let (n, i) = (
+        u64::from(c.heads.num_heads),
+        u64::from(h - c.heads.head_begin),
+    );
+    let off = match c.heads.order {
+        kvxfer::HeadOrder::TokenMajor => (t * n + i) * 256,
+        kvxfer::HeadOrder::HeadMajor => (i * 16 + t) * 256,
+    };
+    let r = l.region(b, layer, o).unwrap();
+    // SAFETY: a region of a live pinned layout; `off + 256` lies inside it.
+    unsafe { std::slice::from_raw_parts((r.addr + off) as *const u8, 256) }.to_vec()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn head_transforms_on_every_gpu_direction_and_copy_mode() {
+    use kvxfer::HeadOrder::{HeadMajor, TokenMajor};
+    let ctx = ctx();
+    let all: Vec<u64> = (0..16).collect();
+    let rev: Vec<u64> = (0..16).rev().collect();
+    for mode in [CopyMode::Auto, CopyMode::Kernel, CopyMode::CopyEngine] {
+        let opts = TransferOptions {
+            copy_mode: mode,
+            ..Default::default()
+        };
+        // TP 1 (pinned, NHD) -> TP 2 rank 1 (device, HND, heads 4..8), ids reversed.
+        let full = heads_layout(
+            &ctx,
+            LayoutKind::FullyContiguous,
+            (8, 0, TokenMajor),
+            StorageKind::Pinned,
+        );
+        ctx.fill(&full, &all, 21).unwrap();
+        let rank = heads_layout(
+            &ctx,
+            LayoutKind::LayerSeparateBlockFirst,
+            (4, 4, HeadMajor),
+            StorageKind::Device,
+        );
+        ctx.submit(&full, &all, &rank, &rev, &opts)
+            .unwrap()
+            .wait(None)
+            .unwrap();
+        // D2D: TP 2 rank 1 -> TP 4 rank 2 (heads 4..6, NHD), layers 1..3.
+        let quarter = heads_layout(
+            &ctx,
+            LayoutKind::LayerSeparateOuterFirst,
+            (2, 4, TokenMajor),
+            StorageKind::Device,
+        );
+        let opts_layers = TransferOptions {
+            layer_begin: 1,
+            layer_end: 3,
+            ..opts.clone()
+        };
+        ctx.submit(&rank, &rev, &quarter, &all, &opts_layers)
+            .unwrap()
+            .wait(None)
+            .unwrap();
+        // D2H: both back to pinned layouts of the same heads and order (regions whole).
+        let rank_back = heads_layout(
+            &ctx,
+            LayoutKind::FullyContiguous,
+            (4, 4, HeadMajor),
+            StorageKind::Pinned,
+        );
+        let quarter_back = heads_layout(
+            &ctx,
+            LayoutKind::FullyContiguous,
+            (2, 4, TokenMajor),
+            StorageKind::Pinned,
+        );
+        ctx.fill(&quarter_back, &all, 3).unwrap();
+        ctx.submit(&rank, &all, &rank_back, &all, &opts)
+            .unwrap()
+            .wait(None)
+            .unwrap();
+        let s = ctx
+            .submit(&quarter, &all, &quarter_back, &all, &opts_layers)
+            .unwrap();
+        s.wait(None).unwrap();
+        for b in 0..16u64 {
+            for l in 0..3 {
+                for o in 0..2 {
+                    for t in 0..16 {
+                        for h in 4..8 {
+                            assert_eq!(
+                                head_bytes(&rank_back, 15 - b, l, o, t, h),
+                                head_bytes(&full, b, l, o, t, h),
+                                "{mode:?} H2D block {b} layer {l} outer {o} token {t} head {h}"
+                            );
+                        }
+                        if l >= 1 {
+                            for h in 4..6 {
+                                assert_eq!(
+                                    head_bytes(&quarter_back, b, l, o, t, h),
+                                    head_bytes(&full, b, l, o, t, h),
+                                    "{mode:?} D2D block {b} layer {l} outer {o} token {t} head {h}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Host ↔ host copies: the copy list is cut into equal byte shares, one per worker.
 
+use crate::layout::heads::Piece;
 use crate::plan::CopyOp;
 
 /// Below this a transfer is not worth splitting across threads.
@@ -67,6 +68,34 @@ pub unsafe fn copy_all(copies: &[CopyOp], streaming: bool) {
     if streaming {
         // Non-temporal stores are weakly ordered: make them visible before completion is
         // published to other threads.
+        stream::fence();
+    }
+}
+
+/// Copies every piece of `pieces` (offsets) from each region pair of `pairs`: a head
+/// transform's share, without materialising one copy per piece; with `streaming`, through
+/// non-temporal stores.
+///
+/// # Safety
+/// As `copy_all`, for every `(src + p.src, dst + p.dst, p.len)`.
+pub unsafe fn copy_pieces(pairs: &[(u64, u64)], pieces: &[Piece], streaming: bool) {
+    for &(s, d) in pairs {
+        for p in pieces {
+            let (src, dst, len) = (
+                (s + p.src) as *const u8,
+                (d + p.dst) as *mut u8,
+                p.len as usize,
+            );
+            if streaming {
+                // SAFETY: guaranteed by this function's contract.
+                unsafe { stream::copy(src, dst, len) };
+            } else {
+                // SAFETY: guaranteed by this function's contract.
+                unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+            }
+        }
+    }
+    if streaming {
         stream::fence();
     }
 }

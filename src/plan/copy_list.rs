@@ -236,6 +236,14 @@ impl Request<'_> {
         list
     }
 
+    /// The (source, destination) start of every region pair, in walk order, not merged: a
+    /// head transform's executors apply its pieces to each.
+    pub(crate) fn region_pairs(&self) -> Vec<(u64, u64)> {
+        let mut v = Vec::with_capacity(usize::try_from(self.fragments()).unwrap_or(0).min(1 << 24));
+        self.walk(|s, d| v.push((s, d)));
+        v
+    }
+
     /// Bytes the request moves: whole regions, or a transform's pieces.
     pub fn bytes(&self) -> u64 {
         let per = self

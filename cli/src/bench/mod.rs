@@ -14,6 +14,7 @@ mod layers;
 mod nixl;
 mod pageable;
 mod plot;
+mod transform;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -93,6 +94,11 @@ pub struct Args {
     /// of one 4 KiB block host -> device, percentiles over 400 x --iters rounds (default 5).
     #[arg(long, requires = "gpu", conflicts_with_all = ["pageable", "busy", "layerwise"])]
     latency: bool,
+    /// Head transforms (TP 4 <-> 2 with NHD <-> HND) against the same bytes untransformed; with
+    /// --gpu in each direction (H2D, D2H, D2D), else on host memory; --total-mib defaults to
+    /// 256, --iters to 5.
+    #[arg(long, conflicts_with_all = ["pageable", "busy", "layerwise", "latency", "nixl"])]
+    transform: bool,
     /// With --busy, --layerwise, --latency: the context's max_sms (the copy kernel's SM
     /// budget; 0 = auto).
     #[arg(long, requires = "gpu", default_value_t = 0)]
@@ -114,6 +120,14 @@ pub fn run(a: &Args) -> Result<(), String> {
             iters: a.iters.unwrap_or(5),
             fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
             max_sms: a.max_sms,
+        });
+    }
+    if a.transform {
+        return transform::run(&transform::TransformArgs {
+            json: a.json,
+            total_mib: a.total_mib.unwrap_or(256),
+            iters: a.iters.unwrap_or(5),
+            gpu: a.gpu,
         });
     }
     if a.gpu && (a.layerwise || a.latency) {

@@ -26,7 +26,8 @@ struct Side {
   u64 kind;
   u64 num_blocks;
   u64 block_stride;
-  u64 bases;  // word index in the table of the bases: one for FC, one per layer for LS
+  u64 region;  // bytes of one (block, layer, outer) piece of this side
+  u64 bases;   // word index in the table of the bases: one for FC, one per layer for LS
 };
 
 struct Desc {
@@ -45,21 +46,23 @@ struct Desc {
   u64 table;              // device address of the table (kvx_copy_blocks only)
   u64 signals;            // device address of one u32 counter per layer in range, or 0
   u64 system_fence;       // 1: the destination is host memory (fence at system scope)
+  u64 pieces;             // head transform: word index in the table of pieces_per_region
+                          // (source offset, destination offset, length) triples; 0: none
 };
 
 // Table sizes, in u64 words, that fit the three inline kernels' parameters (1024, 4096 and
 // 32760 bytes with the descriptor); kernel.rs mirrors these. The driver copies the whole
 // parameter at each launch, so a small table takes the smallest.
-#define KVX_INLINE_TINY 107
-#define KVX_INLINE_SMALL 491
-#define KVX_INLINE_LARGE 4074
+#define KVX_INLINE_TINY 104
+#define KVX_INLINE_SMALL 488
+#define KVX_INLINE_LARGE 4071
 
-__device__ __forceinline__ u64 address(const Side& s, const u64* t, u64 outer, u64 region, u64 b,
-                                       u64 l, u64 o) {
+__device__ __forceinline__ u64 address(const Side& s, const u64* t, u64 outer, u64 b, u64 l,
+                                       u64 o) {
   const u64* bases = t + s.bases;
-  if (s.kind == KVX_FC) return bases[0] + b * s.block_stride + (l * outer + o) * region;
-  if (s.kind == KVX_LS_BLOCK_FIRST) return bases[l] + b * s.block_stride + o * region;
-  return bases[l] + o * s.num_blocks * region + b * region;
+  if (s.kind == KVX_FC) return bases[0] + b * s.block_stride + (l * outer + o) * s.region;
+  if (s.kind == KVX_LS_BLOCK_FIRST) return bases[l] + b * s.block_stride + o * s.region;
+  return bases[l] + o * s.num_blocks * s.region + b * s.region;
 }
 
 __device__ __forceinline__ u64 block_id(const Desc& d, const u64* t, u64 i) {
@@ -117,6 +120,43 @@ __device__ __forceinline__ void count(const Desc& d, u64 lr, unsigned n, unsigne
   if (lane == 0) atomicAdd((unsigned*)d.signals + lr, n);
 }
 
+// Pieces under 4 KiB (a head of a token: 256 B to 2 KiB) one warp at a time would leave lanes
+// idle and one load per lane in flight (copy_piece unrolls only from 4 KiB on): 1 KiB head
+// slices moved at 0.6 of a plain copy. When the batch's n pieces (one per lane's src/dst/len)
+// are all one power-of-two number of 16-byte chunks, aligned, the warp copies their chunks as
+// one flat range instead: lanes take consecutive chunks (so each piece's chunks stay coalesced),
+// eight loads in flight per lane. Returns whether it did.
+__device__ __forceinline__ bool copy_small(u64 src, u64 dst, u64 len, unsigned n, unsigned lane) {
+  const u64 m = __shfl_sync(0xffffffffu, len, 0);
+  const bool fits = lane >= n || (len == m && ((src | dst) & 15u) == 0);
+  const u64 per = m >> 4;
+  if (!__all_sync(0xffffffffu, fits) || (m & 15u) != 0 || m >= 4096 || per == 0 ||
+      (per & (per - 1)) != 0) {
+    return false;
+  }
+  const unsigned shift = __ffsll((long long)per) - 1;
+  const unsigned total = n << shift;
+  for (unsigned q0 = 0; q0 < total; q0 += 256) {
+    uint4 v[8];
+    u64 to[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const unsigned q = q0 + 32u * u + lane;
+      const unsigned item = (q >> shift) & 31u;
+      const u64 s = __shfl_sync(0xffffffffu, src, item);
+      const u64 dd = __shfl_sync(0xffffffffu, dst, item);
+      const u64 c = (u64)(q & (unsigned)(per - 1)) << 4;
+      if (q < total) v[u] = *(const uint4*)(s + c);
+      to[u] = dd + c;
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (q0 + 32u * u + lane < total) *(uint4*)to[u] = v[u];
+    }
+  }
+  return true;
+}
+
 // Items run layer by layer (layer outermost), so that with a grid-stride loop the layers finish
 // in order. A warp takes 32 of its items at a time: each lane works out one item's addresses,
 // then the warp copies the 32 pieces one after the other, taking each one's addresses from its
@@ -141,14 +181,36 @@ __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
       const u64 l = d.layer_begin + x.l;
       const u64 sb = block_id(d, t, 2 * x.p);
       const u64 db = block_id(d, t, 2 * x.p + 1);
-      const u64 off = x.piece * d.piece;
-      len = min(d.piece, d.region - off);
-      src = address(d.src, t, d.outer, d.region, sb, l, x.o) + off;
-      dst = address(d.dst, t, d.outer, d.region, db, l, x.o) + off;
+      u64 src_off, dst_off;
+      if (d.pieces) {
+        const u64* pc = t + d.pieces + 3 * x.piece;
+        src_off = pc[0];
+        dst_off = pc[1];
+        len = pc[2];
+      } else {
+        src_off = dst_off = x.piece * d.piece;
+        len = min(d.piece, d.region - src_off);
+      }
+      src = address(d.src, t, d.outer, sb, l, x.o) + src_off;
+      dst = address(d.dst, t, d.outer, db, l, x.o) + dst_off;
       lr = x.l;
     }
     const u64 left = (d.items - base + warps - 1) / warps;
     const unsigned n = left < 32 ? (unsigned)left : 32u;
+    if (copy_small(src, dst, len, n, lane)) {
+      if (d.signals) {
+        for (unsigned k = 0; k < n; ++k) {
+          const u64 lk = __shfl_sync(0xffffffffu, lr, k);
+          if (pending && lk != counting) {
+            count(d, counting, pending, lane);
+            pending = 0;
+          }
+          counting = lk;
+          ++pending;
+        }
+      }
+      continue;
+    }
     for (unsigned k = 0; k < n; ++k) {
       const u64 s = __shfl_sync(0xffffffffu, src, k);
       const u64 t2 = __shfl_sync(0xffffffffu, dst, k);

@@ -12,6 +12,7 @@ use cudarc::driver::sys::{self, CUstream};
 use super::budget::Budget;
 use crate::cuda::{CudaDevice, Direction, Entry, Module, TableBuffer, check};
 use crate::error::{Error, Result};
+use crate::layout::heads::Piece;
 use crate::layout::{Layout, LayoutKind};
 use crate::plan::CopyOp;
 
@@ -29,6 +30,7 @@ struct Side {
     kind: u64,
     num_blocks: u64,
     block_stride: u64,
+    region: u64,
     bases: u64,
 }
 
@@ -51,14 +53,15 @@ struct Desc {
     table: u64,
     signals: u64,
     system_fence: u64,
+    pieces: u64,
 }
 
 const DESC_WORDS: usize = std::mem::size_of::<Desc>() / 8;
 /// Table words the inline kernels carry: `KVX_INLINE_TINY` / `_SMALL` / `_LARGE` in
 /// copy_blocks.cu, so that descriptor and table make 1024, 4096 and 32760 bytes.
-const INLINE_TINY: usize = 107;
-const INLINE_SMALL: usize = 491;
-const INLINE_LARGE: usize = 4074;
+const INLINE_TINY: usize = 104;
+const INLINE_SMALL: usize = 488;
+const INLINE_LARGE: usize = 4071;
 const _: () = assert!((DESC_WORDS + INLINE_TINY) * 8 == 1024);
 const _: () = assert!((DESC_WORDS + INLINE_SMALL) * 8 == 4096);
 const _: () = assert!((DESC_WORDS + INLINE_LARGE) * 8 <= 32764);
@@ -93,14 +96,19 @@ pub(crate) struct Job<'a> {
     /// Per-layer counters the kernel counts up (device address; one u32 per layer in range)
     /// and whether the destination is host memory.
     pub signals: Option<(u64, bool)>,
+    /// A head transform's pieces of one region pair (`Request::transform`), each at most
+    /// PIECE bytes; `None`: regions move whole.
+    pub pieces: Option<&'a [Piece]>,
 }
 
 impl Job<'_> {
     /// The most items (warp-sized pieces) one layer can have, at the smallest piece size.
     pub(crate) fn max_items_per_layer(&self) -> u64 {
-        self.src_blocks.len() as u64
-            * self.src.config().outer_dim
-            * self.src.region_len().div_ceil(MIN_PIECE)
+        let per_region = match self.pieces {
+            Some(p) => p.len() as u64,
+            None => self.src.region_len().div_ceil(MIN_PIECE),
+        };
+        self.src_blocks.len() as u64 * self.src.config().outer_dim * per_region
     }
 }
 
@@ -123,6 +131,7 @@ fn side(l: &Layout, bases: usize) -> Side {
         },
         num_blocks: l.config().num_blocks,
         block_stride: l.geometry().block_stride,
+        region: l.region_len(),
         bases: bases as u64,
     }
 }
@@ -299,11 +308,14 @@ impl Kernel {
             .collect();
         let pairs = job.src_blocks.len();
         let width = id_bytes(src, dst);
-        let words = n_bases + (2 * pairs * width).div_ceil(8);
+        let id_words = (2 * pairs * width).div_ceil(8);
+        let piece_words = job.pieces.map_or(0, |p| 3 * p.len());
+        let words = n_bases + id_words + piece_words;
         let region = src.region_len();
         let outer = src.config().outer_dim;
         let layers = job.layers.end - job.layers.start;
-        let bytes = pairs as u64 * layers * outer * region;
+        let moved = job.pieces.map_or(region, |p| p.iter().map(|p| p.len).sum());
+        let bytes = pairs as u64 * layers * outer * moved;
         let inline = if let (true, Some(tiny)) = (words <= INLINE_TINY, self.tiny) {
             Some((tiny, INLINE_TINY))
         } else if words <= INLINE_SMALL {
@@ -315,7 +327,10 @@ impl Kernel {
         };
         let entry = inline.map_or(self.table, |(e, _)| e);
         let (ctas, piece) = self.shape(entry, job.direction, bytes);
-        let pieces_per_region = region.div_ceil(piece);
+        let pieces_per_region = match job.pieces {
+            Some(p) => p.len() as u64,
+            None => region.div_ceil(piece),
+        };
         let items_per_layer = pairs as u64 * outer * pieces_per_region;
         let mut desc = Desc {
             src: side(src, 0),
@@ -333,12 +348,18 @@ impl Kernel {
             table: 0,
             signals: job.signals.map_or(0, |(a, _)| a),
             system_fence: u64::from(job.signals.is_some_and(|(_, host)| host)),
+            pieces: if job.pieces.is_some() {
+                (n_bases + id_words) as u64
+            } else {
+                0
+            },
         };
         if let Some((entry, capacity)) = inline {
             let mut param = vec![0u64; DESC_WORDS + capacity];
             let (head, table) = param.split_at_mut(DESC_WORDS);
             head.copy_from_slice(&desc_words(&desc));
             write_table(table, &bases, job.src_blocks, job.dst_blocks, width);
+            write_pieces(&mut table[n_bases + id_words..], job.pieces);
             // SAFETY: `param` holds the whole Inline<capacity> parameter the entry takes; the
             // driver copies it during the call.
             let ctas =
@@ -355,6 +376,7 @@ impl Kernel {
         // contract).
         let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
         write_table(host, &bases, job.src_blocks, job.dst_blocks, width);
+        write_pieces(&mut host[n_bases + id_words..], job.pieces);
         let mut run = || -> Result<u32> {
             // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
             // asynchronous and ordered before the launch on the same stream.
@@ -387,6 +409,28 @@ impl Kernel {
             }
         }
     }
+}
+
+/// A transform's pieces as (source offset, destination offset, length) triples.
+fn write_pieces(out: &mut [u64], pieces: Option<&[Piece]>) {
+    for (w, p) in out.chunks_exact_mut(3).zip(pieces.unwrap_or_default()) {
+        w.copy_from_slice(&[p.src, p.dst, p.len]);
+    }
+}
+
+/// Cuts pieces longer than PIECE, so that warps share long runs (equal heads in equal orders
+/// are one piece of a whole region).
+pub(crate) fn split_pieces(pieces: &[Piece]) -> Vec<Piece> {
+    pieces
+        .iter()
+        .flat_map(|p| {
+            (0..p.len.div_ceil(PIECE)).map(move |i| Piece {
+                src: p.src + i * PIECE,
+                dst: p.dst + i * PIECE,
+                len: PIECE.min(p.len - i * PIECE),
+            })
+        })
+        .collect()
 }
 
 /// `copies` as kvx_copy_list's (source, destination, length) entries of at most PIECE bytes.

@@ -4,7 +4,7 @@
 
 use super::CudaExec;
 use super::copy::{self, Loc};
-use super::kernel::{Job, Kernel, Launched};
+use super::kernel::{Job, Kernel, Launched, split_pieces};
 use super::progress::Pending;
 use cudarc::driver::sys::{self, CUevent, CUstream};
 
@@ -107,21 +107,8 @@ pub(crate) fn submit(
     let mut layer_events = Vec::new();
     let mut signals = None;
     let (table, copies, sms) = match (choice.mechanism, &kernel) {
-        (Mechanism::Kernel, Ok(kernel)) if transform.is_some() => {
-            // The pieces follow no layout formula: the kernel's list entry copies them, one
-            // warp per piece; layers complete with the transfer.
-            if !kernel.has_list() {
-                return Err(Error::Unavailable(
-                    "the copy kernel has no list entry for a head transform".into(),
-                ));
-            }
-            let list = request.build();
-            // SAFETY: as below; every copy lies in the validated regions of both layouts.
-            let (table, ctas) =
-                unsafe { kernel.enqueue_list(dev, stream, &list.copies, kernel.ctas(direction)) }?;
-            (Some(table), list.copies.len() as u64, kernel.sms(dev, ctas))
-        }
         (Mechanism::Kernel, Ok(kernel)) => {
+            let pieces = transform.as_deref().map(split_pieces);
             let job = Job {
                 src: request.src,
                 dst: request.dst,
@@ -130,6 +117,7 @@ pub(crate) fn submit(
                 layers: request.layers.clone(),
                 direction,
                 signals: None,
+                pieces: pieces.as_deref(),
             };
             // SAFETY: `stream` belongs to `dev`; the request was validated and `Pending` keeps
             // both memories alive until the progress engine saw the stream pass this work.

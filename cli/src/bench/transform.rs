@@ -1,0 +1,166 @@
+//! `kvxfer bench --transform` (host memory) and `--gpu --transform` (H2D, D2H, D2D): head
+//! transforms between differently sharded engines against the same bytes moved untransformed
+//! in the same run. Cases: a TP 4 rank (2 heads, NHD) into a TP 2 rank (4 heads, HND), and a
+//! TP 2 rank (4 heads, HND) split into a TP 4 rank (2 heads, NHD); head slices of 256 B to
+//! 16 KiB (head_dim x 2 bytes); 16 tokens per block, K and V, scattered ids.
+
+use kvxfer::{
+    Context, HeadOrder, Heads, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec,
+    TransferOptions,
+};
+
+use super::common::{err, gpu_context, legend, median, secs, shuffled_ids};
+
+pub struct TransformArgs {
+    pub json: bool,
+    pub total_mib: u64,
+    pub iters: usize,
+    pub gpu: bool,
+}
+
+const PAGE: u64 = 16;
+/// Heads both sides of every case hold.
+const COMMON: u64 = 2;
+
+/// (name, source heads, destination heads)
+type Case = (&'static str, (u32, u32, HeadOrder), (u32, u32, HeadOrder));
+const CASES: [Case; 2] = [
+    (
+        "tp4_to_tp2_nhd_to_hnd",
+        (2, 2, HeadOrder::TokenMajor),
+        (4, 0, HeadOrder::HeadMajor),
+    ),
+    (
+        "tp2_to_tp4_hnd_to_nhd",
+        (4, 0, HeadOrder::HeadMajor),
+        (2, 2, HeadOrder::TokenMajor),
+    ),
+];
+
+fn shape(blocks: u64, head_bytes: u64, (n, begin, order): (u32, u32, HeadOrder)) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: blocks,
+        num_layers: 1,
+        outer_dim: 2,
+        page_size: PAGE,
+        inner_dim: u64::from(n) * head_bytes / 2,
+        dtype_width: 2,
+        alignment: 4096,
+        kind: LayoutKind::LayerSeparateBlockFirst,
+        heads: Heads {
+            num_heads: n,
+            head_begin: begin,
+            order,
+        },
+    }
+}
+
+/// The same bytes per block without heads: regions of the common heads of 16 tokens.
+fn plain(blocks: u64, head_bytes: u64) -> LayoutConfig {
+    LayoutConfig {
+        inner_dim: COMMON * head_bytes / 2,
+        heads: Heads::OPAQUE,
+        ..shape(blocks, head_bytes, (1, 0, HeadOrder::TokenMajor))
+    }
+}
+
+fn new(ctx: &Context, c: LayoutConfig, kind: StorageKind) -> Result<Layout, String> {
+    ctx.new_layout(c, &StorageSpec::new(kind)).map_err(err)
+}
+
+pub fn run(a: &TransformArgs) -> Result<(), String> {
+    let ctx = if a.gpu {
+        gpu_context("bench --gpu --transform")?.0
+    } else {
+        Context::new(kvxfer::ContextConfig {
+            nixl_backends: kvxfer::Backends::empty(),
+            ..Default::default()
+        })
+        .map_err(err)?
+    };
+    let directions: &[(&str, StorageKind, StorageKind)] = if a.gpu {
+        &[
+            ("H2D", StorageKind::Pinned, StorageKind::Device),
+            ("D2H", StorageKind::Device, StorageKind::Pinned),
+            ("D2D", StorageKind::Device, StorageKind::Device),
+        ]
+    } else {
+        &[("host", StorageKind::System, StorageKind::System)]
+    };
+    if !a.json {
+        println!(
+            "head transforms, {} MiB moved per transfer, median of {}",
+            a.total_mib, a.iters
+        );
+        println!(
+            "{:<5} {:<22} {:>9} {:>9} {:>10} {:>7}",
+            "dir", "case", "slice", "GB/s", "plain GB/s", "ratio"
+        );
+    }
+    let total = a.total_mib << 20;
+    for head_bytes in [256u64, 1024, 4096, 16384] {
+        let moved_per_block = 2 * PAGE * COMMON * head_bytes;
+        let blocks = (total / moved_per_block).max(1);
+        let (sb, db) = shuffled_ids(blocks, head_bytes);
+        for &(dir, sk, dk) in directions {
+            let (ps, pd) = (
+                new(&ctx, plain(blocks, head_bytes), sk)?,
+                new(&ctx, plain(blocks, head_bytes), dk)?,
+            );
+            for (case, s, d) in CASES {
+                let (ts, td) = (
+                    new(&ctx, shape(blocks, head_bytes, s), sk)?,
+                    new(&ctx, shape(blocks, head_bytes, d), dk)?,
+                );
+                let opts = TransferOptions::default();
+                let once = |src: &Layout, dst: &Layout| {
+                    secs(|| {
+                        ctx.submit(src, &sb, dst, &db, &opts)
+                            .and_then(|t| t.wait(None))
+                            .map_err(err)
+                    })
+                };
+                let (mut tt, mut pt) = (Vec::new(), Vec::new());
+                for i in 0..=a.iters {
+                    let (x, y) = (once(&ts, &td)?, once(&ps, &pd)?);
+                    if i > 0 {
+                        tt.push(x);
+                        pt.push(y);
+                    }
+                }
+                let bytes = (blocks * moved_per_block) as f64;
+                let (gbps, plain_gbps) = (bytes / median(tt) / 1e9, bytes / median(pt) / 1e9);
+                let ratio = gbps / plain_gbps;
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "name": "transform", "direction": dir, "case": case,
+                            "fragment_bytes": head_bytes, "bytes": bytes, "iters": a.iters,
+                            "gbps": gbps, "plain_gbps": plain_gbps, "ratio": ratio,
+                        })
+                    );
+                } else {
+                    println!(
+                        "{dir:<5} {case:<22} {:>7} B {gbps:>9.2} {plain_gbps:>10.2} {ratio:>7.3}",
+                        head_bytes
+                    );
+                }
+            }
+        }
+    }
+    if !a.json {
+        legend(&[
+            (
+                "slice",
+                "bytes of one head of one token (head_dim x 2): the unit an NHD <-> HND transform moves",
+            ),
+            (
+                "plain",
+                "the same bytes per block moved between layouts without heads (whole regions)",
+            ),
+            ("ratio", "transformed GB/s / plain GB/s, same run"),
+        ]);
+    }
+    Ok(())
+}
