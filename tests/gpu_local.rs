@@ -694,10 +694,12 @@ fn head_transforms_on_every_gpu_direction_and_copy_mode() {
             (4, 4, HeadMajor),
             StorageKind::Device,
         );
-        ctx.submit(&full, &all, &rank, &rev, &opts)
-            .unwrap()
-            .wait(None)
-            .unwrap();
+        let t = ctx.submit(&full, &all, &rank, &rev, &opts).unwrap();
+        t.wait(None).unwrap();
+        // Pieces of one head of one token: the kernel moves them in every mode (copy engines
+        // would take microseconds per piece), and stats say so.
+        assert_eq!(t.stats().mechanism, Mechanism::Kernel, "{mode:?}");
+        assert_eq!(t.stats().bytes, 16 * 3 * 2 * 16 * 4 * 256);
         // D2D: TP 2 rank 1 -> TP 4 rank 2 (heads 4..6, NHD), layers 1..3.
         let quarter = heads_layout(
             &ctx,

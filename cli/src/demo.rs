@@ -2,8 +2,8 @@
 //! and layer-separate layouts with permuted ids; every hop is verified by checksums.
 
 use kvxfer::{
-    Backends, Context, ContextConfig, Error, Layout, LayoutConfig, LayoutKind, StorageKind,
-    StorageSpec, TransferOptions,
+    Backends, Context, ContextConfig, Error, HeadOrder, Heads, Layout, LayoutConfig, LayoutKind,
+    StorageKind, StorageSpec, TransferOptions,
 };
 
 #[derive(clap::Args)]
@@ -162,6 +162,12 @@ pub fn run(a: &Args) -> Result<(), String> {
         );
         ids = next;
     }
+    let gpu_assembly = if has(StorageKind::Device) {
+        StorageKind::Device
+    } else {
+        pinned
+    };
+    failures += usize::from(!tp_assembly(&ctx, a, gpu_assembly)?);
     let peer = ctx.nixl_backends().contains(&"UCX");
     if peer {
         failures += usize::from(!peer_round_trip(&ctx, a)?);
@@ -169,9 +175,102 @@ pub fn run(a: &Args) -> Result<(), String> {
     if failures > 0 {
         return Err(format!("{failures} hop(s) failed verification"));
     }
-    let hops = route.len() - 1 + if peer { 2 } else { 0 };
+    let hops = route.len() - 1 + 2 + if peer { 2 } else { 0 };
     println!("all {hops} hops verified");
     Ok(())
+}
+
+/// FNV-1a of `bytes`: a checksum of one head slice, printed side by side.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Tensor-parallel resharding: two prefill ranks of TP 4 (heads 0..2 and 2..4 of a layer's 8,
+/// token-major NHD) move into one decode rank of TP 2 (heads 0..4, head-major HND) on `to`;
+/// every head slice of every token is checked against its prefill rank, and the first block's
+/// per-head checksums are printed.
+fn tp_assembly(ctx: &Context, a: &Args, to: StorageKind) -> Result<bool, String> {
+    let n = a.blocks.min(16);
+    let rank = |heads: u32, begin: u32, order: HeadOrder, storage: StorageKind| {
+        let c = LayoutConfig {
+            num_layers: 4,
+            inner_dim: u64::from(heads) * 128,
+            heads: Heads {
+                num_heads: heads,
+                head_begin: begin,
+                order,
+            },
+            ..shape(n, LayoutKind::FullyContiguous)
+        };
+        ctx.new_layout(c, &StorageSpec::new(storage)).map_err(e)
+    };
+    let ids: Vec<u64> = (0..n).collect();
+    let rev: Vec<u64> = ids.iter().rev().copied().collect();
+    let prefill = [
+        rank(2, 0, HeadOrder::TokenMajor, StorageKind::System)?,
+        rank(2, 2, HeadOrder::TokenMajor, StorageKind::System)?,
+    ];
+    let decode = rank(4, 0, HeadOrder::HeadMajor, to)?;
+    for (i, p) in prefill.iter().enumerate() {
+        ctx.fill(p, &ids, a.seed + i as u64).map_err(e)?;
+        ctx.submit(p, &ids, &decode, &rev, &TransferOptions::default())
+            .and_then(|t| t.wait(None))
+            .map_err(e)?;
+    }
+    // Back to host memory in the same order (whole regions), to read the head slices.
+    let back = rank(4, 0, HeadOrder::HeadMajor, StorageKind::System)?;
+    ctx.submit(&decode, &ids, &back, &ids, &TransferOptions::default())
+        .and_then(|t| t.wait(None))
+        .map_err(e)?;
+    let slice =
+        |l: &Layout, b: u64, layer: u64, o: u64, t: u64, h: u32| -> Result<Vec<u8>, String> {
+            let c = l.config();
+            let (nh, i) = (
+                u64::from(c.heads.num_heads),
+                u64::from(h - c.heads.head_begin),
+            );
+            let off = match c.heads.order {
+                HeadOrder::TokenMajor => (t * nh + i) * 256,
+                HeadOrder::HeadMajor => (i * 16 + t) * 256,
+            };
+            let r = l.region(b, layer, o).map_err(e)?;
+            // SAFETY: a region of a live System layout; `off + 256` lies inside it.
+            Ok(unsafe { std::slice::from_raw_parts((r.addr + off) as *const u8, 256) }.to_vec())
+        };
+    let mut ok = true;
+    for b in 0..n {
+        for layer in 0..4 {
+            for o in 0..2 {
+                for t in 0..16 {
+                    for h in 0..4u32 {
+                        let p = &prefill[(h / 2) as usize];
+                        ok &= slice(&back, n - 1 - b, layer, o, t, h)?
+                            == slice(p, b, layer, o, t, h)?;
+                    }
+                }
+            }
+        }
+    }
+    let sums: Vec<String> = (0..4u32)
+        .map(|h| -> Result<String, String> {
+            let p = &prefill[(h / 2) as usize];
+            Ok(format!(
+                "head {h} {:016x}/{:016x}",
+                fnv(&slice(p, 0, 0, 0, 0, h)?),
+                fnv(&slice(&back, n - 1, 0, 0, 0, h)?)
+            ))
+        })
+        .collect::<Result<_, _>>()?;
+    println!(
+        "TP 4 -> 2 reshard: prefill ranks (heads 0-1, 2-3; NHD, {}) -> decode rank (heads 0-3, HND, {}), {n} blocks x 4 layers: every head slice {}; block 0, token 0 (prefill/decode): {}",
+        StorageKind::System.name(),
+        to.name(),
+        if ok { "OK" } else { "MISMATCH" },
+        sums.join(", ")
+    );
+    Ok(ok)
 }
 
 /// A second context stands in for a decode node over UCX loopback: blocks go to its pool with a

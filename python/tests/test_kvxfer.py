@@ -144,3 +144,28 @@ def test_gpu_tensors():
     t.stream_wait(stream.cuda_stream)
     t.wait()
     assert ctx.checksum(dev, range(8)) == ctx.checksum(host, range(8))
+
+
+def test_head_transform_splits_a_rank():
+    ctx = host_context()
+    shape = dict(num_blocks=3, num_layers=2, page_size=4, outer_dim=2)
+    full = ctx.new_layout(**shape, inner_dim=8 * 16, num_heads=8, head_order="nhd")
+    half = ctx.new_layout(**shape, inner_dim=4 * 16, num_heads=4, head_begin=4, head_order="hnd")
+    ctx.fill(full, range(3), seed=4)
+    t = ctx.submit(full, [0, 2], half, [1, 0])
+    t.wait()
+    assert t.stats["bytes"] == 2 * 2 * 2 * 4 * 4 * 16 * 2
+    hb = 16 * 2
+    for s, d in ((0, 1), (2, 0)):
+        for layer in range(2):
+            for o in range(2):
+                src, _ = full.region(s, layer, o)
+                dst, _ = half.region(d, layer, o)
+                for tok in range(4):
+                    for h in range(4, 8):
+                        a = ctypes.string_at(src + (tok * 8 + h) * hb, hb)
+                        b = ctypes.string_at(dst + ((h - 4) * 4 + tok) * hb, hb)
+                        assert a == b
+    with pytest.raises(kvxfer.Error) as e:
+        ctx.submit(full, [0], ctx.new_layout(**shape, inner_dim=4 * 16, num_heads=4, head_begin=8), [0])
+    assert e.value.status == "KVX_STATUS_INVALID_ARGUMENT"

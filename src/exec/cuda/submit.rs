@@ -16,6 +16,10 @@ use crate::options::{Mechanism, TransferOptions, TransferStats};
 use crate::plan::{Plan, Request, Strategy};
 use crate::transfer::{Completion, Transfer};
 
+/// A head transform whose pieces average less than this goes to the kernel even in mode
+/// COPY_ENGINE.
+const TRANSFORM_ENGINE_MIN: u64 = 16 << 10;
+
 /// Copy engines or the SM kernel on the context device's stream for `strategy`'s direction.
 pub(crate) fn submit(
     cuda: &CudaExec,
@@ -87,14 +91,30 @@ pub(crate) fn submit(
         None => region,
     };
     let kernel = cuda.kernel(dev);
-    let choice = copy::choose(
+    let reaches = reachable(src_mem) && reachable(dst_mem);
+    let mut choice = copy::choose(
         kernel.as_deref().map_err(String::as_str),
         direction,
         unit,
         fragments,
         options.copy_mode,
-        reachable(src_mem) && reachable(dst_mem),
+        reaches,
     )?;
+    // Copy engines take microseconds per copy: a transform cut into small pieces (a head of a
+    // token) would crawl, so the kernel moves it, and stats say so (mechanism KERNEL).
+    if transform.is_some()
+        && choice.mechanism == Mechanism::CopyEngine
+        && unit < TRANSFORM_ENGINE_MIN
+        && reaches
+        && kernel.is_ok()
+    {
+        tracing::debug!(
+            piece_bytes = unit,
+            "a head transform of small pieces: the copy kernel moves it instead of the copy \
+             engines"
+        );
+        choice.mechanism = Mechanism::Kernel;
+    }
     let chosen = started.elapsed();
     dev.bind()?;
     let stream = dev.stream(direction);
