@@ -441,6 +441,146 @@ fn write_to_and_read_from_a_peer_with_a_notification() {
     assert!(matches!(bad, Err(Error::InvalidArgument(_))));
 }
 
+/// A layout of 6 blocks, 2 layers, 4 tokens of heads of 16 bf16, holding `n` heads from
+/// `begin` in `order`.
+fn heads_config(kind: LayoutKind, n: u32, begin: u32, order: kvxfer::HeadOrder) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: 6,
+        num_layers: 2,
+        outer_dim: 2,
+        page_size: 4,
+        inner_dim: u64::from(n) * 16,
+        dtype_width: 2,
+        alignment: 64,
+        kind,
+        heads: kvxfer::Heads {
+            num_heads: n,
+            head_begin: begin,
+            order,
+        },
+    }
+}
+
+/// Head `h` of token `t` of (b, layer, o) in a host layout, by the layout's formula.
+fn head_slice(l: &kvxfer::Layout, b: u64, layer: u64, o: u64, t: u64, h: u32) -> Vec<u8> {
+    let c = l.config();
+    let (n, i) = (
+        u64::from(c.heads.num_heads),
+        u64::from(h - c.heads.head_begin),
+    );
+    let off = match c.heads.order {
+        kvxfer::HeadOrder::TokenMajor => (t * n + i) * 32,
+        kvxfer::HeadOrder::HeadMajor => (i * 4 + t) * 32,
+    };
+    let r = l.region(b, layer, o).unwrap();
+    // SAFETY: a region of a live host layout; `off + 32` lies inside it.
+    unsafe { std::slice::from_raw_parts((r.addr + off) as *const u8, 32) }.to_vec()
+}
+
+/// Head transforms to and from a peer and a disk: B writes its TP 4 rank (heads 2..4, NHD) into
+/// A's exported TP 2 rank (heads 0..4, HND), reads A's heads 2..4 back into a TP 4 rank of the
+/// other order, and offloads to disk and back with a transform each way; every head of every
+/// token checked. The export carries the heads (format version 3).
+fn head_transforms_to_and_from_a_peer_and_a_disk() {
+    use kvxfer::HeadOrder::{HeadMajor, TokenMajor};
+    let a = Context::new(ContextConfig::default()).unwrap();
+    let b = Context::new(ContextConfig::default()).unwrap();
+    let all: Vec<u64> = (0..6).collect();
+    let a_pool = a
+        .new_layout(
+            heads_config(LayoutKind::LayerSeparateBlockFirst, 4, 0, HeadMajor),
+            &StorageSpec::new(StorageKind::Pinned),
+        )
+        .unwrap();
+    a.fill(&a_pool, &all, 1).unwrap();
+    let peer = b.import(&a.export(&[&a_pool]).unwrap()).unwrap();
+    let remote = &peer.layouts()[0];
+    assert_eq!(remote.config().heads, a_pool.config().heads);
+    let rank = b
+        .new_layout(
+            heads_config(LayoutKind::FullyContiguous, 2, 2, TokenMajor),
+            &StorageSpec::new(StorageKind::System),
+        )
+        .unwrap();
+    b.fill(&rank, &all, 2).unwrap();
+    let before: Vec<Vec<u8>> = (0..6)
+        .flat_map(|blk| (0..4u32).map(move |h| (blk, h)))
+        .map(|(blk, h)| head_slice(&a_pool, blk, 0, 0, 0, h))
+        .collect();
+    let (sb, db) = ([0u64, 3, 5], [4u64, 1, 2]);
+    let t = b
+        .submit(&rank, &sb, remote, &db, &TransferOptions::default())
+        .unwrap();
+    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlWrite));
+    for (i, (&s, &d)) in sb.iter().zip(&db).enumerate() {
+        for layer in 0..2 {
+            for o in 0..2 {
+                for tok in 0..4 {
+                    for h in 2..4 {
+                        assert_eq!(
+                            head_slice(&a_pool, d, layer, o, tok, h),
+                            head_slice(&rank, s, layer, o, tok, h),
+                            "write {i}: block {d} layer {layer} outer {o} token {tok} head {h}"
+                        );
+                    }
+                }
+            }
+        }
+        // Heads 0 and 1 of the written blocks are A's own still.
+        for h in 0..2u32 {
+            assert_eq!(
+                head_slice(&a_pool, d, 0, 0, 0, h),
+                before[(d * 4) as usize + h as usize]
+            );
+        }
+    }
+    // Read A's heads 2..4 back into a head-major TP 4 rank.
+    let back = b
+        .new_layout(
+            heads_config(LayoutKind::LayerSeparateOuterFirst, 2, 2, HeadMajor),
+            &StorageSpec::new(StorageKind::System),
+        )
+        .unwrap();
+    let t = b
+        .submit(remote, &db, &back, &sb, &TransferOptions::default())
+        .unwrap();
+    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+    assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlReadFlipped));
+    // To disk and back, transformed each way: a TP 2 rank on disk, HND.
+    let disk = b
+        .new_layout(
+            heads_config(LayoutKind::FullyContiguous, 4, 0, HeadMajor),
+            &StorageSpec::new(StorageKind::Disk),
+        )
+        .unwrap();
+    b.submit(&back, &sb, &disk, &db, &TransferOptions::default())
+        .and_then(|t| t.wait(Some(std::time::Duration::from_secs(30))))
+        .unwrap();
+    let again = b
+        .new_layout(
+            heads_config(LayoutKind::FullyContiguous, 2, 2, TokenMajor),
+            &StorageSpec::new(StorageKind::System),
+        )
+        .unwrap();
+    b.submit(&disk, &db, &again, &sb, &TransferOptions::default())
+        .and_then(|t| t.wait(Some(std::time::Duration::from_secs(30))))
+        .unwrap();
+    for &s in &sb {
+        for layer in 0..2 {
+            for o in 0..2 {
+                for tok in 0..4 {
+                    for h in 2..4 {
+                        let want = head_slice(&rank, s, layer, o, tok, h);
+                        assert_eq!(head_slice(&back, s, layer, o, tok, h), want, "read");
+                        assert_eq!(head_slice(&again, s, layer, o, tok, h), want, "disk");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Contexts with `allow_gpu_rdma` run NIXL's UCX backend with dedicated worker threads that
 /// split descriptor lists (kvxfer's GPU RDMA setup). Host blocks through it: a list of 3 x 2048
 /// descriptors, past the 1024 a thread takes at once, written with a notification and read
@@ -995,6 +1135,7 @@ fn main() {
         few_blocks_to_and_from_disk_in_every_kind_pair,
         disk_layout_persists_across_reopen,
         write_to_and_read_from_a_peer_with_a_notification,
+        head_transforms_to_and_from_a_peer_and_a_disk,
         gpu_rdma_setup_splits_long_lists_over_ucx_threads,
         two_processes_move_data_both_ways,
         a_dead_peer_fails_within_five_seconds,

@@ -15,19 +15,23 @@
 //! agent name: u16 length + UTF-8 | NIXL metadata: u32 length + bytes | layout count u32
 //! per layout: export id u64 | num_blocks, num_layers, outer_dim, page_size, inner_dim: u64 |
 //!   dtype_width, alignment, layout kind, storage kind: u32 | device id i32 |
+//!   (version 3) num_heads, head_begin, head_order: u32 |
 //!   region count u32 | per region: address u64, length u64
 //! ```
+//! Version 2 exports (no heads: every layout opaque) still import.
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Error, Result, bail};
-use crate::layout::{LayoutConfig, LayoutKind, check_regions};
+use crate::layout::{HeadOrder, Heads, LayoutConfig, LayoutKind, check_regions};
 use crate::memory::{Region, StorageKind};
 
 const MAGIC: &[u8; 8] = b"KVXPEER\0";
-/// 2: each layout carries its export id (revocation). Version 1 exports are refused with a
-/// message that names both versions.
-const VERSION: u16 = 2;
+/// 2: each layout carries its export id (revocation); 3: and the heads its regions hold (head
+/// transforms). Version 2 exports still import (opaque layouts); version 1 exports are refused
+/// with a message that names the versions read.
+const VERSION: u16 = 3;
+const OLDEST: u16 = 2;
 /// Flag: the export ends in a MAC made with a peer key.
 const FLAG_MAC: u16 = 1;
 pub(crate) const MAC_LEN: usize = blake3::OUT_LEN;
@@ -109,6 +113,13 @@ pub struct PeerBlob {
     pub layouts: Vec<LayoutDescriptor>,
 }
 
+fn order_code(o: HeadOrder) -> u32 {
+    match o {
+        HeadOrder::TokenMajor => 0,
+        HeadOrder::HeadMajor => 1,
+    }
+}
+
 fn kind_code(k: LayoutKind) -> u32 {
     match k {
         LayoutKind::FullyContiguous => 0,
@@ -120,6 +131,11 @@ fn kind_code(k: LayoutKind) -> u32 {
 impl PeerBlob {
     /// The export's bytes; with `key`, authenticated by it.
     pub fn encode(&self, key: Option<&PeerKey>) -> Result<Vec<u8>> {
+        seal_as(&self.body(VERSION)?, key, VERSION)
+    }
+
+    /// The body in format `version` (2: without heads).
+    fn body(&self, version: u16) -> Result<Vec<u8>> {
         let name = self.agent.as_bytes();
         if name.is_empty() || name.len() > usize::from(u16::MAX) {
             bail!(InvalidArgument, "agent name must be 1 to 65535 bytes");
@@ -146,13 +162,19 @@ impl PeerBlob {
                 body.extend_from_slice(&v.to_le_bytes());
             }
             body.extend_from_slice(&l.device_id.to_le_bytes());
+            if version >= 3 {
+                let h = c.heads;
+                for v in [h.num_heads, h.head_begin, order_code(h.order)] {
+                    body.extend_from_slice(&v.to_le_bytes());
+                }
+            }
             body.extend_from_slice(&(l.regions.len() as u32).to_le_bytes());
             for r in &l.regions {
                 body.extend_from_slice(&r.addr.to_le_bytes());
                 body.extend_from_slice(&r.len.to_le_bytes());
             }
         }
-        seal(&body, key)
+        Ok(body)
     }
 
     /// Parses untrusted bytes; anything malformed is `Error::Peer`. With `key`, only an export
@@ -162,12 +184,16 @@ impl PeerBlob {
         if data.len() < HEADER || &data[..8] != MAGIC {
             bail!(Peer, "not a kvxfer peer export (bad magic or too short)");
         }
-        let mut r = Reader { data, pos: 8 };
+        let mut r = Reader {
+            data,
+            pos: 8,
+            version: 0,
+        };
         let version = r.u16()?;
-        if version != VERSION {
+        if !(OLDEST..=VERSION).contains(&version) {
             bail!(
                 Peer,
-                "peer export version {version}, this kvxfer reads version {VERSION}"
+                "peer export version {version}, this kvxfer reads versions {OLDEST} to {VERSION}"
             );
         }
         let flags = r.u16()?;
@@ -216,7 +242,11 @@ impl PeerBlob {
         };
         // The fields end where the MAC begins.
         let data = &data[..end];
-        let mut r = Reader { data, pos: r.pos };
+        let mut r = Reader {
+            data,
+            pos: r.pos,
+            version,
+        };
         let sum = r.u64()?;
         if xxh3_64(&data[HEADER..]) != sum {
             bail!(Peer, "peer export is corrupted (checksum mismatch)");
@@ -262,6 +292,8 @@ impl PeerBlob {
 struct Reader<'a> {
     data: &'a [u8],
     pos: usize,
+    /// The export's format version (fields differ by version).
+    version: u16,
 }
 
 impl<'a> Reader<'a> {
@@ -307,6 +339,15 @@ impl<'a> Reader<'a> {
         let kind = LayoutKind::try_from(self.u32()? as i32)?;
         let storage = StorageKind::try_from(self.u32()? as i32)?;
         let device_id = i32::from_le_bytes(self.array()?);
+        let heads = if self.version >= 3 {
+            Heads {
+                num_heads: self.u32()?,
+                head_begin: self.u32()?,
+                order: HeadOrder::try_from(self.u32()? as i32)?,
+            }
+        } else {
+            Heads::OPAQUE
+        };
         if storage == StorageKind::Disk {
             bail!(Peer, "disk layouts cannot be shared with peers");
         }
@@ -319,7 +360,7 @@ impl<'a> Reader<'a> {
             dtype_width,
             alignment,
             kind,
-            heads: Default::default(),
+            heads,
         };
         let geometry = config.validate()?;
         let n = self.u32()?;
@@ -350,14 +391,20 @@ impl<'a> Reader<'a> {
 
 /// `body` behind the header (magic, version, flags, total length, checksum of the body) and,
 /// with `key`, followed by the MAC of all that.
+#[cfg(feature = "fuzzing")]
 pub(crate) fn seal(body: &[u8], key: Option<&PeerKey>) -> Result<Vec<u8>> {
+    seal_as(body, key, VERSION)
+}
+
+/// As `seal`, in format `version`.
+fn seal_as(body: &[u8], key: Option<&PeerKey>, version: u16) -> Result<Vec<u8>> {
     let mac_len = if key.is_some() { MAC_LEN } else { 0 };
     let total = u32::try_from(HEADER + body.len() + mac_len)
         .map_err(|_| Error::InvalidArgument("export is larger than 4 GiB".into()))?;
     let flags = if key.is_some() { FLAG_MAC } else { 0 };
     let mut out = Vec::with_capacity(total as usize);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&total.to_le_bytes());
     out.extend_from_slice(&xxh3_64(body).to_le_bytes());
@@ -483,15 +530,46 @@ mod tests {
             (first_layout + 40, 3u32.to_le_bytes().to_vec()), // dtype 3
             (first_layout + 48, 9u32.to_le_bytes().to_vec()), // layout kind 9
             (first_layout + 52, 3u32.to_le_bytes().to_vec()), // disk
-            (first_layout + 60, 1u32.to_le_bytes().to_vec()), // wrong region count
-            (first_layout + 64, 0u64.to_le_bytes().to_vec()), // region at address 0
-            (first_layout + 72, 1u64.to_le_bytes().to_vec()), // region too small
+            (first_layout + 60, 3u32.to_le_bytes().to_vec()), // 3 heads in inner_dim 64
+            (first_layout + 60, 2u32.to_le_bytes().to_vec()), // 2 heads from u32::MAX (below)
+            (first_layout + 68, 7u32.to_le_bytes().to_vec()), // head order 7
+            (first_layout + 72, 1u32.to_le_bytes().to_vec()), // wrong region count
+            (first_layout + 76, 0u64.to_le_bytes().to_vec()), // region at address 0
+            (first_layout + 84, 1u64.to_le_bytes().to_vec()), // region too small
         ];
         for (at, patch) in cases {
             let mut b = good.clone();
             b[at..at + patch.len()].copy_from_slice(&patch);
+            if at == first_layout + 60 && patch == 2u32.to_le_bytes() {
+                // Two heads alone are valid; with a begin of u32::MAX they overflow.
+                b[at + 4..at + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+            }
             let r = PeerBlob::decode(&reseal(b), None);
             assert!(r.is_err(), "patch at {at} accepted");
+        }
+    }
+
+    #[test]
+    fn heads_travel_and_version_2_exports_still_import() {
+        let mut b = blob();
+        b.layouts[0].config.inner_dim = 64;
+        b.layouts[0].config.heads = Heads {
+            num_heads: 4,
+            head_begin: 4,
+            order: HeadOrder::HeadMajor,
+        };
+        let back = PeerBlob::decode(&b.encode(None).unwrap(), None).unwrap();
+        assert_eq!(back.layouts[0].config.heads, b.layouts[0].config.heads);
+        // Version 2: no heads on the wire; the layouts import opaque.
+        let v2 = seal_as(&b.body(2).unwrap(), None, 2).unwrap();
+        let back = PeerBlob::decode(&v2, None).unwrap();
+        assert_eq!(back.layouts[0].config.heads, Heads::OPAQUE);
+        assert_eq!(back.layouts.len(), b.layouts.len());
+        // Version 1 and 4 are refused by name.
+        for v in [1u16, 4] {
+            let e = PeerBlob::decode(&seal_as(&b.body(3).unwrap(), None, v).unwrap(), None)
+                .unwrap_err();
+            assert!(e.to_string().contains("versions 2 to 3"), "{e}");
         }
     }
 
