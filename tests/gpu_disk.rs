@@ -244,3 +244,105 @@ fn gds_moves_device_blocks_or_is_refused_before_anything_moves() {
         let _ = std::fs::remove_file(path);
     }
 }
+
+/// A layout of 32 blocks, 2 layers, 16 tokens of heads of 128 bf16, holding `n` heads from
+/// `begin` in `order`.
+fn heads_cfg(kind: LayoutKind, n: u32, begin: u32, order: kvxfer::HeadOrder) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: 32,
+        num_layers: 2,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: u64::from(n) * 128,
+        dtype_width: 2,
+        alignment: 4096,
+        kind,
+        heads: kvxfer::Heads {
+            num_heads: n,
+            head_begin: begin,
+            order,
+        },
+    }
+}
+
+/// Head `h` of token `t` of (b, layer, o) in a pinned layout.
+fn head_of(l: &Layout, b: u64, layer: u64, o: u64, t: u64, h: u32) -> Vec<u8> {
+    let c = l.config();
+    let (n, i) = (
+        u64::from(c.heads.num_heads),
+        u64::from(h - c.heads.head_begin),
+    );
+    let off = match c.heads.order {
+        kvxfer::HeadOrder::TokenMajor => (t * n + i) * 256,
+        kvxfer::HeadOrder::HeadMajor => (i * 16 + t) * 256,
+    };
+    let r = l.region(b, layer, o).unwrap();
+    // SAFETY: a region of a live pinned layout; `off + 256` lies inside it.
+    unsafe { std::slice::from_raw_parts((r.addr + off) as *const u8, 256) }.to_vec()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL: run scripts/gpu-test"]
+fn head_transforms_through_the_device_disk_two_hop() {
+    use kvxfer::HeadOrder::{HeadMajor, TokenMajor};
+    let ctx = ctx_disk();
+    let n = 32;
+    let src = layout(
+        &ctx,
+        heads_cfg(LayoutKind::FullyContiguous, 8, 0, TokenMajor),
+        StorageKind::Pinned,
+    );
+    ctx.fill(&src, &all(n), 11).unwrap();
+    // A TP 2 rank on the device (heads 4..8, HND), offloaded to disk as a TP 4 rank (heads 4..6,
+    // NHD), reloaded into a TP 4 rank on the device (HND), read back to pinned memory.
+    let dev = layout(
+        &ctx,
+        heads_cfg(LayoutKind::LayerSeparateBlockFirst, 4, 4, HeadMajor),
+        StorageKind::Device,
+    );
+    let disk = layout(
+        &ctx,
+        heads_cfg(LayoutKind::FullyContiguous, 2, 4, TokenMajor),
+        StorageKind::Disk,
+    );
+    let dev2 = layout(
+        &ctx,
+        heads_cfg(LayoutKind::LayerSeparateOuterFirst, 2, 4, HeadMajor),
+        StorageKind::Device,
+    );
+    let back = layout(
+        &ctx,
+        heads_cfg(LayoutKind::FullyContiguous, 2, 4, HeadMajor),
+        StorageKind::Pinned,
+    );
+    let rev: Vec<u64> = (0..n).rev().collect();
+    let run = |s: &Layout, sb: &[u64], d: &Layout, db: &[u64]| {
+        let t = ctx
+            .submit(s, sb, d, db, &TransferOptions::default())
+            .unwrap();
+        t.wait(Some(Duration::from_secs(60))).unwrap();
+        t.stats()
+    };
+    run(&src, &all(n), &dev, &rev);
+    let st = run(&dev, &rev, &disk, &all(n));
+    assert!(matches!(st.plan, Plan::TwoHop { .. }), "{:?}", st.plan);
+    let st = run(&disk, &all(n), &dev2, &rev);
+    assert!(matches!(st.plan, Plan::TwoHop { .. }), "{:?}", st.plan);
+    run(&dev2, &rev, &back, &all(n));
+    // src block b -> dev 31-b -> disk b -> dev2 31-b -> back b: heads 4..6 of every token.
+    for b in 0..n {
+        for l in 0..2 {
+            for o in 0..2 {
+                for t in 0..16 {
+                    for h in 4..6 {
+                        assert_eq!(
+                            head_of(&back, b, l, o, t, h),
+                            head_of(&src, b, l, o, t, h),
+                            "block {b} layer {l} outer {o} token {t} head {h}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
