@@ -265,22 +265,6 @@ fn heads_cfg(kind: LayoutKind, n: u32, begin: u32, order: kvxfer::HeadOrder) -> 
     }
 }
 
-/// Head `h` of token `t` of (b, layer, o) in a pinned layout.
-fn head_of(l: &Layout, b: u64, layer: u64, o: u64, t: u64, h: u32) -> Vec<u8> {
-    let c = l.config();
-    let (n, i) = (
-        u64::from(c.heads.num_heads),
-        u64::from(h - c.heads.head_begin),
-    );
-    let off = match c.heads.order {
-        kvxfer::HeadOrder::TokenMajor => (t * n + i) * 256,
-        kvxfer::HeadOrder::HeadMajor => (i * 16 + t) * 256,
-    };
-    let r = l.region(b, layer, o).unwrap();
-    // SAFETY: a region of a live pinned layout; `off + 256` lies inside it.
-    unsafe { std::slice::from_raw_parts((r.addr + off) as *const u8, 256) }.to_vec()
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU and NIXL: run scripts/gpu-test"]
 fn head_transforms_through_the_device_disk_two_hop() {
@@ -336,8 +320,8 @@ fn head_transforms_through_the_device_disk_two_hop() {
                 for t in 0..16 {
                     for h in 4..6 {
                         assert_eq!(
-                            head_of(&back, b, l, o, t, h),
-                            head_of(&src, b, l, o, t, h),
+                            common::head_slice(&back, b, l, o, t, h),
+                            common::head_slice(&src, b, l, o, t, h),
                             "block {b} layer {l} outer {o} token {t} head {h}"
                         );
                     }

@@ -652,22 +652,6 @@ fn heads_layout(
     layout(ctx, c, storage)
 }
 
-/// Head `h` of token `t` in (b, layer, o) of a pinned layout, by the layout's formula.
-fn head_bytes(l: &kvxfer::Layout, b: u64, layer: u64, o: u64, t: u64, h: u32) -> Vec<u8> {
-    let c = l.config();
-    let (n, i) = (
-        u64::from(c.heads.num_heads),
-        u64::from(h - c.heads.head_begin),
-    );
-    let off = match c.heads.order {
-        kvxfer::HeadOrder::TokenMajor => (t * n + i) * 256,
-        kvxfer::HeadOrder::HeadMajor => (i * 16 + t) * 256,
-    };
-    let r = l.region(b, layer, o).unwrap();
-    // SAFETY: a region of a live pinned layout; `off + 256` lies inside it.
-    unsafe { std::slice::from_raw_parts((r.addr + off) as *const u8, 256) }.to_vec()
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
 fn head_transforms_on_every_gpu_direction_and_copy_mode() {
@@ -744,16 +728,16 @@ fn head_transforms_on_every_gpu_direction_and_copy_mode() {
                     for t in 0..16 {
                         for h in 4..8 {
                             assert_eq!(
-                                head_bytes(&rank_back, 15 - b, l, o, t, h),
-                                head_bytes(&full, b, l, o, t, h),
+                                common::head_slice(&rank_back, 15 - b, l, o, t, h),
+                                common::head_slice(&full, b, l, o, t, h),
                                 "{mode:?} H2D block {b} layer {l} outer {o} token {t} head {h}"
                             );
                         }
                         if l >= 1 {
                             for h in 4..6 {
                                 assert_eq!(
-                                    head_bytes(&quarter_back, b, l, o, t, h),
-                                    head_bytes(&full, b, l, o, t, h),
+                                    common::head_slice(&quarter_back, b, l, o, t, h),
+                                    common::head_slice(&full, b, l, o, t, h),
                                     "{mode:?} D2D block {b} layer {l} outer {o} token {t} head {h}"
                                 );
                             }

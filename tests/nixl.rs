@@ -461,22 +461,6 @@ fn heads_config(kind: LayoutKind, n: u32, begin: u32, order: kvxfer::HeadOrder) 
     }
 }
 
-/// Head `h` of token `t` of (b, layer, o) in a host layout, by the layout's formula.
-fn head_slice(l: &kvxfer::Layout, b: u64, layer: u64, o: u64, t: u64, h: u32) -> Vec<u8> {
-    let c = l.config();
-    let (n, i) = (
-        u64::from(c.heads.num_heads),
-        u64::from(h - c.heads.head_begin),
-    );
-    let off = match c.heads.order {
-        kvxfer::HeadOrder::TokenMajor => (t * n + i) * 32,
-        kvxfer::HeadOrder::HeadMajor => (i * 4 + t) * 32,
-    };
-    let r = l.region(b, layer, o).unwrap();
-    // SAFETY: a region of a live host layout; `off + 32` lies inside it.
-    unsafe { std::slice::from_raw_parts((r.addr + off) as *const u8, 32) }.to_vec()
-}
-
 /// Head transforms to and from a peer and a disk: B writes its TP 4 rank (heads 2..4, NHD) into
 /// A's exported TP 2 rank (heads 0..4, HND), reads A's heads 2..4 back into a TP 4 rank of the
 /// other order, and offloads to disk and back with a transform each way; every head of every
@@ -505,7 +489,7 @@ fn head_transforms_to_and_from_a_peer_and_a_disk() {
     b.fill(&rank, &all, 2).unwrap();
     let before: Vec<Vec<u8>> = (0..6)
         .flat_map(|blk| (0..4u32).map(move |h| (blk, h)))
-        .map(|(blk, h)| head_slice(&a_pool, blk, 0, 0, 0, h))
+        .map(|(blk, h)| common::head_slice(&a_pool, blk, 0, 0, 0, h))
         .collect();
     let (sb, db) = ([0u64, 3, 5], [4u64, 1, 2]);
     let t = b
@@ -519,8 +503,8 @@ fn head_transforms_to_and_from_a_peer_and_a_disk() {
                 for tok in 0..4 {
                     for h in 2..4 {
                         assert_eq!(
-                            head_slice(&a_pool, d, layer, o, tok, h),
-                            head_slice(&rank, s, layer, o, tok, h),
+                            common::head_slice(&a_pool, d, layer, o, tok, h),
+                            common::head_slice(&rank, s, layer, o, tok, h),
                             "write {i}: block {d} layer {layer} outer {o} token {tok} head {h}"
                         );
                     }
@@ -530,7 +514,7 @@ fn head_transforms_to_and_from_a_peer_and_a_disk() {
         // Heads 0 and 1 of the written blocks are A's own still.
         for h in 0..2u32 {
             assert_eq!(
-                head_slice(&a_pool, d, 0, 0, 0, h),
+                common::head_slice(&a_pool, d, 0, 0, 0, h),
                 before[(d * 4) as usize + h as usize]
             );
         }
@@ -571,9 +555,13 @@ fn head_transforms_to_and_from_a_peer_and_a_disk() {
             for o in 0..2 {
                 for tok in 0..4 {
                     for h in 2..4 {
-                        let want = head_slice(&rank, s, layer, o, tok, h);
-                        assert_eq!(head_slice(&back, s, layer, o, tok, h), want, "read");
-                        assert_eq!(head_slice(&again, s, layer, o, tok, h), want, "disk");
+                        let want = common::head_slice(&rank, s, layer, o, tok, h);
+                        assert_eq!(common::head_slice(&back, s, layer, o, tok, h), want, "read");
+                        assert_eq!(
+                            common::head_slice(&again, s, layer, o, tok, h),
+                            want,
+                            "disk"
+                        );
                     }
                 }
             }

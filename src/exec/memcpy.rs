@@ -56,19 +56,29 @@ pub(crate) const STREAMING_MIN_BYTES: u64 = 8 << 20;
 /// establishes), nor be accessed by anyone else during the call.
 pub unsafe fn copy_all(copies: &[CopyOp], streaming: bool) {
     for c in copies {
-        let (src, dst, len) = (c.src as *const u8, c.dst as *mut u8, c.len as usize);
-        if streaming {
-            // SAFETY: guaranteed by this function's contract.
-            unsafe { stream::copy(src, dst, len) };
-        } else {
-            // SAFETY: guaranteed by this function's contract.
-            unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
-        }
+        // SAFETY: guaranteed by this function's contract.
+        unsafe { copy_one(c.src, c.dst, c.len, streaming) };
     }
     if streaming {
         // Non-temporal stores are weakly ordered: make them visible before completion is
         // published to other threads.
         stream::fence();
+    }
+}
+
+/// One copy, through non-temporal stores with `streaming` (the caller fences after its last).
+///
+/// # Safety
+/// As `copy_all`, for this one range.
+#[inline]
+unsafe fn copy_one(src: u64, dst: u64, len: u64, streaming: bool) {
+    let (src, dst, len) = (src as *const u8, dst as *mut u8, len as usize);
+    if streaming {
+        // SAFETY: forwarded to the caller.
+        unsafe { stream::copy(src, dst, len) };
+    } else {
+        // SAFETY: forwarded to the caller.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
     }
 }
 
@@ -81,18 +91,8 @@ pub unsafe fn copy_all(copies: &[CopyOp], streaming: bool) {
 pub unsafe fn copy_pieces(pairs: &[(u64, u64)], pieces: &[Piece], streaming: bool) {
     for &(s, d) in pairs {
         for p in pieces {
-            let (src, dst, len) = (
-                (s + p.src) as *const u8,
-                (d + p.dst) as *mut u8,
-                p.len as usize,
-            );
-            if streaming {
-                // SAFETY: guaranteed by this function's contract.
-                unsafe { stream::copy(src, dst, len) };
-            } else {
-                // SAFETY: guaranteed by this function's contract.
-                unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
-            }
+            // SAFETY: guaranteed by this function's contract.
+            unsafe { copy_one(s + p.src, d + p.dst, p.len, streaming) };
         }
     }
     if streaming {

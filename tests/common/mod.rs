@@ -8,6 +8,25 @@ use std::time::{Duration, Instant};
 
 use kvxfer::{Context, Layout, Plan, TransferOptions};
 
+/// The bytes of head `h` of token `t` in (block, layer, outer) of a host-addressable layout
+/// that describes its heads, by the layout's own formula (NHD: `[page][head][dim]`, HND:
+/// `[head][page][dim]`), independent of kvxfer's transform code.
+pub fn head_slice(l: &Layout, b: u64, layer: u64, o: u64, t: u64, h: u32) -> Vec<u8> {
+    let c = l.config();
+    let hb = c.inner_dim / u64::from(c.heads.num_heads) * u64::from(c.dtype_width);
+    let (n, i) = (
+        u64::from(c.heads.num_heads),
+        u64::from(h - c.heads.head_begin),
+    );
+    let off = match c.heads.order {
+        kvxfer::HeadOrder::TokenMajor => (t * n + i) * hb,
+        kvxfer::HeadOrder::HeadMajor => (i * c.page_size + t) * hb,
+    };
+    let r = l.region(b, layer, o).unwrap();
+    // SAFETY: a region of a live host layout (System or Pinned); `off + hb` lies inside it.
+    unsafe { std::slice::from_raw_parts((r.addr + off) as *const u8, hb as usize) }.to_vec()
+}
+
 /// Block ids 0..n.
 pub fn all(n: u64) -> Vec<u64> {
     (0..n).collect()

@@ -9,11 +9,12 @@
 use std::ffi::c_void;
 
 use cudarc::driver::sys;
-use kvxfer::baseline::{compile_ptx, sm_count};
+use kvxfer::baseline::sm_count;
 use kvxfer::{CopyMode, StorageKind, StorageSpec, TransferOptions};
 
 use super::common::{
-    ck, err, fragment_shape, gpu_context_with, legend, median, secs, shuffled_ids, timed_large_copy,
+    bench_kernel, ck, err, fragment_shape, gpu_context_with, legend, median, secs, shuffled_ids,
+    timed_large_copy,
 };
 
 pub struct BusyArgs {
@@ -85,29 +86,13 @@ struct Compute {
 
 impl Compute {
     fn new(dev: &kvxfer::CudaDevice) -> Result<Self, String> {
-        let ptx = compile_ptx(dev, "kvx_bench_spin.cu", SPIN).map_err(err)?;
-        let (mut module, mut function) = (std::ptr::null_mut(), std::ptr::null_mut());
-        let (mut stream, mut start, mut end) = (
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        let mut out = 0;
-        // SAFETY: the bench's context is current; out pointers are locals; the PTX is
-        // NUL-terminated; what is made here lives until the process ends.
+        let (function, stream, out) = bench_kernel(dev, SPIN, c"kvx_bench_spin")?;
+        let (mut start, mut end) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: the bench's context is current; the out pointers are locals; the events
+        // live until the process ends.
         unsafe {
-            ck(
-                sys::cuModuleLoadData(&mut module, ptx.as_ptr().cast()),
-                "cuModuleLoadData",
-            )?;
-            ck(
-                sys::cuModuleGetFunction(&mut function, module, c"kvx_bench_spin".as_ptr()),
-                "cuModuleGetFunction",
-            )?;
-            ck(sys::cuStreamCreate(&mut stream, 1), "cuStreamCreate")?;
             ck(sys::cuEventCreate(&mut start, 0), "cuEventCreate")?;
             ck(sys::cuEventCreate(&mut end, 0), "cuEventCreate")?;
-            ck(sys::cuMemAlloc_v2(&mut out, 4), "cuMemAlloc")?;
         }
         let (mut device, mut smem_per_sm) = (0, 0);
         // SAFETY: a live device ordinal; the out pointers are locals.

@@ -152,3 +152,34 @@ pub unsafe fn timed_large_copy(
         )
     })
 }
+
+/// A kernel of the benches' own (`entry` of CUDA C `source`, compiled with kvxfer's NVRTC for
+/// `dev`), a stream of its own and a 4-byte scratch output; all live until the process ends.
+pub fn bench_kernel(
+    dev: &CudaDevice,
+    source: &str,
+    entry: &std::ffi::CStr,
+) -> Result<(sys::CUfunction, sys::CUstream, sys::CUdeviceptr), String> {
+    let ptx = kvxfer::baseline::compile_ptx(dev, "kvx_bench.cu", source).map_err(err)?;
+    let (mut module, mut function, mut stream) = (
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    );
+    let mut out = 0;
+    // SAFETY: the bench's context is current; out pointers are locals; the PTX is
+    // NUL-terminated; what is made here lives until the process ends.
+    unsafe {
+        ck(
+            sys::cuModuleLoadData(&mut module, ptx.as_ptr().cast()),
+            "cuModuleLoadData",
+        )?;
+        ck(
+            sys::cuModuleGetFunction(&mut function, module, entry.as_ptr()),
+            "cuModuleGetFunction",
+        )?;
+        ck(sys::cuStreamCreate(&mut stream, 1), "cuStreamCreate")?;
+        ck(sys::cuMemAlloc_v2(&mut out, 4), "cuMemAlloc")?;
+    }
+    Ok((function, stream, out))
+}

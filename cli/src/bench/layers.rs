@@ -10,10 +10,10 @@ use std::ffi::c_void;
 use std::time::Instant;
 
 use cudarc::driver::sys;
-use kvxfer::baseline::{compile_ptx, sm_count};
+use kvxfer::baseline::sm_count;
 use kvxfer::{LayoutConfig, LayoutKind, StorageKind, StorageSpec, TransferOptions};
 
-use super::common::{ck, err, gpu_context_with, legend, median, shuffled_ids};
+use super::common::{bench_kernel, ck, err, gpu_context_with, legend, median, shuffled_ids};
 
 pub struct LayersArgs {
     pub json: bool,
@@ -67,27 +67,7 @@ struct Engine {
 
 impl Engine {
     fn new(dev: &kvxfer::CudaDevice) -> Result<Self, String> {
-        let ptx = compile_ptx(dev, "kvx_bench_layer.cu", LAYER_KERNEL).map_err(err)?;
-        let (mut module, mut function, mut stream) = (
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-        );
-        let mut out = 0;
-        // SAFETY: the bench's context is current; out pointers are locals; the PTX is
-        // NUL-terminated; what is made here lives until the process ends.
-        unsafe {
-            ck(
-                sys::cuModuleLoadData(&mut module, ptx.as_ptr().cast()),
-                "cuModuleLoadData",
-            )?;
-            ck(
-                sys::cuModuleGetFunction(&mut function, module, c"kvx_bench_layer".as_ptr()),
-                "cuModuleGetFunction",
-            )?;
-            ck(sys::cuStreamCreate(&mut stream, 1), "cuStreamCreate")?;
-            ck(sys::cuMemAlloc_v2(&mut out, 4), "cuMemAlloc")?;
-        }
+        let (function, stream, out) = bench_kernel(dev, LAYER_KERNEL, c"kvx_bench_layer")?;
         Ok(Self {
             function,
             stream,
