@@ -492,11 +492,32 @@ fn head_transforms_to_and_from_a_peer_and_a_disk() {
         .map(|(blk, h)| common::head_slice(&a_pool, blk, 0, 0, 0, h))
         .collect();
     let (sb, db) = ([0u64, 3, 5], [4u64, 1, 2]);
-    let t = b
-        .submit(&rank, &sb, remote, &db, &TransferOptions::default())
-        .unwrap();
+    let opts = TransferOptions {
+        notify: Some(b"heads 2..4 of blocks 4, 1, 2".to_vec()),
+        ..Default::default()
+    };
+    let t = b.submit(&rank, &sb, remote, &db, &opts).unwrap();
     t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
     assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlWrite));
+    // Heads of 32 bytes: staged through the bounce pool, one run per region on the wire.
+    assert!(t.stats().bounced);
+    let mut note = None;
+    for _ in 0..2000 {
+        note = a
+            .next_notification(|who, msg| Ok((who.to_string(), msg.to_vec())))
+            .unwrap();
+        if note.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        note,
+        Some((
+            b.name().to_string(),
+            b"heads 2..4 of blocks 4, 1, 2".to_vec()
+        ))
+    );
     for (i, (&s, &d)) in sb.iter().zip(&db).enumerate() {
         for layer in 0..2 {
             for o in 0..2 {
@@ -531,6 +552,7 @@ fn head_transforms_to_and_from_a_peer_and_a_disk() {
         .unwrap();
     t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
     assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlReadFlipped));
+    assert!(t.stats().bounced);
     // To disk and back, transformed each way: a TP 2 rank on disk, HND.
     let disk = b
         .new_layout(

@@ -82,6 +82,33 @@ impl Resources {
 
 /// Starts the executor that serves `plan` for the validated `request`; returns before the bytes
 /// have moved. An error means nothing was queued.
+/// A head transform between host memory and a peer moves through the bounce pool when its
+/// pieces average less than this: one NIXL descriptor per piece is slow below it.
+const STAGE_PIECES_BELOW: u64 = 16 << 10;
+
+/// Whether `request` (a NIXL write when `write`, else a read) is a head transform between
+/// local host memory and a peer's layout with small pieces (`two_hop::submit_staged_peer`).
+fn stages_through_bounce(request: &Request<'_>, write: bool) -> bool {
+    let (local, remote) = if write {
+        (request.src, request.dst)
+    } else {
+        (request.dst, request.src)
+    };
+    if !remote.is_remote()
+        || !matches!(
+            local.storage_kind(),
+            StorageKind::System | StorageKind::Pinned
+        )
+    {
+        return false;
+    }
+    request.fragments() > 0
+        && request.transform().is_some_and(|p| {
+            let bytes: u64 = p.iter().map(|p| p.len).sum();
+            bytes / (p.len() as u64).max(1) < STAGE_PIECES_BELOW
+        })
+}
+
 pub(crate) fn dispatch(
     plan: Plan,
     request: &Request<'_>,
@@ -143,6 +170,19 @@ pub(crate) fn dispatch(
         ) => {
             let nixl = res.nixl("disk and peer transfers")?;
             let write = s == Strategy::NixlWrite;
+            if stages_through_bounce(request, write) {
+                let cuda = res.cuda.as_ref().ok();
+                return two_hop::submit_staged_peer(
+                    request,
+                    plan,
+                    nixl,
+                    cuda,
+                    &res.workers,
+                    &res.bounce,
+                    write,
+                    options.notify.as_deref(),
+                );
+            }
             nixl::submit(
                 nixl,
                 request,

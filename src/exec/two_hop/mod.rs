@@ -23,7 +23,7 @@ use super::nixl::xfer::{Xfer, direct_fd, finish, start};
 use super::workers::{Spawner, Workers};
 use crate::cuda::{CudaDevice, Direction, StreamGate, TableBuffer, check};
 use crate::error::{Error, Result};
-use crate::memory::{Memory, StorageKind};
+use crate::memory::{Memory, StorageKind, UseGuard};
 use crate::options::{CopyMode, Mechanism, TransferStats};
 use crate::plan::copy_list::sort_by_dst;
 use crate::plan::{CopyOp, Plan, Request};
@@ -44,6 +44,8 @@ enum InFlight<'d> {
     /// A host copy, done when its hop returned.
     Done,
     Nixl(Option<XferRequest>),
+    /// A request to a peer: its failures are the peer's (`Error::Peer`).
+    Peer(Option<XferRequest>),
     /// Copies queued on `dev`'s stream, done when the event is; the copy kernel's list table
     /// goes back to the pool then.
     Cuda(&'d CudaDevice, CUevent, Option<TableBuffer>),
@@ -57,6 +59,11 @@ impl InFlight<'_> {
                 let agent =
                     agent.ok_or_else(|| Error::Internal("a disk hop without NIXL".into()))?;
                 finish(agent, r, Error::Io, true)
+            }
+            InFlight::Peer(r) => {
+                let agent =
+                    agent.ok_or_else(|| Error::Internal("a peer hop without NIXL".into()))?;
+                finish(agent, r, Error::Peer, false)
             }
             InFlight::Cuda(dev, event, table) => {
                 let waited = std::time::Instant::now();
@@ -123,6 +130,49 @@ fn disk_hop<'d>(
         remote_fd: direct_fd(disk, &pieces),
     };
     Ok(InFlight::Nixl(start(agent, &t, Error::Io)?))
+}
+
+/// The NIXL hop between a bounce buffer and a peer's layout: a write of the buffer to the
+/// chunk's destinations, or a read of the chunk's sources into it (`read`). The chunk is in the
+/// peer side's order, so pieces next to each other there merge into one descriptor: a head
+/// transform staged this way sends runs of heads instead of one descriptor per head and token.
+fn peer_hop<'d>(
+    agent: &Agent,
+    peer: &Peer<'_>,
+    buf: &Arc<Memory>,
+    chunk: &[CopyOp],
+    read: bool,
+) -> Result<InFlight<'d>> {
+    if peer.guard.revoked() {
+        return Err(Error::Peer(
+            "the peer revoked this layout during the transfer: nothing more is sent to it".into(),
+        ));
+    }
+    let mut pieces: Vec<CopyOp> = Vec::with_capacity(chunk.len());
+    for p in pack(chunk, buf.regions()[0].addr, read) {
+        match pieces.last_mut() {
+            Some(l) if l.src + l.len == p.src && l.dst + l.len == p.dst => l.len += p.len,
+            _ => pieces.push(p),
+        }
+    }
+    let t = Xfer {
+        write: !read,
+        local: buf,
+        remote: peer.memory,
+        remote_agent: peer.agent,
+        copies: &pieces,
+        notify: None,
+        remote_fd: None,
+    };
+    Ok(InFlight::Peer(start(agent, &t, Error::Peer)?))
+}
+
+/// The peer end of a staged transfer: its layout's memory, its agent, and this transfer's use
+/// of the layout (a revocation stops the chunks not yet sent).
+struct Peer<'a> {
+    memory: &'a Arc<Memory>,
+    agent: &'a str,
+    guard: &'a UseGuard,
 }
 
 /// A device end of a two-hop transfer: the device and its copy kernel, where it has one.
@@ -271,15 +321,37 @@ enum Ends<'a> {
         dev: DeviceEnd<'a>,
         copier: &'a Spawner,
     },
+    /// Host copies into the buffers (a head transform's pieces, laid out as the peer holds
+    /// them), NIXL writes out of them.
+    HostToPeer { copier: &'a Spawner, peer: Peer<'a> },
+    /// NIXL reads of the peer's runs into the buffers, host copies out of them.
+    PeerToHost { copier: &'a Spawner, peer: Peer<'a> },
 }
 
 /// Moves `copies` between `ends` through `lease`'s two buffers, on the calling (worker)
 /// thread.
 fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'_>) -> Result<()> {
     let pair = lease.pair()?;
-    let disk = !matches!(ends, Ends::HostToDevice { .. } | Ends::DeviceToHost { .. });
+    let disk = !matches!(
+        ends,
+        Ends::HostToDevice { .. }
+            | Ends::DeviceToHost { .. }
+            | Ends::HostToPeer { .. }
+            | Ends::PeerToHost { .. }
+    );
     // Host <-> device keeps the list's order; only the disk paths sort a copy of it.
     let mut copies = std::borrow::Cow::Borrowed(copies);
+    if let Ends::HostToPeer { .. } | Ends::PeerToHost { .. } = ends {
+        let agent = agent.ok_or_else(|| Error::Internal("a peer hop without NIXL".into()))?;
+        for b in pair {
+            b.ensure_nixl_registered(agent)?;
+        }
+        // In the peer side's order (the list walks destinations; a read's sources are the
+        // peer's), so that the peer's runs merge.
+        if let Ends::PeerToHost { .. } = ends {
+            copies.to_mut().sort_unstable_by_key(|c| c.src);
+        }
+    }
     if disk {
         // NIXL reads and writes the buffers: registered once, when first used for a disk.
         let agent = agent.ok_or_else(|| Error::Internal("a disk hop without NIXL".into()))?;
@@ -304,7 +376,12 @@ fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'
         Ends::DeviceToDisk { dev, .. } | Ends::DeviceToHost { dev, .. } => {
             device_hop(dev, &pair[i % 2], &chunks[i], true)
         }
-        Ends::HostToDevice { copier, .. } => host_hop(copier, &pair[i % 2], &chunks[i], i, true),
+        Ends::HostToDevice { copier, .. } | Ends::HostToPeer { copier, .. } => {
+            host_hop(copier, &pair[i % 2], &chunks[i], i, true)
+        }
+        Ends::PeerToHost { ref peer, .. } => {
+            peer_hop(nixl()?, peer, &pair[i % 2], &chunks[i], true)
+        }
     };
     let drain = |i: usize| match ends {
         Ends::DiskToDisk { dst, .. } | Ends::DeviceToDisk { dst, .. } => {
@@ -313,11 +390,18 @@ fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'
         Ends::DiskToDevice { dev, .. } | Ends::HostToDevice { dev, .. } => {
             device_hop(dev, &pair[i % 2], &chunks[i], false)
         }
-        Ends::DeviceToHost { copier, .. } => host_hop(copier, &pair[i % 2], &chunks[i], i, false),
+        Ends::DeviceToHost { copier, .. } | Ends::PeerToHost { copier, .. } => {
+            host_hop(copier, &pair[i % 2], &chunks[i], i, false)
+        }
+        Ends::HostToPeer { ref peer, .. } => {
+            peer_hop(nixl()?, peer, &pair[i % 2], &chunks[i], false)
+        }
     };
     // The hop whose start returns at once goes first, so the other runs meanwhile.
     let order = match ends {
-        Ends::DiskToDevice { .. } | Ends::DeviceToHost { .. } => Order::FillFirst,
+        Ends::DiskToDevice { .. } | Ends::DeviceToHost { .. } | Ends::PeerToHost { .. } => {
+            Order::FillFirst
+        }
         _ => Order::DrainFirst,
     };
     pipeline(chunks.len(), order, fill, drain, |h| h.wait(agent))
@@ -382,6 +466,81 @@ pub(crate) fn submit(
             },
         };
         run(Some(&nixl_agent), ends, &list.copies, &lease)
+    });
+    Ok(Transfer::new(completion, stats, cuda.is_some()))
+}
+
+/// A head transform between local host memory and a peer's layout whose pieces are small
+/// (a head of a token): one NIXL descriptor per piece ran at the transport's per-descriptor
+/// speed. Staged instead: the pieces are copied (on this worker and idle ones) into a bounce
+/// buffer in the peer's order, and NIXL moves the peer's runs (all the common heads of a
+/// region, for a head-major peer) in one request per chunk; reads the other way round. The
+/// plan stays the seed's (`write`: NixlWrite, else NixlReadFlipped); `notify` is sent once
+/// every chunk's write has completed (every byte is in place); stats say a bounce was used.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn submit_staged_peer(
+    request: &Request<'_>,
+    plan: Plan,
+    nixl: &NixlExec,
+    cuda: Option<&CudaExec>,
+    workers: &Workers,
+    pool: &Arc<BouncePool>,
+    write: bool,
+    notify: Option<&[u8]>,
+) -> Result<Transfer> {
+    let remote = if write { request.dst } else { request.src };
+    let peer_agent = remote
+        .peer()
+        .ok_or_else(|| Error::Internal("a staged peer transfer without a peer".into()))?
+        .to_string();
+    let guard = remote
+        .memory()
+        .begin_remote_use()?
+        .ok_or_else(|| Error::Internal("a peer layout without its use state".into()))?;
+    let local = if write { request.src } else { request.dst };
+    local
+        .memory()
+        .ensure_nixl_registered_with(nixl.agent.agent(), || nixl.agent.buffered_file_args())?;
+    let copier = workers
+        .spawner()
+        .ok_or_else(|| Error::Internal("the worker pool is shutting down".into()))?;
+    let list = request.build();
+    let stats = TransferStats {
+        bounced: true,
+        ..TransferStats::of(&list, plan, Mechanism::Nixl)
+    };
+    let completion = Completion::new(1);
+    let (agent, pool) = (nixl.agent.clone(), pool.clone());
+    let pin_for = cuda.map(|c| c.primary.clone());
+    let notify = notify.map(<[u8]>::to_vec);
+    let remote_memory = remote.memory().clone();
+    let keep = (request.src.memory().clone(), request.dst.memory().clone());
+    workers.spawn_part(completion.clone(), None, keep, move || {
+        let lease = pool.take(|| pool::make_buffer(pin_for.as_ref()))?;
+        let peer = Peer {
+            memory: &remote_memory,
+            agent: &peer_agent,
+            guard: &guard,
+        };
+        let ends = if write {
+            Ends::HostToPeer {
+                copier: &copier,
+                peer,
+            }
+        } else {
+            Ends::PeerToHost {
+                copier: &copier,
+                peer,
+            }
+        };
+        run(Some(agent.agent()), ends, &list.copies, &lease)?;
+        match notify {
+            Some(msg) if !guard.revoked() => agent.send(&peer_agent, &msg),
+            Some(_) => Err(Error::Peer(
+                "the peer revoked this layout before the notification was sent".into(),
+            )),
+            None => Ok(()),
+        }
     });
     Ok(Transfer::new(completion, stats, cuda.is_some()))
 }
