@@ -97,7 +97,8 @@ pub struct Args {
     /// Head transforms (TP 4 <-> 2 with NHD <-> HND) against the same bytes untransformed; with
     /// --gpu in each direction (H2D, D2H, D2D), else on host memory; --total-mib defaults to
     /// 256, --iters to 5.
-    #[arg(long, conflicts_with_all = ["pageable", "busy", "layerwise", "latency", "nixl"])]
+    /// With --nixl: host memory to and from a second context's exported layouts over UCX.
+    #[arg(long, conflicts_with_all = ["pageable", "busy", "layerwise", "latency"])]
     transform: bool,
     /// With --busy, --layerwise, --latency: the context's max_sms (the copy kernel's SM
     /// budget; 0 = auto).
@@ -128,6 +129,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             total_mib: a.total_mib.unwrap_or(256),
             iters: a.iters.unwrap_or(5),
             gpu: a.gpu,
+            peer: a.nixl,
         });
     }
     if a.gpu && (a.layerwise || a.latency) {

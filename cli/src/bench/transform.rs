@@ -16,6 +16,9 @@ pub struct TransformArgs {
     pub total_mib: u64,
     pub iters: usize,
     pub gpu: bool,
+    /// Host memory of this context to and from a second context's exported layouts over UCX
+    /// (writes and reads), instead of local tiers.
+    pub peer: bool,
 }
 
 const PAGE: u64 = 16;
@@ -78,6 +81,9 @@ pub fn run(a: &TransformArgs) -> Result<(), String> {
         })
         .map_err(err)?
     };
+    if a.peer {
+        return peer(a);
+    }
     let directions: &[(&str, StorageKind, StorageKind)] = if a.gpu {
         &[
             ("H2D", StorageKind::Pinned, StorageKind::Device),
@@ -161,6 +167,80 @@ pub fn run(a: &TransformArgs) -> Result<(), String> {
             ),
             ("ratio", "transformed GB/s / plain GB/s, same run"),
         ]);
+    }
+    Ok(())
+}
+
+/// Writes and reads between this context's host memory and a second context's exported host
+/// layouts over NIXL/UCX (the transport `UCX_TLS` picks): transformed (staged through the
+/// bounce pool below 16 KiB pieces) against the same bytes between opaque layouts.
+fn peer(a: &TransformArgs) -> Result<(), String> {
+    let ctx = Context::new(kvxfer::ContextConfig::default()).map_err(err)?;
+    let other = Context::new(kvxfer::ContextConfig::default()).map_err(err)?;
+    if !a.json {
+        println!(
+            "head transforms to and from a peer over UCX, {} MiB per transfer, median of {}",
+            a.total_mib, a.iters
+        );
+        println!(
+            "{:<10} {:<22} {:>9} {:>9} {:>10} {:>7}",
+            "dir", "case", "slice", "GB/s", "plain GB/s", "ratio"
+        );
+    }
+    let total = a.total_mib << 20;
+    for head_bytes in [256u64, 1024, 4096, 16384] {
+        let moved_per_block = 2 * PAGE * COMMON * head_bytes;
+        let blocks = (total / moved_per_block).max(1);
+        let (sb, db) = shuffled_ids(blocks, head_bytes);
+        let host = StorageKind::System;
+        let plain_local = new(&ctx, plain(blocks, head_bytes), host)?;
+        let plain_far = new(&other, plain(blocks, head_bytes), host)?;
+        for (case, s, d) in CASES {
+            let local = new(&ctx, shape(blocks, head_bytes, s), host)?;
+            let far = new(&other, shape(blocks, head_bytes, d), host)?;
+            let exported = other.export(&[&far, &plain_far]).map_err(err)?;
+            let imported = ctx.import(&exported).map_err(err)?;
+            let (remote, remote_plain) = (&imported.layouts()[0], &imported.layouts()[1]);
+            for (dir, write) in [("peer_write", true), ("peer_read", false)] {
+                let opts = TransferOptions::default();
+                let once = |l: &Layout, r: &Layout| {
+                    secs(|| {
+                        let t = if write {
+                            ctx.submit(l, &sb, r, &db, &opts)
+                        } else {
+                            ctx.submit(r, &db, l, &sb, &opts)
+                        };
+                        t.and_then(|t| t.wait(None)).map_err(err)
+                    })
+                };
+                let (mut tt, mut pt) = (Vec::new(), Vec::new());
+                for i in 0..=a.iters {
+                    let (x, y) = (once(&local, remote)?, once(&plain_local, remote_plain)?);
+                    if i > 0 {
+                        tt.push(x);
+                        pt.push(y);
+                    }
+                }
+                let bytes = (blocks * moved_per_block) as f64;
+                let (gbps, plain_gbps) = (bytes / median(tt) / 1e9, bytes / median(pt) / 1e9);
+                let ratio = gbps / plain_gbps;
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "name": "transform", "direction": dir, "case": case,
+                            "fragment_bytes": head_bytes, "bytes": bytes, "iters": a.iters,
+                            "gbps": gbps, "plain_gbps": plain_gbps, "ratio": ratio,
+                        })
+                    );
+                } else {
+                    println!(
+                        "{dir:<10} {case:<22} {:>7} B {gbps:>9.2} {plain_gbps:>10.2} {ratio:>7.3}",
+                        head_bytes
+                    );
+                }
+            }
+        }
     }
     Ok(())
 }
