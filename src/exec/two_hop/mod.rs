@@ -28,7 +28,7 @@ use crate::options::{CopyMode, Mechanism, TransferStats};
 use crate::plan::copy_list::sort_by_dst;
 use crate::plan::{CopyOp, Plan, Request};
 use crate::transfer::{Completion, Transfer};
-use pipeline::{Order, chunks, pipeline};
+use pipeline::{Order, chunks, chunks_of, pipeline};
 use pool::Lease;
 
 /// Bytes of one bounce buffer: one chunk of the pipeline. Each chunk is one NIXL request, in
@@ -36,6 +36,9 @@ use pool::Lease;
 /// machine's virtio disk, 8 MiB reads ran at the speed of a raw 8 MiB pread loop, 1.7-1.9 GB/s,
 /// against 2.2-2.3 for one large request; docs/BENCHMARKS.md, "GPU ↔ disk and GPU ↔ peer").
 const CHUNK: u64 = 16 << 20;
+/// The smallest chunk of a staged peer transfer: smaller requests lose more to their fixed
+/// cost than overlap gains.
+const PEER_CHUNK_MIN: u64 = 1 << 20;
 /// Pairs of buffers at most, however many two-hop transfers run at once.
 const MAX_PAIRS: usize = 2;
 
@@ -367,7 +370,16 @@ fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'
             _ => sort_by_dst(copies),
         }
     }
-    let chunks = chunks(&copies);
+    // A peer's chunks are smaller for short transfers, so that the copy into one buffer
+    // overlaps the transfer of the other from the second chunk on (a 32 MiB transfer in 16 MiB
+    // chunks barely overlapped); the disk and device paths keep CHUNK (deep disk queues).
+    let chunks = match ends {
+        Ends::HostToPeer { .. } | Ends::PeerToHost { .. } => {
+            let bytes: u64 = copies.iter().map(|c| c.len).sum();
+            chunks_of(&copies, (bytes / 8).max(PEER_CHUNK_MIN))
+        }
+        _ => chunks(&copies),
+    };
     let nixl = || agent.ok_or_else(|| Error::Internal("a disk hop without NIXL".into()));
     let fill = |i: usize| match ends {
         Ends::DiskToDisk { src, .. } | Ends::DiskToDevice { src, .. } => {

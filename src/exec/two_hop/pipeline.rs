@@ -34,21 +34,27 @@ impl std::ops::Index<usize> for Chunks {
 
 /// Cuts (src offset, dst offset, len) copies into chunks of at most CHUNK bytes each.
 pub(super) fn chunks(copies: &[CopyOp]) -> Chunks {
+    chunks_of(copies, CHUNK)
+}
+
+/// As `chunks`, with chunks of at most `size` (at most CHUNK) bytes.
+pub(super) fn chunks_of(copies: &[CopyOp], size: u64) -> Chunks {
+    let size = size.clamp(1, CHUNK);
     let bytes: u64 = copies.iter().map(|c| c.len).sum();
-    let n = usize::try_from(bytes.div_ceil(CHUNK)).unwrap_or(usize::MAX);
+    let n = usize::try_from(bytes.div_ceil(size)).unwrap_or(usize::MAX);
     // A chunk boundary splits at most one copy in two.
     let mut out = Chunks {
         copies: Vec::with_capacity(copies.len().saturating_add(n)),
         bounds: Vec::with_capacity(n.saturating_add(1).min(1 << 20)),
     };
     out.bounds.push(0);
-    let mut room = CHUNK;
+    let mut room = size;
     for &c in copies {
         let mut c = c;
         while c.len > 0 {
             if room == 0 {
                 out.bounds.push(out.copies.len());
-                room = CHUNK;
+                room = size;
             }
             let n = c.len.min(room);
             out.copies.push(CopyOp { len: n, ..c });
