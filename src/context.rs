@@ -168,6 +168,13 @@ impl Context {
     }
 
     /// The configured CUDA device, for tools that measure kvxfer against raw CUDA calls.
+    /// SMs kvxfer's copy kernel takes per direction on the context's GPU (host -> device,
+    /// device -> host, device -> device: the SM budget, `max_sms` or measured), or `None`
+    /// without CUDA or the kernel.
+    pub fn copy_kernel_sms(&self) -> Option<[u32; 3]> {
+        self.res.cuda.as_ref().ok()?.kernel_sms()
+    }
+
     pub fn cuda_device(&self) -> Option<&Arc<CudaDevice>> {
         self.res.cuda.as_ref().ok().map(|c| &c.primary)
     }

@@ -603,6 +603,13 @@ fn the_kernel_takes_the_sms_its_budget_allows() {
     for max_sms in [0u32, 3] {
         let ctx = ctx_with_sms(max_sms);
         let sm_count = kvxfer::baseline::sm_count(ctx.cuda_device().unwrap());
+        let [h2d, d2h, d2d] = ctx.copy_kernel_sms().expect("the copy kernel");
+        if max_sms == 3 {
+            assert_eq!([h2d, d2h, d2d], [3, 3, 3]);
+        } else {
+            assert_eq!(d2d, sm_count, "device <-> device: one full wave");
+            assert!((1..sm_count).contains(&h2d) && (1..sm_count).contains(&d2h));
+        }
         let pinned = layout(&ctx, c, StorageKind::Pinned);
         let a = layout(&ctx, c, StorageKind::Device);
         let b = layout(&ctx, c, StorageKind::Device);

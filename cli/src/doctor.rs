@@ -72,6 +72,25 @@ fn checks() -> Vec<Check> {
         },
     });
     if cuda.is_ok() {
+        let ctx = Context::new(ContextConfig {
+            nixl_backends: Backends::empty(),
+            worker_threads: 1,
+            ..Default::default()
+        });
+        let sms = ctx.as_ref().ok().and_then(Context::copy_kernel_sms);
+        out.push(Check {
+            name: "copy kernel SMs",
+            ok: sms.is_some(),
+            detail: match (sms, &ctx) {
+                (Some([h2d, d2h, d2d]), _) => format!(
+                    "host->device {h2d}, device->host {d2h}, device<->device {d2d} (the SM budget \
+                     of max_sms = 0, measured on GPU 0)"
+                ),
+                (None, Ok(_)) => "the copy kernel is unavailable".into(),
+                (None, Err(e)) => e.to_string(),
+            },
+            hint: "kvxfer's copy kernel needs NVRTC (below); without it AUTO uses the copy engines",
+        });
         let nvrtc = kvxfer::nvrtc_location();
         out.push(Check {
             name: "nvrtc",

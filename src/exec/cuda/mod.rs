@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 pub(crate) use kernel::Kernel;
 pub(crate) use submit::submit;
 
-use crate::cuda::{CudaDevice, StreamGate};
+use crate::cuda::{CudaDevice, Direction, StreamGate};
 use crate::error::Result;
 use progress::Progress;
 
@@ -81,6 +81,18 @@ impl CudaExec {
                 })
             })
             .clone()
+    }
+
+    /// SMs the copy kernel takes on the context's device per direction (host -> device,
+    /// device -> host, device -> device); `None` without the kernel.
+    pub(crate) fn kernel_sms(&self) -> Option<[u32; 3]> {
+        let k = self.kernel(&self.primary).ok()?;
+        let sms = |d| k.sms(&self.primary, k.ctas(d));
+        Some([
+            sms(Direction::HostToDevice),
+            sms(Direction::DeviceToHost),
+            sms(Direction::DeviceToDevice),
+        ])
     }
 
     /// An event on the caller's stream, after which a transfer must start.
