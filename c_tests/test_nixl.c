@@ -298,6 +298,84 @@ static void importing_twice_keeps_each_peer(void) {
   free_exported(&e);
 }
 
+/* A host layout of 4 blocks, 2 layers, K and V, 4 tokens of heads of 16 bf16: n heads from
+ * begin in order. */
+static kvx_layout *heads_layout(kvx_context *ctx, uint32_t n, uint32_t begin, int32_t order) {
+  kvx_layout_config c;
+  kvx_layout_config_init(&c);
+  c.num_blocks = 4;
+  c.num_layers = 2;
+  c.outer_dim = 2;
+  c.page_size = 4;
+  c.inner_dim = (uint64_t)n * 16;
+  c.kind = KVX_LAYOUT_KIND_FULLY_CONTIGUOUS;
+  c.num_heads = n;
+  c.head_begin = begin;
+  c.head_order = order;
+  kvx_storage st = {KVX_STORAGE_KIND_SYSTEM, 0, NULL};
+  kvx_layout *l = NULL;
+  return kvx_layout_new(ctx, &c, &st, &l) == KVX_STATUS_OK ? l : NULL;
+}
+
+/* Head h of token t of (b, layer, o) in a host layout of n heads from begin in order. */
+static const uint8_t *head_of(kvx_layout *l, uint32_t n, uint32_t begin, int32_t order, uint64_t b,
+                              uint64_t layer, uint64_t o, uint64_t t, uint32_t h) {
+  kvx_memory r;
+  if (kvx_layout_region(l, b, layer, o, &r) != KVX_STATUS_OK) return NULL;
+  uint64_t i = h - begin, off = order == KVX_HEAD_ORDER_NHD ? (t * n + i) * 32 : (i * 4 + t) * 32;
+  return (const uint8_t *)(uintptr_t)(r.addr + off);
+}
+
+/* A TP 4 rank (heads 2..4, NHD) of context B written into context A's exported TP 2 rank (heads
+ * 0..4, HND): the export carries the heads, the transfer converts, A's heads 0..2 stay. */
+static void head_transform_into_a_peer(void) {
+  if (skipped) return;
+  kvx_context_config c;
+  kvx_context_config_init(&c);
+  kvx_context *a = NULL, *b = NULL;
+  CHECK_OK(kvx_context_new(&c, &a));
+  CHECK_OK(kvx_context_new(&c, &b));
+  kvx_layout *pool = heads_layout(a, 4, 0, KVX_HEAD_ORDER_HND);
+  kvx_layout *rank = heads_layout(b, 2, 2, KVX_HEAD_ORDER_NHD);
+  CHECK(pool != NULL && rank != NULL);
+  uint64_t all[4] = {0, 1, 2, 3}, sb[2] = {0, 3}, db[2] = {2, 1};
+  CHECK_OK(kvx_layout_fill(a, pool, all, 4, 1));
+  CHECK_OK(kvx_layout_fill(b, rank, all, 4, 2));
+  uint8_t keep[2][32];
+  memcpy(keep[0], head_of(pool, 4, 0, KVX_HEAD_ORDER_HND, 2, 1, 1, 3, 0), 32);
+  memcpy(keep[1], head_of(pool, 4, 0, KVX_HEAD_ORDER_HND, 2, 1, 1, 3, 1), 32);
+  const kvx_layout *list[1] = {pool};
+  kvx_bytes bytes = {NULL, 0};
+  CHECK_OK(kvx_context_export(a, list, 1, &bytes));
+  kvx_peer *peer = NULL;
+  CHECK_OK(kvx_context_import(b, bytes.data, bytes.len, &peer));
+  kvx_layout *remote = NULL;
+  CHECK_OK(kvx_peer_layout(peer, 0, &remote));
+  kvx_transfer *t = NULL;
+  CHECK_OK(kvx_transfer_submit(b, rank, sb, remote, db, 2, NULL, &t));
+  CHECK_OK(kvx_transfer_wait(t, 30000000));
+  kvx_transfer_stats st;
+  CHECK_OK(kvx_transfer_get_stats(t, &st));
+  CHECK(st.plan.first == KVX_STRATEGY_NIXL_WRITE && st.bytes == 2 * 2 * 2 * 4 * 2 * 32);
+  kvx_transfer_free(t);
+  for (int k = 0; k < 2; k++)
+    for (uint64_t l = 0; l < 2; l++)
+      for (uint64_t o = 0; o < 2; o++)
+        for (uint64_t tk = 0; tk < 4; tk++)
+          for (uint32_t h = 2; h < 4; h++)
+            CHECK(memcmp(head_of(pool, 4, 0, KVX_HEAD_ORDER_HND, db[k], l, o, tk, h),
+                         head_of(rank, 2, 2, KVX_HEAD_ORDER_NHD, sb[k], l, o, tk, h), 32) == 0);
+  CHECK(memcmp(keep[0], head_of(pool, 4, 0, KVX_HEAD_ORDER_HND, 2, 1, 1, 3, 0), 32) == 0);
+  CHECK(memcmp(keep[1], head_of(pool, 4, 0, KVX_HEAD_ORDER_HND, 2, 1, 1, 3, 1), 32) == 0);
+  kvx_layout_free(remote);
+  kvx_peer_free(peer);
+  kvx_bytes_free(&bytes);
+  kvx_layout_free(rank);
+  kvx_layout_free(pool);
+  kvx_context_free(b);
+  kvx_context_free(a);
+}
+
 int main(void) {
   RUN(default_context_loads_nixl);
   RUN(only_posix);
@@ -307,6 +385,7 @@ int main(void) {
   RUN(peer_key_authenticates_exports);
   RUN(freed_export_is_revoked);
   RUN(importing_twice_keeps_each_peer);
+  RUN(head_transform_into_a_peer);
   if (skipped) {
     printf("NIXL cannot be loaded: %s\n0 passed, 0 failed, 8 skipped\n", kvx_last_error());
     return 0;
