@@ -15,3 +15,103 @@ fn gpu_rdma_between_two_processes_moves_device_blocks_both_ways() {
         0,
     );
 }
+
+/// A layout of 8 blocks, 2 layers, 16 tokens of heads of 128 bf16: `n` heads from `begin`.
+fn heads_cfg(
+    kind: kvxfer::LayoutKind,
+    n: u32,
+    begin: u32,
+    order: kvxfer::HeadOrder,
+) -> kvxfer::LayoutConfig {
+    kvxfer::LayoutConfig {
+        num_blocks: 8,
+        num_layers: 2,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: u64::from(n) * 128,
+        dtype_width: 2,
+        alignment: 4096,
+        kind,
+        heads: kvxfer::Heads {
+            num_heads: n,
+            head_begin: begin,
+            order,
+        },
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
+fn head_transforms_between_device_memory_and_a_peer_go_through_the_bounce_pool() {
+    use kvxfer::HeadOrder::{HeadMajor, TokenMajor};
+    use kvxfer::{LayoutKind, StorageKind, StorageSpec, TransferOptions};
+    let exporter = kvxfer::Context::new(kvxfer::ContextConfig {
+        nixl_backends: kvxfer::Backends::UCX,
+        ..Default::default()
+    })
+    .expect("a context with NIXL's UCX backend");
+    let ctx = rdma_ctx(0);
+    let all = common::all(8);
+    // The peer's TP 2 rank (heads 0..4, HND) in host memory; this side's TP 4 rank (heads 2..4,
+    // NHD) on the device, filled from a pinned copy.
+    let pool = exporter
+        .new_layout(
+            heads_cfg(LayoutKind::FullyContiguous, 4, 0, HeadMajor),
+            &StorageSpec::new(StorageKind::Pinned),
+        )
+        .unwrap();
+    exporter.fill(&pool, &all, 1).unwrap();
+    let peer = ctx.import(&exporter.export(&[&pool]).unwrap()).unwrap();
+    let remote = &peer.layouts()[0];
+    let src = layout(
+        &ctx,
+        heads_cfg(LayoutKind::FullyContiguous, 2, 2, TokenMajor),
+        StorageKind::Pinned,
+    );
+    ctx.fill(&src, &all, 2).unwrap();
+    let dev = layout(
+        &ctx,
+        heads_cfg(LayoutKind::LayerSeparateBlockFirst, 2, 2, TokenMajor),
+        StorageKind::Device,
+    );
+    let opts = TransferOptions::default();
+    ctx.submit(&src, &all, &dev, &all, &opts)
+        .unwrap()
+        .wait(None)
+        .unwrap();
+    let (sb, db) = ([0u64, 5, 7], [6u64, 1, 3]);
+    let t = ctx.submit(&dev, &sb, remote, &db, &opts).unwrap();
+    t.wait(Some(std::time::Duration::from_secs(60))).unwrap();
+    assert!(t.stats().bounced, "staged through the bounce pool");
+    // Read the same heads back into another device rank, then to pinned memory to look.
+    let dev2 = layout(
+        &ctx,
+        heads_cfg(LayoutKind::FullyContiguous, 2, 2, HeadMajor),
+        StorageKind::Device,
+    );
+    let t = ctx.submit(remote, &db, &dev2, &sb, &opts).unwrap();
+    t.wait(Some(std::time::Duration::from_secs(60))).unwrap();
+    assert!(t.stats().bounced);
+    let back = layout(
+        &ctx,
+        heads_cfg(LayoutKind::FullyContiguous, 2, 2, HeadMajor),
+        StorageKind::Pinned,
+    );
+    ctx.submit(&dev2, &all, &back, &all, &opts)
+        .unwrap()
+        .wait(None)
+        .unwrap();
+    for (&s, &d) in sb.iter().zip(&db) {
+        for l in 0..2 {
+            for o in 0..2 {
+                for tok in 0..16 {
+                    for h in 2..4 {
+                        let want = common::head_slice(&src, s, l, o, tok, h);
+                        assert_eq!(common::head_slice(&pool, d, l, o, tok, h), want, "write");
+                        assert_eq!(common::head_slice(&back, s, l, o, tok, h), want, "read");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -82,12 +82,13 @@ impl Resources {
 
 /// Starts the executor that serves `plan` for the validated `request`; returns before the bytes
 /// have moved. An error means nothing was queued.
-/// A head transform between host memory and a peer moves through the bounce pool when its
+/// A head transform between local memory and a peer moves through the bounce pool when its
 /// pieces average less than this: one NIXL descriptor per piece is slow below it.
 const STAGE_PIECES_BELOW: u64 = 16 << 10;
 
 /// Whether `request` (a NIXL write when `write`, else a read) is a head transform between
-/// local host memory and a peer's layout with small pieces (`two_hop::submit_staged_peer`).
+/// local host or device memory and a peer's layout with small pieces
+/// (`two_hop::submit_staged_peer`).
 fn stages_through_bounce(request: &Request<'_>, write: bool) -> bool {
     let (local, remote) = if write {
         (request.src, request.dst)
@@ -97,7 +98,7 @@ fn stages_through_bounce(request: &Request<'_>, write: bool) -> bool {
     if !remote.is_remote()
         || !matches!(
             local.storage_kind(),
-            StorageKind::System | StorageKind::Pinned
+            StorageKind::System | StorageKind::Pinned | StorageKind::Device
         )
     {
         return false;

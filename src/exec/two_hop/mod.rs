@@ -329,29 +329,34 @@ enum Ends<'a> {
     HostToPeer { copier: &'a Spawner, peer: Peer<'a> },
     /// NIXL reads of the peer's runs into the buffers, host copies out of them.
     PeerToHost { copier: &'a Spawner, peer: Peer<'a> },
+    /// Device-to-host copies into the buffers (in the peer's order), NIXL writes out of them.
+    DeviceToPeer { dev: DeviceEnd<'a>, peer: Peer<'a> },
+    /// NIXL reads of the peer's runs into the buffers, host-to-device copies out of them.
+    PeerToDevice { dev: DeviceEnd<'a>, peer: Peer<'a> },
 }
 
 /// Moves `copies` between `ends` through `lease`'s two buffers, on the calling (worker)
 /// thread.
 fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'_>) -> Result<()> {
     let pair = lease.pair()?;
-    let disk = !matches!(
+    let to_peer = matches!(
         ends,
-        Ends::HostToDevice { .. }
-            | Ends::DeviceToHost { .. }
-            | Ends::HostToPeer { .. }
+        Ends::HostToPeer { .. }
             | Ends::PeerToHost { .. }
+            | Ends::DeviceToPeer { .. }
+            | Ends::PeerToDevice { .. }
     );
+    let disk = !to_peer && !matches!(ends, Ends::HostToDevice { .. } | Ends::DeviceToHost { .. });
     // Host <-> device keeps the list's order; only the disk paths sort a copy of it.
     let mut copies = std::borrow::Cow::Borrowed(copies);
-    if let Ends::HostToPeer { .. } | Ends::PeerToHost { .. } = ends {
+    if to_peer {
         let agent = agent.ok_or_else(|| Error::Internal("a peer hop without NIXL".into()))?;
         for b in pair {
             b.ensure_nixl_registered(agent)?;
         }
         // In the peer side's order (the list walks destinations; a read's sources are the
         // peer's), so that the peer's runs merge.
-        if let Ends::PeerToHost { .. } = ends {
+        if let Ends::PeerToHost { .. } | Ends::PeerToDevice { .. } = ends {
             copies.to_mut().sort_unstable_by_key(|c| c.src);
         }
     }
@@ -374,7 +379,7 @@ fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'
     // overlaps the transfer of the other from the second chunk on (a 32 MiB transfer in 16 MiB
     // chunks barely overlapped); the disk and device paths keep CHUNK (deep disk queues).
     let chunks = match ends {
-        Ends::HostToPeer { .. } | Ends::PeerToHost { .. } => {
+        _ if to_peer => {
             let bytes: u64 = copies.iter().map(|c| c.len).sum();
             chunks_of(&copies, (bytes / 8).max(PEER_CHUNK_MIN))
         }
@@ -385,13 +390,13 @@ fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'
         Ends::DiskToDisk { src, .. } | Ends::DiskToDevice { src, .. } => {
             disk_hop(nixl()?, &pair[i % 2], src, &chunks[i], true)
         }
-        Ends::DeviceToDisk { dev, .. } | Ends::DeviceToHost { dev, .. } => {
-            device_hop(dev, &pair[i % 2], &chunks[i], true)
-        }
+        Ends::DeviceToDisk { dev, .. }
+        | Ends::DeviceToHost { dev, .. }
+        | Ends::DeviceToPeer { dev, .. } => device_hop(dev, &pair[i % 2], &chunks[i], true),
         Ends::HostToDevice { copier, .. } | Ends::HostToPeer { copier, .. } => {
             host_hop(copier, &pair[i % 2], &chunks[i], i, true)
         }
-        Ends::PeerToHost { ref peer, .. } => {
+        Ends::PeerToHost { ref peer, .. } | Ends::PeerToDevice { ref peer, .. } => {
             peer_hop(nixl()?, peer, &pair[i % 2], &chunks[i], true)
         }
     };
@@ -399,21 +404,22 @@ fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'
         Ends::DiskToDisk { dst, .. } | Ends::DeviceToDisk { dst, .. } => {
             disk_hop(nixl()?, &pair[i % 2], dst, &chunks[i], false)
         }
-        Ends::DiskToDevice { dev, .. } | Ends::HostToDevice { dev, .. } => {
-            device_hop(dev, &pair[i % 2], &chunks[i], false)
-        }
+        Ends::DiskToDevice { dev, .. }
+        | Ends::HostToDevice { dev, .. }
+        | Ends::PeerToDevice { dev, .. } => device_hop(dev, &pair[i % 2], &chunks[i], false),
         Ends::DeviceToHost { copier, .. } | Ends::PeerToHost { copier, .. } => {
             host_hop(copier, &pair[i % 2], &chunks[i], i, false)
         }
-        Ends::HostToPeer { ref peer, .. } => {
+        Ends::HostToPeer { ref peer, .. } | Ends::DeviceToPeer { ref peer, .. } => {
             peer_hop(nixl()?, peer, &pair[i % 2], &chunks[i], false)
         }
     };
     // The hop whose start returns at once goes first, so the other runs meanwhile.
     let order = match ends {
-        Ends::DiskToDevice { .. } | Ends::DeviceToHost { .. } | Ends::PeerToHost { .. } => {
-            Order::FillFirst
-        }
+        Ends::DiskToDevice { .. }
+        | Ends::DeviceToHost { .. }
+        | Ends::PeerToHost { .. }
+        | Ends::PeerToDevice { .. } => Order::FillFirst,
         _ => Order::DrainFirst,
     };
     pipeline(chunks.len(), order, fill, drain, |h| h.wait(agent))
@@ -482,10 +488,10 @@ pub(crate) fn submit(
     Ok(Transfer::new(completion, stats, cuda.is_some()))
 }
 
-/// A head transform between local host memory and a peer's layout whose pieces are small
-/// (a head of a token): one NIXL descriptor per piece ran at the transport's per-descriptor
-/// speed. Staged instead: the pieces are copied (on this worker and idle ones) into a bounce
-/// buffer in the peer's order, and NIXL moves the peer's runs (all the common heads of a
+/// A head transform between local host or device memory and a peer's layout whose pieces are
+/// small (a head of a token): one NIXL descriptor per piece ran at the transport's
+/// per-descriptor speed. Staged instead: the pieces are copied (host copies on this worker and
+/// idle ones, or the device hop of the disk paths) into a bounce buffer in the peer's order, and NIXL moves the peer's runs (all the common heads of a
 /// region, for a head-major peer) in one request per chunk; reads the other way round. The
 /// plan stays the seed's (`write`: NixlWrite, else NixlReadFlipped); `notify` is sent once
 /// every chunk's write has completed (every byte is in place); stats say a bounce was used.
@@ -510,9 +516,19 @@ pub(crate) fn submit_staged_peer(
         .begin_remote_use()?
         .ok_or_else(|| Error::Internal("a peer layout without its use state".into()))?;
     let local = if write { request.src } else { request.dst };
-    local
-        .memory()
-        .ensure_nixl_registered_with(nixl.agent.agent(), || nixl.agent.buffered_file_args())?;
+    // Device memory on this side: its device and copy kernel for the device hop.
+    let device = match local.storage_kind() {
+        StorageKind::Device => {
+            let dev = local
+                .memory()
+                .device()
+                .cloned()
+                .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
+            let kernel = cuda.and_then(|c| c.kernel(&dev).ok());
+            Some((dev, kernel))
+        }
+        _ => None,
+    };
     let copier = workers
         .spawner()
         .ok_or_else(|| Error::Internal("the worker pool is shutting down".into()))?;
@@ -534,16 +550,23 @@ pub(crate) fn submit_staged_peer(
             agent: &peer_agent,
             guard: &guard,
         };
-        let ends = if write {
-            Ends::HostToPeer {
+        let ends = match (&device, write) {
+            (None, true) => Ends::HostToPeer {
                 copier: &copier,
                 peer,
-            }
-        } else {
-            Ends::PeerToHost {
+            },
+            (None, false) => Ends::PeerToHost {
                 copier: &copier,
                 peer,
-            }
+            },
+            (Some(d), true) => Ends::DeviceToPeer {
+                dev: DeviceEnd::of(d, CopyMode::Auto),
+                peer,
+            },
+            (Some(d), false) => Ends::PeerToDevice {
+                dev: DeviceEnd::of(d, CopyMode::Auto),
+                peer,
+            },
         };
         run(Some(agent.agent()), ends, &list.copies, &lease)?;
         match notify {
