@@ -245,26 +245,6 @@ fn gds_moves_device_blocks_or_is_refused_before_anything_moves() {
     }
 }
 
-/// A layout of 32 blocks, 2 layers, 16 tokens of heads of 128 bf16, holding `n` heads from
-/// `begin` in `order`.
-fn heads_cfg(kind: LayoutKind, n: u32, begin: u32, order: kvxfer::HeadOrder) -> LayoutConfig {
-    LayoutConfig {
-        num_blocks: 32,
-        num_layers: 2,
-        outer_dim: 2,
-        page_size: 16,
-        inner_dim: u64::from(n) * 128,
-        dtype_width: 2,
-        alignment: 4096,
-        kind,
-        heads: kvxfer::Heads {
-            num_heads: n,
-            head_begin: begin,
-            order,
-        },
-    }
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU and NIXL: run scripts/gpu-test"]
 fn head_transforms_through_the_device_disk_two_hop() {
@@ -273,7 +253,7 @@ fn head_transforms_through_the_device_disk_two_hop() {
     let n = 32;
     let src = layout(
         &ctx,
-        heads_cfg(LayoutKind::FullyContiguous, 8, 0, TokenMajor),
+        heads_cfg(LayoutKind::FullyContiguous, 32, 8, 0, TokenMajor),
         StorageKind::Pinned,
     );
     ctx.fill(&src, &all(n), 11).unwrap();
@@ -281,22 +261,22 @@ fn head_transforms_through_the_device_disk_two_hop() {
     // NHD), reloaded into a TP 4 rank on the device (HND), read back to pinned memory.
     let dev = layout(
         &ctx,
-        heads_cfg(LayoutKind::LayerSeparateBlockFirst, 4, 4, HeadMajor),
+        heads_cfg(LayoutKind::LayerSeparateBlockFirst, 32, 4, 4, HeadMajor),
         StorageKind::Device,
     );
     let disk = layout(
         &ctx,
-        heads_cfg(LayoutKind::FullyContiguous, 2, 4, TokenMajor),
+        heads_cfg(LayoutKind::FullyContiguous, 32, 2, 4, TokenMajor),
         StorageKind::Disk,
     );
     let dev2 = layout(
         &ctx,
-        heads_cfg(LayoutKind::LayerSeparateOuterFirst, 2, 4, HeadMajor),
+        heads_cfg(LayoutKind::LayerSeparateOuterFirst, 32, 2, 4, HeadMajor),
         StorageKind::Device,
     );
     let back = layout(
         &ctx,
-        heads_cfg(LayoutKind::FullyContiguous, 2, 4, HeadMajor),
+        heads_cfg(LayoutKind::FullyContiguous, 32, 2, 4, HeadMajor),
         StorageKind::Pinned,
     );
     let rev: Vec<u64> = (0..n).rev().collect();

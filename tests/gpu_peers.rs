@@ -16,30 +16,6 @@ fn gpu_rdma_between_two_processes_moves_device_blocks_both_ways() {
     );
 }
 
-/// A layout of 8 blocks, 2 layers, 16 tokens of heads of 128 bf16: `n` heads from `begin`.
-fn heads_cfg(
-    kind: kvxfer::LayoutKind,
-    n: u32,
-    begin: u32,
-    order: kvxfer::HeadOrder,
-) -> kvxfer::LayoutConfig {
-    kvxfer::LayoutConfig {
-        num_blocks: 8,
-        num_layers: 2,
-        outer_dim: 2,
-        page_size: 16,
-        inner_dim: u64::from(n) * 128,
-        dtype_width: 2,
-        alignment: 4096,
-        kind,
-        heads: kvxfer::Heads {
-            num_heads: n,
-            head_begin: begin,
-            order,
-        },
-    }
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
 fn head_transforms_between_device_memory_and_a_peer_go_through_the_bounce_pool() {
@@ -56,7 +32,7 @@ fn head_transforms_between_device_memory_and_a_peer_go_through_the_bounce_pool()
     // NHD) on the device, filled from a pinned copy.
     let pool = exporter
         .new_layout(
-            heads_cfg(LayoutKind::FullyContiguous, 4, 0, HeadMajor),
+            heads_cfg(LayoutKind::FullyContiguous, 8, 4, 0, HeadMajor),
             &StorageSpec::new(StorageKind::Pinned),
         )
         .unwrap();
@@ -65,13 +41,13 @@ fn head_transforms_between_device_memory_and_a_peer_go_through_the_bounce_pool()
     let remote = &peer.layouts()[0];
     let src = layout(
         &ctx,
-        heads_cfg(LayoutKind::FullyContiguous, 2, 2, TokenMajor),
+        heads_cfg(LayoutKind::FullyContiguous, 8, 2, 2, TokenMajor),
         StorageKind::Pinned,
     );
     ctx.fill(&src, &all, 2).unwrap();
     let dev = layout(
         &ctx,
-        heads_cfg(LayoutKind::LayerSeparateBlockFirst, 2, 2, TokenMajor),
+        heads_cfg(LayoutKind::LayerSeparateBlockFirst, 8, 2, 2, TokenMajor),
         StorageKind::Device,
     );
     let opts = TransferOptions::default();
@@ -86,7 +62,7 @@ fn head_transforms_between_device_memory_and_a_peer_go_through_the_bounce_pool()
     // Read the same heads back into another device rank, then to pinned memory to look.
     let dev2 = layout(
         &ctx,
-        heads_cfg(LayoutKind::FullyContiguous, 2, 2, HeadMajor),
+        heads_cfg(LayoutKind::FullyContiguous, 8, 2, 2, HeadMajor),
         StorageKind::Device,
     );
     let t = ctx.submit(remote, &db, &dev2, &sb, &opts).unwrap();
@@ -94,7 +70,7 @@ fn head_transforms_between_device_memory_and_a_peer_go_through_the_bounce_pool()
     assert!(t.stats().bounced);
     let back = layout(
         &ctx,
-        heads_cfg(LayoutKind::FullyContiguous, 2, 2, HeadMajor),
+        heads_cfg(LayoutKind::FullyContiguous, 8, 2, 2, HeadMajor),
         StorageKind::Pinned,
     );
     ctx.submit(&dev2, &all, &back, &all, &opts)

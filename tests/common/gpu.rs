@@ -43,6 +43,32 @@ pub fn cfg(
     }
 }
 
+/// `blocks` blocks of 2 layers, K and V, 16 tokens of heads of 128 bf16, holding `n` heads from
+/// `begin` in `order` (head transform tests).
+pub fn heads_cfg(
+    kind: LayoutKind,
+    blocks: u64,
+    n: u32,
+    begin: u32,
+    order: kvxfer::HeadOrder,
+) -> LayoutConfig {
+    LayoutConfig {
+        num_blocks: blocks,
+        num_layers: 2,
+        outer_dim: 2,
+        page_size: 16,
+        inner_dim: u64::from(n) * 128,
+        dtype_width: 2,
+        alignment: 4096,
+        kind,
+        heads: kvxfer::Heads {
+            num_heads: n,
+            head_begin: begin,
+            order,
+        },
+    }
+}
+
 pub fn layout(ctx: &Context, c: LayoutConfig, storage: StorageKind) -> Layout {
     ctx.new_layout(c, &StorageSpec::new(storage))
         .expect("layout")

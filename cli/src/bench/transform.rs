@@ -99,7 +99,7 @@ pub fn run(a: &TransformArgs) -> Result<(), String> {
             a.total_mib, a.iters
         );
         println!(
-            "{:<5} {:<22} {:>9} {:>9} {:>10} {:>7}",
+            "{:<10} {:<22} {:>9} {:>9} {:>10} {:>7}",
             "dir", "case", "slice", "GB/s", "plain GB/s", "ratio"
         );
     }
@@ -126,32 +126,14 @@ pub fn run(a: &TransformArgs) -> Result<(), String> {
                             .map_err(err)
                     })
                 };
-                let (mut tt, mut pt) = (Vec::new(), Vec::new());
-                for i in 0..=a.iters {
-                    let (x, y) = (once(&ts, &td)?, once(&ps, &pd)?);
-                    if i > 0 {
-                        tt.push(x);
-                        pt.push(y);
-                    }
-                }
                 let bytes = (blocks * moved_per_block) as f64;
-                let (gbps, plain_gbps) = (bytes / median(tt) / 1e9, bytes / median(pt) / 1e9);
-                let ratio = gbps / plain_gbps;
-                if a.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "name": "transform", "direction": dir, "case": case,
-                            "fragment_bytes": head_bytes, "bytes": bytes, "iters": a.iters,
-                            "gbps": gbps, "plain_gbps": plain_gbps, "ratio": ratio,
-                        })
-                    );
-                } else {
-                    println!(
-                        "{dir:<5} {case:<22} {:>7} B {gbps:>9.2} {plain_gbps:>10.2} {ratio:>7.3}",
-                        head_bytes
-                    );
-                }
+                let row = Row {
+                    dir,
+                    case,
+                    head_bytes,
+                    bytes,
+                };
+                row.measure(a, || once(&ts, &td), || once(&ps, &pd))?;
             }
         }
     }
@@ -213,34 +195,71 @@ fn peer(a: &TransformArgs) -> Result<(), String> {
                         t.and_then(|t| t.wait(None)).map_err(err)
                     })
                 };
-                let (mut tt, mut pt) = (Vec::new(), Vec::new());
-                for i in 0..=a.iters {
-                    let (x, y) = (once(&local, remote)?, once(&plain_local, remote_plain)?);
-                    if i > 0 {
-                        tt.push(x);
-                        pt.push(y);
-                    }
-                }
                 let bytes = (blocks * moved_per_block) as f64;
-                let (gbps, plain_gbps) = (bytes / median(tt) / 1e9, bytes / median(pt) / 1e9);
-                let ratio = gbps / plain_gbps;
-                if a.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "name": "transform", "direction": dir, "case": case,
-                            "fragment_bytes": head_bytes, "bytes": bytes, "iters": a.iters,
-                            "gbps": gbps, "plain_gbps": plain_gbps, "ratio": ratio,
-                        })
-                    );
-                } else {
-                    println!(
-                        "{dir:<10} {case:<22} {:>7} B {gbps:>9.2} {plain_gbps:>10.2} {ratio:>7.3}",
-                        head_bytes
-                    );
-                }
+                let row = Row {
+                    dir,
+                    case,
+                    head_bytes,
+                    bytes,
+                };
+                row.measure(
+                    a,
+                    || once(&local, remote),
+                    || once(&plain_local, remote_plain),
+                )?;
             }
         }
     }
     Ok(())
+}
+
+/// One row of the bench: a direction, a case and a head slice size moving `bytes`.
+#[derive(Clone, Copy)]
+struct Row {
+    dir: &'static str,
+    case: &'static str,
+    head_bytes: u64,
+    bytes: f64,
+}
+
+impl Row {
+    /// Times `transformed` and `plain` alternately (round 0 warms up), prints the medians.
+    fn measure(
+        &self,
+        a: &TransformArgs,
+        mut transformed: impl FnMut() -> Result<f64, String>,
+        mut plain: impl FnMut() -> Result<f64, String>,
+    ) -> Result<(), String> {
+        let (mut tt, mut pt) = (Vec::new(), Vec::new());
+        for i in 0..=a.iters {
+            let (x, y) = (transformed()?, plain()?);
+            if i > 0 {
+                tt.push(x);
+                pt.push(y);
+            }
+        }
+        let (gbps, plain_gbps) = (self.bytes / median(tt) / 1e9, self.bytes / median(pt) / 1e9);
+        let ratio = gbps / plain_gbps;
+        let Row {
+            dir,
+            case,
+            head_bytes,
+            bytes,
+        } = *self;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "name": "transform", "direction": dir, "case": case,
+                    "fragment_bytes": head_bytes, "bytes": bytes, "iters": a.iters,
+                    "gbps": gbps, "plain_gbps": plain_gbps, "ratio": ratio,
+                })
+            );
+        } else {
+            println!(
+                "{dir:<10} {case:<22} {head_bytes:>7} B {gbps:>9.2} {plain_gbps:>10.2} {ratio:>7.3}"
+            );
+        }
+        Ok(())
+    }
 }
