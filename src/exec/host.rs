@@ -51,7 +51,7 @@ fn submit_transform(
     pieces: Vec<Piece>,
 ) -> Transfer {
     let pairs = request.region_pairs();
-    let bytes = request.bytes();
+    let bytes = request.bytes_with(Some(&pieces));
     let stats = TransferStats {
         bytes,
         fragments: request.fragments(),

@@ -211,9 +211,7 @@ impl Request<'_> {
         let n = self.fragments();
         let pieces = self.transform();
         let per_fragment = pieces.as_ref().map_or(1, |p| p.len() as u64).max(1);
-        let moved = pieces
-            .as_ref()
-            .map_or(region, |p| p.iter().map(|p| p.len).sum());
+        let bytes = self.bytes_with(pieces.as_deref());
         let mut list = CopyList {
             // One allocation instead of ~17 doublings, each copying the list so far (a fifth of
             // the build's time at 64k fragments). Coalescing can only shorten the list.
@@ -223,7 +221,7 @@ impl Request<'_> {
                     .min(1 << 20),
             ),
             fragments: n,
-            bytes: n * moved,
+            bytes,
         };
         match &pieces {
             None => self.walk(|src, dst| coalesce(&mut list.copies, src, dst, region)),
@@ -244,11 +242,10 @@ impl Request<'_> {
         v
     }
 
-    /// Bytes the request moves: whole regions, or a transform's pieces.
-    pub fn bytes(&self) -> u64 {
-        let per = self
-            .transform()
-            .map_or(self.src.region_len(), |p| p.iter().map(|p| p.len).sum());
+    /// Bytes the request moves: whole regions, or the pieces of its head transform
+    /// (`transform`, as `Request::transform` returned it).
+    pub(crate) fn bytes_with(&self, transform: Option<&[Piece]>) -> u64 {
+        let per = transform.map_or(self.src.region_len(), |p| p.iter().map(|p| p.len).sum());
         self.fragments() * per
     }
 

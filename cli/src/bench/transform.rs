@@ -22,6 +22,8 @@ pub struct TransformArgs {
 }
 
 const PAGE: u64 = 16;
+/// Bytes of one head of one token (head_dim x 2) the rows measure.
+const SLICES: [u64; 4] = [256, 1024, 4096, 16384];
 /// Heads both sides of every case hold.
 const COMMON: u64 = 2;
 
@@ -93,21 +95,14 @@ pub fn run(a: &TransformArgs) -> Result<(), String> {
     } else {
         &[("host", StorageKind::System, StorageKind::System)]
     };
-    if !a.json {
-        println!(
-            "head transforms, {} MiB moved per transfer, median of {}",
-            a.total_mib, a.iters
-        );
-        println!(
-            "{:<10} {:<22} {:>9} {:>9} {:>10} {:>7}",
-            "dir", "case", "slice", "GB/s", "plain GB/s", "ratio"
-        );
-    }
-    let total = a.total_mib << 20;
-    for head_bytes in [256u64, 1024, 4096, 16384] {
-        let moved_per_block = 2 * PAGE * COMMON * head_bytes;
-        let blocks = (total / moved_per_block).max(1);
-        let (sb, db) = shuffled_ids(blocks, head_bytes);
+    header(a, "head transforms");
+    for head_bytes in SLICES {
+        let Sizes {
+            moved_per_block,
+            blocks,
+            src_ids: sb,
+            dst_ids: db,
+        } = Sizes::of(a, head_bytes);
         for &(dir, sk, dk) in directions {
             let (ps, pd) = (
                 new(&ctx, plain(blocks, head_bytes), sk)?,
@@ -137,19 +132,7 @@ pub fn run(a: &TransformArgs) -> Result<(), String> {
             }
         }
     }
-    if !a.json {
-        legend(&[
-            (
-                "slice",
-                "bytes of one head of one token (head_dim x 2): the unit an NHD <-> HND transform moves",
-            ),
-            (
-                "plain",
-                "the same bytes per block moved between layouts without heads (whole regions)",
-            ),
-            ("ratio", "transformed GB/s / plain GB/s, same run"),
-        ]);
-    }
+    footer(a);
     Ok(())
 }
 
@@ -159,21 +142,14 @@ pub fn run(a: &TransformArgs) -> Result<(), String> {
 fn peer(a: &TransformArgs) -> Result<(), String> {
     let ctx = Context::new(kvxfer::ContextConfig::default()).map_err(err)?;
     let other = Context::new(kvxfer::ContextConfig::default()).map_err(err)?;
-    if !a.json {
-        println!(
-            "head transforms to and from a peer over UCX, {} MiB per transfer, median of {}",
-            a.total_mib, a.iters
-        );
-        println!(
-            "{:<10} {:<22} {:>9} {:>9} {:>10} {:>7}",
-            "dir", "case", "slice", "GB/s", "plain GB/s", "ratio"
-        );
-    }
-    let total = a.total_mib << 20;
-    for head_bytes in [256u64, 1024, 4096, 16384] {
-        let moved_per_block = 2 * PAGE * COMMON * head_bytes;
-        let blocks = (total / moved_per_block).max(1);
-        let (sb, db) = shuffled_ids(blocks, head_bytes);
+    header(a, "head transforms to and from a peer over UCX");
+    for head_bytes in SLICES {
+        let Sizes {
+            moved_per_block,
+            blocks,
+            src_ids: sb,
+            dst_ids: db,
+        } = Sizes::of(a, head_bytes);
         let host = StorageKind::System;
         let plain_local = new(&ctx, plain(blocks, head_bytes), host)?;
         let plain_far = new(&other, plain(blocks, head_bytes), host)?;
@@ -210,6 +186,7 @@ fn peer(a: &TransformArgs) -> Result<(), String> {
             }
         }
     }
+    footer(a);
     Ok(())
 }
 
@@ -261,5 +238,59 @@ impl Row {
             );
         }
         Ok(())
+    }
+}
+
+/// A row's sizes: bytes each block moves (the common heads of 16 tokens, K and V), blocks for
+/// --total-mib, and shuffled source and destination ids.
+struct Sizes {
+    moved_per_block: u64,
+    blocks: u64,
+    src_ids: Vec<u64>,
+    dst_ids: Vec<u64>,
+}
+
+impl Sizes {
+    fn of(a: &TransformArgs, head_bytes: u64) -> Self {
+        let moved_per_block = 2 * PAGE * COMMON * head_bytes;
+        let blocks = ((a.total_mib << 20) / moved_per_block).max(1);
+        let (src_ids, dst_ids) = shuffled_ids(blocks, head_bytes);
+        Self {
+            moved_per_block,
+            blocks,
+            src_ids,
+            dst_ids,
+        }
+    }
+}
+
+/// The table's title and column heads (not with --json).
+fn header(a: &TransformArgs, what: &str) {
+    if !a.json {
+        println!(
+            "{what}, {} MiB moved per transfer, median of {}",
+            a.total_mib, a.iters
+        );
+        println!(
+            "{:<10} {:<22} {:>9} {:>9} {:>10} {:>7}",
+            "dir", "case", "slice", "GB/s", "plain GB/s", "ratio"
+        );
+    }
+}
+
+/// The columns' legend (not with --json).
+fn footer(a: &TransformArgs) {
+    if !a.json {
+        legend(&[
+            (
+                "slice",
+                "bytes of one head of one token (head_dim x 2): the unit an NHD <-> HND transform moves",
+            ),
+            (
+                "plain",
+                "the same bytes per block moved between layouts without heads (whole regions)",
+            ),
+            ("ratio", "transformed GB/s / plain GB/s, same run"),
+        ]);
     }
 }

@@ -174,7 +174,7 @@ pub(crate) fn submit(
     };
     let recorded = started.elapsed();
     let completion = Completion::new(1);
-    let bytes = request.bytes();
+    let bytes = request.bytes_with(transform.as_deref());
     let route = Route {
         direction,
         kernel: choice.mechanism == Mechanism::Kernel,

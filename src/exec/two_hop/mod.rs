@@ -425,6 +425,30 @@ fn run(agent: Option<&Agent>, ends: Ends<'_>, copies: &[CopyOp], lease: &Lease<'
     pipeline(chunks.len(), order, fill, drain, |h| h.wait(agent))
 }
 
+/// The CUDA device that holds device memory `m`.
+fn device_of(m: &Memory) -> Result<Arc<CudaDevice>> {
+    m.device()
+        .cloned()
+        .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))
+}
+
+/// The device of device memory `m` with its copy kernel, where it has one: a device end.
+fn device_end(
+    m: &Memory,
+    cuda: Option<&CudaExec>,
+) -> Result<(Arc<CudaDevice>, Option<Arc<Kernel>>)> {
+    let dev = device_of(m)?;
+    let kernel = cuda.and_then(|c| c.kernel(&dev).ok());
+    Ok((dev, kernel))
+}
+
+/// A handle for host copies on the worker pool (the helpers of a transfer's host hop).
+fn spawner(workers: &Workers) -> Result<Spawner> {
+    workers
+        .spawner()
+        .ok_or_else(|| Error::Internal("the worker pool is shutting down".into()))
+}
+
 /// Disk -> disk, device -> disk and disk -> device through the context's pinned bounce buffers,
 /// pipelined on a worker thread. `gate`: start after the work queued on a caller's stream.
 pub(crate) fn submit(
@@ -443,14 +467,7 @@ pub(crate) fn submit(
         (_, StorageKind::Device) => Some(&dst),
         _ => None,
     }
-    .map(|m| -> Result<_> {
-        let dev = m
-            .device()
-            .cloned()
-            .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
-        let kernel = cuda.and_then(|c| c.kernel(&dev).ok());
-        Ok((dev, kernel))
-    })
+    .map(|m| device_end(m, cuda))
     .transpose()?;
     let agent = &nixl.agent;
     for m in [&src, &dst] {
@@ -491,8 +508,9 @@ pub(crate) fn submit(
 /// A head transform between local host or device memory and a peer's layout whose pieces are
 /// small (a head of a token): one NIXL descriptor per piece ran at the transport's
 /// per-descriptor speed. Staged instead: the pieces are copied (host copies on this worker and
-/// idle ones, or the device hop of the disk paths) into a bounce buffer in the peer's order, and NIXL moves the peer's runs (all the common heads of a
-/// region, for a head-major peer) in one request per chunk; reads the other way round. The
+/// idle ones, or the device hop of the disk paths) into a bounce buffer in the peer's order,
+/// and NIXL moves the peer's runs (all the common heads of a region, for a head-major peer) in
+/// one request per chunk; reads the other way round. The
 /// plan stays the seed's (`write`: NixlWrite, else NixlReadFlipped); `notify` is sent once
 /// every chunk's write has completed (every byte is in place); stats say a bounce was used.
 #[allow(clippy::too_many_arguments)]
@@ -518,20 +536,10 @@ pub(crate) fn submit_staged_peer(
     let local = if write { request.src } else { request.dst };
     // Device memory on this side: its device and copy kernel for the device hop.
     let device = match local.storage_kind() {
-        StorageKind::Device => {
-            let dev = local
-                .memory()
-                .device()
-                .cloned()
-                .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
-            let kernel = cuda.and_then(|c| c.kernel(&dev).ok());
-            Some((dev, kernel))
-        }
+        StorageKind::Device => Some(device_end(local.memory(), cuda)?),
         _ => None,
     };
-    let copier = workers
-        .spawner()
-        .ok_or_else(|| Error::Internal("the worker pool is shutting down".into()))?;
+    let copier = spawner(workers)?;
     let list = request.build();
     let stats = TransferStats {
         bounced: true,
@@ -598,18 +606,13 @@ pub(crate) fn submit_pageable(
     let (src, dst) = (request.src.memory().clone(), request.dst.memory().clone());
     let to_device = dst.kind() == StorageKind::Device;
     let device_side = if to_device { &dst } else { &src };
-    let dev = device_side
-        .device()
-        .cloned()
-        .ok_or_else(|| Error::Internal("device layout without a CUDA device".into()))?;
+    let dev = device_of(device_side)?;
     let kernel = match (cuda.kernel(&dev), mode) {
         (Ok(k), _) => Some(k),
         (Err(why), CopyMode::Kernel) => return Err(Error::Unavailable(why)),
         (Err(_), _) => None,
     };
-    let copier = workers
-        .spawner()
-        .ok_or_else(|| Error::Internal("the worker pool is shutting down".into()))?;
+    let copier = spawner(workers)?;
     let built = std::time::Instant::now();
     let list = request.build();
     tracing::trace!(
