@@ -54,6 +54,7 @@ static void config_defaults(void) {
   CHECK(c.disk_dir == NULL);
   CHECK(c.worker_threads == 0);
   CHECK(c.max_sms == 0);
+  CHECK(c.disable_ipc == 0);
   kvx_context_config_init(NULL); /* no-op */
 
   kvx_layout_config l;
@@ -108,6 +109,11 @@ static void context_errors_leave_output_untouched(void) {
   c.allow_gds = 2;
   CHECK_STATUS(kvx_context_new(&c, &ctx), KVX_STATUS_INVALID_ARGUMENT);
   CHECK(strstr(kvx_last_error(), "allow_gds") != NULL);
+
+  kvx_context_config_init(&c);
+  c.disable_ipc = 3;
+  CHECK_STATUS(kvx_context_new(&c, &ctx), KVX_STATUS_INVALID_ARGUMENT);
+  CHECK(strstr(kvx_last_error(), "disable_ipc") != NULL);
 
   kvx_context_config_init(&c);
   c.worker_threads = 100000;

@@ -202,12 +202,16 @@ static void poll_wait_stats_and_free_order(void) {
   CHECK_OK(kvx_transfer_get_stats(tr, &st)); /* works while pending too */
   CHECK(st.bytes == 512ull * 4 * 2 * 2048);
   CHECK(st.bounced == 0 && st.sms == 0 && st.mechanism == KVX_MECHANISM_MEMCPY);
+  int32_t why = -1;
+  CHECK_OK(kvx_transfer_ipc_fallback(tr, &why)); /* host memory: no IPC question */
+  CHECK(why == KVX_IPC_FALLBACK_NONE);
   kvx_context_stats cs;
   CHECK_OK(kvx_context_get_stats(ctx, &cs));
   CHECK(cs.by_mechanism[KVX_MECHANISM_MEMCPY].transfers == 1);
   CHECK(cs.by_mechanism[KVX_MECHANISM_MEMCPY].bytes == st.bytes);
   CHECK(cs.by_strategy[KVX_STRATEGY_MEMCPY].transfers == 1);
   CHECK(cs.by_mechanism[KVX_MECHANISM_NIXL].transfers == 0 && cs.bounce_transfers == 0);
+  CHECK(cs.by_mechanism[KVX_MECHANISM_IPC].transfers == 0);
 
   /* The transfer keeps what it needs: free the layouts and the context first. */
   kvx_layout_free(src);
@@ -239,6 +243,7 @@ static void poll_wait_stats_and_free_order(void) {
   CHECK_STATUS(kvx_transfer_poll(NULL), KVX_STATUS_NULL_ARGUMENT);
   CHECK_STATUS(kvx_transfer_wait(NULL, -1), KVX_STATUS_NULL_ARGUMENT);
   CHECK_STATUS(kvx_transfer_get_stats(NULL, &st), KVX_STATUS_NULL_ARGUMENT);
+  CHECK_STATUS(kvx_transfer_ipc_fallback(NULL, &why), KVX_STATUS_NULL_ARGUMENT);
   kvx_transfer_free(NULL);
 }
 

@@ -270,6 +270,45 @@
 #define KVX_MECHANISM_NIXL 3
 
 /**
+ * kvxfer's kernel (or the copy engines) over a same-host peer's device memory, mapped through
+ * CUDA IPC (0.2).
+ */
+#define KVX_MECHANISM_IPC 4
+
+/**
+ * No fallback: CUDA IPC moved the transfer, or it is not one between device memory here and
+ * a peer's device memory (kvx_transfer_ipc_fallback).
+ */
+#define KVX_IPC_FALLBACK_NONE 0
+
+/**
+ * This context was made with disable_ipc.
+ */
+#define KVX_IPC_FALLBACK_DISABLED 1
+
+/**
+ * The peer runs on another host (its export names another boot of another host, or none).
+ */
+#define KVX_IPC_FALLBACK_OTHER_HOST 2
+
+/**
+ * The peer exported no IPC handles for that memory (VMM or memory-pool allocations, an older
+ * kvxfer, or a peer made with disable_ipc).
+ */
+#define KVX_IPC_FALLBACK_NOT_EXPORTED 3
+
+/**
+ * Mapping the peer's memory failed here (another container's IPC namespace, a GPU this
+ * process does not see or cannot reach); the log says why.
+ */
+#define KVX_IPC_FALLBACK_REFUSED 4
+
+/**
+ * The peer is another context of this very process (CUDA cannot open its own handles).
+ */
+#define KVX_IPC_FALLBACK_SAME_PROCESS 5
+
+/**
  * Let kvxfer choose copy engines or SM kernels by fragment size.
  */
 #define KVX_COPY_MODE_AUTO 0
@@ -375,6 +414,14 @@ typedef struct kvx_context_config {
    * has room. kvx_transfer_stats.sms says how many SMs a transfer used.
    */
   uint32_t max_sms;
+  /**
+   * 1 keeps same-host peers on NIXL (0.2); default 0: transfers between device memory of
+   * this context and a same-host peer's device memory map the peer's allocations through
+   * CUDA IPC and run kvxfer's kernel (KVX_MECHANISM_IPC). With 1, this context's exports
+   * carry no IPC handles and its imports never map a peer's memory
+   * (kvx_transfer_ipc_fallback says KVX_IPC_FALLBACK_DISABLED).
+   */
+  uint8_t disable_ipc;
 } kvx_context_config;
 
 /**
@@ -400,9 +447,9 @@ typedef struct kvx_counter {
  */
 typedef struct kvx_context_stats {
   /**
-   * By what moved the bytes, indexed by KVX_MECHANISM_*.
+   * By what moved the bytes, indexed by KVX_MECHANISM_* (0.2: five, with IPC).
    */
-  struct kvx_counter by_mechanism[4];
+  struct kvx_counter by_mechanism[5];
   /**
    * By the plan's first strategy, indexed by KVX_STRATEGY_* (KVX_STRATEGY_INVALID stays 0).
    */
@@ -928,6 +975,17 @@ int32_t kvx_transfer_layer_stream_wait(struct kvx_transfer *transfer,
 KVX_NODISCARD
 int32_t kvx_transfer_get_stats(const struct kvx_transfer *transfer,
                                struct kvx_transfer_stats *stats_out);
+
+/**
+ * Why a transfer between device memory of this context and a same-host peer's device memory
+ * went through NIXL rather than CUDA IPC (0.2): writes KVX_IPC_FALLBACK_* into *reason_out,
+ * KVX_IPC_FALLBACK_NONE where IPC moved it (stats mechanism KVX_MECHANISM_IPC) or where the
+ * transfer is not between device memory on both sides. (kvx_transfer_stats keeps its 0.1
+ * size, so the reason has its own call.) Errors: NULL_ARGUMENT.
+ */
+KVX_NODISCARD
+int32_t kvx_transfer_ipc_fallback(const struct kvx_transfer *transfer,
+                                  int32_t *reason_out);
 
 /**
  * Releases a transfer, first waiting for it to finish if it is still running (its error, if

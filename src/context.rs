@@ -13,7 +13,7 @@ use crate::exec::nixl::NixlExec;
 use crate::exec::{self, Resources, Workers};
 use crate::layout::{Geometry, Layout, LayoutConfig, check_regions};
 use crate::memory::disk::{self, DiskFile};
-use crate::memory::{Memory, Region, StorageKind};
+use crate::memory::{IpcFallback, Memory, Region, StorageKind};
 use crate::metrics::Counters;
 use crate::nixl::Backends;
 use crate::options::{
@@ -285,7 +285,8 @@ impl Context {
             self.check_owned(l, "exported")?;
         }
         let key = self.config.peer_key.as_ref();
-        peer::export(self.control()?, &nixl.agent, &self.name, layouts, key)
+        let ipc = !self.config.disable_ipc;
+        peer::export(self.control()?, &nixl.agent, &self.name, layouts, key, ipc)
     }
 
     /// Imports a peer from the bytes it exported. The bytes are untrusted: anything malformed,
@@ -295,7 +296,19 @@ impl Context {
     pub fn import(&self, data: &[u8]) -> Result<Peer> {
         let blob = PeerBlob::decode(data, self.config.peer_key.as_ref())?;
         let nixl = self.res.nixl("import")?;
-        peer::import(self.control()?, &nixl.agent, &self.name, self.id, blob)
+        let ipc_dev = match &self.res.cuda {
+            _ if self.config.disable_ipc => Err(IpcFallback::Disabled),
+            Ok(c) => Ok(c.primary.clone()),
+            Err(_) => Err(IpcFallback::Refused),
+        };
+        peer::import(
+            self.control()?,
+            &nixl.agent,
+            &self.name,
+            self.id,
+            blob,
+            ipc_dev,
+        )
     }
 
     /// The planner's decision for moving blocks from `src` to `dst`.

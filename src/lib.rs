@@ -37,7 +37,7 @@ pub use context::Context;
 pub use cuda::{CudaDevice, CudaInfo, cuda_info, device_count, nvrtc_location};
 pub use error::{Error, Result};
 pub use layout::{HeadOrder, Heads, Layout, LayoutConfig, LayoutKind};
-pub use memory::{Region, StorageKind};
+pub use memory::{IpcFallback, Region, StorageKind};
 pub use nixl::Backends;
 pub use options::{
     ContextConfig, CopyMode, Mechanism, StorageSpec, TransferOptions, TransferStats,

@@ -25,7 +25,7 @@ impl Cells {
 /// Updated by the context (transfers) and the peer control (exports, imports, revocations).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    by_mechanism: [Cells; 4],
+    by_mechanism: [Cells; 5],
     by_strategy: [Cells; 11],
     bounce_transfers: AtomicU64,
     bounce_bytes: AtomicU64,

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::error::{Error, Result, bail};
-use crate::memory::StorageKind;
+use crate::memory::{IpcFallback, StorageKind};
 use crate::nixl::Backends;
 use crate::peer::PeerKey;
 use crate::plan::copy_list::CopyList;
@@ -33,6 +33,9 @@ pub struct ContextConfig {
     /// SM budget of kvxfer's copy kernel; 0 = auto: host <-> device takes the fewest SMs that
     /// reach the link (measured), device <-> device one full wave. Any other value is every direction's budget.
     pub max_sms: u32,
+    /// Same-host peers' device memory is reached through NIXL even where CUDA IPC could map
+    /// it (and this context's device layouts are exported without IPC handles).
+    pub disable_ipc: bool,
 }
 
 impl ContextConfig {
@@ -53,6 +56,7 @@ impl Default for ContextConfig {
             worker_threads: 0,
             peer_key: None,
             max_sms: 0,
+            disable_ipc: false,
         }
     }
 }
@@ -126,6 +130,9 @@ pub enum Mechanism {
     Kernel = 2,
     /// A NIXL transfer (disk or remote).
     Nixl = 3,
+    /// kvxfer's kernel (or the copy engines) over a same-host peer's device memory mapped
+    /// through CUDA IPC.
+    Ipc = 4,
 }
 
 /// What a transfer moves, known when it is submitted.
@@ -146,6 +153,9 @@ pub struct TransferStats {
     pub bounced: bool,
     /// SMs the copy kernel ran on (its blocks, at most the GPU's SMs); 0 without the kernel.
     pub sms: u32,
+    /// A transfer between device memory here and a same-host peer's that went through NIXL:
+    /// why CUDA IPC did not move it. `None` for every other transfer.
+    pub ipc_fallback: Option<IpcFallback>,
     /// Submit to completion; 0 while the transfer is pending.
     pub elapsed_ns: u64,
 }
@@ -161,6 +171,7 @@ impl TransferStats {
             mechanism,
             kernel_fallback: false,
             bounced: false,
+            ipc_fallback: None,
             sms: 0,
             elapsed_ns: 0,
         }
@@ -182,7 +193,7 @@ pub struct Counter {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ContextStats {
     /// By what moved the bytes, indexed by `Mechanism as usize`.
-    pub by_mechanism: [Counter; 4],
+    pub by_mechanism: [Counter; 5],
     /// By the plan's first strategy, indexed by `Strategy as usize`.
     pub by_strategy: [Counter; 11],
     /// Two-hop transfers through the pinned bounce pool, and their bytes.

@@ -482,6 +482,18 @@ impl Transfer {
         self.completion.on_error(Box::new(f));
     }
 
+    /// The transfer moved a same-host peer's device memory mapped through CUDA IPC.
+    pub(crate) fn by_ipc(mut self) -> Self {
+        self.stats.mechanism = crate::options::Mechanism::Ipc;
+        self
+    }
+
+    /// The transfer went through NIXL because CUDA IPC could not take it.
+    pub(crate) fn with_ipc_fallback(mut self, why: Option<crate::memory::IpcFallback>) -> Self {
+        self.stats.ipc_fallback = why;
+        self
+    }
+
     pub fn stats(&self) -> TransferStats {
         TransferStats {
             elapsed_ns: self.completion.lock().elapsed_ns,
@@ -512,6 +524,7 @@ mod tests {
             kernel_fallback: false,
             bounced: false,
             sms: 0,
+            ipc_fallback: None,
             elapsed_ns: 0,
         }
     }

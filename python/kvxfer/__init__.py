@@ -62,7 +62,8 @@ LAYOUT = {"fully_contiguous": 0, "layer_separate_block_first": 1, "layer_separat
 HEAD_ORDER = {"nhd": 0, "hnd": 1}
 COPY_MODE = {"auto": 0, "copy_engine": 1, "kernel": 2}
 BACKEND = {"ucx": 1, "posix": 2, "gds": 4, "gds_mt": 8}
-MECHANISM = {0: "memcpy", 1: "copy_engine", 2: "kernel", 3: "nixl"}
+MECHANISM = {0: "memcpy", 1: "copy_engine", 2: "kernel", 3: "nixl", 4: "ipc"}
+IPC_FALLBACK = {0: None, 1: "disabled", 2: "other_host", 3: "not_exported", 4: "refused", 5: "same_process"}
 
 
 class _ContextConfig(Structure):
@@ -77,6 +78,7 @@ class _ContextConfig(Structure):
         ("peer_key", POINTER(c_uint8)),
         ("peer_key_len", c_size_t),
         ("max_sms", c_uint32),
+        ("disable_ipc", c_uint8),
     ]
 
 
@@ -174,6 +176,7 @@ _transfer_layer_stream_wait = _sig(
     "kvx_transfer_layer_stream_wait", c_int32, c_void_p, c_uint64, c_void_p
 )
 _transfer_get_stats = _sig("kvx_transfer_get_stats", c_int32, c_void_p, POINTER(_TransferStats))
+_transfer_ipc_fallback = _sig("kvx_transfer_ipc_fallback", c_int32, c_void_p, POINTER(c_int32))
 _transfer_free = _sig("kvx_transfer_free", None, c_void_p)
 _context_export = _sig("kvx_context_export", c_int32, c_void_p, POINTER(c_void_p), c_size_t, POINTER(_Bytes))
 _bytes_free = _sig("kvx_bytes_free", None, POINTER(_Bytes))
@@ -337,8 +340,14 @@ class Transfer(_Handle):
             "kernel_fallback": bool(s.kernel_fallback),
             "bounced": bool(s.bounced),
             "sms": s.sms,
+            "ipc_fallback": self._ipc_fallback(),
             "elapsed_ns": s.elapsed_ns,
         }
+
+    def _ipc_fallback(self):
+        r = c_int32()
+        _check(_transfer_ipc_fallback(self._ptr, byref(r)))
+        return IPC_FALLBACK.get(r.value, str(r.value))
 
 
 class Peer(_Handle):
@@ -361,7 +370,7 @@ class Context(_Handle):
 
     Keyword arguments are the fields of kvx_context_config: nixl_backends (int bits or a list
     of "ucx", "posix", "gds", "gds_mt"; default ucx and posix), cuda_device (default 0, -1 for
-    none), allow_gds, allow_gpu_rdma, disk_dir, worker_threads, agent_name, peer_key (bytes), max_sms."""
+    none), allow_gds, allow_gpu_rdma, disk_dir, worker_threads, agent_name, peer_key (bytes), max_sms, disable_ipc."""
 
     _free = staticmethod(_context_free)
 

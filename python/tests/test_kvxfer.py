@@ -33,6 +33,7 @@ def test_version_and_host_round_trip():
     t = ctx.submit(src, [0, 1, 2], dst, [7, 5, 3]).wait()
     assert t.poll()
     assert t.stats["mechanism"] == "memcpy" and t.stats["strategy"] == "KVX_STRATEGY_MEMCPY"
+    assert t.stats["ipc_fallback"] is None
     assert t.stats["bytes"] == 3 * 4 * 2 * 16 * 256 * 2 and not t.stats["bounced"]
     assert t.stats["sms"] == 0  # host memcpy: no copy kernel
     assert ctx.checksum(src, [0, 1, 2]) == ctx.checksum(dst, [7, 5, 3])

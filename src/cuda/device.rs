@@ -73,7 +73,7 @@ pub(crate) struct Signals {
 #[derive(Debug)]
 pub struct CudaDevice {
     pub(crate) ordinal: i32,
-    device: sys::CUdevice,
+    pub(super) device: sys::CUdevice,
     ctx: sys::CUcontext,
     pub(crate) sm_count: u32,
     pub(crate) compute_capability: (i32, i32),

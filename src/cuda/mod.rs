@@ -6,6 +6,7 @@
 mod device;
 mod driver;
 mod gate;
+mod ipc;
 mod module;
 pub(crate) mod nvrtc;
 mod pace;
@@ -15,6 +16,9 @@ pub(crate) use device::{BatchApi, Signals, TableBuffer};
 pub use driver::symbol;
 pub(crate) use driver::{check, driver};
 pub(crate) use gate::StreamGate;
+#[cfg(test)]
+pub(crate) use ipc::HANDLE_LEN;
+pub(crate) use ipc::{IpcHandle, ProcessId, ProcessWatch, host_id, ordinal_of, this_process};
 pub(crate) use module::{Entry, Module};
 pub(crate) use pace::Route;
 

@@ -7,6 +7,7 @@
 
 pub(crate) mod cuda;
 mod host;
+mod ipc;
 pub(crate) mod memcpy;
 pub(crate) mod nixl;
 mod two_hop;
@@ -171,6 +172,19 @@ pub(crate) fn dispatch(
         ) => {
             let nixl = res.nixl("disk and peer transfers")?;
             let write = s == Strategy::NixlWrite;
+            // Device memory of a same-host peer: mapped through CUDA IPC where it can be.
+            let ipc_fallback = match s {
+                Strategy::NixlRead => None,
+                _ => match ipc::route(request, write, res.cuda.as_ref().ok())? {
+                    ipc::Route::Ipc(mapped) => {
+                        let (cuda, workers) = (res.cuda()?, &res.workers);
+                        return ipc::submit(
+                            request, &mapped, plan, write, options, cuda, nixl, workers,
+                        );
+                    }
+                    ipc::Route::Nixl(why) => why,
+                },
+            };
             if stages_through_bounce(request, write) {
                 let cuda = res.cuda.as_ref().ok();
                 return two_hop::submit_staged_peer(
@@ -182,7 +196,8 @@ pub(crate) fn dispatch(
                     &res.bounce,
                     write,
                     options.notify.as_deref(),
-                );
+                )
+                .map(|t| t.with_ipc_fallback(ipc_fallback));
             }
             nixl::submit(
                 nixl,
@@ -192,6 +207,7 @@ pub(crate) fn dispatch(
                 options.notify.as_deref(),
                 has_cuda,
             )
+            .map(|t| t.with_ipc_fallback(ipc_fallback))
         }
         Plan::Direct(s) => bail!(
             Unavailable,

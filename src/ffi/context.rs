@@ -72,6 +72,12 @@ pub struct kvx_context_config {
     /// run at the highest stream priority, so its few blocks are scheduled as soon as an SM
     /// has room. kvx_transfer_stats.sms says how many SMs a transfer used.
     pub max_sms: u32,
+    /// 1 keeps same-host peers on NIXL (0.2); default 0: transfers between device memory of
+    /// this context and a same-host peer's device memory map the peer's allocations through
+    /// CUDA IPC and run kvxfer's kernel (KVX_MECHANISM_IPC). With 1, this context's exports
+    /// carry no IPC handles and its imports never map a peer's memory
+    /// (kvx_transfer_ipc_fallback says KVX_IPC_FALLBACK_DISABLED).
+    pub disable_ipc: u8,
 }
 
 /// A context: capabilities, worker threads, the CUDA device (its primary context, one stream per
@@ -106,6 +112,7 @@ pub unsafe extern "C" fn kvx_context_config_init(config: *mut kvx_context_config
             peer_key: std::ptr::null(),
             peer_key_len: 0,
             max_sms: d.max_sms,
+            disable_ipc: u8::from(d.disable_ipc),
         };
         // SAFETY: non-NULL checked; the caller passes a writable struct.
         unsafe { write_out(config, c) }
@@ -166,6 +173,7 @@ pub unsafe extern "C" fn kvx_context_new(
             disk_dir,
             worker_threads: c.worker_threads,
             max_sms: c.max_sms,
+            disable_ipc: try_status!(flag(c.disable_ipc, "disable_ipc")),
         };
         let inner = try_core!(Context::new(config));
         let handle = Box::into_raw(Box::new(kvx_context { inner }));
@@ -203,8 +211,8 @@ pub struct kvx_counter {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct kvx_context_stats {
-    /// By what moved the bytes, indexed by KVX_MECHANISM_*.
-    pub by_mechanism: [kvx_counter; 4],
+    /// By what moved the bytes, indexed by KVX_MECHANISM_* (0.2: five, with IPC).
+    pub by_mechanism: [kvx_counter; 5],
     /// By the plan's first strategy, indexed by KVX_STRATEGY_* (KVX_STRATEGY_INVALID stays 0).
     pub by_strategy: [kvx_counter; 11],
     /// Two-hop transfers through the pinned bounce pool, and their bytes.

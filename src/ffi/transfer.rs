@@ -19,6 +19,25 @@ pub const KVX_MECHANISM_COPY_ENGINE: i32 = 1;
 pub const KVX_MECHANISM_KERNEL: i32 = 2;
 /// A NIXL transfer (disk or remote peer).
 pub const KVX_MECHANISM_NIXL: i32 = 3;
+/// kvxfer's kernel (or the copy engines) over a same-host peer's device memory, mapped through
+/// CUDA IPC (0.2).
+pub const KVX_MECHANISM_IPC: i32 = 4;
+
+/// No fallback: CUDA IPC moved the transfer, or it is not one between device memory here and
+/// a peer's device memory (kvx_transfer_ipc_fallback).
+pub const KVX_IPC_FALLBACK_NONE: i32 = 0;
+/// This context was made with disable_ipc.
+pub const KVX_IPC_FALLBACK_DISABLED: i32 = 1;
+/// The peer runs on another host (its export names another boot of another host, or none).
+pub const KVX_IPC_FALLBACK_OTHER_HOST: i32 = 2;
+/// The peer exported no IPC handles for that memory (VMM or memory-pool allocations, an older
+/// kvxfer, or a peer made with disable_ipc).
+pub const KVX_IPC_FALLBACK_NOT_EXPORTED: i32 = 3;
+/// Mapping the peer's memory failed here (another container's IPC namespace, a GPU this
+/// process does not see or cannot reach); the log says why.
+pub const KVX_IPC_FALLBACK_REFUSED: i32 = 4;
+/// The peer is another context of this very process (CUDA cannot open its own handles).
+pub const KVX_IPC_FALLBACK_SAME_PROCESS: i32 = 5;
 
 /// Let kvxfer choose copy engines or SM kernels by fragment size.
 pub const KVX_COPY_MODE_AUTO: i32 = 0;
@@ -295,6 +314,30 @@ pub unsafe extern "C" fn kvx_transfer_get_stats(
         };
         // SAFETY: checked non-NULL above.
         unsafe { write_out(stats_out, out) };
+        KVX_STATUS_OK
+    }
+}
+
+/// Why a transfer between device memory of this context and a same-host peer's device memory
+/// went through NIXL rather than CUDA IPC (0.2): writes KVX_IPC_FALLBACK_* into *reason_out,
+/// KVX_IPC_FALLBACK_NONE where IPC moved it (stats mechanism KVX_MECHANISM_IPC) or where the
+/// transfer is not between device memory on both sides. (kvx_transfer_stats keeps its 0.1
+/// size, so the reason has its own call.) Errors: NULL_ARGUMENT.
+#[unsafe(no_mangle)]
+#[must_use]
+pub unsafe extern "C" fn kvx_transfer_ipc_fallback(
+    transfer: *const kvx_transfer,
+    reason_out: *mut i32,
+) -> i32 {
+    ffi_boundary! {
+        // SAFETY: the caller passes a valid transfer or NULL.
+        let t = try_status!(unsafe { deref(transfer, "transfer") });
+        if reason_out.is_null() {
+            return null_argument("reason_out");
+        }
+        let reason = t.inner.stats().ipc_fallback.map_or(KVX_IPC_FALLBACK_NONE, |f| f as i32);
+        // SAFETY: checked non-NULL above.
+        unsafe { write_out(reason_out, reason) };
         KVX_STATUS_OK
     }
 }

@@ -4,12 +4,15 @@
 pub mod cuda;
 pub mod disk;
 mod host;
+mod ipc;
 mod remote;
 
 pub use host::HostAllocation;
+pub use ipc::{IpcFallback, LayoutIpc};
+pub(crate) use ipc::{IpcImport, IpcPeer};
 pub(crate) use remote::{RemoteUse, UseGuard};
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nixl_sys::{MemType, RegistrationHandle};
 
@@ -103,6 +106,9 @@ enum Owner {
     /// A peer's memory: addresses in another process, never touched here; usable until the
     /// peer revokes it.
     Remote(Arc<RemoteUse>),
+    /// A same-host peer's device memory mapped here through CUDA IPC for one transfer; the
+    /// use keeps the mapping open (and the peer's revocation waiting) until it is dropped.
+    Mapped(UseGuard),
     /// A file; regions are offsets in it.
     Disk(DiskFile),
 }
@@ -120,6 +126,9 @@ pub struct Memory {
     /// NIXL registrations, made when a NIXL path first needs them; dropped (deregistered)
     /// before the memory itself is released, hence declared before `owner`.
     nixl: Mutex<Vec<RegistrationHandle>>,
+    /// Device memory: its CUDA IPC handles for same-host peers, or why there are none; made on
+    /// the first export.
+    ipc_export: OnceLock<std::result::Result<LayoutIpc, String>>,
     owner: Owner,
 }
 
@@ -145,6 +154,7 @@ impl Memory {
             device: None,
             mapped: false,
             nixl: Mutex::default(),
+            ipc_export: OnceLock::new(),
             owner: Owner::Host(allocations),
         })
     }
@@ -184,6 +194,7 @@ impl Memory {
             device: Some(dev.clone()),
             mapped: kind == StorageKind::Pinned,
             nixl: Mutex::default(),
+            ipc_export: OnceLock::new(),
             owner: Owner::Cuda(allocations),
         })
     }
@@ -198,6 +209,7 @@ impl Memory {
             device: None,
             mapped: false,
             nixl: Mutex::default(),
+            ipc_export: OnceLock::new(),
             owner: Owner::Caller(Vec::new()),
         }
     }
@@ -234,6 +246,7 @@ impl Memory {
             device: None,
             mapped: false,
             nixl: Mutex::default(),
+            ipc_export: OnceLock::new(),
             owner: Owner::Disk(file),
         }
     }
@@ -248,6 +261,45 @@ impl Memory {
 
     pub fn is_remote(&self) -> bool {
         matches!(self.owner, Owner::Remote(_))
+    }
+
+    /// A peer's device memory, mapped here through CUDA IPC at `regions` (its addresses in
+    /// this process) on `dev`, for as long as `using` lasts.
+    pub(crate) fn ipc_mapped(dev: &Arc<CudaDevice>, regions: Vec<Region>, using: UseGuard) -> Self {
+        Self {
+            device: Some(dev.clone()),
+            owner: Owner::Mapped(using),
+            ..Self::caller_owned(StorageKind::Device, dev.ordinal, regions)
+        }
+    }
+
+    /// A peer layout's CUDA IPC handles as this importer sees them.
+    pub(crate) fn ipc(&self) -> Option<&Arc<IpcImport>> {
+        match &self.owner {
+            Owner::Remote(state) => state.ipc(),
+            _ => None,
+        }
+    }
+
+    /// CUDA IPC handles of this device memory for a same-host peer (made once), or why it
+    /// has none.
+    pub(crate) fn ipc_export(&self) -> std::result::Result<&LayoutIpc, &str> {
+        self.ipc_export
+            .get_or_init(|| match (&self.owner, self.kind, &self.device) {
+                (Owner::Cuda(_) | Owner::Caller(_), StorageKind::Device, Some(dev)) => {
+                    LayoutIpc::export(dev, &self.regions).map_err(|e| {
+                        tracing::info!(
+                            "device memory at {:#x} cannot be shared through CUDA IPC ({e}); \
+                             same-host peers reach it through NIXL",
+                            self.regions.first().map_or(0, |r| r.addr)
+                        );
+                        e.to_string()
+                    })
+                }
+                _ => Err("only local device memory is shared through CUDA IPC".into()),
+            })
+            .as_ref()
+            .map_err(String::as_str)
     }
 
     /// Registers every region with `agent` unless that was done already; the registrations
@@ -367,6 +419,7 @@ impl Memory {
             device: Some(dev.clone()),
             mapped: kind == StorageKind::Pinned,
             nixl: Mutex::default(),
+            ipc_export: OnceLock::new(),
             owner: Owner::Caller(registrations),
         })
     }

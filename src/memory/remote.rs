@@ -3,7 +3,9 @@
 //! exporter's free waits until the importer acknowledges a revocation, and the importer
 //! acknowledges only when no transfer is using the layout any more.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::ipc::IpcImport;
 
 use crate::error::{Result, bail};
 
@@ -16,6 +18,10 @@ struct State {
 #[derive(Debug, Default)]
 pub(crate) struct RemoteUse {
     state: Mutex<State>,
+    /// The layout's CUDA IPC handles as this importer sees them; the mappings are closed
+    /// (under `state`'s lock) once the layout is revoked and idle, so the importer's
+    /// acknowledgement, which waits for idle, comes after the unmapping.
+    ipc: OnceLock<Arc<IpcImport>>,
 }
 
 /// One transfer's use of a peer layout; ends when dropped.
@@ -44,7 +50,26 @@ impl RemoteUse {
     pub(crate) fn revoke(&self) -> bool {
         let mut s = self.lock();
         s.revoked = true;
+        if s.inflight == 0 {
+            self.close_ipc();
+        }
         s.inflight == 0
+    }
+
+    /// Sets the layout's IPC handles (the first import's; later imports of the same layout
+    /// carry the same).
+    pub(crate) fn set_ipc(&self, ipc: IpcImport) {
+        let _ = self.ipc.set(Arc::new(ipc));
+    }
+
+    pub(crate) fn ipc(&self) -> Option<&Arc<IpcImport>> {
+        self.ipc.get()
+    }
+
+    fn close_ipc(&self) {
+        if let Some(i) = self.ipc.get() {
+            i.close();
+        }
     }
 
     /// The exporter revoked the layout (or this importer gave it up).
@@ -68,6 +93,10 @@ impl UseGuard {
 
 impl Drop for UseGuard {
     fn drop(&mut self) {
-        self.0.lock().inflight -= 1;
+        let mut s = self.0.lock();
+        s.inflight -= 1;
+        if s.revoked && s.inflight == 0 {
+            self.0.close_ipc();
+        }
     }
 }

@@ -12,25 +12,32 @@
 //! magic "KVXPEER\0" | version u16 | flags u16 (bit 0: MAC) | total length u32 |
 //! xxh3-64 of the body | body | with flag bit 0: keyed BLAKE3 of everything before, 32 bytes
 //! body:
-//! agent name: u16 length + UTF-8 | NIXL metadata: u32 length + bytes | layout count u32
+//! agent name: u16 length + UTF-8 | NIXL metadata: u32 length + bytes |
+//!   (version 4) host boot id: 16 bytes (zero: unknown) | pid u32 | process start time u64 |
+//! layout count u32
 //! per layout: export id u64 | num_blocks, num_layers, outer_dim, page_size, inner_dim: u64 |
 //!   dtype_width, alignment, layout kind, storage kind: u32 | device id i32 |
 //!   (version 3) num_heads, head_begin, head_order: u32 |
-//!   region count u32 | per region: address u64, length u64
+//!   region count u32 | per region: address u64, length u64 |
+//!   (version 4) IPC allocation count u32 (0: none) | with any: GPU UUID 16 bytes |
+//!     per allocation: CUDA IPC handle 64 bytes, base u64, length u64
 //! ```
-//! Version 2 exports (no heads: every layout opaque) still import.
+//! Version 2 (no heads: every layout opaque) and 3 (no CUDA IPC: same-host peers use NIXL)
+//! exports still import.
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::cuda::{IpcHandle, ProcessId};
 use crate::error::{Error, Result, bail};
 use crate::layout::{HeadOrder, Heads, LayoutConfig, LayoutKind, check_regions};
-use crate::memory::{Region, StorageKind};
+use crate::memory::{LayoutIpc, Region, StorageKind};
 
 const MAGIC: &[u8; 8] = b"KVXPEER\0";
 /// 2: each layout carries its export id (revocation); 3: and the heads its regions hold (head
-/// transforms). Version 2 exports still import (opaque layouts); version 1 exports are refused
-/// with a message that names the versions read.
-const VERSION: u16 = 3;
+/// transforms); 4: the exporter's host and process, and CUDA IPC handles of device layouts.
+/// Versions 2 and 3 still import; version 1 exports are refused with a message that names the
+/// versions read.
+const VERSION: u16 = 4;
 const OLDEST: u16 = 2;
 /// Flag: the export ends in a MAC made with a peer key.
 const FLAG_MAC: u16 = 1;
@@ -94,6 +101,8 @@ const HEADER: usize = 8 + 2 + 2 + 4 + 8;
 /// Bounds that keep a hostile blob from asking for absurd allocations.
 const MAX_LAYOUTS: u32 = 4096;
 const MAX_MD: u32 = 64 << 20;
+/// More IPC allocations than a layout has regions cannot be needed.
+const MAX_IPC_ALLOCATIONS: u32 = 1 << 16;
 
 /// One shared layout as a peer sees it: addresses are in the exporter's address space.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,12 +113,24 @@ pub struct LayoutDescriptor {
     pub kind: StorageKind,
     pub device_id: i32,
     pub regions: Vec<Region>,
+    /// Device layouts: CUDA IPC handles of the allocations holding `regions` (version 4).
+    pub ipc: Option<LayoutIpc>,
+}
+
+/// Where the exporter runs, for same-host shortcuts (version 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Origin {
+    /// The host's boot id (`None`: unknown, never the same host).
+    pub host: Option<[u8; 16]>,
+    /// The exporting process.
+    pub process: ProcessId,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerBlob {
     pub agent: String,
     pub nixl_md: Vec<u8>,
+    pub origin: Origin,
     pub layouts: Vec<LayoutDescriptor>,
 }
 
@@ -145,6 +166,11 @@ impl PeerBlob {
         body.extend_from_slice(name);
         body.extend_from_slice(&(self.nixl_md.len() as u32).to_le_bytes());
         body.extend_from_slice(&self.nixl_md);
+        if version >= 4 {
+            body.extend_from_slice(&self.origin.host.unwrap_or_default());
+            body.extend_from_slice(&self.origin.process.pid.to_le_bytes());
+            body.extend_from_slice(&self.origin.process.start.to_le_bytes());
+        }
         body.extend_from_slice(&(self.layouts.len() as u32).to_le_bytes());
         for l in &self.layouts {
             let c = &l.config;
@@ -172,6 +198,18 @@ impl PeerBlob {
             for r in &l.regions {
                 body.extend_from_slice(&r.addr.to_le_bytes());
                 body.extend_from_slice(&r.len.to_le_bytes());
+            }
+            if version >= 4 {
+                let allocations = l.ipc.as_ref().map_or(&[][..], |i| &i.allocations[..]);
+                body.extend_from_slice(&(allocations.len() as u32).to_le_bytes());
+                if let Some(i) = l.ipc.as_ref().filter(|i| !i.allocations.is_empty()) {
+                    body.extend_from_slice(&i.gpu);
+                    for a in &i.allocations {
+                        body.extend_from_slice(&a.handle);
+                        body.extend_from_slice(&a.base.to_le_bytes());
+                        body.extend_from_slice(&a.len.to_le_bytes());
+                    }
+                }
             }
         }
         Ok(body)
@@ -263,6 +301,18 @@ impl PeerBlob {
             bail!(Peer, "peer NIXL metadata of {md_len} bytes is too large");
         }
         let nixl_md = r.bytes(md_len as usize)?.to_vec();
+        let origin = if version >= 4 {
+            let host: [u8; 16] = r.array()?;
+            Origin {
+                host: (host != [0; 16]).then_some(host),
+                process: ProcessId {
+                    pid: r.u32()?,
+                    start: r.u64()?,
+                },
+            }
+        } else {
+            Origin::default()
+        };
         let count = r.u32()?;
         if count > MAX_LAYOUTS {
             bail!(Peer, "peer shares {count} layouts, more than {MAX_LAYOUTS}");
@@ -284,6 +334,7 @@ impl PeerBlob {
         Ok(Self {
             agent,
             nixl_md,
+            origin,
             layouts,
         })
     }
@@ -379,13 +430,48 @@ impl<'a> Reader<'a> {
             });
         }
         check_regions(&config, storage, &regions)?;
+        let ipc = if self.version >= 4 {
+            self.ipc(storage, &regions)?
+        } else {
+            None
+        };
         Ok(LayoutDescriptor {
             export_id,
             config,
             kind: storage,
             device_id,
             regions,
+            ipc,
         })
+    }
+
+    /// A layout's IPC allocations: only device layouts have them, and they must hold every
+    /// region (an importer translates addresses by them).
+    fn ipc(&mut self, storage: StorageKind, regions: &[Region]) -> Result<Option<LayoutIpc>> {
+        let n = self.u32()?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if storage != StorageKind::Device {
+            bail!(Peer, "IPC handles for {storage} memory");
+        }
+        if n > MAX_IPC_ALLOCATIONS {
+            bail!(Peer, "{n} IPC allocations, more than {MAX_IPC_ALLOCATIONS}");
+        }
+        let gpu = self.array()?;
+        let mut allocations = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            allocations.push(IpcHandle {
+                handle: self.array()?,
+                base: self.u64()?,
+                len: self.u64()?,
+            });
+        }
+        let ipc = LayoutIpc { gpu, allocations };
+        if !ipc.covers(regions) {
+            bail!(Peer, "the IPC allocations do not hold the layout's regions");
+        }
+        Ok(Some(ipc))
     }
 }
 
@@ -436,6 +522,13 @@ mod tests {
         PeerBlob {
             agent: "decode-3".into(),
             nixl_md: (0..200u8).collect(),
+            origin: Origin {
+                host: Some([9; 16]),
+                process: ProcessId {
+                    pid: 4321,
+                    start: 0xfeed,
+                },
+            },
             layouts: vec![
                 LayoutDescriptor {
                     export_id: 0x1234,
@@ -452,6 +545,14 @@ mod tests {
                             len,
                         },
                     ],
+                    ipc: Some(LayoutIpc {
+                        gpu: [3; 16],
+                        allocations: vec![IpcHandle {
+                            handle: [5; crate::cuda::HANDLE_LEN],
+                            base: 0x7f00_0000_0000,
+                            len: 0x2000_0000,
+                        }],
+                    }),
                 },
                 LayoutDescriptor {
                     export_id: u64::MAX,
@@ -465,6 +566,7 @@ mod tests {
                         addr: 0x5000_0000,
                         len: 2 * len,
                     }],
+                    ipc: None,
                 },
             ],
         }
@@ -516,9 +618,12 @@ mod tests {
         let good = blob().encode(None).unwrap();
         let name_len_at = HEADER;
         let md_len_at = HEADER + 2 + 8;
-        let count_at = md_len_at + 4 + 200;
+        let count_at = md_len_at + 4 + 200 + 16 + 4 + 8;
         // Past the first layout's export id.
         let first_layout = count_at + 4 + 8;
+        // The first layout's IPC count (after two regions), the second's (after one).
+        let ipc_at = first_layout + 72 + 4 + 32;
+        let second_ipc_at = ipc_at + 4 + 16 + 80 + 8 + 72 + 4 + 16;
         let cases: Vec<(usize, Vec<u8>)> = vec![
             (name_len_at, 0u16.to_le_bytes().to_vec()), // empty name
             (name_len_at, 60000u16.to_le_bytes().to_vec()), // name past the end
@@ -536,6 +641,14 @@ mod tests {
             (first_layout + 72, 1u32.to_le_bytes().to_vec()), // wrong region count
             (first_layout + 76, 0u64.to_le_bytes().to_vec()), // region at address 0
             (first_layout + 84, 1u64.to_le_bytes().to_vec()), // region too small
+            (ipc_at, u32::MAX.to_le_bytes().to_vec()),  // huge IPC count
+            (ipc_at, 2u32.to_le_bytes().to_vec()),      // more allocations than present
+            (
+                ipc_at + 4 + 16 + 64,
+                0x7f00_0000_1000u64.to_le_bytes().to_vec(),
+            ), // starts late
+            (ipc_at + 4 + 16 + 72, 0x1000u64.to_le_bytes().to_vec()), // ends early
+            (second_ipc_at, 1u32.to_le_bytes().to_vec()), // IPC for pinned memory
         ];
         for (at, patch) in cases {
             let mut b = good.clone();
@@ -547,6 +660,16 @@ mod tests {
             let r = PeerBlob::decode(&reseal(b), None);
             assert!(r.is_err(), "patch at {at} accepted");
         }
+    }
+
+    #[test]
+    fn version_3_exports_import_without_ipc_or_origin() {
+        let b = blob();
+        let v3 = seal_as(&b.body(3).unwrap(), None, 3).unwrap();
+        let back = PeerBlob::decode(&v3, None).unwrap();
+        assert_eq!(back.origin, Origin::default());
+        assert!(back.layouts.iter().all(|l| l.ipc.is_none()));
+        assert_eq!(back.layouts[0].regions, b.layouts[0].regions);
     }
 
     #[test]
@@ -565,11 +688,11 @@ mod tests {
         let back = PeerBlob::decode(&v2, None).unwrap();
         assert_eq!(back.layouts[0].config.heads, Heads::OPAQUE);
         assert_eq!(back.layouts.len(), b.layouts.len());
-        // Version 1 and 4 are refused by name.
-        for v in [1u16, 4] {
-            let e = PeerBlob::decode(&seal_as(&b.body(3).unwrap(), None, v).unwrap(), None)
+        // Version 1 and 5 are refused by name.
+        for v in [1u16, 5] {
+            let e = PeerBlob::decode(&seal_as(&b.body(4).unwrap(), None, v).unwrap(), None)
                 .unwrap_err();
-            assert!(e.to_string().contains("versions 2 to 3"), "{e}");
+            assert!(e.to_string().contains("versions 2 to 4"), "{e}");
         }
     }
 

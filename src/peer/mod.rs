@@ -11,22 +11,25 @@ pub(crate) use blob::seal;
 pub use blob::{PeerBlob, PeerKey};
 pub(crate) use control::Control;
 
+use crate::cuda::{CudaDevice, ProcessWatch};
 use crate::error::{Error, Result, bail};
 use crate::layout::Layout;
-use crate::memory::{Memory, StorageKind};
+use crate::memory::{IpcFallback, IpcImport, IpcPeer, Memory, StorageKind};
 use crate::nixl::{NixlAgent, RemoteAgent};
-use blob::LayoutDescriptor;
+use blob::{LayoutDescriptor, Origin};
 
 /// The bytes a peer imports: the metadata of `control`'s agent (named `name`) and descriptors
 /// of `layouts` (local layouts of the context whose agent this is), which are registered with
 /// the agent (for as long as they live) so that the peer can reach them. Each layout is
-/// revoked at its importers when it is dropped (`control`).
+/// revoked at its importers when it is dropped (`control`). With `ipc`, device layouts carry
+/// CUDA IPC handles for same-host peers where their memory can be exported.
 pub(crate) fn export(
     control: &Arc<Control>,
     agent: &NixlAgent,
     name: &str,
     layouts: &[&Layout],
     key: Option<&PeerKey>,
+    ipc: bool,
 ) -> Result<Vec<u8>> {
     for (i, l) in layouts.iter().enumerate() {
         if l.is_remote() {
@@ -55,6 +58,10 @@ pub(crate) fn export(
             kind: l.storage_kind(),
             device_id: l.memory().device_id(),
             regions: l.memory().regions().to_vec(),
+            ipc: match l.storage_kind() {
+                StorageKind::Device if ipc => l.memory().ipc_export().ok().cloned(),
+                _ => None,
+            },
         });
     }
     let nixl_md = agent
@@ -64,21 +71,69 @@ pub(crate) fn export(
     PeerBlob {
         agent: name.to_string(),
         nixl_md,
+        origin: Origin {
+            host: crate::cuda::host_id(),
+            process: crate::cuda::this_process(),
+        },
         layouts: descriptors,
     }
     .encode(key)
 }
 
+/// Whether transfers with the peer's device layout `d` can map it through CUDA IPC on `dev`
+/// (the importing context's device, or why there is none), or why they stay on NIXL.
+fn ipc_use(
+    origin: &Origin,
+    d: &LayoutDescriptor,
+    dev: &std::result::Result<Arc<CudaDevice>, IpcFallback>,
+    watch: &std::result::Result<Arc<ProcessWatch>, IpcFallback>,
+) -> std::result::Result<IpcPeer, IpcFallback> {
+    let dev = dev.clone()?;
+    if origin.host.is_none() || origin.host != crate::cuda::host_id() {
+        return Err(IpcFallback::OtherHost);
+    }
+    if origin.process == crate::cuda::this_process() {
+        return Err(IpcFallback::SameProcess);
+    }
+    let ipc = d.ipc.clone().ok_or(IpcFallback::NotExported)?;
+    let watch = watch.clone()?;
+    if crate::cuda::ordinal_of(&ipc.gpu).is_none() {
+        tracing::info!(
+            "the peer's GPU is not visible to this process (CUDA_VISIBLE_DEVICES?): its device \
+             memory is reached through NIXL"
+        );
+        return Err(IpcFallback::Refused);
+    }
+    Ok(IpcPeer { ipc, dev, watch })
+}
+
+/// The exporting process, watched for its exit while its device memory may be mapped here;
+/// a process this one cannot see (another PID namespace) is not mapped.
+fn watch_exporter(origin: &Origin) -> std::result::Result<Arc<ProcessWatch>, IpcFallback> {
+    ProcessWatch::open(origin.process)
+        .map(Arc::new)
+        .ok_or_else(|| {
+            tracing::info!(
+                pid = origin.process.pid,
+                "the peer process is not visible from here (another PID namespace?): its device \
+             memory is reached through NIXL"
+            );
+            IpcFallback::Refused
+        })
+}
+
 /// Imports a decoded export into `agent` (named `own_name`, of context `context_id`): NIXL
 /// only sees metadata of a blob whose checks held, and a peer layout that does not hold is
 /// `Error::Peer`. The exporter is told of the import and must welcome it (every layout still
-/// exported) before this returns, so it revokes the layouts here when it frees them.
+/// exported) before this returns, so it revokes the layouts here when it frees them. `ipc_dev`
+/// is the device that maps a same-host peer's device layouts through CUDA IPC, or why none does.
 pub(crate) fn import(
     control: &Arc<Control>,
     agent: &NixlAgent,
     own_name: &str,
     context_id: u64,
     blob: PeerBlob,
+    ipc_dev: std::result::Result<Arc<CudaDevice>, IpcFallback>,
 ) -> Result<Peer> {
     if blob.agent == own_name {
         bail!(Peer, "this export comes from this context itself");
@@ -94,11 +149,22 @@ pub(crate) fn import(
         layouts: Vec::with_capacity(uses.len()),
         remote,
     };
+    let origin = blob.origin;
+    let same_host = origin.host.is_some() && origin.host == crate::cuda::host_id();
+    let watch = match blob.layouts.iter().any(|d| d.ipc.is_some()) && ipc_dev.is_ok() {
+        true if same_host && origin.process != crate::cuda::this_process() => {
+            watch_exporter(&origin)
+        }
+        _ => Err(IpcFallback::Refused),
+    };
     peer.layouts = blob
         .layouts
         .into_iter()
         .zip(uses)
         .map(|(d, state)| {
+            if d.kind == StorageKind::Device {
+                state.set_ipc(IpcImport::new(ipc_use(&origin, &d, &ipc_dev, &watch)));
+            }
             let memory = Memory::remote(d.kind, d.device_id, d.regions, state);
             Layout::new_remote(d.config, memory, context_id, name.clone())
                 .map(Arc::new)

@@ -56,7 +56,7 @@ pub fn publish(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
 
-fn sums_text(ctx: &Context, l: &Layout, ids: &[u64]) -> String {
+pub fn sums_text(ctx: &Context, l: &Layout, ids: &[u64]) -> String {
     let sums = ctx.checksum(l, ids).unwrap();
     let text: Vec<String> = sums.iter().map(|s| s.to_string()).collect();
     text.join(",")

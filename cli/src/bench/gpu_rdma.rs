@@ -7,7 +7,10 @@
 //!
 //! Write: local device -> peer device (NixlWrite), against D2H here + pinned -> peer pinned
 //! (UCX) + H2D there. Read: peer device -> local device (NixlReadFlipped), against D2H there +
-//! peer pinned -> pinned here (UCX) + H2D here.
+//! peer pinned -> pinned here (UCX) + H2D here. On one host the direct path maps the peer's
+//! memory through CUDA IPC and runs kvxfer's kernel (`mechanism` says which ran); `limit` is one
+//! large device-to-device copy of the same bytes in this process, between device 0 and the
+//! peer's device (the same GPU, or a peer copy), measured in the same run.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -15,8 +18,8 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use kvxfer::{
-    Backends, Capabilities, Context, ContextConfig, Layout, LayoutKind, StorageKind, StorageSpec,
-    TransferOptions,
+    Backends, Capabilities, Context, ContextConfig, Layout, LayoutConfig, LayoutKind, Mechanism,
+    StorageKind, StorageSpec, TransferOptions,
 };
 
 use super::common::{err, legend, median, shape, shuffled_ids};
@@ -86,9 +89,69 @@ fn make(
 }
 
 fn go(ctx: &Context, s: &Layout, sids: &[u64], d: &Layout, dids: &[u64]) -> Result<(), String> {
-    ctx.submit(s, sids, d, dids, &TransferOptions::default())
-        .and_then(|t| t.wait(None))
-        .map_err(err)
+    moved(ctx, s, sids, d, dids).map(|_| ())
+}
+
+/// As `go`, saying what moved the bytes.
+fn moved(
+    ctx: &Context,
+    s: &Layout,
+    sids: &[u64],
+    d: &Layout,
+    dids: &[u64],
+) -> Result<Mechanism, String> {
+    let t = ctx
+        .submit(s, sids, d, dids, &TransferOptions::default())
+        .map_err(err)?;
+    t.wait(None).map_err(err)?;
+    Ok(t.stats().mechanism)
+}
+
+fn mechanism_name(m: Mechanism) -> &'static str {
+    match m {
+        Mechanism::Ipc => "ipc",
+        Mechanism::Nixl => "nixl",
+        Mechanism::Kernel => "kernel",
+        Mechanism::CopyEngine => "copy_engine",
+        Mechanism::Memcpy => "memcpy",
+    }
+}
+
+/// Two single-block layouts of `bytes` each, on device 0 and on `peer_device`, for one large
+/// copy between them (the limit): a whole block of fully contiguous layouts is one copy.
+fn limit_pair(ctx: &Context, bytes: u64, peer_device: i32) -> Result<(Layout, Layout), String> {
+    let c = LayoutConfig {
+        num_blocks: 1,
+        num_layers: 1,
+        outer_dim: 1,
+        page_size: 1,
+        inner_dim: bytes / 2,
+        dtype_width: 2,
+        alignment: 256,
+        kind: LayoutKind::FullyContiguous,
+        heads: Default::default(),
+    };
+    let on = |device_id| {
+        let spec = StorageSpec {
+            kind: StorageKind::Device,
+            device_id,
+            path: None,
+        };
+        ctx.new_layout(c, &spec).map_err(err)
+    };
+    Ok((on(0)?, on(peer_device)?))
+}
+
+/// Median seconds of `iters` timed runs of `f` after one untimed.
+fn timed(iters: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+    f()?;
+    let mut t = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        f()?;
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
 }
 
 fn sums(ctx: &Context, l: &Layout, ids: &[u64]) -> Result<String, String> {
@@ -278,25 +341,41 @@ fn rounds(
     Ok((d, s))
 }
 
-fn report(a: &GpuRdmaArgs, op: &str, kib: u64, bytes: u64, frags: u64, d: Vec<f64>, s: Vec<f64>) {
-    let (g, s) = (
-        bytes as f64 / median(d) / 1e9,
-        bytes as f64 / median(s) / 1e9,
-    );
+/// One row: the direct path's times `d` (moved by `mechanism`), the staged path's `s`, and
+/// the median time of one large copy of the same bytes (`limit`).
+struct Row {
+    op: &'static str,
+    kib: u64,
+    bytes: u64,
+    frags: u64,
+    mechanism: Mechanism,
+    limit: f64,
+    /// The same transfer between two device layouts of this process (same kinds and ids).
+    local: f64,
+}
+
+fn report(a: &GpuRdmaArgs, r: &Row, d: Vec<f64>, s: Vec<f64>) {
+    let gb = |t: f64| r.bytes as f64 / t / 1e9;
+    let (g, s, l, local) = (gb(median(d)), gb(median(s)), gb(r.limit), gb(r.local));
+    let m = mechanism_name(r.mechanism);
+    let (op, kib, frags) = (r.op, r.kib, r.frags);
     if a.json {
         println!(
             "{}",
             serde_json::json!({
                 "name": "gpu_rdma", "op": op, "processes": 2, "local_device": 0,
                 "peer_device": a.peer_device, "fragment_bytes": kib << 10, "fragments": frags,
-                "bytes": bytes, "iters": a.iters, "gpu_rdma_gbps": g, "staged_gbps": s,
-                "ratio": g / s,
+                "bytes": r.bytes, "iters": a.iters, "mechanism": m, "gpu_rdma_gbps": g,
+                "staged_gbps": s, "ratio": g / s, "limit_gbps": l, "ratio_to_limit": g / l,
+                "local_gbps": local,
             })
         );
     } else {
         println!(
-            "{op:>5} {kib:>5} KiB {frags:>7} {g:>9.2} {s:>9.2} {:>7.3}",
-            g / s
+            "{op:>5} {kib:>5} KiB {frags:>7} {m:>6} {g:>9.2} {s:>9.2} {:>7.3} {l:>9.2} {:>7.3} \
+             {local:>9.2}",
+            g / s,
+            g / l
         );
     }
 }
@@ -319,12 +398,22 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
     if !a.json {
         println!(
             "device 0 <-> device {} of another process: {} MiB per point, median of {} \
-             (GB/s; GPU RDMA against staging through pinned memory on both sides)",
+             (GB/s; direct against staging through pinned memory on both sides and against \
+             one large copy)",
             a.peer_device, a.total_mib, a.iters
         );
         println!(
-            "{:>5} {:>9} {:>7} {:>9} {:>9} {:>7}",
-            "op", "fragment", "frags", "GPU RDMA", "staged", "ratio"
+            "{:>5} {:>9} {:>7} {:>6} {:>9} {:>9} {:>7} {:>9} {:>7} {:>9}",
+            "op",
+            "fragment",
+            "frags",
+            "mech",
+            "direct",
+            "staged",
+            "ratio",
+            "limit",
+            "/limit",
+            "local"
         );
     }
     for (i, &kib) in a.fragments_kib.iter().enumerate() {
@@ -347,6 +436,22 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
         ctx.fill(&src, &ids, 3).map_err(err)?;
         let bytes = blocks * 64 * fragment;
         let frags = blocks * 64;
+        let (near, far) = limit_pair(&ctx, bytes, a.peer_device)?;
+        let one = [0u64];
+        let mechanism = moved(&ctx, &src, &sb, r_dev, &db)?;
+        let limit = timed(a.iters, || go(&ctx, &near, &one, &far, &one))?;
+        // The peer's layout kind, here.
+        let twin = dev(LayoutKind::LayerSeparateOuterFirst)?;
+        let local = timed(a.iters, || go(&ctx, &src, &sb, &twin, &db))?;
+        let row = |op, mechanism, limit, local| Row {
+            op,
+            kib,
+            bytes,
+            frags,
+            mechanism,
+            limit,
+            local,
+        };
 
         let (direct, staged) = rounds(
             a.iters,
@@ -363,8 +468,11 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
                 "write {kib} KiB: the peer's blocks differ from the sent ones"
             ));
         }
-        report(a, "write", kib, bytes, frags, direct, staged);
+        report(a, &row("write", mechanism, limit, local), direct, staged);
 
+        let mechanism = moved(&ctx, r_dev, &db, &back, &sb)?;
+        let limit = timed(a.iters, || go(&ctx, &far, &one, &near, &one))?;
+        let local = timed(a.iters, || go(&ctx, &twin, &db, &back, &sb))?;
         let (direct, staged) = rounds(
             a.iters,
             || go(&ctx, r_dev, &db, &back, &sb),
@@ -379,20 +487,33 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
                 "read {kib} KiB: the blocks read differ from the peer's"
             ));
         }
-        report(a, "read", kib, bytes, frags, direct, staged);
+        report(a, &row("read", mechanism, limit, local), direct, staged);
     }
     drop(peer);
     if !a.json {
         legend(&[
             (
-                "rdma",
-                "GB/s of device memory to and from a second kvxfer process with GPU RDMA",
+                "mech",
+                "what moved the direct path: ipc (CUDA IPC + kvxfer's kernel, same host) or nixl",
+            ),
+            (
+                "direct",
+                "GB/s of device memory to and from a second kvxfer process (submit to completion)",
             ),
             (
                 "staged",
                 "the same bytes staged through pinned host memory on both sides",
             ),
-            ("ratio", "rdma / staged"),
+            ("ratio", "direct / staged"),
+            (
+                "limit",
+                "one large device-to-device copy of the same bytes in this process",
+            ),
+            ("/limit", "direct / limit"),
+            (
+                "local",
+                "the same transfer between two device layouts of this process (diagnostic)",
+            ),
         ]);
     }
     Ok(())

@@ -212,6 +212,7 @@ pub(crate) fn submit(
         kernel_fallback: choice.kernel_fallback,
         bounced: false,
         sms,
+        ipc_fallback: None,
         elapsed_ns: 0,
     };
     Ok(Transfer::new(completion, stats, true)

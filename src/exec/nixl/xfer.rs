@@ -527,6 +527,7 @@ mod tests {
                     kernel_fallback: false,
                     bounced: false,
                     sms: 0,
+                    ipc_fallback: None,
                     elapsed_ns: 0,
                 };
                 Transfer::new(completion, stats, false)

@@ -1,0 +1,284 @@
+//! GPU tests of same-host peers through CUDA IPC: two processes on one GPU (the second started
+//! by the test itself). They need a CUDA GPU and NIXL's UCX backend, so they are `#[ignore]`d:
+//! on a machine without them cargo lists them as ignored (never as passed). `scripts/gpu-test`
+//! runs them with `--include-ignored` on a GPU machine.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::gpu::*;
+use common::{SERVER_SEED, all, publish, sums_text, wait_for};
+use kvxfer::{
+    Context, ContextConfig, Error, IpcFallback, Layout, LayoutKind, Mechanism, StorageKind,
+    TransferOptions,
+};
+
+const ROLE: &str = "KVX_TEST_IPC_SERVER";
+const TIMEOUT: Option<Duration> = Some(Duration::from_secs(60));
+
+fn shape(kind: LayoutKind) -> kvxfer::LayoutConfig {
+    cfg(kind, 12, 4, 16, 128, 2) // 4 KiB pieces
+}
+
+fn ipc_ctx(disable_ipc: bool) -> Context {
+    let c = Context::new(ContextConfig {
+        worker_threads: 2,
+        nixl_backends: kvxfer::Backends::UCX,
+        capabilities: kvxfer::Capabilities {
+            allow_gds: false,
+            allow_gpu_rdma: true,
+        },
+        disable_ipc,
+        ..Default::default()
+    })
+    .expect("a context with NIXL's UCX backend (set KVX_NIXL_LIB_DIR)");
+    assert!(c.has_cuda(), "these tests need a CUDA GPU and driver");
+    c
+}
+
+/// The exporting process: one device layout of each kind (layout k filled with SERVER_SEED +
+/// k), exported to `dir/server.peer`. It waits for the client's notification and publishes
+/// checksums of layout 0's blocks 0..6, frees layout 2 when `dir/free` appears (then
+/// publishes `freed`), and lives until `dir/exit` appears or it is killed.
+fn server(dir: &Path) {
+    let ctx = ipc_ctx(false);
+    let mut pools: Vec<Layout> = KINDS
+        .iter()
+        .map(|&k| layout(&ctx, shape(k), StorageKind::Device))
+        .collect();
+    for (i, p) in pools.iter().enumerate() {
+        ctx.fill(p, &all(12), SERVER_SEED + i as u64).unwrap();
+    }
+    let refs: Vec<&Layout> = pools.iter().collect();
+    publish(dir, "server.peer", &ctx.export(&refs).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let msg = loop {
+        if let Some(m) = ctx.next_notification(|_, m| Ok(m.to_vec())).unwrap() {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no notification from the client");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(msg, common::NOTE);
+    publish(
+        dir,
+        "server.sums",
+        sums_text(&ctx, &pools[0], &all(6)).as_bytes(),
+    );
+    wait_for(&dir.join("free"), "the client's go to free layout 2");
+    drop(pools.pop()); // revoked at the client, which acknowledges once it no longer uses it
+    publish(dir, "freed", b"");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join("exit").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Bytes of every (block, layer, outer) of `ids` of a pinned layout, in order.
+fn pieces(l: &Layout, ids: &[u64], layers: std::ops::Range<u64>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for &b in ids {
+        for layer in layers.clone() {
+            for o in 0..2 {
+                out.push(bytes(l, b, layer, o));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
+fn ipc_moves_device_blocks_between_two_processes_on_one_gpu() {
+    if let Some(dir) = std::env::var_os(ROLE) {
+        server(Path::new(&dir));
+        return;
+    }
+    let dir = common::scratch_dir("gpu-ipc");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "ipc_moves_device_blocks_between_two_processes_on_one_gpu",
+            "--include-ignored",
+            "--test-threads=1",
+        ])
+        .env(ROLE, &dir)
+        .spawn()
+        .unwrap();
+    wait_for(&dir.join("server.peer"), "the server's export");
+    let blob = std::fs::read(dir.join("server.peer")).unwrap();
+    let ctx = ipc_ctx(false);
+    let peer = ctx.import(&blob).unwrap();
+    // The same layouts through NIXL only: a second look at what IPC wrote.
+    let by_nixl = ipc_ctx(true);
+    let nixl_peer = by_nixl.import(&blob).unwrap();
+    let opts = TransferOptions::default();
+    for (k, &kind) in KINDS.iter().enumerate() {
+        let remote = &peer.layouts()[k];
+        let seed = SERVER_SEED + k as u64;
+        // Read the peer's blocks 11..6 into local blocks 6..12 of another layout kind.
+        let other = shape(KINDS[(k + 1) % 3]);
+        let back = layout(&ctx, other, StorageKind::Device);
+        let (theirs, ours): (Vec<u64>, Vec<u64>) = ((6..12).rev().collect(), (6..12).collect());
+        let t = ctx.submit(remote, &theirs, &back, &ours, &opts).unwrap();
+        t.wait(TIMEOUT).unwrap();
+        assert_eq!(t.stats().mechanism, Mechanism::Ipc, "read of kind {kind:?}");
+        assert_eq!(t.stats().ipc_fallback, None);
+        let expected = layout(&ctx, other, StorageKind::Pinned);
+        ctx.fill(&expected, &theirs, seed).unwrap();
+        assert_eq!(
+            ctx.checksum(&back, &ours).unwrap(),
+            ctx.checksum(&expected, &theirs).unwrap(),
+            "read of kind {kind:?}"
+        );
+        // Write local blocks 0, 1, 2 into the peer's 5, 4, 3, layers 1..3 only.
+        let mine = layout(&ctx, shape(kind), StorageKind::Device);
+        ctx.fill(&mine, &all(12), 100 + k as u64).unwrap();
+        let (src, dst) = ([0u64, 1, 2], [5u64, 4, 3]);
+        let ranged = TransferOptions {
+            layer_begin: 1,
+            layer_end: 3,
+            ..Default::default()
+        };
+        let t = ctx.submit(&mine, &src, remote, &dst, &ranged).unwrap();
+        t.wait(TIMEOUT).unwrap();
+        assert_eq!(
+            t.stats().mechanism,
+            Mechanism::Ipc,
+            "write of kind {kind:?}"
+        );
+        // Read the peer's 3, 4, 5 through NIXL (IPC disabled there) and compare every piece.
+        let nixl_dev = layout(&by_nixl, shape(kind), StorageKind::Device);
+        let t = by_nixl
+            .submit(&nixl_peer.layouts()[k], &dst, &nixl_dev, &dst, &opts)
+            .unwrap();
+        t.wait(TIMEOUT).unwrap();
+        assert_eq!(t.stats().mechanism, Mechanism::Nixl);
+        assert_eq!(t.stats().ipc_fallback, Some(IpcFallback::Disabled));
+        let seen = layout(&by_nixl, shape(kind), StorageKind::Pinned);
+        by_nixl
+            .submit(&nixl_dev, &dst, &seen, &dst, &opts)
+            .unwrap()
+            .wait(TIMEOUT)
+            .unwrap();
+        let (written, untouched) = (
+            layout(&ctx, shape(kind), StorageKind::Pinned),
+            layout(&ctx, shape(kind), StorageKind::Pinned),
+        );
+        ctx.fill(&written, &all(12), 100 + k as u64).unwrap();
+        ctx.fill(&untouched, &all(12), seed).unwrap();
+        for (&s, &d) in src.iter().zip(&dst) {
+            assert_eq!(
+                pieces(&seen, &[d], 1..3),
+                pieces(&written, &[s], 1..3),
+                "block {d}"
+            );
+            for l in [0..1, 3..4] {
+                assert_eq!(pieces(&seen, &[d], l.clone()), pieces(&untouched, &[d], l));
+            }
+        }
+    }
+    // A whole-block write with a notification: the server checks what landed once it has it.
+    let mine = layout(&ctx, shape(KINDS[2]), StorageKind::Device);
+    ctx.fill(&mine, &all(12), 7).unwrap();
+    let notify = TransferOptions {
+        notify: Some(common::NOTE.to_vec()),
+        ..Default::default()
+    };
+    let t = ctx
+        .submit(&mine, &all(6), &peer.layouts()[0], &all(6), &notify)
+        .unwrap();
+    t.wait(TIMEOUT).unwrap();
+    assert_eq!(t.stats().mechanism, Mechanism::Ipc);
+    wait_for(&dir.join("server.sums"), "the server's checksums");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("server.sums")).unwrap(),
+        sums_text(&ctx, &mine, &all(6))
+    );
+    // The server frees layout 2: it is revoked here, and no transfer touches it again.
+    let revoked = &peer.layouts()[2];
+    publish(&dir, "free", b"");
+    wait_for(&dir.join("freed"), "the server freeing layout 2");
+    let r = ctx
+        .submit(&mine, &[0], revoked, &[0], &opts)
+        .and_then(|t| t.wait(TIMEOUT));
+    assert!(matches!(r, Err(Error::Peer(_))), "{r:?}");
+    // The server dies while writes stream into its layout 1: they fail with PEER soon after,
+    // and this process's GPU work goes on.
+    let remote = peer.layouts()[1].clone();
+    let source = layout(&ctx, shape(KINDS[1]), StorageKind::Device);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let start = Instant::now();
+            let mut done = 0u32;
+            loop {
+                let r = ctx
+                    .submit(&source, &all(12), &remote, &all(12), &opts)
+                    .and_then(|t| t.wait(TIMEOUT));
+                match r {
+                    Ok(()) => done += 1,
+                    Err(e) => return (done, e, start.elapsed()),
+                }
+                assert!(start.elapsed() < Duration::from_secs(60), "never failed");
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        child.kill().unwrap();
+        let killed = Instant::now();
+        let (done, err, _) = writer.join().unwrap();
+        assert!(done > 0, "writes before the kill");
+        assert!(matches!(err, Error::Peer(_)), "{err:?}");
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "failed in bounded time"
+        );
+    });
+    let _ = child.wait();
+    let check = layout(&ctx, shape(KINDS[1]), StorageKind::Device);
+    check_move(&ctx, &source, &check, &opts);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
+fn another_context_of_this_process_stays_on_nixl() {
+    let (exporter, importer) = (ipc_ctx(false), ipc_ctx(false));
+    let pool = layout(
+        &exporter,
+        shape(LayoutKind::FullyContiguous),
+        StorageKind::Device,
+    );
+    exporter.fill(&pool, &all(12), 3).unwrap();
+    let peer = importer
+        .import(&exporter.export(&[&pool]).unwrap())
+        .unwrap();
+    let back = layout(
+        &importer,
+        shape(LayoutKind::FullyContiguous),
+        StorageKind::Device,
+    );
+    let t = importer
+        .submit(
+            &peer.layouts()[0],
+            &all(12),
+            &back,
+            &all(12),
+            &Default::default(),
+        )
+        .unwrap();
+    t.wait(TIMEOUT).unwrap();
+    assert_eq!(t.stats().mechanism, Mechanism::Nixl);
+    assert_eq!(t.stats().ipc_fallback, Some(IpcFallback::SameProcess));
+    let expected = layout(
+        &importer,
+        shape(LayoutKind::FullyContiguous),
+        StorageKind::Pinned,
+    );
+    importer.fill(&expected, &all(12), 3).unwrap();
+    assert_eq!(
+        importer.checksum(&back, &all(12)).unwrap(),
+        importer.checksum(&expected, &all(12)).unwrap()
+    );
+}
