@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 
 use common::gpu::*;
 use common::{SERVER_SEED, all, publish, sums_text, wait_for};
+use kvxfer::HeadOrder::{HeadMajor, TokenMajor};
 use kvxfer::{
     Context, ContextConfig, Error, IpcFallback, Layout, LayoutKind, Mechanism, StorageKind,
     TransferOptions,
 };
 
 const ROLE: &str = "KVX_TEST_IPC_SERVER";
+const DEVICE: &str = "KVX_TEST_IPC_DEVICE";
 const TIMEOUT: Option<Duration> = Some(Duration::from_secs(60));
 
 fn shape(kind: LayoutKind) -> kvxfer::LayoutConfig {
@@ -23,8 +25,13 @@ fn shape(kind: LayoutKind) -> kvxfer::LayoutConfig {
 }
 
 fn ipc_ctx(disable_ipc: bool) -> Context {
+    ipc_ctx_on(0, disable_ipc)
+}
+
+fn ipc_ctx_on(device: i32, disable_ipc: bool) -> Context {
     let c = Context::new(ContextConfig {
         worker_threads: 2,
+        cuda_device: device,
         nixl_backends: kvxfer::Backends::UCX,
         capabilities: kvxfer::Capabilities {
             allow_gds: false,
@@ -38,20 +45,34 @@ fn ipc_ctx(disable_ipc: bool) -> Context {
     c
 }
 
+fn tp2_rank() -> kvxfer::LayoutConfig {
+    heads_cfg(LayoutKind::LayerSeparateOuterFirst, 8, 4, 0, HeadMajor)
+}
+
+/// A prefill rank of tensor parallelism 4: heads `begin..begin + 2`, token-major.
+fn tp4_rank(begin: u32) -> kvxfer::LayoutConfig {
+    heads_cfg(LayoutKind::FullyContiguous, 8, 2, begin, TokenMajor)
+}
+
 /// The exporting process: one device layout of each kind (layout k filled with SERVER_SEED +
-/// k), exported to `dir/server.peer`. It waits for the client's notification and publishes
-/// checksums of layout 0's blocks 0..6, frees layout 2 when `dir/free` appears (then
-/// publishes `freed`), and lives until `dir/exit` appears or it is killed.
-fn server(dir: &Path) {
-    let ctx = ipc_ctx(false);
+/// k) and a TP 2 rank (layout 3), exported to `dir/server.peer`. It waits for the client's
+/// notification and publishes checksums of layout 0's blocks 0..6, frees layout 2 when
+/// `dir/free` appears (then publishes `freed`), and lives until `dir/exit` appears or it is
+/// killed.
+fn server(dir: &Path, device: i32) {
+    let ctx = ipc_ctx_on(device, false);
     let mut pools: Vec<Layout> = KINDS
         .iter()
-        .map(|&k| layout(&ctx, shape(k), StorageKind::Device))
+        .map(|&k| layout_on(&ctx, shape(k), device))
         .collect();
     for (i, p) in pools.iter().enumerate() {
         ctx.fill(p, &all(12), SERVER_SEED + i as u64).unwrap();
     }
-    let refs: Vec<&Layout> = pools.iter().collect();
+    // A decode rank of tensor parallelism 2 (heads 0..4 of 4, head-major) for transforms.
+    let rank = layout_on(&ctx, tp2_rank(), device);
+    ctx.fill(&rank, &all(8), SERVER_SEED).unwrap();
+    let mut refs: Vec<&Layout> = pools.iter().collect();
+    refs.push(&rank);
     publish(dir, "server.peer", &ctx.export(&refs).unwrap());
     let deadline = Instant::now() + Duration::from_secs(120);
     let msg = loop {
@@ -92,19 +113,31 @@ fn pieces(l: &Layout, ids: &[u64], layers: std::ops::Range<u64>) -> Vec<Vec<u8>>
 #[test]
 #[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
 fn ipc_moves_device_blocks_between_two_processes_on_one_gpu() {
+    between_processes("ipc_moves_device_blocks_between_two_processes_on_one_gpu", 0);
+}
+
+#[test]
+#[ignore = "needs two CUDA GPUs and NIXL's UCX backend: run scripts/gpu-test"]
+fn two_gpus_ipc_moves_device_blocks_between_processes_on_two_gpus() {
+    between_processes(
+        "two_gpus_ipc_moves_device_blocks_between_processes_on_two_gpus",
+        1,
+    );
+}
+
+/// Both halves: run as a test it is the client on device 0 and starts itself again (`test`,
+/// with ROLE naming the folder they share) as the exporting server on `server_device`.
+fn between_processes(test: &str, server_device: i32) {
     if let Some(dir) = std::env::var_os(ROLE) {
-        server(Path::new(&dir));
+        let device = std::env::var(DEVICE).ok().and_then(|d| d.parse().ok());
+        server(Path::new(&dir), device.expect("the server's device"));
         return;
     }
     let dir = common::scratch_dir("gpu-ipc");
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "ipc_moves_device_blocks_between_two_processes_on_one_gpu",
-            "--include-ignored",
-            "--test-threads=1",
-        ])
+        .args(["--exact", test, "--include-ignored", "--test-threads=1"])
         .env(ROLE, &dir)
+        .env(DEVICE, server_device.to_string())
         .spawn()
         .unwrap();
     wait_for(&dir.join("server.peer"), "the server's export");
@@ -177,6 +210,65 @@ fn ipc_moves_device_blocks_between_two_processes_on_one_gpu() {
             );
             for l in [0..1, 3..4] {
                 assert_eq!(pieces(&seen, &[d], l.clone()), pieces(&untouched, &[d], l));
+            }
+        }
+    }
+    // TP 4 -> 2 with NHD -> HND: two prefill ranks (heads 0..2 and 2..4) write their blocks
+    // into the decode rank, through IPC; NIXL reads the rank back to compare every head slice,
+    // and the first prefill rank reads its heads back through IPC.
+    let rank = &peer.layouts()[3];
+    let (src, dst) = ([0u64, 5, 7], [6u64, 1, 3]);
+    let mut prefill = Vec::new();
+    for (r, begin) in [0u32, 2].into_iter().enumerate() {
+        let host = layout(&ctx, tp4_rank(begin), StorageKind::Pinned);
+        ctx.fill(&host, &all(8), 200 + r as u64).unwrap();
+        let dev = layout(&ctx, tp4_rank(begin), StorageKind::Device);
+        ctx.submit(&host, &all(8), &dev, &all(8), &opts)
+            .unwrap()
+            .wait(TIMEOUT)
+            .unwrap();
+        let t = ctx.submit(&dev, &src, rank, &dst, &opts).unwrap();
+        t.wait(TIMEOUT).unwrap();
+        assert_eq!(t.stats().mechanism, Mechanism::Ipc, "transform write");
+        prefill.push((host, dev, begin));
+    }
+    let seen_dev = layout(&by_nixl, tp2_rank(), StorageKind::Device);
+    by_nixl
+        .submit(&nixl_peer.layouts()[3], &dst, &seen_dev, &dst, &opts)
+        .unwrap()
+        .wait(TIMEOUT)
+        .unwrap();
+    let seen = layout(&by_nixl, tp2_rank(), StorageKind::Pinned);
+    by_nixl
+        .submit(&seen_dev, &dst, &seen, &dst, &opts)
+        .unwrap()
+        .wait(TIMEOUT)
+        .unwrap();
+    let (host0, _, _) = &prefill[0];
+    let back_dev = layout(&ctx, tp4_rank(0), StorageKind::Device);
+    let t = ctx.submit(rank, &dst, &back_dev, &src, &opts).unwrap();
+    t.wait(TIMEOUT).unwrap();
+    assert_eq!(t.stats().mechanism, Mechanism::Ipc, "transform read");
+    let back = layout(&ctx, tp4_rank(0), StorageKind::Pinned);
+    ctx.submit(&back_dev, &src, &back, &src, &opts)
+        .unwrap()
+        .wait(TIMEOUT)
+        .unwrap();
+    for (&s, &d) in src.iter().zip(&dst) {
+        for l in 0..2 {
+            for o in 0..2 {
+                for tok in 0..16 {
+                    for (host, _, begin) in &prefill {
+                        for h in *begin..begin + 2 {
+                            let want = common::head_slice(host, s, l, o, tok, h);
+                            assert_eq!(common::head_slice(&seen, d, l, o, tok, h), want);
+                        }
+                    }
+                    for h in 0..2 {
+                        let want = common::head_slice(host0, s, l, o, tok, h);
+                        assert_eq!(common::head_slice(&back, s, l, o, tok, h), want, "read");
+                    }
+                }
             }
         }
     }
