@@ -113,7 +113,10 @@ fn pieces(l: &Layout, ids: &[u64], layers: std::ops::Range<u64>) -> Vec<Vec<u8>>
 #[test]
 #[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
 fn ipc_moves_device_blocks_between_two_processes_on_one_gpu() {
-    between_processes("ipc_moves_device_blocks_between_two_processes_on_one_gpu", 0);
+    between_processes(
+        "ipc_moves_device_blocks_between_two_processes_on_one_gpu",
+        0,
+    );
 }
 
 #[test]
