@@ -304,30 +304,38 @@ fn between_processes(test: &str, server_device: i32) {
     // and this process's GPU work goes on.
     let remote = peer.layouts()[1].clone();
     let source = layout(&ctx, shape(KINDS[1]), StorageKind::Device);
+    let start = Instant::now();
     std::thread::scope(|s| {
         let writer = s.spawn(|| {
-            let start = Instant::now();
+            // (start of submit, submit's time, wait's time) of the last transfers.
+            let mut timeline = std::collections::VecDeque::new();
             let mut done = 0u32;
             loop {
-                let r = ctx
-                    .submit(&source, &all(12), &remote, &all(12), &opts)
-                    .and_then(|t| t.wait(TIMEOUT));
+                let t0 = start.elapsed();
+                let t = ctx.submit(&source, &all(12), &remote, &all(12), &opts);
+                let t1 = start.elapsed();
+                let r = t.and_then(|t| t.wait(TIMEOUT));
+                timeline.push_back((t0, t1 - t0, start.elapsed() - t1));
+                if timeline.len() > 4 {
+                    timeline.pop_front();
+                }
                 match r {
                     Ok(()) => done += 1,
-                    Err(e) => return (done, e, start.elapsed()),
+                    Err(e) => return (done, e, timeline),
                 }
                 assert!(start.elapsed() < Duration::from_secs(60), "never failed");
             }
         });
         std::thread::sleep(Duration::from_millis(300));
         child.kill().unwrap();
-        let killed = Instant::now();
-        let (done, err, _) = writer.join().unwrap();
+        let killed = start.elapsed();
+        let (done, err, timeline) = writer.join().unwrap();
         assert!(done > 0, "writes before the kill");
         assert!(matches!(err, Error::Peer(_)), "{err:?}");
         assert!(
-            killed.elapsed() < Duration::from_secs(10),
-            "failed in bounded time"
+            start.elapsed() - killed < Duration::from_secs(10),
+            "not failed in bounded time: killed at {killed:?}, the last transfers (start, \
+             submit, wait): {timeline:?}"
         );
     });
     let _ = child.wait();

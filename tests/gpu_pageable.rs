@@ -11,10 +11,10 @@ use common::all;
 use common::gpu::*;
 use kvxfer::{Layout, LayoutConfig, LayoutKind, Plan, StorageKind, Strategy, TransferOptions};
 
-/// 64 blocks of 1 MiB (32 layers x K,V x 16 KiB): 64 MiB, four times the pool's pair of
-/// 16 MiB buffers.
+/// 128 blocks of 1 MiB (32 layers x K,V x 16 KiB): 128 MiB, four chunks of the pool's 32 MiB
+/// buffers, twice what a pair holds.
 fn big(kind: LayoutKind) -> LayoutConfig {
-    cfg(kind, 64, 32, 16, 512, 2)
+    cfg(kind, 128, 32, 16, 512, 2)
 }
 
 /// Moves reversed, interleaved ids between `src` and `dst`, layers `layers`, checks the
@@ -73,9 +73,15 @@ fn a_failure_in_the_middle_leaves_the_pool_and_context_working() {
         let ctx = ctx();
         let host = layout(&ctx, big(LayoutKind::FullyContiguous), StorageKind::System);
         let dev = layout(&ctx, big(LayoutKind::FullyContiguous), StorageKind::Device);
-        ctx.fill(&host, &all(64), 5).unwrap();
+        ctx.fill(&host, &all(128), 5).unwrap();
         let failed = ctx
-            .submit(&host, &all(64), &dev, &all(64), &TransferOptions::default())
+            .submit(
+                &host,
+                &all(128),
+                &dev,
+                &all(128),
+                &TransferOptions::default(),
+            )
             .and_then(|t| t.wait(Some(Duration::from_secs(60))));
         assert!(
             matches!(&failed, Err(kvxfer::Error::Internal(m)) if m.contains("injected")),

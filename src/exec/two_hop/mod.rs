@@ -35,7 +35,10 @@ use pool::Lease;
 /// flight one at a time per direction: larger chunks give the disk deeper queues (on the GPU
 /// machine's virtio disk, 8 MiB reads ran at the speed of a raw 8 MiB pread loop, 1.7-1.9 GB/s,
 /// against 2.2-2.3 for one large request; docs/BENCHMARKS.md, "GPU ↔ disk and GPU ↔ peer").
-const CHUNK: u64 = 16 << 20;
+/// 32 MiB rather than 16: device to pageable memory in 4 KiB pieces ran 10% faster (each chunk
+/// costs its host copy's start and the device hop's queueing once), 64 MiB no faster
+/// (docs/BENCHMARKS.md, "Pageable host memory", session 7).
+const CHUNK: u64 = 32 << 20;
 /// The smallest chunk of a staged peer transfer: smaller requests lose more to their fixed
 /// cost than overlap gains.
 const PEER_CHUNK_MIN: u64 = 1 << 20;
