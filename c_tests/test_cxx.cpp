@@ -52,6 +52,7 @@ static void moves_blocks_and_checks_them() {
   t.wait();
   EXPECT(t.poll());
   EXPECT(t.stats().bytes == 3ull * 4 * 2 * 16 * 64 * 2);
+  EXPECT(t.ipc_fallback() == KVX_IPC_FALLBACK_NONE);
   EXPECT(ctx.checksum(src, from) == ctx.checksum(dst, to));
   kvx_plan p = ctx.plan(src, dst);
   EXPECT(p.kind == KVX_PLAN_KIND_DIRECT && p.first == KVX_STRATEGY_MEMCPY);

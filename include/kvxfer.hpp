@@ -136,6 +136,13 @@ class transfer : public detail::handle<kvx_transfer, kvx_transfer_free> {
     check(kvx_transfer_get_stats(get(), &s));
     return s;
   }
+  /* KVX_IPC_FALLBACK_*: why NIXL rather than CUDA IPC moved a transfer between device memory
+     here and a same-host peer's (0.2); KVX_IPC_FALLBACK_NONE otherwise. */
+  int32_t ipc_fallback() const {
+    int32_t why = KVX_IPC_FALLBACK_NONE;
+    check(kvx_transfer_ipc_fallback(get(), &why));
+    return why;
+  }
 };
 
 /* Bytes kvxfer made (an export), freed with kvx_bytes_free. */

@@ -34,7 +34,7 @@ mod transfer;
 mod verify;
 
 pub use context::Context;
-pub use cuda::{CudaDevice, CudaInfo, cuda_info, device_count, nvrtc_location};
+pub use cuda::{CudaDevice, CudaInfo, cuda_info, device_count, nvrtc_location, same_host_ipc};
 pub use error::{Error, Result};
 pub use layout::{HeadOrder, Heads, Layout, LayoutConfig, LayoutKind};
 pub use memory::{IpcFallback, Region, StorageKind};

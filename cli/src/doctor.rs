@@ -99,6 +99,13 @@ fn checks() -> Vec<Check> {
             hint: "kvxfer's copy kernel is built with NVRTC (the CUDA toolkit's libnvrtc.so, or \
                    KVX_NVRTC_LIB); without it AUTO uses the copy engines for small fragments",
         });
+        let ipc = kvxfer::same_host_ipc();
+        out.push(Check {
+            name: "same-host ipc",
+            ok: ipc.is_ok(),
+            detail: ipc.unwrap_or_else(|e| e),
+            hint: "device memory of peers on this host then moves through NIXL, not CUDA IPC",
+        });
     }
     let nixl = kvxfer::load_nixl();
     let nixl_ok = nixl.is_ok();

@@ -93,6 +93,19 @@ impl ProcessWatch {
     }
 }
 
+/// Whether this process can share device memory with same-host peers: it knows its host's
+/// boot id and can watch a process through a pidfd (Linux 5.3 and later).
+pub fn same_host_ipc() -> std::result::Result<String, String> {
+    let host = host_id()
+        .ok_or("no /proc/sys/kernel/random/boot_id: peers are never taken for this host")?;
+    ProcessWatch::open(this_process())
+        .ok_or("pidfd_open failed (Linux before 5.3, or seccomp): same-host peers stay on NIXL")?;
+    Ok(format!(
+        "boot id {:02x}{:02x}{:02x}{:02x}..., pidfd watch works",
+        host[0], host[1], host[2], host[3]
+    ))
+}
+
 fn uuid_of(dev: sys::CUdevice) -> Result<[u8; 16]> {
     let mut u = sys::CUuuid { bytes: [0; 16] };
     // SAFETY: the driver is loaded; `dev` came from cuDeviceGet; the out pointer is a local.

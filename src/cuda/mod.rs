@@ -18,6 +18,7 @@ pub(crate) use driver::{check, driver};
 pub(crate) use gate::StreamGate;
 #[cfg(test)]
 pub(crate) use ipc::HANDLE_LEN;
+pub use ipc::same_host_ipc;
 pub(crate) use ipc::{IpcHandle, ProcessId, ProcessWatch, host_id, ordinal_of, this_process};
 pub(crate) use module::{Entry, Module};
 pub(crate) use pace::Route;
