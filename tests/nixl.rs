@@ -390,6 +390,7 @@ fn write_to_and_read_from_a_peer_with_a_notification() {
     let t = b.submit(&src, &sb, remote, &db, &opts).unwrap();
     t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
     assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlWrite));
+    assert!(t.stats().bounced, "2 KiB pieces land in A's arena");
     // A's memory holds B's blocks at the destination ids, the rest untouched.
     assert_eq!(
         a.checksum(&a_pool, &db).unwrap(),
@@ -432,6 +433,7 @@ fn write_to_and_read_from_a_peer_with_a_notification() {
         .unwrap();
     t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
     assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlReadFlipped));
+    assert!(t.stats().bounced, "gathered in A's arena");
     assert_eq!(
         b.checksum(&back, &sb).unwrap(),
         b.checksum(&src, &sb).unwrap()
@@ -439,6 +441,54 @@ fn write_to_and_read_from_a_peer_with_a_notification() {
     // Notifications belong to writes to a peer only.
     let bad = b.submit(remote, &db, &back, &sb, &opts);
     assert!(matches!(bad, Err(Error::InvalidArgument(_))));
+}
+
+/// Many writes and reads of small pieces at once from several threads to one peer: they share
+/// the slots the peer granted (one transfer at a time holds them), and every byte lands.
+fn many_small_piece_transfers_to_one_peer_at_once() {
+    let a = Context::new(ContextConfig::default()).unwrap();
+    let b = Context::new(ContextConfig::default()).unwrap();
+    let c = LayoutConfig {
+        num_blocks: 64,
+        ..disk_config(LayoutKind::LayerSeparateOuterFirst)
+    };
+    let pool = a
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let peer = b.import(&a.export(&[&pool]).unwrap()).unwrap();
+    let remote = &peer.layouts()[0];
+    std::thread::scope(|s| {
+        for t in 0..8u64 {
+            let (b, remote) = (&b, remote);
+            s.spawn(move || {
+                let mine = b
+                    .new_layout(c, &StorageSpec::new(StorageKind::Pinned))
+                    .unwrap();
+                let back = b
+                    .new_layout(c, &StorageSpec::new(StorageKind::System))
+                    .unwrap();
+                // This thread's eight blocks of the peer's 64, interleaved with the others'.
+                let theirs: Vec<u64> = (0..8).map(|i| i * 8 + t).collect();
+                let ours: Vec<u64> = (0..8).rev().collect();
+                for round in 0..5 {
+                    b.fill(&mine, &ours, 100 * t + round).unwrap();
+                    let w = b.submit(&mine, &ours, remote, &theirs, &Default::default());
+                    let w = w.unwrap();
+                    w.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+                    assert!(w.stats().bounced);
+                    let r = b.submit(remote, &theirs, &back, &ours, &Default::default());
+                    r.unwrap()
+                        .wait(Some(std::time::Duration::from_secs(30)))
+                        .unwrap();
+                    assert_eq!(
+                        b.checksum(&back, &ours).unwrap(),
+                        b.checksum(&mine, &ours).unwrap(),
+                        "thread {t} round {round}"
+                    );
+                }
+            });
+        }
+    });
 }
 
 /// A layout of 6 blocks, 2 layers, 4 tokens of heads of 16 bf16, holding `n` heads from
@@ -698,7 +748,8 @@ fn peer_client(dir: &Path) {
     common::wait_for(&peer_file, "the server's export");
     let ctx = Context::new(ContextConfig::default()).unwrap();
     let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
-    let c = disk_config(LayoutKind::LayerSeparateBlockFirst);
+    // Another kind than the server's: no two pieces are neighbours on both sides.
+    let c = disk_config(LayoutKind::LayerSeparateOuterFirst);
     let new = |kind| ctx.new_layout(c, &StorageSpec::new(kind)).unwrap();
     let (mine, back, expected) = (
         new(StorageKind::Pinned),
@@ -710,7 +761,11 @@ fn peer_client(dir: &Path) {
         back: &back,
         expected: &expected,
     };
-    common::exchange(&ctx, &peer.layouts()[0], layouts, dir);
+    let (read, write) = common::exchange(&ctx, &peer.layouts()[0], layouts, dir);
+    // 2 KiB pieces: both ways through the server's landing arena.
+    assert!(read.bounced && write.bounced, "{read:?} {write:?}");
+    assert_eq!(read.plan, Plan::Direct(Strategy::NixlReadFlipped));
+    assert_eq!(write.plan, Plan::Direct(Strategy::NixlWrite));
 }
 
 /// Two processes exchange metadata through files and move data both ways, with a notification.
@@ -975,16 +1030,24 @@ const KILL_AFTER_MS: &str = "KVX_TEST_KILL_AFTER_MS";
 /// Exit code of the in-flight client when the transfer finished before the kill.
 const TOO_FAST: i32 = 3;
 
+/// With this set, the in-flight test moves 4 KiB pieces (through the peer's landing arena).
+const SMALL_PIECES: &str = "KVX_TEST_SMALL_PIECES";
+
 fn big_config() -> LayoutConfig {
+    let small = std::env::var_os(SMALL_PIECES).is_some();
     LayoutConfig {
-        num_blocks: 512,
+        num_blocks: if small { 4096 } else { 512 },
         num_layers: 32,
         outer_dim: 2,
         page_size: 16,
-        inner_dim: 1024,
+        inner_dim: if small { 128 } else { 1024 },
         dtype_width: 2,
         alignment: 1,
-        kind: LayoutKind::FullyContiguous,
+        kind: if small {
+            LayoutKind::LayerSeparateBlockFirst
+        } else {
+            LayoutKind::FullyContiguous
+        },
         heads: Default::default(),
     } // 1 GiB
 }
@@ -1016,9 +1079,11 @@ fn inflight_client(dir: &Path) {
     let mine = ctx
         .new_layout(big_config(), &StorageSpec::new(StorageKind::Pinned))
         .unwrap();
-    let all: Vec<u64> = (0..512).collect();
+    let all: Vec<u64> = (0..big_config().num_blocks).collect();
+    // Reversed destinations: the pieces stay apart, whatever the layout.
+    let rev: Vec<u64> = all.iter().rev().copied().collect();
     let t = ctx
-        .submit(&mine, &all, remote, &all, &TransferOptions::default())
+        .submit(&mine, &all, remote, &rev, &TransferOptions::default())
         .unwrap();
     let kill_after: u64 = std::env::var(KILL_AFTER_MS).unwrap().parse().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(kill_after));
@@ -1043,14 +1108,23 @@ fn inflight_client(dir: &Path) {
 /// 5 s and freeing it does not hang.
 fn a_peer_killed_mid_transfer_fails_within_five_seconds() {
     let exe = std::env::current_exe().unwrap();
-    // (UCX_TLS, when to kill): shared memory moves the 1 GiB in well under a second.
-    for (tls, kill_after) in [(Some("tcp,self"), "100"), (None, "10")] {
+    // (UCX_TLS, when to kill, 4 KiB pieces): shared memory moves the 1 GiB in well under a
+    // second; 4 KiB pieces go through the holder's landing arena.
+    for (tls, kill_after, small) in [
+        (Some("tcp,self"), "100", false),
+        (None, "10", false),
+        (Some("tcp,self"), "100", true),
+        (None, "20", true),
+    ] {
         let dir = common::scratch_dir("inflight");
         let spawn = |role: &str| {
             let mut c = Command::new(&exe);
             c.env(role, &dir).env(KILL_AFTER_MS, kill_after);
             if let Some(tls) = tls {
                 c.env("UCX_TLS", tls);
+            }
+            if small {
+                c.env(SMALL_PIECES, "1");
             }
             c.spawn().unwrap()
         };
@@ -1059,7 +1133,11 @@ fn a_peer_killed_mid_transfer_fails_within_five_seconds() {
         let _ = holder.kill();
         let _ = holder.wait();
         let _ = std::fs::remove_dir_all(&dir);
-        let transports = tls.unwrap_or("UCX's defaults");
+        let transports = format!(
+            "{}{}",
+            tls.unwrap_or("UCX's defaults"),
+            if small { ", 4 KiB pieces" } else { "" }
+        );
         if client.code() == Some(TOO_FAST) {
             skip(&format!(
                 "over {transports} the transfer finished before the peer could be killed"
@@ -1145,6 +1223,7 @@ fn main() {
         few_blocks_to_and_from_disk_in_every_kind_pair,
         disk_layout_persists_across_reopen,
         write_to_and_read_from_a_peer_with_a_notification,
+        many_small_piece_transfers_to_one_peer_at_once,
         head_transforms_to_and_from_a_peer_and_a_disk,
         gpu_rdma_setup_splits_long_lists_over_ucx_threads,
         two_processes_move_data_both_ways,

@@ -185,6 +185,29 @@ pub(crate) fn dispatch(
                     ipc::Route::Nixl(why) => why,
                 },
             };
+            // Small host pieces to and from a peer with a landing arena: gathered, moved in
+            // large chunks, scattered on the other side.
+            let aggregated = match s {
+                Strategy::NixlRead => None,
+                _ => two_hop::aggregate::applies(request, write),
+            };
+            if let Some(list) = aggregated {
+                let (workers, bounce) = (&res.workers, &res.bounce);
+                return match write {
+                    true => two_hop::aggregate::submit_write(
+                        request,
+                        list,
+                        plan,
+                        nixl,
+                        workers,
+                        bounce,
+                        options.notify.as_deref(),
+                    ),
+                    false => {
+                        two_hop::aggregate::submit_read(request, list, plan, nixl, workers, bounce)
+                    }
+                };
+            }
             if stages_through_bounce(request, write) {
                 let cuda = res.cuda.as_ref().ok();
                 return two_hop::submit_staged_peer(

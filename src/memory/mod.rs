@@ -10,7 +10,7 @@ mod remote;
 pub use host::HostAllocation;
 pub use ipc::{IpcFallback, LayoutIpc};
 pub(crate) use ipc::{IpcImport, IpcPeer};
-pub(crate) use remote::{RemoteUse, UseGuard};
+pub(crate) use remote::{Landing, RemoteUse, UseGuard};
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -270,6 +270,14 @@ impl Memory {
             device: Some(dev.clone()),
             owner: Owner::Mapped(using),
             ..Self::caller_owned(StorageKind::Device, dev.ordinal, regions)
+        }
+    }
+
+    /// A peer layout's landing arena (this importer's slots in it) and its export id there.
+    pub(crate) fn landing(&self) -> Option<(&Arc<dyn Landing>, u64)> {
+        match &self.owner {
+            Owner::Remote(state) => state.landing(),
+            _ => None,
         }
     }
 

@@ -4,7 +4,9 @@
 //! acknowledges only when no transfer is using the layout any more.
 
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
+use super::Memory;
 use super::ipc::IpcImport;
 
 use crate::error::{Result, bail};
@@ -15,6 +17,44 @@ struct State {
     inflight: usize,
 }
 
+/// A peer's landing arena as one importer may use it: slots of the exporter's arena granted to
+/// this importer, which its kvxfer scatters into the exporter's layouts on request. Made by the
+/// peer module; used by the executors, which never see it.
+pub(crate) trait Landing: Send + Sync + std::fmt::Debug {
+    /// The arena's memory (the peer's address space, registered with its agent) and the
+    /// addresses of the slots granted to this importer; each holds `slot_bytes()`.
+    fn slots(&self) -> (&Arc<Memory>, &[u64]);
+    fn slot_bytes(&self) -> u64;
+    /// Transfers whose pieces average less than this go through the arena.
+    fn below(&self) -> u64;
+    /// Held by one transfer at a time: the slots are this importer's, shared by its transfers.
+    fn exclusive(&self) -> std::sync::MutexGuard<'_, ()>;
+    /// Asks the peer to copy slot `slot` (its start: `slots()[slot]`) into layout `export_id`:
+    /// `pieces` are (offset in the slot, address in the peer's layout, length); `notify` is
+    /// delivered to the peer's runtime once these bytes are in place. Request `seq` is
+    /// answered with `wait`.
+    fn scatter(
+        &self,
+        slot: usize,
+        seq: u64,
+        export_id: u64,
+        pieces: &[(u64, u64, u64)],
+        notify: Option<&[u8]>,
+    ) -> crate::error::Result<()>;
+    /// Asks the peer to copy `pieces` (offset in the slot, address in its layout, length) of
+    /// layout `export_id` into slot `slot`; answered like `scatter`.
+    fn gather(
+        &self,
+        slot: usize,
+        seq: u64,
+        export_id: u64,
+        pieces: &[(u64, u64, u64)],
+    ) -> crate::error::Result<()>;
+    /// Waits until the peer answered request `seq` of `slot` (its bytes are in place), at most
+    /// `timeout` (then `Error::Peer`: the peer is taken for dead).
+    fn wait(&self, slot: usize, seq: u64, timeout: Duration) -> crate::error::Result<()>;
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct RemoteUse {
     state: Mutex<State>,
@@ -22,6 +62,9 @@ pub(crate) struct RemoteUse {
     /// (under `state`'s lock) once the layout is revoked and idle, so the importer's
     /// acknowledgement, which waits for idle, comes after the unmapping.
     ipc: OnceLock<Arc<IpcImport>>,
+    /// The exporter's landing arena (host layouts of a peer that announced one), and this
+    /// layout's export id there.
+    landing: OnceLock<(Arc<dyn Landing>, u64)>,
 }
 
 /// One transfer's use of a peer layout; ends when dropped.
@@ -64,6 +107,15 @@ impl RemoteUse {
 
     pub(crate) fn ipc(&self) -> Option<&Arc<IpcImport>> {
         self.ipc.get()
+    }
+
+    pub(crate) fn set_landing(&self, landing: Arc<dyn Landing>, export_id: u64) {
+        let _ = self.landing.set((landing, export_id));
+    }
+
+    /// The exporter's landing arena and this layout's export id there.
+    pub(crate) fn landing(&self) -> Option<(&Arc<dyn Landing>, u64)> {
+        self.landing.get().map(|(l, id)| (l, *id))
     }
 
     fn close_ipc(&self) {

@@ -178,6 +178,20 @@ impl NixlAgent {
         self.args_of(|name| !name.starts_with("GDS")).map(Some)
     }
 
+    /// Whether a UCX backend was created (peers; landing arenas).
+    pub fn has_ucx(&self) -> bool {
+        self.handles.iter().any(|(n, _)| *n == "UCX")
+    }
+
+    /// Queues a notification from `sender` as if NIXL had delivered it: a peer's write that
+    /// kvxfer scattered here itself ends with the notification it carried, after its bytes.
+    pub(crate) fn deliver(&self, sender: &str, msg: Vec<u8>) {
+        self.notifications
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((sender.to_string(), msg));
+    }
+
     /// Whether NIXL's GDS (batch) backend was created; GDS_MT needs no batching.
     pub fn has_gds_batch(&self) -> bool {
         self.handles.iter().any(|(n, _)| *n == "GDS")

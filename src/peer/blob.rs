@@ -117,6 +117,19 @@ pub struct LayoutDescriptor {
     pub ipc: Option<LayoutIpc>,
 }
 
+/// The exporter's landing arena (version 4): `slots` slots of `slot_bytes` from `addr`,
+/// registered with its agent; importers are granted slots of it (`landing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArenaDesc {
+    pub addr: u64,
+    pub slot_bytes: u64,
+    pub slots: u32,
+}
+
+/// Bounds on an announced arena.
+const MAX_ARENA_SLOTS: u32 = 256;
+const MAX_SLOT_BYTES: u64 = 256 << 20;
+
 /// Where the exporter runs, for same-host shortcuts (version 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Origin {
@@ -131,6 +144,8 @@ pub struct PeerBlob {
     pub agent: String,
     pub nixl_md: Vec<u8>,
     pub origin: Origin,
+    /// The exporter's landing arena, if it has one (version 4).
+    pub arena: Option<ArenaDesc>,
     pub layouts: Vec<LayoutDescriptor>,
 }
 
@@ -170,6 +185,14 @@ impl PeerBlob {
             body.extend_from_slice(&self.origin.host.unwrap_or_default());
             body.extend_from_slice(&self.origin.process.pid.to_le_bytes());
             body.extend_from_slice(&self.origin.process.start.to_le_bytes());
+            let a = self.arena.unwrap_or(ArenaDesc {
+                addr: 0,
+                slot_bytes: 0,
+                slots: 0,
+            });
+            body.extend_from_slice(&a.addr.to_le_bytes());
+            body.extend_from_slice(&a.slot_bytes.to_le_bytes());
+            body.extend_from_slice(&a.slots.to_le_bytes());
         }
         body.extend_from_slice(&(self.layouts.len() as u32).to_le_bytes());
         for l in &self.layouts {
@@ -313,6 +336,27 @@ impl PeerBlob {
         } else {
             Origin::default()
         };
+        let arena = if version >= 4 {
+            let (addr, slot_bytes, slots) = (r.u64()?, r.u64()?, r.u32()?);
+            match slots {
+                0 => None,
+                n if n > MAX_ARENA_SLOTS
+                    || slot_bytes == 0
+                    || slot_bytes > MAX_SLOT_BYTES
+                    || addr == 0
+                    || addr.checked_add(slot_bytes * u64::from(n)).is_none() =>
+                {
+                    bail!(Peer, "peer announces a landing arena out of bounds")
+                }
+                _ => Some(ArenaDesc {
+                    addr,
+                    slot_bytes,
+                    slots,
+                }),
+            }
+        } else {
+            None
+        };
         let count = r.u32()?;
         if count > MAX_LAYOUTS {
             bail!(Peer, "peer shares {count} layouts, more than {MAX_LAYOUTS}");
@@ -335,6 +379,7 @@ impl PeerBlob {
             agent,
             nixl_md,
             origin,
+            arena,
             layouts,
         })
     }
@@ -529,6 +574,11 @@ mod tests {
                     start: 0xfeed,
                 },
             },
+            arena: Some(ArenaDesc {
+                addr: 0x6000_0000,
+                slot_bytes: 8 << 20,
+                slots: 8,
+            }),
             layouts: vec![
                 LayoutDescriptor {
                     export_id: 0x1234,
@@ -618,7 +668,8 @@ mod tests {
         let good = blob().encode(None).unwrap();
         let name_len_at = HEADER;
         let md_len_at = HEADER + 2 + 8;
-        let count_at = md_len_at + 4 + 200 + 16 + 4 + 8;
+        let count_at = md_len_at + 4 + 200 + 16 + 4 + 8 + 20;
+        let arena_at = count_at - 20;
         // Past the first layout's export id.
         let first_layout = count_at + 4 + 8;
         // The first layout's IPC count (after two regions), the second's (after one).
@@ -649,6 +700,9 @@ mod tests {
             ), // starts late
             (ipc_at + 4 + 16 + 72, 0x1000u64.to_le_bytes().to_vec()), // ends early
             (second_ipc_at, 1u32.to_le_bytes().to_vec()), // IPC for pinned memory
+            (arena_at + 16, 100_000u32.to_le_bytes().to_vec()), // too many slots
+            (arena_at + 8, (1u64 << 40).to_le_bytes().to_vec()), // huge slots
+            (arena_at, u64::MAX.to_le_bytes().to_vec()), // wrapping arena
         ];
         for (at, patch) in cases {
             let mut b = good.clone();
@@ -668,6 +722,7 @@ mod tests {
         let v3 = seal_as(&b.body(3).unwrap(), None, 3).unwrap();
         let back = PeerBlob::decode(&v3, None).unwrap();
         assert_eq!(back.origin, Origin::default());
+        assert_eq!(back.arena, None);
         assert!(back.layouts.iter().all(|l| l.ipc.is_none()));
         assert_eq!(back.layouts[0].regions, b.layouts[0].regions);
     }

@@ -15,6 +15,13 @@
 //!   does not answer by then is taken for dead: a dead process writes nothing);
 //! - BYE (importer -> exporter): export ids the importer gave up (its last peer handle of them
 //!   was freed after their transfers finished): the exporter stops tracking it for those ids.
+//! - SCATTER (importer -> exporter): a slot of the exporter's landing arena granted to the
+//!   importer (in WELCOME), a sequence number, an export id and the pieces to copy from the
+//!   slot into that layout, with the write's notification on its last chunk (`landing`);
+//! - GATHER (importer -> exporter): as SCATTER, the other way: the pieces are copied from the
+//!   layout into the slot, which the importer then reads;
+//! - DONE (exporter -> importer): the slot and sequence number, and whether the pieces are in
+//!   place.
 //!
 //! One thread per context (started by the first export or import, ending with the last user of
 //! this state) fetches the messages every POLL.
@@ -24,10 +31,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use super::blob::{MAC_LEN, PeerKey};
+use super::blob::{ArenaDesc, MAC_LEN, PeerKey};
+use super::landing::{self, Arena};
 use crate::error::{Error, Result, bail};
 use crate::layout::Revoke;
-use crate::memory::RemoteUse;
+use crate::memory::{Region, RemoteUse};
 use crate::metrics::Counters;
 use crate::nixl::{CONTROL_PREFIX, NixlAgent, RemoteAgent};
 
@@ -42,6 +50,22 @@ const WELCOME: u8 = 2;
 const REVOKE: u8 = 3;
 const ACK: u8 = 4;
 const BYE: u8 = 5;
+const SCATTER: u8 = 6;
+const DONE: u8 = 7;
+const GATHER: u8 = 8;
+/// Sent while waiting for a DONE: NIXL fails it once the peer is gone, which no DONE would say.
+/// Receivers ignore it.
+const PING: u8 = 9;
+/// How often a waiter for DONE checks that the peer is there.
+const PING_EVERY: Duration = Duration::from_millis(50);
+
+/// How often the control thread fetches messages while landing-arena traffic runs (a chunk
+/// waits for a SCATTER to be seen, then for its DONE).
+const POLL_FAST: Duration = Duration::from_micros(20);
+/// How long after the last SCATTER or DONE the thread keeps polling fast.
+const FAST_FOR: Duration = Duration::from_millis(200);
+/// Pieces in one SCATTER at most (a slot of 8 MiB in 4 KiB pieces has 2048).
+const MAX_PIECES: usize = 1 << 16;
 
 /// At most this many ids in one HELLO or BYE (an export holds at most 4096 layouts).
 const MAX_IDS: usize = 4096;
@@ -61,6 +85,14 @@ struct State {
     welcomes: HashMap<u64, Option<bool>>,
     /// Importer: revocations to acknowledge once their layout is idle.
     to_ack: Vec<(String, u64, u64, Arc<RemoteUse>)>,
+    /// Exporter: the landing arena, made before the first export.
+    arena: Option<Arena>,
+    /// Exporter: the regions of exported host layouts (SCATTER's destinations).
+    export_host: HashMap<u64, Vec<Region>>,
+    /// Importer: slots of each exporter's arena granted to this importer.
+    grants: HashMap<String, Vec<u32>>,
+    /// Importer: answers to SCATTERs, by (exporter, slot, sequence number).
+    done: HashMap<(String, u32, u64), bool>,
 }
 
 /// One context's side of the control messages, shared by the context, its exported layouts
@@ -75,6 +107,8 @@ pub(crate) struct Control {
     started: AtomicBool,
     /// The context's counters (imports, exports, revocations).
     counters: Arc<Counters>,
+    /// Until when the thread polls every POLL_FAST.
+    fast_until: Mutex<Instant>,
 }
 
 impl std::fmt::Debug for Control {
@@ -134,6 +168,7 @@ impl Control {
             changed: Condvar::new(),
             started: AtomicBool::new(false),
             counters,
+            fast_until: Mutex::new(Instant::now()),
         })
     }
 
@@ -153,12 +188,22 @@ impl Control {
             .spawn(move || {
                 while let Some(c) = weak.upgrade() {
                     c.poll();
+                    let fast = Instant::now() < c.fast_until();
                     drop(c);
-                    std::thread::sleep(POLL);
+                    std::thread::sleep(if fast { POLL_FAST } else { POLL });
                 }
             })
             .map(drop)
             .map_err(|e| Error::OutOfMemory(format!("cannot start the peer control thread: {e}")))
+    }
+
+    fn fast_until(&self) -> Instant {
+        *self.fast_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Landing-arena traffic: poll fast for a while.
+    fn hurry(&self) {
+        *self.fast_until.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now() + FAST_FOR;
     }
 
     /// Sends message `kind` with `body` to `to`, with a MAC where there is a key.
@@ -234,9 +279,15 @@ impl Control {
             WELCOME => (|| {
                 let nonce = f.u64()?;
                 let ok = f.take::<1>()?[0] == 1;
+                let n = (f.u32()? as usize).min(super::landing::GRANT);
+                let slots: Option<Vec<u32>> = (0..n).map(|_| f.u32()).collect();
                 let mut s = self.lock();
                 if let Some(w) = s.welcomes.get_mut(&nonce) {
                     *w = Some(ok);
+                    match slots.filter(|g| !g.is_empty()) {
+                        Some(g) => s.grants.insert(sender.to_string(), g),
+                        None => s.grants.remove(sender),
+                    };
                     self.changed.notify_all();
                 }
                 Some(())
@@ -257,6 +308,28 @@ impl Control {
             BYE => (|| {
                 let ids = f.ids()?;
                 self.on_bye(sender, &ids);
+                Some(())
+            })(),
+            SCATTER | GATHER => (|| {
+                let (slot, seq, id) = (f.u32()?, f.u64()?, f.u64()?);
+                let n = f.u32()? as usize;
+                if n > MAX_PIECES {
+                    return None;
+                }
+                let pieces: Vec<(u64, u64, u64)> = (0..n)
+                    .map(|_| Some((f.u64()?, f.u64()?, f.u64()?)))
+                    .collect::<Option<_>>()?;
+                let note_len = f.u32()? as usize;
+                let note = f.bytes(note_len)?.to_vec();
+                self.on_landing(sender, kind == GATHER, slot, seq, id, &pieces, note);
+                Some(())
+            })(),
+            DONE => (|| {
+                let (slot, seq) = (f.u32()?, f.u64()?);
+                let ok = f.take::<1>()?[0] == 1;
+                self.hurry();
+                self.lock().done.insert((sender.to_string(), slot, seq), ok);
+                self.changed.notify_all();
                 Some(())
             })(),
             _ => None,
@@ -286,9 +359,17 @@ impl Control {
             }
             ok
         };
-        tracing::debug!(importer = sender, ?ids, ok, "import announced");
+        let slots = match (ok, &mut self.lock().arena) {
+            (true, Some(a)) => a.grant(sender),
+            _ => Vec::new(),
+        };
+        tracing::debug!(importer = sender, ?ids, ok, ?slots, "import announced");
         let mut body = nonce.to_le_bytes().to_vec();
         body.push(u8::from(ok));
+        body.extend_from_slice(&(slots.len() as u32).to_le_bytes());
+        for s in &slots {
+            body.extend_from_slice(&s.to_le_bytes());
+        }
         let _ = self.send(sender, WELCOME, &body);
         // Without an import to track, its metadata goes again (RemoteAgent counts the loads).
         self.release_importers(&[]);
@@ -351,6 +432,11 @@ impl Control {
                 .filter(|(_, (_, n))| *n == 0)
                 .map(|(a, _)| a.clone())
                 .collect();
+            if let Some(arena) = &mut s.arena {
+                for a in &idle {
+                    arena.release(a);
+                }
+            }
             idle.iter()
                 .filter_map(|a| s.importers.remove(a).map(|(r, _)| r))
                 .collect()
@@ -359,16 +445,169 @@ impl Control {
         drop(gone);
     }
 
-    /// Exporter: `id` is exported (peers may import it from now on).
-    pub(crate) fn exported(self: &Arc<Self>, id: u64) -> Result<()> {
+    /// Exporter: `id` is exported (peers may import it from now on); `host`: the regions of a
+    /// host layout, which importers may ask this context to scatter landed pieces into.
+    pub(crate) fn exported(self: &Arc<Self>, id: u64, host: Option<Vec<Region>>) -> Result<()> {
         self.start()?;
-        if let std::collections::hash_map::Entry::Vacant(e) = self.lock().exports.entry(id) {
+        let mut s = self.lock();
+        if let std::collections::hash_map::Entry::Vacant(e) = s.exports.entry(id) {
             e.insert(HashSet::new());
             self.counters
                 .layouts_exported
                 .fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(r) = host {
+            s.export_host.insert(id, r);
+        }
         Ok(())
+    }
+
+    /// Exporter: the landing arena, made and registered with `agent` on first use (before the
+    /// agent's metadata is exported, so that importers can write into it); `None` where it
+    /// cannot be made (it is then not announced, and importers write piece by piece).
+    pub(crate) fn arena(&self, agent: &NixlAgent) -> Option<ArenaDesc> {
+        if !agent.has_ucx() {
+            return None;
+        }
+        let mut s = self.lock();
+        if s.arena.is_none() {
+            match Arena::new(agent.agent()) {
+                Ok(a) => s.arena = Some(a),
+                Err(e) => {
+                    tracing::info!("no landing arena ({e}): peers write small pieces one by one");
+                    return None;
+                }
+            }
+        }
+        s.arena.as_ref().map(|a| a.desc)
+    }
+
+    /// Importer: the slots `exporter` granted this importer.
+    pub(crate) fn grants(&self, exporter: &str) -> Vec<u32> {
+        self.lock()
+            .grants
+            .get(exporter)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Importer: asks `exporter` to scatter `slot` into layout `id`, or with `gather` to gather
+    /// from the layout into the slot (`landing`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn send_landing(
+        &self,
+        exporter: &str,
+        gather: bool,
+        slot: u32,
+        seq: u64,
+        id: u64,
+        pieces: &[(u64, u64, u64)],
+        notify: Option<&[u8]>,
+    ) -> Result<()> {
+        let note = notify.unwrap_or_default();
+        let mut body = Vec::with_capacity(32 + 24 * pieces.len() + note.len());
+        body.extend_from_slice(&slot.to_le_bytes());
+        body.extend_from_slice(&seq.to_le_bytes());
+        body.extend_from_slice(&id.to_le_bytes());
+        body.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
+        for &(off, addr, len) in pieces {
+            for v in [off, addr, len] {
+                body.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        body.extend_from_slice(&(note.len() as u32).to_le_bytes());
+        body.extend_from_slice(note);
+        self.hurry();
+        self.lock().done.remove(&(exporter.to_string(), slot, seq));
+        self.send(exporter, if gather { GATHER } else { SCATTER }, &body)
+    }
+
+    /// Importer: waits for `exporter`'s DONE of (`slot`, `seq`), at most `timeout`.
+    pub(crate) fn wait_done(
+        &self,
+        exporter: &str,
+        slot: u32,
+        seq: u64,
+        timeout: Duration,
+    ) -> Result<()> {
+        let key = (exporter.to_string(), slot, seq);
+        let deadline = Instant::now() + timeout;
+        let mut ping = Instant::now() + PING_EVERY;
+        let mut s = self.lock();
+        loop {
+            if let Some(ok) = s.done.remove(&key) {
+                return match ok {
+                    true => Ok(()),
+                    false => Err(Error::Peer(format!(
+                        "the peer {exporter:?} refused to place the landed pieces (the layout \
+                         was freed, or the request did not hold)"
+                    ))),
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Peer(format!(
+                    "the peer {exporter:?} did not place the landed pieces within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            if now >= ping {
+                drop(s);
+                if let Err(e) = self.send(exporter, PING, &[]) {
+                    return Err(Error::Peer(format!(
+                        "the peer {exporter:?} is gone while placing landed pieces: {e}"
+                    )));
+                }
+                ping = now + PING_EVERY;
+                s = self.lock();
+                continue;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, (deadline - now).min(POLL))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Exporter: `sender` asks for `pieces` of its `slot` to be copied into layout `id` (or,
+    /// with `gather`, from the layout into the slot).
+    #[allow(clippy::too_many_arguments)]
+    fn on_landing(
+        &self,
+        sender: &str,
+        gather: bool,
+        slot: u32,
+        seq: u64,
+        id: u64,
+        pieces: &[(u64, u64, u64)],
+        note: Vec<u8>,
+    ) {
+        self.hurry();
+        let placed = {
+            // Under the lock a revocation takes first: the layout stays allocated throughout.
+            let s = self.lock();
+            let imported = s.exports.get(&id).is_some_and(|i| i.contains(sender));
+            match (&s.arena, s.export_host.get(&id)) {
+                (Some(a), Some(regions)) if imported => match a.slot_of(sender, slot) {
+                    Some(at) => landing::place(at, a.desc.slot_bytes, regions, pieces, gather),
+                    None => Err(format!("slot {slot} is not {sender:?}'s")),
+                },
+                _ => Err(format!(
+                    "layout {id:#x} is not a host layout {sender:?} imports"
+                )),
+            }
+        };
+        if let Err(why) = &placed {
+            tracing::warn!("a landing request from {sender:?} was refused: {why}");
+        }
+        if placed.is_ok() && !note.is_empty() {
+            self.nixl.deliver(sender, note);
+        }
+        let mut body = slot.to_le_bytes().to_vec();
+        body.extend_from_slice(&seq.to_le_bytes());
+        body.push(u8::from(placed.is_ok()));
+        let _ = self.send(sender, DONE, &body);
     }
 
     /// Importer: registers the import of `ids` from `agent`, announces it and waits for the
@@ -470,6 +709,12 @@ impl Control {
         if last.is_empty() {
             return;
         }
+        {
+            let mut s = self.lock();
+            if !s.imported.keys().any(|(a, _)| a == agent) {
+                s.grants.remove(agent);
+            }
+        }
         // Ids the exporter revoked are no longer tracked there: no BYE for them. When it
         // revoked them all (it freed the layouts, perhaps its whole context), nothing is sent,
         // and NIXL has no notification to fail on a gone agent.
@@ -502,6 +747,7 @@ impl Revoke for Control {
         let sent: Vec<(String, u64)> = {
             let mut s = self.lock();
             let importers = s.exports.remove(&id).unwrap_or_default();
+            s.export_host.remove(&id);
             importers
                 .into_iter()
                 .map(|a| {

@@ -3,6 +3,7 @@
 
 mod blob;
 mod control;
+mod landing;
 
 use std::sync::Arc;
 
@@ -51,7 +52,11 @@ pub(crate) fn export(
     let mut descriptors = Vec::with_capacity(layouts.len());
     for l in layouts {
         let export_id = l.export_id(|| control.clone());
-        control.exported(export_id)?;
+        let host = l
+            .storage_kind()
+            .is_host()
+            .then(|| l.memory().regions().to_vec());
+        control.exported(export_id, host)?;
         descriptors.push(LayoutDescriptor {
             export_id,
             config: *l.config(),
@@ -64,6 +69,8 @@ pub(crate) fn export(
             },
         });
     }
+    // Registered before the metadata is taken, so that importers can write into it.
+    let arena = control.arena(agent);
     let nixl_md = agent
         .agent()
         .get_local_md()
@@ -75,6 +82,7 @@ pub(crate) fn export(
             host: crate::cuda::host_id(),
             process: crate::cuda::this_process(),
         },
+        arena,
         layouts: descriptors,
     }
     .encode(key)
@@ -149,6 +157,12 @@ pub(crate) fn import(
         layouts: Vec::with_capacity(uses.len()),
         remote,
     };
+    // Writes of small pieces to the peer's host layouts land in the slots it granted.
+    let landing = blob.arena.and_then(|a| {
+        let same_host = blob.origin.host.is_some() && blob.origin.host == crate::cuda::host_id();
+        landing::PeerLanding::new(control, &name, a, control.grants(&name), same_host)
+            .map(|l| Arc::new(l) as Arc<dyn crate::memory::Landing>)
+    });
     let origin = blob.origin;
     let same_host = origin.host.is_some() && origin.host == crate::cuda::host_id();
     let watch = match blob.layouts.iter().any(|d| d.ipc.is_some()) && ipc_dev.is_ok() {
@@ -164,6 +178,9 @@ pub(crate) fn import(
         .map(|(d, state)| {
             if d.kind == StorageKind::Device {
                 state.set_ipc(IpcImport::new(ipc_use(&origin, &d, &ipc_dev, &watch)));
+            }
+            if let Some(l) = landing.as_ref().filter(|_| d.kind.is_host()) {
+                state.set_landing(l.clone(), d.export_id);
             }
             let memory = Memory::remote(d.kind, d.device_id, d.regions, state);
             Layout::new_remote(d.config, memory, context_id, name.clone())

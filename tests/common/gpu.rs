@@ -210,8 +210,8 @@ pub fn gpu_rdma_between_processes(test: &str, server_device: i32) {
     };
     // Remote device -> local device, then local device -> remote device with a notification.
     let (read, write) = super::exchange(&ctx, remote, layouts, &dir);
-    assert_eq!(read, Plan::Direct(Strategy::NixlReadFlipped));
-    assert_eq!(write, Plan::Direct(Strategy::NixlWrite));
+    assert_eq!(read.plan, Plan::Direct(Strategy::NixlReadFlipped));
+    assert_eq!(write.plan, Plan::Direct(Strategy::NixlWrite));
     assert!(
         server.wait().unwrap().success(),
         "the server process failed"

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kvxfer::{Context, Layout, Plan, TransferOptions};
+use kvxfer::{Context, Layout, TransferOptions, TransferStats};
 
 /// The bytes of head `h` of token `t` in (block, layer, outer) of a host-addressable layout
 /// that describes its heads, by the layout's own formula (NHD: `[page][head][dim]`, HND:
@@ -96,8 +96,13 @@ pub struct ClientLayouts<'a> {
 
 /// The client half of a peer exchange with `serve`: reads the server's blocks 6..12 (checked
 /// against its seed), writes its own 0..6 with NOTE, then compares the checksums the server
-/// reports for what landed. Returns the plans of the read and the write.
-pub fn exchange(ctx: &Context, remote: &Layout, l: ClientLayouts<'_>, dir: &Path) -> (Plan, Plan) {
+/// reports for what landed. Returns the stats of the read and the write.
+pub fn exchange(
+    ctx: &Context,
+    remote: &Layout,
+    l: ClientLayouts<'_>,
+    dir: &Path,
+) -> (TransferStats, TransferStats) {
     ctx.fill(l.mine, &all(12), 7).unwrap();
     let theirs: Vec<u64> = (6..12).collect();
     let t = ctx
@@ -110,7 +115,7 @@ pub fn exchange(ctx: &Context, remote: &Layout, l: ClientLayouts<'_>, dir: &Path
         )
         .unwrap();
     t.wait(Some(Duration::from_secs(30))).unwrap();
-    let read = t.stats().plan;
+    let read = t.stats();
     ctx.fill(l.expected, &theirs, SERVER_SEED).unwrap();
     assert_eq!(
         ctx.checksum(l.back, &theirs).unwrap(),
@@ -129,7 +134,7 @@ pub fn exchange(ctx: &Context, remote: &Layout, l: ClientLayouts<'_>, dir: &Path
         std::fs::read_to_string(&sums_file).unwrap(),
         sums_text(ctx, l.mine, &ours)
     );
-    (read, t.stats().plan)
+    (read, t.stats())
 }
 pub mod gpu;
 pub mod harness;

@@ -120,6 +120,9 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
         let remote = &peer.layouts()[0];
         let all: Vec<u64> = (0..blocks).collect();
         ctx.fill(&local, &all, 9).map_err(err)?;
+        // The raw baselines name `local` in their descriptors: registered here, since kvxfer's
+        // own writes of small pieces gather from it without NIXL.
+        local.memory().ensure_nixl_registered(&agent).map_err(err)?;
         let mut rng = fastrand::Rng::with_seed(fragment);
         let (mut p1, mut p2) = (all.clone(), all.clone());
         rng.shuffle(&mut p1);

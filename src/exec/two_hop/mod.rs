@@ -6,6 +6,7 @@
 //! memory stays bounded (at most MAX_PAIRS pairs of CHUNK-byte buffers), and a job that finds
 //! every pair in use waits for one.
 
+pub(crate) mod aggregate;
 mod pipeline;
 mod pool;
 
