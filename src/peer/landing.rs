@@ -17,20 +17,52 @@ use crate::memory::Region;
 use crate::memory::{Landing, Memory, RemoteUse, StorageKind};
 
 /// Bytes of one slot: one chunk of an aggregated transfer.
-pub(crate) const SLOT_BYTES: u64 = 8 << 20;
+pub(crate) const SLOT_BYTES: u64 = 4 << 20;
 /// Slots of an arena (SLOT_BYTES each): room for four importers at once.
-pub(crate) const ARENA_SLOTS: u32 = 12;
-/// Pieces below which a transfer is aggregated, measured with `kvxfer bench --nixl` on the
-/// build machine (2 cores, 64 MiB per point): over TCP between namespaces, aggregated writes of
-/// 4-16 KiB pieces ran 2-3x the per-piece path and 64 KiB ones even with it; over UCX's shared
-/// memory (a peer on this host) 4 KiB pieces ran 1.4x, 16 KiB ones 0.65x (the transport is a
-/// memcpy already).
+pub(crate) const ARENA_SLOTS: u32 = 16;
+/// Pieces below which a transfer is aggregated, measured with `kvxfer bench --nixl` (64 MiB
+/// per point). With few cores the gather and the scatter compete with the transport for them:
+/// on the build machine (2 cores) aggregated writes of 4-16 KiB pieces over TCP ran 2-3x the
+/// per-piece path and 64 KiB ones even with it, while over UCX's shared memory (a peer on this
+/// host, where the transport is a memcpy already) 4 KiB pieces ran 1.4x and 16 KiB ones 0.65x.
+/// With many (the GPU machine, 16) they run beside it (docs/BENCHMARKS.md, "Landing arenas").
 const BELOW_OTHER_HOST: u64 = 64 << 10;
 const BELOW_SAME_HOST: u64 = 8 << 10;
+const BELOW_MANY_CORES: u64 = 128 << 10;
+const MANY_CORES: usize = 8;
+
+/// Whether UCX may use shared memory (`UCX_TLS` unset, an exclusion list, or naming a
+/// shared-memory transport): a peer on this host is then reached through it.
+fn shared_memory_allowed(tls: Option<&str>) -> bool {
+    let Some(tls) = tls.map(str::trim).filter(|t| !t.is_empty()) else {
+        return true;
+    };
+    if tls.starts_with('^') {
+        return true;
+    }
+    tls.split(',').any(|t| {
+        matches!(
+            t.trim(),
+            "all" | "sm" | "shm" | "posix" | "sysv" | "cma" | "knem" | "xpmem"
+        )
+    })
+}
+
+/// The threshold for a peer on this host (`same_host`) or another.
+fn aggregate_below(same_host: bool) -> u64 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tls = std::env::var("UCX_TLS").ok();
+    let same_host = same_host && shared_memory_allowed(tls.as_deref());
+    match (cores >= MANY_CORES, same_host) {
+        (true, _) => BELOW_MANY_CORES,
+        (false, true) => BELOW_SAME_HOST,
+        (false, false) => BELOW_OTHER_HOST,
+    }
+}
 
 /// Slots granted to one importer: one being gathered and written while the others are
 /// scattered by the peer or on their way.
-pub(crate) const GRANT: usize = 3;
+pub(crate) const GRANT: usize = 4;
 
 /// Exporter: the arena and who holds which slots.
 #[derive(Debug)]
@@ -185,11 +217,7 @@ impl PeerLanding {
                 .collect(),
             numbers,
             slot_bytes: arena.slot_bytes,
-            below: if same_host {
-                BELOW_SAME_HOST
-            } else {
-                BELOW_OTHER_HOST
-            },
+            below: aggregate_below(same_host),
             busy: std::sync::Mutex::new(()),
         })
     }
@@ -261,6 +289,21 @@ impl Landing for PeerLanding {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_memory_is_allowed_unless_ucx_tls_leaves_it_out() {
+        for (tls, allowed) in [
+            (None, true),
+            (Some(""), true),
+            (Some("tcp,self"), false),
+            (Some("tcp,self,cuda_copy"), false),
+            (Some("^tcp"), true),
+            (Some("sm,self"), true),
+            (Some("tcp, posix"), true),
+        ] {
+            assert_eq!(shared_memory_allowed(tls), allowed, "{tls:?}");
+        }
+    }
 
     #[test]
     fn scatter_checks_every_piece_before_it_copies() {
