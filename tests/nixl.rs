@@ -849,6 +849,77 @@ fn peer_holder(dir: &Path) {
     std::thread::sleep(std::time::Duration::from_secs(120));
 }
 
+const ARENA_ROLE: &str = "KVX_TEST_ARENA_IMPORTER_ROLE";
+
+/// An importer that takes its share of the exporter's landing arena and waits to be killed.
+fn arena_importer(dir: &Path) {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let peer = ctx.import(&std::fs::read(dir.join("arena.peer")).unwrap());
+    let _peer = peer.unwrap();
+    common::publish(dir, &format!("imported.{}", std::process::id()), b"");
+    std::thread::sleep(std::time::Duration::from_secs(120));
+}
+
+/// Whether a write of 2 KiB pieces from a new importer goes through the exporter's arena.
+fn lands(blob: &[u8]) -> bool {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let peer = ctx.import(blob).unwrap();
+    let src = ctx
+        .new_layout(
+            disk_config(LayoutKind::LayerSeparateOuterFirst),
+            &StorageSpec::new(StorageKind::System),
+        )
+        .unwrap();
+    let ids: Vec<u64> = (0..12).collect();
+    let rev: Vec<u64> = ids.iter().rev().copied().collect();
+    let t = ctx
+        .submit(&src, &ids, &peer.layouts()[0], &rev, &Default::default())
+        .unwrap();
+    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+    t.stats().bounced
+}
+
+/// The exporter's landing arena is shared out to importers; once it is taken, more importers
+/// write piece by piece, and the slots of importers that died come back within seconds.
+fn landing_slots_of_dead_importers_come_back() {
+    let ctx = Context::new(ContextConfig::default()).unwrap();
+    let pool = ctx
+        .new_layout(
+            disk_config(LayoutKind::FullyContiguous),
+            &StorageSpec::new(StorageKind::System),
+        )
+        .unwrap();
+    let blob = ctx.export(&[&pool]).unwrap();
+    let dir = common::scratch_dir("arena");
+    common::publish(&dir, "arena.peer", &blob);
+    // Four importers take the sixteen slots.
+    let mut children: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            Command::new(std::env::current_exe().unwrap())
+                .env(ARENA_ROLE, &dir)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in &children {
+        common::wait_for(&dir.join(format!("imported.{}", c.id())), "an importer");
+    }
+    assert!(!lands(&blob), "a fifth importer finds the arena taken");
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lands(&blob) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead importers' slots never came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// After a peer dies, transfers to and from it fail with Error::Peer within 5 s, and nothing
 /// hangs: submit, wait and free all return.
 fn a_dead_peer_fails_within_five_seconds() {
@@ -1204,7 +1275,8 @@ fn o_direct_where_the_file_system_allows() {
 
 fn main() {
     // Child processes of the tests: the role named in the environment, nothing else.
-    let roles: [Role; 6] = [
+    let roles: [Role; 7] = [
+        (ARENA_ROLE, arena_importer),
         (NO_NIXL_ROLE, no_nixl_child),
         (HOLD_ROLE_BIG, inflight_holder),
         (INFLIGHT_ROLE, inflight_client),
@@ -1224,6 +1296,7 @@ fn main() {
         disk_layout_persists_across_reopen,
         write_to_and_read_from_a_peer_with_a_notification,
         many_small_piece_transfers_to_one_peer_at_once,
+        landing_slots_of_dead_importers_come_back,
         head_transforms_to_and_from_a_peer_and_a_disk,
         gpu_rdma_setup_splits_long_lists_over_ucx_threads,
         two_processes_move_data_both_ways,

@@ -58,6 +58,9 @@ const GATHER: u8 = 8;
 const PING: u8 = 9;
 /// How often a waiter for DONE checks that the peer is there.
 const PING_EVERY: Duration = Duration::from_millis(50);
+/// How often an exporter checks that the importers holding arena slots are there: a dead
+/// one's slots go back to the arena.
+const CHECK_HOLDERS: Duration = Duration::from_secs(1);
 
 /// How often the control thread fetches messages while landing-arena traffic runs (a chunk
 /// waits for a SCATTER to be seen, then for its DONE).
@@ -109,6 +112,8 @@ pub(crate) struct Control {
     counters: Arc<Counters>,
     /// Until when the thread polls every POLL_FAST.
     fast_until: Mutex<Instant>,
+    /// When the arena's holders were last checked.
+    holders_checked: Mutex<Instant>,
 }
 
 impl std::fmt::Debug for Control {
@@ -169,6 +174,7 @@ impl Control {
             started: AtomicBool::new(false),
             counters,
             fast_until: Mutex::new(Instant::now()),
+            holders_checked: Mutex::new(Instant::now()),
         })
     }
 
@@ -240,6 +246,30 @@ impl Control {
         };
         for (to, id, seq) in ready {
             let _ = self.send(&to, ACK, &[id.to_le_bytes(), seq.to_le_bytes()].concat());
+        }
+        self.check_holders();
+    }
+
+    /// Exporter: gives the slots of importers NIXL can no longer reach back to the arena.
+    fn check_holders(&self) {
+        {
+            let mut last = self
+                .holders_checked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.elapsed() < CHECK_HOLDERS {
+                return;
+            }
+            *last = Instant::now();
+        }
+        let holders = self.lock().arena.as_ref().map(Arena::holders);
+        for h in holders.unwrap_or_default() {
+            if let Err(e) = self.send(&h, PING, &[]) {
+                tracing::info!("importer {h:?} is gone ({e}): its landing slots are free again");
+                if let Some(a) = &mut self.lock().arena {
+                    a.release(&h);
+                }
+            }
         }
     }
 

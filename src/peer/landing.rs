@@ -119,6 +119,11 @@ impl Arena {
         }
     }
 
+    /// The importers holding slots.
+    pub(crate) fn holders(&self) -> Vec<String> {
+        self.granted.keys().cloned().collect()
+    }
+
     /// The start of `slot` if `importer` holds it.
     pub(crate) fn slot_of(&self, importer: &str, slot: u32) -> Option<u64> {
         self.granted
