@@ -29,10 +29,10 @@ pub(crate) trait Landing: Send + Sync + std::fmt::Debug {
     fn below(&self) -> u64;
     /// Held by one transfer at a time: the slots are this importer's, shared by its transfers.
     fn exclusive(&self) -> std::sync::MutexGuard<'_, ()>;
-    /// Asks the peer to copy slot `slot` (its start: `slots()[slot]`) into layout `export_id`:
-    /// `pieces` are (offset in the slot, address in the peer's layout, length); `notify` is
-    /// delivered to the peer's runtime once these bytes are in place. Request `seq` is
-    /// answered with `wait`.
+    /// Asks the peer to copy slot `slot` (its start: `slots()[slot]`) into layout `export_id`,
+    /// once the write that filled the slot has completed: `pieces` are (offset in the slot,
+    /// address in the peer's layout, length); `notify` is delivered to the peer's runtime once
+    /// these bytes are in place. Request `seq` is answered with `wait`.
     fn scatter(
         &self,
         slot: usize,

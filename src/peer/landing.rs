@@ -284,8 +284,9 @@ impl Landing for PeerLanding {
             .numbers
             .get(slot)
             .ok_or_else(|| Error::Internal(format!("no landing slot {slot}")))?;
-        self.control()?
-            .send_landing(&self.exporter, false, n, seq, export_id, pieces, notify)
+        let control = self.control()?;
+        let msg = control.landing_request(&self.exporter, false, n, seq, export_id, pieces, notify);
+        control.send_request(&self.exporter, &msg)
     }
 
     fn gather(
@@ -299,8 +300,9 @@ impl Landing for PeerLanding {
             .numbers
             .get(slot)
             .ok_or_else(|| Error::Internal(format!("no landing slot {slot}")))?;
-        self.control()?
-            .send_landing(&self.exporter, true, n, seq, export_id, pieces, None)
+        let control = self.control()?;
+        let msg = control.landing_request(&self.exporter, true, n, seq, export_id, pieces, None);
+        control.send_request(&self.exporter, &msg)
     }
 
     fn wait(&self, slot: usize, seq: u64, timeout: Duration) -> Result<()> {

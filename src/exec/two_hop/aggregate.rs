@@ -93,29 +93,38 @@ pub(crate) fn submit_write(
         let size = landing.slot_bytes().min(CHUNK);
         let chunks = chunks_of(&list.copies, size);
         let stages = stages(bufs, size);
-        // Per slot: the sequence number of its SCATTER the peer has not answered yet.
+        // Per slot: the sequence number of its SCATTER the peer has not answered yet. The write
+        // in flight (its chunk, its request) gets its SCATTER once it completed, which is
+        // waited for after the next chunk was gathered and its write started.
         let ways = slots.len().min(stages.len());
         let mut unplaced: Vec<Option<u64>> = vec![None; ways];
         let mut writing: Option<(usize, Option<nixl_sys::XferRequest>)> = None;
+        let n = chunks.len();
+        let scatter = |k: usize, unplaced: &mut [Option<u64>]| -> Result<()> {
+            let seq = fastrand::u64(..);
+            let note = notify.as_deref().filter(|_| k + 1 == n);
+            let pieces = in_slot(&chunks[k], |c| c.dst);
+            landing.scatter(k % ways, seq, export_id, &pieces, note)?;
+            unplaced[k % ways] = Some(seq);
+            Ok(())
+        };
         let result = (|| -> Result<()> {
-            let n = chunks.len();
-            let scatter = |k: usize, unplaced: &mut [Option<u64>]| -> Result<()> {
+            for k in 0..n {
+                let b = k % ways;
+                // With a single slot, the chunk in flight is this slot's: placed first.
+                if writing.as_ref().is_some_and(|(j, _)| j % ways == b)
+                    && let Some((j, req)) = writing.take()
+                {
+                    finish(agent.agent(), req, Error::Peer, false)?;
+                    scatter(j, &mut unplaced)?;
+                }
+                if let Some(seq) = unplaced[b].take() {
+                    landing.wait(b, seq, PLACED_WITHIN)?;
+                }
                 if guard.revoked() {
                     return Err(Error::Peer(
                         "the peer revoked this layout during the transfer".into(),
                     ));
-                }
-                let pieces = in_slot(&chunks[k], |c| c.dst);
-                let seq = fastrand::u64(..);
-                let note = notify.as_deref().filter(|_| k + 1 == n);
-                landing.scatter(k % ways, seq, export_id, &pieces, note)?;
-                unplaced[k % ways] = Some(seq);
-                Ok(())
-            };
-            for k in 0..n {
-                let b = k % ways;
-                if let Some(seq) = unplaced[b].take() {
-                    landing.wait(b, seq, PLACED_WITHIN)?;
                 }
                 let (buf, base) = stages[b];
                 let mut at = base;
@@ -132,13 +141,9 @@ pub(crate) fn submit_write(
                     })
                     .collect();
                 // SAFETY: sources are the local layout's validated regions, kept alive by
-                // `keep`; the destination is this lease's buffer, which nothing else uses
-                // (its previous write finished before its chunk's SCATTER was sent).
+                // `keep`; the destination is this lease's staging area, whose previous write
+                // finished before its SCATTER was sent (and answered, above).
                 unsafe { copier.copy(&gather) };
-                if let Some((j, req)) = writing.take() {
-                    finish(agent.agent(), req, Error::Peer, false)?;
-                    scatter(j, &mut unplaced)?;
-                }
                 let write = [CopyOp {
                     src: base,
                     dst: slots[b],
@@ -153,7 +158,12 @@ pub(crate) fn submit_write(
                     notify: None,
                     remote_fd: None,
                 };
-                writing = Some((k, start(agent.agent(), &t, Error::Peer)?));
+                let started = start(agent.agent(), &t, Error::Peer)?;
+                // The previous chunk's write ran beside this chunk's gather and start.
+                if let Some((j, req)) = writing.replace((k, started)) {
+                    finish(agent.agent(), req, Error::Peer, false)?;
+                    scatter(j, &mut unplaced)?;
+                }
             }
             if let Some((j, req)) = writing.take() {
                 finish(agent.agent(), req, Error::Peer, false)?;
