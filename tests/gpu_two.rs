@@ -120,3 +120,74 @@ fn two_gpus_layer_ranges_and_big_lists() {
         }
     }
 }
+
+/// TP 4 -> 2 with NHD -> HND between the two GPUs, both ways, in every copy mode: the kernel
+/// reaches the other GPU's memory through peer access and moves the head slices (the copy
+/// engines would take microseconds per slice), every slice checked on pinned copies.
+#[test]
+#[ignore = "needs two CUDA GPUs: run scripts/gpu-test on a two-GPU machine"]
+fn two_gpus_head_transforms_between_the_gpus() {
+    use kvxfer::HeadOrder::{HeadMajor, TokenMajor};
+    let ctx = ctx();
+    let ids = all(8);
+    let (src_ids, dst_ids) = ([0u64, 5, 7], [6u64, 1, 3]);
+    let on = |c: LayoutConfig, storage| layout(&ctx, c, storage);
+    for mode in [CopyMode::Auto, CopyMode::Kernel, CopyMode::CopyEngine] {
+        let opts = TransferOptions {
+            copy_mode: mode,
+            ..Default::default()
+        };
+        for (from, to) in [(0, 1), (1, 0)] {
+            // A prefill rank (heads 2..4, token-major) on `from`, a decode rank (heads 0..4,
+            // head-major) on `to`.
+            let prefill_cfg = heads_cfg(LayoutKind::FullyContiguous, 8, 2, 2, TokenMajor);
+            let decode_cfg = heads_cfg(LayoutKind::LayerSeparateBlockFirst, 8, 4, 0, HeadMajor);
+            let host = on(prefill_cfg, StorageKind::Pinned);
+            ctx.fill(&host, &ids, 40 + from as u64).unwrap();
+            let prefill = layout_on(&ctx, prefill_cfg, from);
+            ctx.submit(&host, &ids, &prefill, &ids, &opts)
+                .unwrap()
+                .wait(Some(Duration::from_secs(30)))
+                .unwrap();
+            let decode = layout_on(&ctx, decode_cfg, to);
+            let t = ctx
+                .submit(&prefill, &src_ids, &decode, &dst_ids, &opts)
+                .unwrap();
+            t.wait(Some(Duration::from_secs(30))).unwrap();
+            assert_eq!(
+                t.stats().mechanism,
+                Mechanism::Kernel,
+                "{mode:?} {from}->{to}"
+            );
+            // Back the other way into a fresh prefill rank, then both to pinned memory.
+            let again = layout_on(&ctx, prefill_cfg, from);
+            ctx.submit(&decode, &dst_ids, &again, &src_ids, &opts)
+                .unwrap()
+                .wait(Some(Duration::from_secs(30)))
+                .unwrap();
+            let (seen, back) = (
+                on(decode_cfg, StorageKind::Pinned),
+                on(prefill_cfg, StorageKind::Pinned),
+            );
+            for (d, h) in [(&decode, &seen), (&again, &back)] {
+                ctx.submit(d, &ids, h, &ids, &opts)
+                    .unwrap()
+                    .wait(Some(Duration::from_secs(30)))
+                    .unwrap();
+            }
+            for (&s, &d) in src_ids.iter().zip(&dst_ids) {
+                for l in 0..2 {
+                    for o in 0..2 {
+                        for tok in 0..16 {
+                            for h in 2..4 {
+                                let want = common::head_slice(&host, s, l, o, tok, h);
+                                assert_eq!(common::head_slice(&seen, d, l, o, tok, h), want);
+                                assert_eq!(common::head_slice(&back, s, l, o, tok, h), want);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
