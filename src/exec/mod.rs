@@ -193,20 +193,10 @@ pub(crate) fn dispatch(
             };
             if let Some(list) = aggregated {
                 let (workers, bounce) = (&res.workers, &res.bounce);
-                return match write {
-                    true => two_hop::aggregate::submit_write(
-                        request,
-                        list,
-                        plan,
-                        nixl,
-                        workers,
-                        bounce,
-                        options.notify.as_deref(),
-                    ),
-                    false => {
-                        two_hop::aggregate::submit_read(request, list, plan, nixl, workers, bounce)
-                    }
-                };
+                let notify = options.notify.as_deref();
+                return two_hop::aggregate::submit(
+                    request, list, plan, write, nixl, workers, bounce, notify,
+                );
             }
             if stages_through_bounce(request, write) {
                 let cuda = res.cuda.as_ref().ok();

@@ -214,11 +214,6 @@ impl Control {
 
     /// Sends message `kind` with `body` to `to`, with a MAC where there is a key.
     fn send(&self, to: &str, kind: u8, body: &[u8]) -> Result<()> {
-        self.nixl.send(to, &self.message(to, kind, body))
-    }
-
-    /// Message `kind` with `body` for `to`, with a MAC where there is a key.
-    fn message(&self, to: &str, kind: u8, body: &[u8]) -> Vec<u8> {
         let mut msg = Vec::with_capacity(CONTROL_PREFIX.len() + 1 + body.len() + MAC_LEN);
         msg.extend_from_slice(CONTROL_PREFIX);
         msg.push(kind);
@@ -227,7 +222,7 @@ impl Control {
             let tag = key.mac_parts(&[self.name.as_bytes(), to.as_bytes(), &msg]);
             msg.extend_from_slice(&tag);
         }
-        msg
+        self.nixl.send(to, &msg)
     }
 
     /// One round of the control thread: handle what arrived, acknowledge revocations whose
@@ -526,12 +521,12 @@ impl Control {
             .unwrap_or_default()
     }
 
-    /// Importer: a request to `exporter` to scatter `slot` into layout `id`, or with `gather` to
-    /// gather from the layout into the slot (`landing`), for `send_request`. (Not as the
-    /// notification of the chunk's write: UCX dropped notifications of a few KiB sent that way,
-    /// while one of 4 KiB pieces of a 4 MiB slot takes 24 KiB.)
+    /// Importer: asks `exporter` to scatter `slot` into layout `id`, or with `gather` to gather
+    /// from the layout into the slot (`landing`). (Not as the notification of the chunk's
+    /// write: UCX dropped notifications of a few KiB sent with a transfer, while one for 4 KiB
+    /// pieces of a 4 MiB slot takes 24 KiB.)
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn landing_request(
+    pub(crate) fn send_landing(
         &self,
         exporter: &str,
         gather: bool,
@@ -540,7 +535,7 @@ impl Control {
         id: u64,
         pieces: &[(u64, u64, u64)],
         notify: Option<&[u8]>,
-    ) -> Vec<u8> {
+    ) -> Result<()> {
         let note = notify.unwrap_or_default();
         let mut body = Vec::with_capacity(32 + 24 * pieces.len() + note.len());
         body.extend_from_slice(&slot.to_le_bytes());
@@ -556,12 +551,7 @@ impl Control {
         body.extend_from_slice(note);
         self.hurry();
         self.lock().done.remove(&(exporter.to_string(), slot, seq));
-        self.message(exporter, if gather { GATHER } else { SCATTER }, &body)
-    }
-
-    /// Importer: sends a request `landing_request` made.
-    pub(crate) fn send_request(&self, exporter: &str, msg: &[u8]) -> Result<()> {
-        self.nixl.send(exporter, msg)
+        self.send(exporter, if gather { GATHER } else { SCATTER }, &body)
     }
 
     /// Importer: waits for `exporter`'s DONE of (`slot`, `seq`), at most `timeout`.

@@ -280,13 +280,7 @@ impl Landing for PeerLanding {
         pieces: &[(u64, u64, u64)],
         notify: Option<&[u8]>,
     ) -> Result<()> {
-        let n = *self
-            .numbers
-            .get(slot)
-            .ok_or_else(|| Error::Internal(format!("no landing slot {slot}")))?;
-        let control = self.control()?;
-        let msg = control.landing_request(&self.exporter, false, n, seq, export_id, pieces, notify);
-        control.send_request(&self.exporter, &msg)
+        self.request(false, slot, seq, export_id, pieces, notify)
     }
 
     fn gather(
@@ -296,21 +290,36 @@ impl Landing for PeerLanding {
         export_id: u64,
         pieces: &[(u64, u64, u64)],
     ) -> Result<()> {
-        let n = *self
-            .numbers
-            .get(slot)
-            .ok_or_else(|| Error::Internal(format!("no landing slot {slot}")))?;
-        let control = self.control()?;
-        let msg = control.landing_request(&self.exporter, true, n, seq, export_id, pieces, None);
-        control.send_request(&self.exporter, &msg)
+        self.request(true, slot, seq, export_id, pieces, None)
     }
 
     fn wait(&self, slot: usize, seq: u64, timeout: Duration) -> Result<()> {
-        let n = *self
-            .numbers
-            .get(slot)
-            .ok_or_else(|| Error::Internal(format!("no landing slot {slot}")))?;
+        let n = self.number(slot)?;
         self.control()?.wait_done(&self.exporter, n, seq, timeout)
+    }
+}
+
+impl PeerLanding {
+    /// The exporter's number of this importer's `slot`-th slot.
+    fn number(&self, slot: usize) -> Result<u32> {
+        self.numbers
+            .get(slot)
+            .copied()
+            .ok_or_else(|| Error::Internal(format!("no landing slot {slot}")))
+    }
+
+    fn request(
+        &self,
+        gather: bool,
+        slot: usize,
+        seq: u64,
+        export_id: u64,
+        pieces: &[(u64, u64, u64)],
+        notify: Option<&[u8]>,
+    ) -> Result<()> {
+        let n = self.number(slot)?;
+        self.control()?
+            .send_landing(&self.exporter, gather, n, seq, export_id, pieces, notify)
     }
 }
 

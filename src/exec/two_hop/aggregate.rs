@@ -11,13 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::pipeline::chunks_of;
+use nixl_sys::XferRequest;
+
+use super::pipeline::{Chunks, chunks_of};
 use super::{CHUNK, pool, spawner};
 use crate::error::{Error, Result};
 use crate::exec::nixl::NixlExec;
 use crate::exec::nixl::xfer::{Xfer, finish, start};
-use crate::exec::workers::Workers;
-use crate::memory::{Memory, StorageKind};
+use crate::exec::workers::{Spawner, Workers};
+use crate::memory::{Landing, Memory, StorageKind, UseGuard};
+use crate::nixl::NixlAgent;
 use crate::options::{Mechanism, TransferStats};
 use crate::plan::copy_list::CopyList;
 use crate::plan::{CopyOp, Plan, Request};
@@ -49,266 +52,254 @@ pub(crate) fn applies(request: &Request<'_>, write: bool) -> Option<CopyList> {
     (list.bytes / (list.copies.len() as u64).max(1) < below).then_some(list)
 }
 
-/// Starts the aggregated write of `request`, whose copy list `applies` gave, on a worker.
-pub(crate) fn submit_write(
+/// Starts the aggregated transfer of `request` (a write to the peer when `write`, else a read
+/// from it), whose copy list `applies` gave, on a worker.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn submit(
     request: &Request<'_>,
     list: CopyList,
     plan: Plan,
+    write: bool,
     nixl: &NixlExec,
     workers: &Workers,
     bounce: &Arc<pool::BouncePool>,
     notify: Option<&[u8]>,
 ) -> Result<Transfer> {
-    let remote = request.dst;
+    let remote = if write { request.dst } else { request.src };
+    let internal = |what: &str| Error::Internal(format!("an aggregated transfer without {what}"));
     let (landing, export_id) = remote
         .memory()
         .landing()
         .map(|(l, id)| (l.clone(), id))
-        .ok_or_else(|| Error::Internal("an aggregated write without a landing arena".into()))?;
-    let peer_agent = remote
-        .peer()
-        .ok_or_else(|| Error::Internal("an aggregated write without a peer".into()))?
-        .to_string();
-    let guard = remote
-        .memory()
-        .begin_remote_use()?
-        .ok_or_else(|| Error::Internal("a peer layout without its use state".into()))?;
-    let copier = spawner(workers)?;
-    let stats = TransferStats {
-        bounced: true,
-        ..TransferStats::of(&list, plan, Mechanism::Nixl)
+        .ok_or_else(|| internal("a landing arena"))?;
+    let job = Job {
+        landing,
+        export_id,
+        peer_agent: remote.peer().ok_or_else(|| internal("a peer"))?.to_string(),
+        guard: remote
+            .memory()
+            .begin_remote_use()?
+            .ok_or_else(|| internal("its layout's use state"))?,
+        copier: spawner(workers)?,
+        agent: nixl.agent.clone(),
+        pool: bounce.clone(),
+        notify: notify.map(<[u8]>::to_vec),
+        stats: TransferStats {
+            bounced: true,
+            ..TransferStats::of(&list, plan, Mechanism::Nixl)
+        },
+        list,
     };
+    let stats = job.stats;
     let completion = Completion::new(1);
-    let (agent, pool) = (nixl.agent.clone(), bounce.clone());
-    let notify = notify.map(<[u8]>::to_vec);
     let keep = (request.src.memory().clone(), request.dst.memory().clone());
-    workers.spawn_part(completion.clone(), None, keep, move || {
-        let _one = landing.exclusive();
-        let lease = pool.take(|| pool::make_buffer(None))?;
-        let bufs = lease.pair()?;
-        for b in bufs {
-            b.ensure_nixl_registered(agent.agent())?;
-        }
-        let (arena, slots) = landing.slots();
-        let size = landing.slot_bytes().min(CHUNK);
-        let chunks = chunks_of(&list.copies, size);
-        let stages = stages(bufs, size);
-        // Per slot: the sequence number of its SCATTER the peer has not answered yet. The write
-        // in flight (its chunk, its request) gets its SCATTER once it completed, which is
-        // waited for after the next chunk was gathered and its write started.
-        let ways = slots.len().min(stages.len());
-        let mut unplaced: Vec<Option<u64>> = vec![None; ways];
-        let mut writing: Option<(usize, Option<nixl_sys::XferRequest>)> = None;
-        let n = chunks.len();
-        let scatter = |k: usize, unplaced: &mut [Option<u64>]| -> Result<()> {
-            let seq = fastrand::u64(..);
-            let note = notify.as_deref().filter(|_| k + 1 == n);
-            let pieces = in_slot(&chunks[k], |c| c.dst);
-            landing.scatter(k % ways, seq, export_id, &pieces, note)?;
-            unplaced[k % ways] = Some(seq);
-            Ok(())
-        };
-        let result = (|| -> Result<()> {
-            for k in 0..n {
-                let b = k % ways;
-                // With a single slot, the chunk in flight is this slot's: placed first.
-                if writing.as_ref().is_some_and(|(j, _)| j % ways == b)
-                    && let Some((j, req)) = writing.take()
-                {
-                    finish(agent.agent(), req, Error::Peer, false)?;
-                    scatter(j, &mut unplaced)?;
-                }
-                if let Some(seq) = unplaced[b].take() {
-                    landing.wait(b, seq, PLACED_WITHIN)?;
-                }
-                if guard.revoked() {
-                    return Err(Error::Peer(
-                        "the peer revoked this layout during the transfer".into(),
-                    ));
-                }
-                let (buf, base) = stages[b];
-                let mut at = base;
-                let gather: Vec<CopyOp> = chunks[k]
-                    .iter()
-                    .map(|c| {
-                        let g = CopyOp {
-                            src: c.src,
-                            dst: at,
-                            len: c.len,
-                        };
-                        at += c.len;
-                        g
-                    })
-                    .collect();
-                // SAFETY: sources are the local layout's validated regions, kept alive by
-                // `keep`; the destination is this lease's staging area, whose previous write
-                // finished before its SCATTER was sent (and answered, above).
-                unsafe { copier.copy(&gather) };
-                let write = [CopyOp {
-                    src: base,
-                    dst: slots[b],
-                    len: at - base,
-                }];
-                let t = Xfer {
-                    write: true,
-                    local: buf,
-                    remote: arena,
-                    remote_agent: &peer_agent,
-                    copies: &write,
-                    notify: None,
-                    remote_fd: None,
-                };
-                let started = start(agent.agent(), &t, Error::Peer)?;
-                // The previous chunk's write ran beside this chunk's gather and start.
-                if let Some((j, req)) = writing.replace((k, started)) {
-                    finish(agent.agent(), req, Error::Peer, false)?;
-                    scatter(j, &mut unplaced)?;
-                }
-            }
-            if let Some((j, req)) = writing.take() {
-                finish(agent.agent(), req, Error::Peer, false)?;
-                scatter(j, &mut unplaced)?;
-            }
-            for (b, u) in unplaced.iter_mut().enumerate() {
-                if let Some(seq) = u.take() {
-                    landing.wait(b, seq, PLACED_WITHIN)?;
-                }
-            }
-            Ok(())
-        })();
-        // After a failure the slots may still be read by the peer: the next transfer waits
-        // for what is outstanding (or for the peer to be taken for dead) before reusing them.
-        if let Some((_, req)) = writing.take() {
-            let _ = finish(agent.agent(), req, Error::Peer, false);
-        }
-        for (b, u) in unplaced.iter().enumerate() {
-            if let Some(seq) = u {
-                let _ = landing.wait(b, *seq, PLACED_WITHIN);
-            }
-        }
-        result
-    });
+    workers.spawn_part(completion.clone(), None, keep, move || job.run(write));
     Ok(Transfer::new(completion, stats, false))
 }
 
-/// Starts the aggregated read of `request`, whose copy list `applies` gave, on a worker.
-pub(crate) fn submit_read(
-    request: &Request<'_>,
+/// One aggregated transfer, run on a worker.
+struct Job {
+    landing: Arc<dyn Landing>,
+    export_id: u64,
+    peer_agent: String,
+    /// This transfer's use of the peer's layout (a revocation stops the chunks not yet sent).
+    guard: UseGuard,
+    copier: Spawner,
+    agent: Arc<NixlAgent>,
+    pool: Arc<pool::BouncePool>,
+    notify: Option<Vec<u8>>,
+    stats: TransferStats,
     list: CopyList,
-    plan: Plan,
-    nixl: &NixlExec,
-    workers: &Workers,
-    bounce: &Arc<pool::BouncePool>,
-) -> Result<Transfer> {
-    let remote = request.src;
-    let (landing, export_id) = remote
-        .memory()
-        .landing()
-        .map(|(l, id)| (l.clone(), id))
-        .ok_or_else(|| Error::Internal("an aggregated read without a landing arena".into()))?;
-    let peer_agent = remote
-        .peer()
-        .ok_or_else(|| Error::Internal("an aggregated read without a peer".into()))?
-        .to_string();
-    let guard = remote
-        .memory()
-        .begin_remote_use()?
-        .ok_or_else(|| Error::Internal("a peer layout without its use state".into()))?;
-    let copier = spawner(workers)?;
-    let stats = TransferStats {
-        bounced: true,
-        ..TransferStats::of(&list, plan, Mechanism::Nixl)
-    };
-    let completion = Completion::new(1);
-    let (agent, pool) = (nixl.agent.clone(), bounce.clone());
-    let keep = (request.src.memory().clone(), request.dst.memory().clone());
-    workers.spawn_part(completion.clone(), None, keep, move || {
-        let _one = landing.exclusive();
-        let lease = pool.take(|| pool::make_buffer(None))?;
+}
+
+/// Where a job's chunks go: the arena (the peer's memory) and this importer's slots in it, a
+/// staging area here per slot, and the chunks.
+struct Ends<'a> {
+    arena: &'a Arc<Memory>,
+    slots: &'a [u64],
+    stages: Vec<(&'a Arc<Memory>, u64)>,
+    chunks: Chunks,
+    /// Slots in use: one chunk in each at a time.
+    ways: usize,
+}
+
+impl Job {
+    fn run(self, write: bool) -> Result<()> {
+        let _one = self.landing.exclusive();
+        let lease = self.pool.take(|| pool::make_buffer(None))?;
         let bufs = lease.pair()?;
         for b in bufs {
-            b.ensure_nixl_registered(agent.agent())?;
+            b.ensure_nixl_registered(self.agent.agent())?;
         }
-        let (arena, slots) = landing.slots();
-        let size = landing.slot_bytes().min(CHUNK);
-        let chunks = chunks_of(&list.copies, size);
+        let (arena, slots) = self.landing.slots();
+        let size = self.landing.slot_bytes().min(CHUNK);
         let stages = stages(bufs, size);
         let ways = slots.len().min(stages.len());
-        let n = chunks.len();
-        let mut asked: Vec<Option<u64>> = vec![None; ways];
-        let ask = |k: usize, asked: &mut [Option<u64>]| -> Result<()> {
-            if guard.revoked() {
-                return Err(Error::Peer(
-                    "the peer revoked this layout during the transfer".into(),
-                ));
-            }
-            let seq = fastrand::u64(..);
-            landing.gather(k % ways, seq, export_id, &in_slot(&chunks[k], |c| c.src))?;
-            asked[k % ways] = Some(seq);
-            Ok(())
+        if ways == 0 {
+            return Err(Error::Internal("no landing slot to use".into()));
+        }
+        let ends = Ends {
+            arena,
+            slots,
+            stages,
+            chunks: chunks_of(&self.list.copies, size),
+            ways,
         };
-        let result = (|| -> Result<()> {
-            for k in 0..n.min(ways) {
-                ask(k, &mut asked)?;
-            }
-            for k in 0..n {
-                let b = k % ways;
-                if let Some(seq) = asked[b].take() {
-                    landing.wait(b, seq, PLACED_WITHIN)?;
-                }
-                let (buf, base) = stages[b];
-                let len: u64 = chunks[k].iter().map(|c| c.len).sum();
-                let read = [CopyOp {
-                    src: base,
-                    dst: slots[b],
-                    len,
-                }];
-                let t = Xfer {
-                    write: false,
-                    local: buf,
-                    remote: arena,
-                    remote_agent: &peer_agent,
-                    copies: &read,
-                    notify: None,
-                    remote_fd: None,
-                };
-                finish(
-                    agent.agent(),
-                    start(agent.agent(), &t, Error::Peer)?,
-                    Error::Peer,
-                    false,
-                )?;
-                if k + ways < n {
-                    ask(k + ways, &mut asked)?;
-                }
-                let mut at = base;
-                let scatter: Vec<CopyOp> = chunks[k]
-                    .iter()
-                    .map(|c| {
-                        let s = CopyOp {
-                            src: at,
-                            dst: c.dst,
-                            len: c.len,
-                        };
-                        at += c.len;
-                        s
-                    })
-                    .collect();
-                // SAFETY: the source is this lease's staging area, just read; destinations are
-                // the local layout's validated regions, kept alive by `keep`.
-                unsafe { copier.copy(&scatter) };
-            }
-            Ok(())
-        })();
-        // Gathers still asked for are waited for before the slots go to another transfer.
-        for (b, a) in asked.iter().enumerate() {
-            if let Some(seq) = a {
-                let _ = landing.wait(b, *seq, PLACED_WITHIN);
+        // Outstanding requests, per slot: after a failure the peer may still be placing or
+        // gathering, and the next transfer must not reuse a slot under it.
+        let mut outstanding: Vec<Option<u64>> = vec![None; ways];
+        let result = match write {
+            true => self.write(&ends, &mut outstanding),
+            false => self.read(&ends, &mut outstanding),
+        };
+        for (b, o) in outstanding.iter().enumerate() {
+            if let Some(seq) = o {
+                let _ = self.landing.wait(b, *seq, PLACED_WITHIN);
             }
         }
         result
-    });
-    Ok(Transfer::new(completion, stats, false))
+    }
+
+    fn check_revoked(&self) -> Result<()> {
+        match self.guard.revoked() {
+            true => Err(Error::Peer(
+                "the peer revoked this layout during the transfer".into(),
+            )),
+            false => Ok(()),
+        }
+    }
+
+    /// One request for `slot` between this staging area and the arena.
+    fn hop(&self, e: &Ends<'_>, slot: usize, len: u64, write: bool) -> Result<Option<XferRequest>> {
+        let (buf, base) = e.stages[slot];
+        let copies = [CopyOp {
+            src: base,
+            dst: e.slots[slot],
+            len,
+        }];
+        let t = Xfer {
+            write,
+            local: buf,
+            remote: e.arena,
+            remote_agent: &self.peer_agent,
+            copies: &copies,
+            notify: None,
+            remote_fd: None,
+        };
+        start(self.agent.agent(), &t, Error::Peer)
+    }
+
+    /// Chunk k's pieces gathered into its staging area, or with `!gather` scattered from it.
+    fn local_copy(&self, e: &Ends<'_>, k: usize, gather: bool) {
+        let mut at = e.stages[k % e.ways].1;
+        let copies: Vec<CopyOp> = e.chunks[k]
+            .iter()
+            .map(|c| {
+                let (src, dst) = match gather {
+                    true => (c.src, at),
+                    false => (at, c.dst),
+                };
+                at += c.len;
+                CopyOp {
+                    src,
+                    dst,
+                    len: c.len,
+                }
+            })
+            .collect();
+        // SAFETY: the layout's side is the local layout's validated regions, kept alive by the
+        // job's part (`keep`); the staging area is this lease's, and no request uses it now (a
+        // write from it finished before its chunk's SCATTER was sent, a read into it just
+        // finished).
+        unsafe { self.copier.copy(&copies) };
+    }
+
+    /// Gathers each chunk, writes it into a slot and asks the peer to place it. A chunk's
+    /// write runs beside the next chunk's gather; its SCATTER is sent once it completed.
+    fn write(&self, e: &Ends<'_>, unplaced: &mut [Option<u64>]) -> Result<()> {
+        let n = e.chunks.len();
+        let scatter = |k: usize, unplaced: &mut [Option<u64>]| -> Result<()> {
+            let seq = fastrand::u64(..);
+            let note = self.notify.as_deref().filter(|_| k + 1 == n);
+            let pieces = in_slot(&e.chunks[k], |c| c.dst);
+            self.landing
+                .scatter(k % e.ways, seq, self.export_id, &pieces, note)?;
+            unplaced[k % e.ways] = Some(seq);
+            Ok(())
+        };
+        let mut writing: Option<(usize, Option<XferRequest>)> = None;
+        let done = |writing: &mut Option<(usize, Option<XferRequest>)>,
+                    unplaced: &mut [Option<u64>]|
+         -> Result<()> {
+            if let Some((j, req)) = writing.take() {
+                finish(self.agent.agent(), req, Error::Peer, false)?;
+                scatter(j, unplaced)?;
+            }
+            Ok(())
+        };
+        let result = (|| -> Result<()> {
+            for k in 0..n {
+                let b = k % e.ways;
+                // With a single slot, the chunk in flight is this slot's: placed first.
+                if writing.as_ref().is_some_and(|(j, _)| j % e.ways == b) {
+                    done(&mut writing, unplaced)?;
+                }
+                if let Some(seq) = unplaced[b].take() {
+                    self.landing.wait(b, seq, PLACED_WITHIN)?;
+                }
+                self.check_revoked()?;
+                self.local_copy(e, k, true);
+                let len = e.chunks[k].iter().map(|c| c.len).sum();
+                let started = self.hop(e, b, len, true)?;
+                if let Some(prev) = writing.replace((k, started)) {
+                    let mut prev = Some(prev);
+                    done(&mut prev, unplaced)?;
+                }
+            }
+            done(&mut writing, unplaced)?;
+            for (b, u) in unplaced.iter_mut().enumerate() {
+                if let Some(seq) = u.take() {
+                    self.landing.wait(b, seq, PLACED_WITHIN)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Some((_, req)) = writing.take() {
+            let _ = finish(self.agent.agent(), req, Error::Peer, false);
+        }
+        result
+    }
+
+    /// Asks the peer to gather chunks into the slots ahead, reads each and scatters it here.
+    fn read(&self, e: &Ends<'_>, asked: &mut [Option<u64>]) -> Result<()> {
+        let n = e.chunks.len();
+        let ask = |k: usize, asked: &mut [Option<u64>]| -> Result<()> {
+            self.check_revoked()?;
+            let seq = fastrand::u64(..);
+            let pieces = in_slot(&e.chunks[k], |c| c.src);
+            self.landing
+                .gather(k % e.ways, seq, self.export_id, &pieces)?;
+            asked[k % e.ways] = Some(seq);
+            Ok(())
+        };
+        for k in 0..n.min(e.ways) {
+            ask(k, asked)?;
+        }
+        for k in 0..n {
+            let b = k % e.ways;
+            if let Some(seq) = asked[b].take() {
+                self.landing.wait(b, seq, PLACED_WITHIN)?;
+            }
+            let len = e.chunks[k].iter().map(|c| c.len).sum();
+            let req = self.hop(e, b, len, false)?;
+            finish(self.agent.agent(), req, Error::Peer, false)?;
+            if k + e.ways < n {
+                ask(k + e.ways, asked)?;
+            }
+            self.local_copy(e, k, false);
+        }
+        Ok(())
+    }
 }
 
 /// Staging areas of `size` bytes cut from a pair of bounce buffers.
