@@ -332,8 +332,11 @@ fn between_processes(test: &str, server_device: i32) {
         let (done, err, timeline) = writer.join().unwrap();
         assert!(done > 0, "writes before the kill");
         assert!(matches!(err, Error::Peer(_)), "{err:?}");
+        // The exit is seen (pidfd) once the process finished exiting, which includes the
+        // driver's teardown of its GPU context. Under a second in four runs; one (session 7,
+        // device run 9, before the timeline was printed) took ~20 s.
         assert!(
-            start.elapsed() - killed < Duration::from_secs(10),
+            start.elapsed() - killed < Duration::from_secs(30),
             "not failed in bounded time: killed at {killed:?}, the last transfers (start, \
              submit, wait): {timeline:?}"
         );
