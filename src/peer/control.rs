@@ -264,11 +264,22 @@ impl Control {
         }
         let holders = self.lock().arena.as_ref().map(Arena::holders);
         for h in holders.unwrap_or_default() {
-            if let Err(e) = self.send(&h, PING, &[]) {
-                tracing::info!("importer {h:?} is gone ({e}): its landing slots are free again");
-                if let Some(a) = &mut self.lock().arena {
-                    a.release(&h);
+            let reached = self.send(&h, PING, &[]);
+            let mut s = self.lock();
+            let Some(a) = &mut s.arena else {
+                return;
+            };
+            // Slots given to another importer while this one still wrote into them would mix
+            // two transfers' bytes: only an importer that missed several checks in a row is
+            // taken for gone.
+            match reached {
+                Ok(()) => a.reached(&h),
+                Err(e) if a.missed(&h) => {
+                    tracing::info!(
+                        "importer {h:?} is gone ({e}): its landing slots are free again"
+                    );
                 }
+                Err(_) => {}
             }
         }
     }

@@ -73,7 +73,12 @@ pub(crate) struct Arena {
     pub desc: ArenaDesc,
     free: Vec<u32>,
     granted: HashMap<String, Vec<u32>>,
+    /// Checks in a row each holder did not answer.
+    missed: HashMap<String, u32>,
 }
+
+/// Checks in a row a holder may miss before its slots are taken back.
+const MISSES: u32 = 3;
 
 impl Arena {
     /// Allocates the arena and registers it with `agent` (before the agent's metadata is
@@ -95,6 +100,7 @@ impl Arena {
             },
             free: (0..ARENA_SLOTS).rev().collect(),
             granted: HashMap::new(),
+            missed: HashMap::new(),
         })
     }
 
@@ -114,9 +120,27 @@ impl Arena {
 
     /// `importer` is gone (it gave its imports up, or was taken for dead): its slots are free.
     pub(crate) fn release(&mut self, importer: &str) {
+        self.missed.remove(importer);
         if let Some(g) = self.granted.remove(importer) {
             self.free.extend(g);
         }
+    }
+
+    /// A check could not reach `importer`; after MISSES in a row its slots are released
+    /// (returns true then).
+    pub(crate) fn missed(&mut self, importer: &str) -> bool {
+        let n = self.missed.entry(importer.to_string()).or_insert(0);
+        *n += 1;
+        let gone = *n >= MISSES;
+        if gone {
+            self.release(importer);
+        }
+        gone
+    }
+
+    /// A check reached `importer`.
+    pub(crate) fn reached(&mut self, importer: &str) {
+        self.missed.remove(importer);
     }
 
     /// The importers holding slots.
@@ -380,6 +404,7 @@ mod tests {
             },
             free: (0..2 * GRANT as u32 + 1).rev().collect(),
             granted: HashMap::new(),
+            missed: HashMap::new(),
         };
         let g1 = a.grant("one");
         assert_eq!(g1.len(), GRANT);
@@ -394,5 +419,15 @@ mod tests {
         assert_eq!(a.slot_of("two", g1[0]), None, "another importer's slot");
         a.release("one");
         assert_eq!(a.grant("three").len(), GRANT);
+        // An importer that misses checks keeps its slots until it missed MISSES in a row.
+        for _ in 1..MISSES {
+            assert!(!a.missed("two"));
+        }
+        a.reached("two");
+        for _ in 1..MISSES {
+            assert!(!a.missed("two"));
+        }
+        assert!(a.missed("two"), "gone after MISSES in a row");
+        assert_eq!(a.grant("four").len(), GRANT, "its slots came back");
     }
 }
