@@ -137,12 +137,7 @@ fn between_processes(test: &str, server_device: i32) {
         return;
     }
     let dir = common::scratch_dir("gpu-ipc");
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--include-ignored", "--test-threads=1"])
-        .env(ROLE, &dir)
-        .env(DEVICE, server_device.to_string())
-        .spawn()
-        .unwrap();
+    let mut child = server_process(test, (ROLE, &dir), (DEVICE, server_device));
     wait_for(&dir.join("server.peer"), "the server's export");
     let blob = std::fs::read(dir.join("server.peer")).unwrap();
     let ctx = ipc_ctx(false);

@@ -184,12 +184,7 @@ pub fn gpu_rdma_between_processes(test: &str, server_device: i32) {
         return;
     }
     let dir = super::scratch_dir("gpu-rdma");
-    let mut server = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--include-ignored", "--test-threads=1"])
-        .env(RDMA_ROLE, &dir)
-        .env(RDMA_DEVICE, server_device.to_string())
-        .spawn()
-        .unwrap();
+    let mut server = server_process(test, (RDMA_ROLE, &dir), (RDMA_DEVICE, server_device));
     let peer_file = dir.join("server.peer");
     super::wait_for(&peer_file, "the server's export");
     let ctx = rdma_ctx(0);
@@ -217,6 +212,21 @@ pub fn gpu_rdma_between_processes(test: &str, server_device: i32) {
         "the server process failed"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// This test binary started again to run only `test`, as the server half of a two-process GPU
+/// test: `role` names the folder the halves share, `device` the server's GPU.
+pub fn server_process(
+    test: &str,
+    role: (&str, &std::path::Path),
+    device: (&str, i32),
+) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--include-ignored", "--test-threads=1"])
+        .env(role.0, role.1)
+        .env(device.0, device.1.to_string())
+        .spawn()
+        .unwrap()
 }
 
 /// Bytes of (block, layer, outer) of a pinned layout.
