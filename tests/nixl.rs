@@ -849,6 +849,120 @@ fn peer_holder(dir: &Path) {
     std::thread::sleep(std::time::Duration::from_secs(120));
 }
 
+/// The export id of the first layout of an export (format 4, read by hand).
+fn first_export_id(blob: &[u8]) -> u64 {
+    let u16_at = |at: usize| u16::from_le_bytes([blob[at], blob[at + 1]]) as usize;
+    let u32_at = |at: usize| u32::from_le_bytes(blob[at..at + 4].try_into().unwrap()) as usize;
+    let mut at = 24; // magic, version, flags, length, checksum
+    at += 2 + u16_at(at); // agent name
+    at += 4 + u32_at(at); // NIXL metadata
+    at += 16 + 4 + 8 + 20 + 4; // host, pid, start, arena, layout count
+    u64::from_le_bytes(blob[at..at + 8].try_into().unwrap())
+}
+
+/// A landing request as kvxfer's control messages frame it (without a peer key).
+fn scatter_message(slot: u32, id: u64, pieces: &[(u64, u64, u64)]) -> Vec<u8> {
+    let mut m = b"\0kvxfer-control\0".to_vec();
+    m.push(6); // SCATTER
+    m.extend_from_slice(&slot.to_le_bytes());
+    m.extend_from_slice(&7u64.to_le_bytes());
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
+    for &(off, addr, len) in pieces {
+        for v in [off, addr, len] {
+            m.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    m.extend_from_slice(&0u32.to_le_bytes());
+    m
+}
+
+/// Landing requests an exporter must refuse, sent by a peer that imported the layout: another
+/// importer's slot, pieces outside the layout or the slot, an id it never exported, a layout
+/// the sender did not import, a truncated message. Nothing is written; a real transfer then
+/// still lands.
+fn forged_landing_requests_write_nothing() {
+    let a = Context::new(ContextConfig::default()).unwrap();
+    let c = disk_config(LayoutKind::FullyContiguous);
+    let pool = a
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let other = a
+        .new_layout(c, &StorageSpec::new(StorageKind::System))
+        .unwrap();
+    let all: Vec<u64> = (0..12).collect();
+    a.fill(&pool, &all, 5).unwrap();
+    a.fill(&other, &all, 6).unwrap();
+    let (before, other_before) = (
+        a.checksum(&pool, &all).unwrap(),
+        a.checksum(&other, &all).unwrap(),
+    );
+    let blob = a.export(&[&pool]).unwrap();
+    let id = first_export_id(&blob);
+    let other_id = first_export_id(&a.export(&[&other]).unwrap());
+    // The first importer holds slots 0..4, the forger the next four.
+    let b = Context::new(ContextConfig::default()).unwrap();
+    let b_peer = b.import(&blob).unwrap();
+    let forger = Context::new(ContextConfig::default()).unwrap();
+    let _forger_peer = forger.import(&blob).unwrap();
+    let at = pool.region(0, 0, 0).unwrap();
+    let slot_bytes = 4u64 << 20;
+    let mut truncated = scatter_message(4, id, &[(0, at.addr, 64)]);
+    truncated.truncate(truncated.len() - 6);
+    let forged = [
+        scatter_message(0, id, &[(0, at.addr, 64)]), // the first importer's slot
+        scatter_message(4, id, &[(0, at.addr - 64, 64)]), // before the layout
+        scatter_message(4, id, &[(0, at.addr + at.len * 12 * 3 * 2, 64)]), // past it
+        scatter_message(4, id, &[(slot_bytes - 8, at.addr, 64)]), // past the slot
+        scatter_message(4, id ^ 1, &[(0, at.addr, 64)]), // an id never exported
+        scatter_message(4, other_id, &[(0, other.region(0, 0, 0).unwrap().addr, 64)]), // not imported
+        scatter_message(99, id, &[(0, at.addr, 64)]), // no such slot
+        truncated,
+    ];
+    let agent = forger.nixl_agent().unwrap();
+    for m in &forged {
+        agent.send_notification(a.name(), m, None).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        a.checksum(&pool, &all).unwrap(),
+        before,
+        "a forged request wrote"
+    );
+    assert_eq!(a.checksum(&other, &all).unwrap(), other_before);
+    // The same framing with the forger's own slot and a piece inside the layout it imported is
+    // placed (64 zero bytes of its slot into block 0): the refusals above were not for form.
+    agent
+        .send_notification(a.name(), &scatter_message(4, id, &[(0, at.addr, 64)]), None)
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while a.checksum(&pool, &[0]).unwrap()[0] == before[0] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a well-formed request was not placed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The first importer's own transfer still lands.
+    let src = b
+        .new_layout(
+            disk_config(LayoutKind::LayerSeparateOuterFirst),
+            &StorageSpec::new(StorageKind::System),
+        )
+        .unwrap();
+    b.fill(&src, &all, 9).unwrap();
+    let rev: Vec<u64> = all.iter().rev().copied().collect();
+    let t = b
+        .submit(&src, &all, &b_peer.layouts()[0], &rev, &Default::default())
+        .unwrap();
+    t.wait(Some(std::time::Duration::from_secs(30))).unwrap();
+    assert!(t.stats().bounced);
+    assert_eq!(
+        a.checksum(&pool, &rev).unwrap(),
+        b.checksum(&src, &all).unwrap()
+    );
+}
+
 const ARENA_ROLE: &str = "KVX_TEST_ARENA_IMPORTER_ROLE";
 
 /// An importer that takes its share of the exporter's landing arena and waits to be killed.
@@ -1297,6 +1411,7 @@ fn main() {
         write_to_and_read_from_a_peer_with_a_notification,
         many_small_piece_transfers_to_one_peer_at_once,
         landing_slots_of_dead_importers_come_back,
+        forged_landing_requests_write_nothing,
         head_transforms_to_and_from_a_peer_and_a_disk,
         gpu_rdma_setup_splits_long_lists_over_ucx_threads,
         two_processes_move_data_both_ways,
