@@ -12,8 +12,7 @@ use common::gpu::*;
 use common::{SERVER_SEED, all, publish, sums_text, wait_for};
 use kvxfer::HeadOrder::{HeadMajor, TokenMajor};
 use kvxfer::{
-    Context, ContextConfig, Error, IpcFallback, Layout, LayoutKind, Mechanism, StorageKind,
-    TransferOptions,
+    Context, Error, IpcFallback, Layout, LayoutKind, Mechanism, StorageKind, TransferOptions,
 };
 
 const ROLE: &str = "KVX_TEST_IPC_SERVER";
@@ -25,24 +24,7 @@ fn shape(kind: LayoutKind) -> kvxfer::LayoutConfig {
 }
 
 fn ipc_ctx(disable_ipc: bool) -> Context {
-    ipc_ctx_on(0, disable_ipc)
-}
-
-fn ipc_ctx_on(device: i32, disable_ipc: bool) -> Context {
-    let c = Context::new(ContextConfig {
-        worker_threads: 2,
-        cuda_device: device,
-        nixl_backends: kvxfer::Backends::UCX,
-        capabilities: kvxfer::Capabilities {
-            allow_gds: false,
-            allow_gpu_rdma: true,
-        },
-        disable_ipc,
-        ..Default::default()
-    })
-    .expect("a context with NIXL's UCX backend (set KVX_NIXL_LIB_DIR)");
-    assert!(c.has_cuda(), "these tests need a CUDA GPU and driver");
-    c
+    rdma_ctx_with(0, disable_ipc)
 }
 
 fn tp2_rank() -> kvxfer::LayoutConfig {
@@ -60,7 +42,7 @@ fn tp4_rank(begin: u32) -> kvxfer::LayoutConfig {
 /// `dir/free` appears (then publishes `freed`), and lives until `dir/exit` appears or it is
 /// killed.
 fn server(dir: &Path, device: i32) {
-    let ctx = ipc_ctx_on(device, false);
+    let ctx = rdma_ctx_with(device, false);
     let mut pools: Vec<Layout> = KINDS
         .iter()
         .map(|&k| layout_on(&ctx, shape(k), device))

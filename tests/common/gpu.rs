@@ -148,6 +148,11 @@ pub const RDMA_ROLE: &str = "KVX_TEST_GPU_RDMA_SERVER";
 pub const RDMA_DEVICE: &str = "KVX_TEST_GPU_RDMA_DEVICE";
 
 pub fn rdma_ctx(device: i32) -> Context {
+    rdma_ctx_with(device, false)
+}
+
+/// A context on `device` with GPU RDMA allowed; `disable_ipc`: same-host peers stay on NIXL.
+pub fn rdma_ctx_with(device: i32, disable_ipc: bool) -> Context {
     let c = Context::new(ContextConfig {
         worker_threads: 2,
         cuda_device: device,
@@ -156,6 +161,7 @@ pub fn rdma_ctx(device: i32) -> Context {
             allow_gds: false,
             allow_gpu_rdma: true,
         },
+        disable_ipc,
         ..Default::default()
     })
     .expect("a context with NIXL's UCX backend (set KVX_NIXL_LIB_DIR)");
