@@ -56,14 +56,8 @@ fn server(dir: &Path, device: i32) {
     let mut refs: Vec<&Layout> = pools.iter().collect();
     refs.push(&rank);
     publish(dir, "server.peer", &ctx.export(&refs).unwrap());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let msg = loop {
-        if let Some(m) = ctx.next_notification(|_, m| Ok(m.to_vec())).unwrap() {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "no notification from the client");
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let (_, msg) =
+        common::next_note(&ctx, Duration::from_secs(120)).expect("no notification from the client");
     assert_eq!(msg, common::NOTE);
     publish(
         dir,

@@ -551,16 +551,7 @@ fn head_transforms_to_and_from_a_peer_and_a_disk() {
     assert_eq!(t.stats().plan, Plan::Direct(Strategy::NixlWrite));
     // Heads of 32 bytes: staged through the bounce pool, one run per region on the wire.
     assert!(t.stats().bounced);
-    let mut note = None;
-    for _ in 0..2000 {
-        note = a
-            .next_notification(|who, msg| Ok((who.to_string(), msg.to_vec())))
-            .unwrap();
-        if note.is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let note = common::next_note(&a, std::time::Duration::from_secs(10));
     assert_eq!(
         note,
         Some((
@@ -701,16 +692,7 @@ fn gpu_rdma_setup_splits_long_lists_over_ucx_threads() {
         b.checksum(&src, sb).unwrap()
     );
     assert_eq!(a.checksum(&a_pool, &untouched).unwrap(), before);
-    let mut got = None;
-    for _ in 0..2000 {
-        got = a
-            .next_notification(|who, msg| Ok((who.to_string(), msg.to_vec())))
-            .unwrap();
-        if got.is_some() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let got = common::next_note(&a, std::time::Duration::from_secs(10));
     assert_eq!(got, Some((b.name().to_string(), b"2000 blocks".to_vec())));
     let back = b
         .new_layout(c, &StorageSpec::new(StorageKind::System))

@@ -20,8 +20,13 @@ pub(crate) struct IpcHandle {
 }
 
 /// This boot of this host (the kernel's boot id): two processes with equal ids run on one host
-/// and may map each other's device memory. `None` where the kernel does not say.
+/// and may map each other's device memory. `None` where the kernel does not say. Read once.
 pub(crate) fn host_id() -> Option<[u8; 16]> {
+    static ID: std::sync::OnceLock<Option<[u8; 16]>> = std::sync::OnceLock::new();
+    *ID.get_or_init(read_host_id)
+}
+
+fn read_host_id() -> Option<[u8; 16]> {
     let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     let hex: Vec<u8> = text.bytes().filter(u8::is_ascii_hexdigit).collect();
     if hex.len() != 32 {

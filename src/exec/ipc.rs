@@ -28,7 +28,7 @@ pub(crate) enum Route {
 
 /// Whether `request` (a write to the peer when `write`, else a read) moves through CUDA IPC.
 /// `Err` only where the peer's layout cannot be used at all (it revoked it).
-pub(crate) fn route(request: &Request<'_>, write: bool, cuda: Option<&CudaExec>) -> Result<Route> {
+pub(crate) fn route(request: &Request<'_>, write: bool) -> Result<Route> {
     let (local, remote) = if write {
         (request.src, request.dst)
     } else {
@@ -53,11 +53,8 @@ pub(crate) fn route(request: &Request<'_>, write: bool, cuda: Option<&CudaExec>)
             return Ok(Route::Nixl(Some(why)));
         }
     };
-    // The mapping lives in the importing context's device; the local layout must be there too
-    // (or on a device it reaches), which the CUDA executor checks.
-    if cuda.is_none_or(|c| c.primary.ordinal() != dev.ordinal()) {
-        return Ok(Route::Nixl(Some(IpcFallback::Refused)));
-    }
+    // The mapping lives in the importing context's device (the import mapped it there); the
+    // local layout must be there too, or on a device it reaches, which the CUDA executor checks.
     let memory = Memory::ipc_mapped(&dev, regions, guard);
     let mapped = Layout::new(*remote.config(), memory, remote.context_id())?;
     Ok(Route::Ipc(mapped))

@@ -175,7 +175,7 @@ pub(crate) fn dispatch(
             // Device memory of a same-host peer: mapped through CUDA IPC where it can be.
             let ipc_fallback = match s {
                 Strategy::NixlRead => None,
-                _ => match ipc::route(request, write, res.cuda.as_ref().ok())? {
+                _ => match ipc::route(request, write)? {
                     ipc::Route::Ipc(mapped) => {
                         let (cuda, workers) = (res.cuda()?, &res.workers);
                         return ipc::submit(

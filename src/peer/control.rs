@@ -95,7 +95,9 @@ struct State {
     /// Importer: slots of each exporter's arena granted to this importer.
     grants: HashMap<String, Vec<u32>>,
     /// Importer: answers to SCATTERs, by (exporter, slot, sequence number).
-    done: HashMap<(String, u32, u64), bool>,
+    /// Only awaited requests have an entry (`None` until answered): a peer's DONEs for
+    /// anything else are dropped, so they cannot grow this map.
+    done: HashMap<(String, u32, u64), Option<bool>>,
 }
 
 /// One context's side of the control messages, shared by the context, its exported layouts
@@ -369,8 +371,10 @@ impl Control {
                 let (slot, seq) = (f.u32()?, f.u64()?);
                 let ok = f.take::<1>()?[0] == 1;
                 self.hurry();
-                self.lock().done.insert((sender.to_string(), slot, seq), ok);
-                self.changed.notify_all();
+                if let Some(answer) = self.lock().done.get_mut(&(sender.to_string(), slot, seq)) {
+                    *answer = Some(ok);
+                    self.changed.notify_all();
+                }
                 Some(())
             })(),
             _ => None,
@@ -561,8 +565,13 @@ impl Control {
         body.extend_from_slice(&(note.len() as u32).to_le_bytes());
         body.extend_from_slice(note);
         self.hurry();
-        self.lock().done.remove(&(exporter.to_string(), slot, seq));
-        self.send(exporter, if gather { GATHER } else { SCATTER }, &body)
+        let key = (exporter.to_string(), slot, seq);
+        self.lock().done.insert(key.clone(), None);
+        let sent = self.send(exporter, if gather { GATHER } else { SCATTER }, &body);
+        if sent.is_err() {
+            self.lock().done.remove(&key);
+        }
+        sent
     }
 
     /// Importer: waits for `exporter`'s DONE of (`slot`, `seq`), at most `timeout`.
@@ -577,9 +586,9 @@ impl Control {
         let deadline = Instant::now() + timeout;
         let mut ping = Instant::now() + PING_EVERY;
         let mut s = self.lock();
-        loop {
-            if let Some(ok) = s.done.remove(&key) {
-                return match ok {
+        let answer = loop {
+            if let Some(&Some(ok)) = s.done.get(&key) {
+                break match ok {
                     true => Ok(()),
                     false => Err(Error::Peer(format!(
                         "the peer {exporter:?} refused to place the landed pieces (the layout \
@@ -589,20 +598,21 @@ impl Control {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::Peer(format!(
+                break Err(Error::Peer(format!(
                     "the peer {exporter:?} did not place the landed pieces within {} s",
                     timeout.as_secs()
                 )));
             }
             if now >= ping {
                 drop(s);
-                if let Err(e) = self.send(exporter, PING, &[]) {
-                    return Err(Error::Peer(format!(
+                let reached = self.send(exporter, PING, &[]);
+                s = self.lock();
+                if let Err(e) = reached {
+                    break Err(Error::Peer(format!(
                         "the peer {exporter:?} is gone while placing landed pieces: {e}"
                     )));
                 }
                 ping = now + PING_EVERY;
-                s = self.lock();
                 continue;
             }
             s = self
@@ -610,7 +620,9 @@ impl Control {
                 .wait_timeout(s, (deadline - now).min(POLL))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        }
+        };
+        s.done.remove(&key);
+        answer
     }
 
     /// Exporter: `sender` asks for `pieces` of its `slot` to be copied into layout `id` (or,

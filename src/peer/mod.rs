@@ -88,23 +88,63 @@ pub(crate) fn export(
     .encode(key)
 }
 
+/// Where an export was made, seen from the importing process.
+struct Whence {
+    origin: Origin,
+    same_host: bool,
+    same_process: bool,
+    /// The exporting process, watched once a device layout of it may be mapped here.
+    watch: std::cell::OnceCell<std::result::Result<Arc<ProcessWatch>, IpcFallback>>,
+}
+
+impl Whence {
+    fn of(origin: Origin) -> Self {
+        let same_host = origin.host.is_some() && origin.host == crate::cuda::host_id();
+        Self {
+            origin,
+            same_host,
+            same_process: same_host && origin.process == crate::cuda::this_process(),
+            watch: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The exporting process, watched for its exit while its device memory may be mapped
+    /// here; a process this one cannot see (another PID namespace) is not mapped.
+    fn watch(&self) -> std::result::Result<Arc<ProcessWatch>, IpcFallback> {
+        let origin = &self.origin;
+        self.watch
+            .get_or_init(|| {
+                ProcessWatch::open(origin.process)
+                    .map(Arc::new)
+                    .ok_or_else(|| {
+                        tracing::info!(
+                            pid = origin.process.pid,
+                            "the peer process is not visible from here (another PID \
+                             namespace?): its device memory is reached through NIXL"
+                        );
+                        IpcFallback::Refused
+                    })
+            })
+            .clone()
+    }
+}
+
 /// Whether transfers with the peer's device layout `d` can map it through CUDA IPC on `dev`
 /// (the importing context's device, or why there is none), or why they stay on NIXL.
 fn ipc_use(
-    origin: &Origin,
+    whence: &Whence,
     d: &LayoutDescriptor,
     dev: &std::result::Result<Arc<CudaDevice>, IpcFallback>,
-    watch: &std::result::Result<Arc<ProcessWatch>, IpcFallback>,
 ) -> std::result::Result<IpcPeer, IpcFallback> {
     let dev = dev.clone()?;
-    if origin.host.is_none() || origin.host != crate::cuda::host_id() {
+    if !whence.same_host {
         return Err(IpcFallback::OtherHost);
     }
-    if origin.process == crate::cuda::this_process() {
+    if whence.same_process {
         return Err(IpcFallback::SameProcess);
     }
     let ipc = d.ipc.clone().ok_or(IpcFallback::NotExported)?;
-    let watch = watch.clone()?;
+    let watch = whence.watch()?;
     if crate::cuda::ordinal_of(&ipc.gpu).is_none() {
         tracing::info!(
             "the peer's GPU is not visible to this process (CUDA_VISIBLE_DEVICES?): its device \
@@ -113,21 +153,6 @@ fn ipc_use(
         return Err(IpcFallback::Refused);
     }
     Ok(IpcPeer { ipc, dev, watch })
-}
-
-/// The exporting process, watched for its exit while its device memory may be mapped here;
-/// a process this one cannot see (another PID namespace) is not mapped.
-fn watch_exporter(origin: &Origin) -> std::result::Result<Arc<ProcessWatch>, IpcFallback> {
-    ProcessWatch::open(origin.process)
-        .map(Arc::new)
-        .ok_or_else(|| {
-            tracing::info!(
-                pid = origin.process.pid,
-                "the peer process is not visible from here (another PID namespace?): its device \
-             memory is reached through NIXL"
-            );
-            IpcFallback::Refused
-        })
 }
 
 /// Imports a decoded export into `agent` (named `own_name`, of context `context_id`): NIXL
@@ -157,27 +182,19 @@ pub(crate) fn import(
         layouts: Vec::with_capacity(uses.len()),
         remote,
     };
+    let whence = Whence::of(blob.origin);
     // Writes of small pieces to the peer's host layouts land in the slots it granted.
     let landing = blob.arena.and_then(|a| {
-        let same_host = blob.origin.host.is_some() && blob.origin.host == crate::cuda::host_id();
-        landing::PeerLanding::new(control, &name, a, control.grants(&name), same_host)
+        landing::PeerLanding::new(control, &name, a, control.grants(&name), whence.same_host)
             .map(|l| Arc::new(l) as Arc<dyn crate::memory::Landing>)
     });
-    let origin = blob.origin;
-    let same_host = origin.host.is_some() && origin.host == crate::cuda::host_id();
-    let watch = match blob.layouts.iter().any(|d| d.ipc.is_some()) && ipc_dev.is_ok() {
-        true if same_host && origin.process != crate::cuda::this_process() => {
-            watch_exporter(&origin)
-        }
-        _ => Err(IpcFallback::Refused),
-    };
     peer.layouts = blob
         .layouts
         .into_iter()
         .zip(uses)
         .map(|(d, state)| {
             if d.kind == StorageKind::Device {
-                state.set_ipc(IpcImport::new(ipc_use(&origin, &d, &ipc_dev, &watch)));
+                state.set_ipc(IpcImport::new(ipc_use(&whence, &d, &ipc_dev)));
             }
             if let Some(l) = landing.as_ref().filter(|_| d.kind.is_host()) {
                 state.set_landing(l.clone(), d.export_id);

@@ -67,20 +67,28 @@ pub const SERVER_SEED: u64 = 42;
 /// The notification the client's write carries.
 pub const NOTE: &[u8] = b"wrote 0..6";
 
+/// The next notification `ctx` receives, (sender, message), waiting at most `timeout`.
+pub fn next_note(ctx: &Context, timeout: Duration) -> Option<(String, Vec<u8>)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let note = ctx
+            .next_notification(|who, msg| Ok((who.to_string(), msg.to_vec())))
+            .unwrap();
+        if note.is_some() || Instant::now() >= deadline {
+            return note;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// The server half of a peer exchange: fills `pool` (12 blocks) with SERVER_SEED, exports it to
 /// `dir/server.peer`, waits for the client's notification, then publishes checksums of the
 /// blocks the client wrote (0..6) as `dir/server.sums`.
 pub fn serve(ctx: &Context, pool: &Layout, dir: &Path) {
     ctx.fill(pool, &all(12), SERVER_SEED).unwrap();
     publish(dir, "server.peer", &ctx.export(&[pool]).unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let msg = loop {
-        if let Some(m) = ctx.next_notification(|_, m| Ok(m.to_vec())).unwrap() {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "no notification from the client");
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let (_, msg) =
+        next_note(ctx, Duration::from_secs(60)).expect("no notification from the client");
     assert_eq!(msg, NOTE);
     publish(dir, "server.sums", sums_text(ctx, pool, &all(6)).as_bytes());
 }

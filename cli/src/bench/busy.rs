@@ -10,11 +10,11 @@ use std::ffi::c_void;
 
 use cudarc::driver::sys;
 use kvxfer::baseline::sm_count;
-use kvxfer::{CopyMode, StorageKind, StorageSpec, TransferOptions};
+use kvxfer::{CopyMode, TransferOptions};
 
 use super::common::{
-    bench_kernel, ck, err, fragment_shape, gpu_context_with, legend, median, secs, shuffled_ids,
-    timed_large_copy,
+    bench_kernel, ck, err, fragment_shape, gpu_context_with, legend, median, pinned_and_device,
+    secs, shuffled_ids, timed_large_copy,
 };
 
 pub struct BusyArgs {
@@ -207,12 +207,7 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
     let compute = Compute::new(&dev)?;
     let total = a.total_mib << 20;
     let big = fragment_shape(1, total, 4096);
-    let pinned = ctx
-        .new_layout(big, &StorageSpec::new(StorageKind::Pinned))
-        .map_err(err)?;
-    let device = ctx
-        .new_layout(big, &StorageSpec::new(StorageKind::Device))
-        .map_err(err)?;
+    let (pinned, device) = pinned_and_device(&ctx, big)?;
     let (p, d) = (
         pinned.region(0, 0, 0).map_err(err)?.addr,
         device.region(0, 0, 0).map_err(err)?.addr,
@@ -259,12 +254,7 @@ pub fn run(a: &BusyArgs) -> Result<(), String> {
         let fragment = kib << 10;
         let blocks = total / fragment;
         let c = fragment_shape(blocks, fragment, 4096);
-        let host = ctx
-            .new_layout(c, &StorageSpec::new(StorageKind::Pinned))
-            .map_err(err)?;
-        let gpu = ctx
-            .new_layout(c, &StorageSpec::new(StorageKind::Device))
-            .map_err(err)?;
+        let (host, gpu) = pinned_and_device(&ctx, c)?;
         let (sb, db) = shuffled_ids(blocks, kib);
         for (dir, to_device) in [("H2D", true), ("D2H", false)] {
             let (src, dst) = if to_device {

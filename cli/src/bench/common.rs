@@ -1,7 +1,10 @@
 //! Helpers every bench shares: medians, error text, block shapes, CUDA result checks.
 
 use cudarc::driver::sys;
-use kvxfer::{Backends, Context, ContextConfig, CudaDevice, LayoutConfig, LayoutKind};
+use kvxfer::{
+    Backends, Context, ContextConfig, CudaDevice, Layout, LayoutConfig, LayoutKind, StorageKind,
+    StorageSpec,
+};
 
 /// The median; NaN for no samples (a mode the run skipped).
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -77,6 +80,12 @@ pub fn progress(steps: usize, what: &str) -> indicatif::ProgressBar {
     }
     bar.set_message(what.to_string());
     bar
+}
+
+/// A pinned and a device layout of shape `c` on `ctx`: the two ends of host <-> device benches.
+pub fn pinned_and_device(ctx: &Context, c: LayoutConfig) -> Result<(Layout, Layout), String> {
+    let make = |kind| ctx.new_layout(c, &StorageSpec::new(kind)).map_err(err);
+    Ok((make(StorageKind::Pinned)?, make(StorageKind::Device)?))
 }
 
 /// Seconds `f` takes.

@@ -12,7 +12,9 @@ use kvxfer::{
     Context, CopyMode, Layout, LayoutConfig, LayoutKind, StorageKind, StorageSpec, TransferOptions,
 };
 
-use super::common::{ck, err, gpu_context, legend, median, progress, shape, shuffled_ids};
+use super::common::{
+    ck, err, gpu_context, legend, median, pinned_and_device, progress, shape, shuffled_ids,
+};
 use super::plot::{Panel, Series, draw};
 
 pub struct GpuArgs {
@@ -530,12 +532,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
         kind: LayoutKind::FullyContiguous,
         heads: Default::default(),
     };
-    let lim_host = ctx
-        .new_layout(big, &StorageSpec::new(StorageKind::Pinned))
-        .map_err(err)?;
-    let lim_dev = ctx
-        .new_layout(big, &StorageSpec::new(StorageKind::Device))
-        .map_err(err)?;
+    let (lim_host, lim_dev) = pinned_and_device(&ctx, big)?;
     let lim_dev2 = ctx
         .new_layout(big, &StorageSpec::new(StorageKind::Device))
         .map_err(err)?;

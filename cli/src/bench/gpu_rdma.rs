@@ -22,7 +22,7 @@ use kvxfer::{
     StorageKind, StorageSpec, TransferOptions,
 };
 
-use super::common::{err, legend, median, shape, shuffled_ids};
+use super::common::{err, legend, median, secs, shape, shuffled_ids};
 
 pub struct GpuRdmaArgs {
     pub json: bool,
@@ -145,12 +145,7 @@ fn limit_pair(ctx: &Context, bytes: u64, peer_device: i32) -> Result<(Layout, La
 /// Median seconds of `iters` timed runs of `f` after one untimed.
 fn timed(iters: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
     f()?;
-    let mut t = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t0 = Instant::now();
-        f()?;
-        t.push(t0.elapsed().as_secs_f64());
-    }
+    let t = (0..iters).map(|_| secs(&mut f)).collect::<Result<_, _>>()?;
     Ok(median(t))
 }
 

@@ -11,9 +11,11 @@ use std::time::Instant;
 
 use cudarc::driver::sys;
 use kvxfer::baseline::sm_count;
-use kvxfer::{LayoutConfig, LayoutKind, StorageKind, StorageSpec, TransferOptions};
+use kvxfer::{LayoutConfig, LayoutKind, TransferOptions};
 
-use super::common::{bench_kernel, ck, err, gpu_context_with, legend, median, shuffled_ids};
+use super::common::{
+    bench_kernel, ck, err, gpu_context_with, legend, median, pinned_and_device, shuffled_ids,
+};
 
 pub struct LayersArgs {
     pub json: bool,
@@ -122,12 +124,7 @@ pub fn layerwise(a: &LayersArgs) -> Result<(), String> {
     let mut engine = Engine::new(&dev)?;
     let c = kv_shape(RELOAD_BLOCKS, LAYERS);
     let layer_bytes = c.validate().map_err(err)?.allocation_len;
-    let host = ctx
-        .new_layout(c, &StorageSpec::new(StorageKind::Pinned))
-        .map_err(err)?;
-    let gpu = ctx
-        .new_layout(c, &StorageSpec::new(StorageKind::Device))
-        .map_err(err)?;
+    let (host, gpu) = pinned_and_device(&ctx, c)?;
     let (sb, db) = shuffled_ids(RELOAD_BLOCKS, 7);
     let opts = TransferOptions::default();
     let layer_addr = |l: u64| gpu.region(0, l, 0).map(|r| r.addr).map_err(err);
@@ -251,12 +248,7 @@ pub fn latency(a: &LayersArgs) -> Result<(), String> {
         ("one layer (32 blocks)", layer_case, 32u64, true),
         ("one 4 KiB block", block_case, 1, false),
     ] {
-        let host = ctx
-            .new_layout(c, &StorageSpec::new(StorageKind::Pinned))
-            .map_err(err)?;
-        let gpu = ctx
-            .new_layout(c, &StorageSpec::new(StorageKind::Device))
-            .map_err(err)?;
+        let (host, gpu) = pinned_and_device(&ctx, c)?;
         let (all_src, all_dst) = shuffled_ids(c.num_blocks, 3);
         let (mut total, mut submit, mut wait, mut raw) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());

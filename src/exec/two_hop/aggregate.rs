@@ -84,13 +84,12 @@ pub(crate) fn submit(
         agent: nixl.agent.clone(),
         pool: bounce.clone(),
         notify: notify.map(<[u8]>::to_vec),
-        stats: TransferStats {
-            bounced: true,
-            ..TransferStats::of(&list, plan, Mechanism::Nixl)
-        },
         list,
     };
-    let stats = job.stats;
+    let stats = TransferStats {
+        bounced: true,
+        ..TransferStats::of(&job.list, plan, Mechanism::Nixl)
+    };
     let completion = Completion::new(1);
     let keep = (request.src.memory().clone(), request.dst.memory().clone());
     workers.spawn_part(completion.clone(), None, keep, move || job.run(write));
@@ -108,7 +107,6 @@ struct Job {
     agent: Arc<NixlAgent>,
     pool: Arc<pool::BouncePool>,
     notify: Option<Vec<u8>>,
-    stats: TransferStats,
     list: CopyList,
 }
 
@@ -227,22 +225,22 @@ impl Job {
             unplaced[k % e.ways] = Some(seq);
             Ok(())
         };
+        // The write in flight: its chunk and request.
         let mut writing: Option<(usize, Option<XferRequest>)> = None;
-        let done = |writing: &mut Option<(usize, Option<XferRequest>)>,
-                    unplaced: &mut [Option<u64>]|
-         -> Result<()> {
-            if let Some((j, req)) = writing.take() {
-                finish(self.agent.agent(), req, Error::Peer, false)?;
-                scatter(j, unplaced)?;
-            }
-            Ok(())
-        };
+        let place =
+            |w: Option<(usize, Option<XferRequest>)>, unplaced: &mut [Option<u64>]| -> Result<()> {
+                if let Some((j, req)) = w {
+                    finish(self.agent.agent(), req, Error::Peer, false)?;
+                    scatter(j, unplaced)?;
+                }
+                Ok(())
+            };
         let result = (|| -> Result<()> {
             for k in 0..n {
                 let b = k % e.ways;
                 // With a single slot, the chunk in flight is this slot's: placed first.
                 if writing.as_ref().is_some_and(|(j, _)| j % e.ways == b) {
-                    done(&mut writing, unplaced)?;
+                    place(writing.take(), unplaced)?;
                 }
                 if let Some(seq) = unplaced[b].take() {
                     self.landing.wait(b, seq, PLACED_WITHIN)?;
@@ -251,12 +249,9 @@ impl Job {
                 self.local_copy(e, k, true);
                 let len = e.chunks[k].iter().map(|c| c.len).sum();
                 let started = self.hop(e, b, len, true)?;
-                if let Some(prev) = writing.replace((k, started)) {
-                    let mut prev = Some(prev);
-                    done(&mut prev, unplaced)?;
-                }
+                place(writing.replace((k, started)), unplaced)?;
             }
-            done(&mut writing, unplaced)?;
+            place(writing.take(), unplaced)?;
             for (b, u) in unplaced.iter_mut().enumerate() {
                 if let Some(seq) = u.take() {
                     self.landing.wait(b, seq, PLACED_WITHIN)?;
