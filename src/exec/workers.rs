@@ -110,6 +110,17 @@ impl Spawner {
     /// As `memcpy::copy_all`: valid, non-overlapping ranges, untouched by others until this
     /// returns.
     pub(crate) unsafe fn copy(&self, copies: &[CopyOp]) {
+        // SAFETY: forwarded to the caller; `finish` returns once every piece is copied.
+        unsafe { self.begin(copies) }.finish();
+    }
+
+    /// As `copy`, but only idle workers start on it: the caller does other work meanwhile and
+    /// joins in with `PendingCopy::finish` (also run when the handle is dropped), which
+    /// returns once every piece is copied.
+    ///
+    /// # Safety
+    /// As `copy`, until the returned handle is finished or dropped.
+    pub(crate) unsafe fn begin(&self, copies: &[CopyOp]) -> PendingCopy {
         let total: u64 = copies.iter().map(|c| c.len).sum();
         let streaming = total >= memcpy::STREAMING_MIN_BYTES;
         // Pieces of at least PIECE bytes, up to four per thread so that helpers that start
@@ -125,15 +136,39 @@ impl Spawner {
             finished: (Mutex::new(()), Condvar::new()),
             streaming,
         });
-        let started = std::time::Instant::now();
         for _ in 1..shared.pieces.len().min(self.threads) {
             let s = shared.clone();
             self.spawn(Box::new(move || {
                 s.work();
             }));
         }
+        PendingCopy {
+            shared: Some(shared),
+            total,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+/// A shared copy that helpers may have started: finished by the caller (`finish`, or drop).
+pub(crate) struct PendingCopy {
+    shared: Option<Arc<Shared>>,
+    total: u64,
+    started: std::time::Instant,
+}
+
+impl PendingCopy {
+    /// Copies what no helper took yet on this thread, then waits for the helpers' pieces.
+    pub(crate) fn finish(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        let joined = self.started.elapsed();
         let mine = shared.work();
-        let own = started.elapsed();
         let (lock, cv) = &shared.finished;
         let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
         while shared.done.load(Ordering::Acquire) < shared.pieces.len() {
@@ -141,13 +176,20 @@ impl Spawner {
         }
         drop(g);
         tracing::trace!(
-            bytes = total,
+            bytes = self.total,
             pieces = shared.pieces.len(),
             by_caller = mine,
-            caller_us = own.as_micros() as u64,
-            total_us = started.elapsed().as_micros() as u64,
+            joined_us = joined.as_micros() as u64,
+            total_us = self.started.elapsed().as_micros() as u64,
             "shared host copy"
         );
+    }
+}
+
+impl Drop for PendingCopy {
+    fn drop(&mut self) {
+        // The ranges may be released after the handle: every piece is copied first.
+        self.join();
     }
 }
 
@@ -188,5 +230,65 @@ impl Drop for Workers {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source of `len` bytes with a pattern, a zeroed destination, and copies of `piece`
+    /// bytes that reverse the pieces' order.
+    fn setup(len: usize, piece: usize) -> (Vec<u8>, Vec<u8>, Vec<CopyOp>) {
+        let src: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let mut dst = vec![0u8; len];
+        let to = dst.as_mut_ptr() as u64;
+        let n = len / piece;
+        let copies = (0..n)
+            .map(|i| CopyOp {
+                src: src.as_ptr() as u64 + (i * piece) as u64,
+                dst: to + ((n - 1 - i) * piece) as u64,
+                len: piece as u64,
+            })
+            .collect();
+        (src, dst, copies)
+    }
+
+    fn reversed(src: &[u8], piece: usize) -> Vec<u8> {
+        src.chunks(piece).rev().flatten().copied().collect()
+    }
+
+    #[test]
+    fn a_begun_copy_is_complete_when_finished_or_dropped() {
+        let workers = Workers::new(3, "kvx-test").unwrap();
+        let spawner = workers.spawner().unwrap();
+        for finish in [true, false] {
+            let (src, dst, copies) = setup(4 << 20, 4096);
+            // SAFETY: src and dst are live, disjoint vectors; dst is only read after the
+            // pending copy is finished or dropped.
+            let pending = unsafe { spawner.begin(&copies) };
+            if finish {
+                pending.finish();
+            } else {
+                drop(pending);
+            }
+            assert_eq!(dst, reversed(&src, 4096), "finish: {finish}");
+        }
+    }
+
+    #[test]
+    fn a_copy_completes_on_the_caller_when_no_worker_is_free() {
+        let workers = Workers::new(1, "kvx-test").unwrap();
+        let spawner = workers.spawner().unwrap();
+        // The only worker is busy until the copy is done: the caller copies every piece.
+        let (gate_tx, gate_rx) = crossbeam_channel::bounded::<()>(0);
+        spawner.spawn(Box::new(move || {
+            let _ = gate_rx.recv();
+        }));
+        let (src, dst, copies) = setup(1 << 20, 16384);
+        // SAFETY: as above.
+        unsafe { spawner.copy(&copies) };
+        assert_eq!(dst, reversed(&src, 16384));
+        let _ = gate_tx.send(());
     }
 }

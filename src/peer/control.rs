@@ -639,6 +639,7 @@ impl Control {
         note: Vec<u8>,
     ) {
         self.hurry();
+        let started = Instant::now();
         let placed = {
             // Under the lock a revocation takes first: the layout stays allocated throughout.
             let s = self.lock();
@@ -656,6 +657,13 @@ impl Control {
         if let Err(why) = &placed {
             tracing::warn!("a landing request from {sender:?} was refused: {why}");
         }
+        tracing::trace!(
+            gather,
+            slot,
+            pieces = pieces.len(),
+            us = started.elapsed().as_micros() as u64,
+            "landing request placed"
+        );
         if placed.is_ok() && !note.is_empty() {
             self.nixl.deliver(sender, note);
         }

@@ -100,9 +100,9 @@ pub struct Args {
     /// With --nixl: host memory to and from a second context's exported layouts over UCX.
     #[arg(long, conflicts_with_all = ["pageable", "busy", "layerwise", "latency"])]
     transform: bool,
-    /// With --busy, --layerwise, --latency: the context's max_sms (the copy kernel's SM
-    /// budget; 0 = auto).
-    #[arg(long, requires = "gpu", default_value_t = 0)]
+    /// With --gpu --busy, --layerwise, --latency and with --gpu-rdma: the context's max_sms
+    /// (the copy kernel's SM budget; 0 = auto).
+    #[arg(long, default_value_t = 0)]
     max_sms: u32,
     /// Host and --gpu benches: also draw GB/s against fragment size, one line per mechanism
     /// with the limit, into this PNG file.
@@ -181,6 +181,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             iters: a.iters.unwrap_or(3),
             fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
             peer_device: a.peer_device,
+            max_sms: a.max_sms,
         });
     }
     if a.nixl {

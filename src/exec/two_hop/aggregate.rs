@@ -1,12 +1,15 @@
 //! Many small pieces to and from a peer's host layout through the peer's landing arena.
-//! Writes: the pieces are gathered (host copies, shared with idle workers) into a bounce
-//! buffer, each chunk is written into one of the slots the peer granted this importer with one
-//! NIXL request, and the peer's kvxfer copies the chunk's pieces into its layout when asked
-//! (SCATTER) and says so (DONE); the gather of chunk k+1 and the peer's scatter of earlier
-//! chunks overlap the write of chunk k. The write's notification travels with the last chunk's
-//! request: the peer delivers it only after placing those bytes. Reads: the peer is asked to
-//! gather each chunk into a slot (GATHER, answered by DONE) ahead of time, this side reads the
-//! slot with one request and scatters it locally. Plans stay NixlWrite / NixlReadFlipped.
+//! Writes: the pieces are gathered (host copies on idle workers) into a bounce buffer, each
+//! chunk is written into one of the slots the peer granted this importer with one NIXL
+//! request, and the peer's kvxfer copies the chunk's pieces into its layout when asked
+//! (SCATTER) and says so (DONE). Over TCP posting a request moves its bytes on the posting
+//! thread, so the gather of chunk k+1 runs on the other workers meanwhile, and the peer's
+//! scatter of earlier chunks overlaps it too. The write's notification travels with the last
+//! chunk's request: the peer delivers it only after placing those bytes. Reads: the peer is
+//! asked to gather each chunk into a slot (GATHER, answered by DONE) ahead of time; this side
+//! reads the slots with one request each, the next one posted before the previous completes,
+//! and scatters each chunk locally (on the other workers) while it reads the next. Plans stay
+//! NixlWrite / NixlReadFlipped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +21,7 @@ use super::{CHUNK, pool, spawner};
 use crate::error::{Error, Result};
 use crate::exec::nixl::NixlExec;
 use crate::exec::nixl::xfer::{Xfer, finish, start};
-use crate::exec::workers::{Spawner, Workers};
+use crate::exec::workers::{PendingCopy, Spawner, Workers};
 use crate::memory::{Landing, Memory, StorageKind, UseGuard};
 use crate::nixl::NixlAgent;
 use crate::options::{Mechanism, TransferStats};
@@ -189,6 +192,11 @@ impl Job {
 
     /// Chunk k's pieces gathered into its staging area, or with `!gather` scattered from it.
     fn local_copy(&self, e: &Ends<'_>, k: usize, gather: bool) {
+        self.begin_local_copy(e, k, gather).finish();
+    }
+
+    /// As `local_copy`, started on idle workers; finished by the caller (or on drop).
+    fn begin_local_copy(&self, e: &Ends<'_>, k: usize, gather: bool) -> PendingCopy {
         let mut at = e.stages[k % e.ways].1;
         let copies: Vec<CopyOp> = e.chunks[k]
             .iter()
@@ -206,14 +214,15 @@ impl Job {
             })
             .collect();
         // SAFETY: the layout's side is the local layout's validated regions, kept alive by the
-        // job's part (`keep`); the staging area is this lease's, and no request uses it now (a
-        // write from it finished before its chunk's SCATTER was sent, a read into it just
-        // finished).
-        unsafe { self.copier.copy(&copies) };
+        // job's part (`keep`); the staging area is this lease's, and no request uses it until
+        // the copy is finished (a write from it finished before the copy began, a read into it
+        // finished before its scatter began); the handle is finished before the lease goes.
+        unsafe { self.copier.begin(&copies) }
     }
 
     /// Gathers each chunk, writes it into a slot and asks the peer to place it. A chunk's
-    /// write runs beside the next chunk's gather; its SCATTER is sent once it completed.
+    /// write runs beside the next chunk's gather (on the other workers); its SCATTER is sent
+    /// once it completed.
     fn write(&self, e: &Ends<'_>, unplaced: &mut [Option<u64>]) -> Result<()> {
         let n = e.chunks.len();
         let scatter = |k: usize, unplaced: &mut [Option<u64>]| -> Result<()> {
@@ -235,21 +244,47 @@ impl Job {
                 }
                 Ok(())
             };
+        // Where a write's time goes (trace): waiting for slots, gathering, waiting for writes.
+        let mut spent = [Duration::ZERO; 3];
+        let timed = |slot: &mut Duration, f: &mut dyn FnMut() -> Result<()>| -> Result<()> {
+            let t = std::time::Instant::now();
+            let r = f();
+            *slot += t.elapsed();
+            r
+        };
+        let started_at = std::time::Instant::now();
+        // The next chunk's gather, begun on idle workers while this thread posts a write.
+        let mut next: Option<(usize, PendingCopy)> = None;
         let result = (|| -> Result<()> {
             for k in 0..n {
                 let b = k % e.ways;
                 // With a single slot, the chunk in flight is this slot's: placed first.
                 if writing.as_ref().is_some_and(|(j, _)| j % e.ways == b) {
-                    place(writing.take(), unplaced)?;
+                    timed(&mut spent[2], &mut || place(writing.take(), unplaced))?;
                 }
+                timed(&mut spent[1], &mut || {
+                    match next.take() {
+                        Some((j, gathering)) if j == k => gathering.finish(),
+                        _ => self.local_copy(e, k, true),
+                    }
+                    Ok(())
+                })?;
                 if let Some(seq) = unplaced[b].take() {
-                    self.landing.wait(b, seq, PLACED_WITHIN)?;
+                    timed(&mut spent[0], &mut || {
+                        self.landing.wait(b, seq, PLACED_WITHIN)
+                    })?;
                 }
                 self.check_revoked()?;
-                self.local_copy(e, k, true);
+                // Chunk k+1's staging area was last written from by chunk k+1-ways, whose
+                // write finished when that is before chunk k-1 (the one still in flight).
+                if k + 1 < n && e.ways >= 3 {
+                    next = Some((k + 1, self.begin_local_copy(e, k + 1, true)));
+                }
                 let len = e.chunks[k].iter().map(|c| c.len).sum();
-                let started = self.hop(e, b, len, true)?;
-                place(writing.replace((k, started)), unplaced)?;
+                let mut started = self.hop(e, b, len, true)?;
+                timed(&mut spent[2], &mut || {
+                    place(writing.replace((k, started.take())), unplaced)
+                })?;
             }
             place(writing.take(), unplaced)?;
             for (b, u) in unplaced.iter_mut().enumerate() {
@@ -259,6 +294,14 @@ impl Job {
             }
             Ok(())
         })();
+        tracing::trace!(
+            chunks = n,
+            total_us = started_at.elapsed().as_micros() as u64,
+            slot_wait_us = spent[0].as_micros() as u64,
+            gather_us = spent[1].as_micros() as u64,
+            write_wait_us = spent[2].as_micros() as u64,
+            "aggregated write"
+        );
         if let Some((_, req)) = writing.take() {
             let _ = finish(self.agent.agent(), req, Error::Peer, false);
         }
@@ -280,20 +323,54 @@ impl Job {
         for k in 0..n.min(e.ways) {
             ask(k, asked)?;
         }
-        for k in 0..n {
+        // Chunk k+1's read is posted before chunk k's completes (the transport then never
+        // waits for the next request), where staging areas allow: it lands in the area whose
+        // last scatter (chunk k+1-ways) finished, as at most chunk k-1's is still running.
+        let ahead = e.ways >= 3;
+        let post = |k: usize, asked: &mut [Option<u64>]| -> Result<Option<XferRequest>> {
             let b = k % e.ways;
             if let Some(seq) = asked[b].take() {
                 self.landing.wait(b, seq, PLACED_WITHIN)?;
             }
             let len = e.chunks[k].iter().map(|c| c.len).sum();
-            let req = self.hop(e, b, len, false)?;
-            finish(self.agent.agent(), req, Error::Peer, false)?;
-            if k + e.ways < n {
-                ask(k + e.ways, asked)?;
+            self.hop(e, b, len, false)
+        };
+        let mut next: Option<(usize, Option<XferRequest>)> = None;
+        // The previous chunk's scatter, run by idle workers while this thread reads.
+        let mut scattering: Option<PendingCopy> = None;
+        let result = (|| -> Result<()> {
+            for k in 0..n {
+                let req = match next.take() {
+                    Some((j, r)) if j == k => r,
+                    _ => post(k, asked)?,
+                };
+                let early = (ahead && k + 1 < n).then(|| post(k + 1, asked));
+                // Chunk k's request is finished even when the next one could not be posted.
+                let done = finish(self.agent.agent(), req, Error::Peer, false);
+                if let Some(r) = early {
+                    next = Some((k + 1, r?));
+                }
+                done?;
+                if k + e.ways < n {
+                    ask(k + e.ways, asked)?;
+                }
+                if let Some(p) = scattering.take() {
+                    p.finish();
+                }
+                match e.ways {
+                    1 => self.local_copy(e, k, false),
+                    _ => scattering = Some(self.begin_local_copy(e, k, false)),
+                }
             }
-            self.local_copy(e, k, false);
+            Ok(())
+        })();
+        if let Some((_, req)) = next.take() {
+            let _ = finish(self.agent.agent(), req, Error::Peer, false);
         }
-        Ok(())
+        if let Some(p) = scattering.take() {
+            p.finish();
+        }
+        result
     }
 }
 
