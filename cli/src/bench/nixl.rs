@@ -1,10 +1,11 @@
 //! `kvxfer bench --nixl`: NIXL transfers through kvxfer against nixl-sys used directly
 //! (`nixl-raw`: one descriptor per fragment, posted and polled as tightly as possible), in the
-//! same run, alternating which goes first. UCX write and read between two agents of this process
-//! (loopback), and POSIX disk write and read. "scattered" permutes the ids on both sides, so nothing coalesces; "runs"
-//! moves consecutive ids, which kvxfer coalesces into one descriptor per run. Every row also
-//! gives the same bytes moved as one contiguous descriptor (`contiguous_gbps`), what small
-//! pieces between hosts should approach.
+//! same run, round by round, each round starting with another. UCX write and read between two
+//! agents of this process (loopback), and POSIX disk write and read. "scattered" permutes the
+//! ids on both sides, so nothing coalesces; "runs" moves consecutive ids, which kvxfer coalesces
+//! into one descriptor per run. Every row also gives the same bytes moved as one contiguous
+//! descriptor (`contiguous_gbps`, measured in the same rounds), what small pieces between hosts
+//! should approach.
 
 use std::time::Instant;
 
@@ -174,9 +175,8 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
         ];
         let bytes = blocks * fragment;
         for (name, write, other, mem, other_agent) in &cases {
-            // What the transport does with the same bytes in one piece: the ceiling that
-            // gathering small pieces aims at. One kvxfer transfer first registers both sides
-            // with NIXL (kvxfer registers memory on first use).
+            // One kvxfer transfer first registers both sides with NIXL (kvxfer registers memory
+            // on first use).
             let (src, dst) = if *write {
                 (&local, *other)
             } else {
@@ -185,47 +185,58 @@ pub fn run(a: &NixlArgs) -> Result<(), String> {
             ctx.submit(src, &all, dst, &all, &TransferOptions::default())
                 .and_then(|t| t.wait(None))
                 .map_err(err)?;
-            let mut contiguous = Vec::new();
-            for i in 0..=a.iters {
-                let t0 = Instant::now();
-                raw_contiguous(&agent, *write, &local, other, other_agent, *mem, bytes)?;
-                if i > 0 {
-                    contiguous.push(t0.elapsed().as_secs_f64());
-                }
-            }
-            let cg = bytes as f64 / median(contiguous) / 1e9;
             for (ids, lb, rb) in [("scattered", &p1, &p2), ("runs", &all, &all)] {
-                let (mut k, mut r) = (Vec::new(), Vec::new());
+                let (mut k, mut r, mut c) = (Vec::new(), Vec::new(), Vec::new());
                 for i in 0..=a.iters {
                     let (src, sb, dst, db) = if *write {
                         (&local, lb, *other, rb)
                     } else {
                         (*other, rb, &local, lb)
                     };
-                    // Alternate which goes first, so page-cache writeback and cache state do
-                    // not always favour the same side.
+                    // The three in turn, each round starting with another, so that drift
+                    // (page-cache writeback, cache state, the transport's own swings) favours
+                    // none of them.
                     let mut tk = 0.0;
                     let mut descs = 0;
-                    let mut tr = 0.0;
-                    for kvx_turn in [i % 2 == 0, i % 2 != 0] {
+                    let (mut tr, mut tc) = (0.0, 0.0);
+                    for turn in 0..3 {
                         let t0 = Instant::now();
-                        if kvx_turn {
-                            let t = ctx
-                                .submit(src, sb, dst, db, &TransferOptions::default())
-                                .map_err(err)?;
-                            t.wait(None).map_err(err)?;
-                            tk = t0.elapsed().as_secs_f64();
-                            descs = t.stats().copies;
-                        } else {
-                            raw(&agent, *write, &local, lb, other, rb, other_agent, *mem)?;
-                            tr = t0.elapsed().as_secs_f64();
+                        match (turn + i) % 3 {
+                            0 => {
+                                let t = ctx
+                                    .submit(src, sb, dst, db, &TransferOptions::default())
+                                    .map_err(err)?;
+                                t.wait(None).map_err(err)?;
+                                tk = t0.elapsed().as_secs_f64();
+                                descs = t.stats().copies;
+                            }
+                            1 => {
+                                raw(&agent, *write, &local, lb, other, rb, other_agent, *mem)?;
+                                tr = t0.elapsed().as_secs_f64();
+                            }
+                            _ => {
+                                // What the transport does with the same bytes in one piece:
+                                // the ceiling that gathering small pieces aims at.
+                                raw_contiguous(
+                                    &agent,
+                                    *write,
+                                    &local,
+                                    other,
+                                    other_agent,
+                                    *mem,
+                                    bytes,
+                                )?;
+                                tc = t0.elapsed().as_secs_f64();
+                            }
                         }
                     }
                     if i > 0 {
                         k.push((tk, descs));
                         r.push(tr);
+                        c.push(tc);
                     }
                 }
+                let cg = bytes as f64 / median(c) / 1e9;
                 let descs = k.first().map_or(0, |x| x.1);
                 let kg = bytes as f64 / median(k.iter().map(|x| x.0).collect()) / 1e9;
                 let rg = bytes as f64 / median(r) / 1e9;
