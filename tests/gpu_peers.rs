@@ -91,3 +91,41 @@ fn head_transforms_between_device_memory_and_a_peer_go_through_the_bounce_pool()
         }
     }
 }
+
+/// A transfer to a peer's host layout that goes through its landing arena answers
+/// `stream_wait` on a context with CUDA like any other peer transfer (waited for on the host:
+/// its work is host copies and NIXL requests).
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
+fn an_aggregated_peer_transfer_answers_stream_wait() {
+    use kvxfer::{LayoutKind, StorageKind, StorageSpec};
+    let exporter = kvxfer::Context::new(kvxfer::ContextConfig {
+        nixl_backends: kvxfer::Backends::UCX,
+        ..Default::default()
+    })
+    .expect("a context with NIXL's UCX backend");
+    let ctx = rdma_ctx(0);
+    let c = cfg(LayoutKind::LayerSeparateBlockFirst, 12, 4, 16, 128, 2); // 4 KiB pieces
+    let spec = StorageSpec::new(StorageKind::System);
+    let pool = exporter.new_layout(c, &spec).unwrap();
+    let peer = ctx.import(&exporter.export(&[&pool]).unwrap()).unwrap();
+    let src = ctx.new_layout(c, &spec).unwrap();
+    ctx.fill(&src, &common::all(12), 4).unwrap();
+    let rev: Vec<u64> = (0..12).rev().collect();
+    let t = ctx
+        .submit(
+            &src,
+            &common::all(12),
+            &peer.layouts()[0],
+            &rev,
+            &Default::default(),
+        )
+        .unwrap();
+    // The default stream: the host waits for the transfer, the stream has nothing to wait on.
+    t.stream_wait(0).unwrap();
+    assert!(t.stats().bounced, "through the landing arena");
+    assert_eq!(
+        exporter.checksum(&pool, &rev).unwrap(),
+        ctx.checksum(&src, &common::all(12)).unwrap()
+    );
+}

@@ -195,7 +195,7 @@ pub(crate) fn dispatch(
                 let (workers, bounce) = (&res.workers, &res.bounce);
                 let notify = options.notify.as_deref();
                 return two_hop::aggregate::submit(
-                    request, list, plan, write, nixl, workers, bounce, notify,
+                    request, list, plan, write, nixl, workers, bounce, notify, has_cuda,
                 );
             }
             if stages_through_bounce(request, write) {

@@ -56,7 +56,8 @@ pub(crate) fn applies(request: &Request<'_>, write: bool) -> Option<CopyList> {
 }
 
 /// Starts the aggregated transfer of `request` (a write to the peer when `write`, else a read
-/// from it), whose copy list `applies` gave, on a worker.
+/// from it), whose copy list `applies` gave, on a worker. `cuda_context`: the context has CUDA
+/// (so `stream_wait` can order a stream after the transfer, as for any peer transfer).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn submit(
     request: &Request<'_>,
@@ -67,6 +68,7 @@ pub(crate) fn submit(
     workers: &Workers,
     bounce: &Arc<pool::BouncePool>,
     notify: Option<&[u8]>,
+    cuda_context: bool,
 ) -> Result<Transfer> {
     let remote = if write { request.dst } else { request.src };
     let internal = |what: &str| Error::Internal(format!("an aggregated transfer without {what}"));
@@ -96,7 +98,7 @@ pub(crate) fn submit(
     let completion = Completion::new(1);
     let keep = (request.src.memory().clone(), request.dst.memory().clone());
     workers.spawn_part(completion.clone(), None, keep, move || job.run(write));
-    Ok(Transfer::new(completion, stats, false))
+    Ok(Transfer::new(completion, stats, cuda_context))
 }
 
 /// One aggregated transfer, run on a worker.
