@@ -129,3 +129,87 @@ fn an_aggregated_peer_transfer_answers_stream_wait() {
         ctx.checksum(&src, &common::all(12)).unwrap()
     );
 }
+
+extern "C" fn sleep_500ms(_: *mut std::ffi::c_void) {
+    std::thread::sleep(std::time::Duration::from_millis(500));
+}
+
+/// `cuda_stream` holds back transfers to and from peers too: per piece (1 MiB pieces), through
+/// the peer's landing arena (4 KiB pieces), writes and reads. An engine that writes KV blocks
+/// on its stream and submits their transfer with that stream must never send stale bytes.
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
+fn peer_transfers_start_after_work_queued_on_the_callers_stream() {
+    use cudarc::driver::sys;
+    use kvxfer::{LayoutKind, StorageKind, StorageSpec, TransferOptions};
+    use std::time::{Duration, Instant};
+    let exporter = kvxfer::Context::new(kvxfer::ContextConfig {
+        nixl_backends: kvxfer::Backends::UCX,
+        ..Default::default()
+    })
+    .expect("a context with NIXL's UCX backend");
+    let ctx = rdma_ctx(0);
+    let spec = StorageSpec::new(StorageKind::System);
+    let ids = common::all(8);
+    let rev: Vec<u64> = ids.iter().rev().copied().collect();
+    for (what, c, aggregated) in [
+        (
+            "4 KiB pieces",
+            cfg(LayoutKind::LayerSeparateBlockFirst, 8, 4, 16, 128, 2),
+            true,
+        ),
+        (
+            "1 MiB pieces",
+            cfg(LayoutKind::FullyContiguous, 8, 1, 16, 16384, 2),
+            false,
+        ),
+    ] {
+        let pool = exporter.new_layout(c, &spec).unwrap();
+        let peer = ctx.import(&exporter.export(&[&pool]).unwrap()).unwrap();
+        let (src, back) = (
+            ctx.new_layout(c, &spec).unwrap(),
+            ctx.new_layout(c, &spec).unwrap(),
+        );
+        ctx.fill(&src, &ids, 8).unwrap();
+        for write in [true, false] {
+            let mut stream = std::ptr::null_mut();
+            // SAFETY: the context is current on this thread; the stream is destroyed below.
+            check(unsafe { sys::cuStreamCreate(&mut stream, 1) });
+            let queued = Instant::now();
+            // SAFETY: a host function with no captured state.
+            check(unsafe {
+                sys::cuLaunchHostFunc(stream, Some(sleep_500ms), std::ptr::null_mut())
+            });
+            let opts = TransferOptions {
+                cuda_stream: Some(stream as usize),
+                ..Default::default()
+            };
+            let t = match write {
+                true => ctx.submit(&src, &ids, &peer.layouts()[0], &rev, &opts),
+                false => ctx.submit(&peer.layouts()[0], &rev, &back, &ids, &opts),
+            }
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                t.poll().is_none(),
+                "{what}, write {write}: done before the stream's work"
+            );
+            t.wait(Some(Duration::from_secs(30))).unwrap();
+            assert!(
+                queued.elapsed() >= Duration::from_millis(500),
+                "{what}, write {write}"
+            );
+            assert_eq!(t.stats().bounced, aggregated, "{what}, write {write}");
+            // SAFETY: the stream is idle now.
+            check(unsafe { sys::cuStreamDestroy_v2(stream) });
+        }
+        assert_eq!(
+            exporter.checksum(&pool, &rev).unwrap(),
+            ctx.checksum(&src, &ids).unwrap()
+        );
+        assert_eq!(
+            ctx.checksum(&back, &ids).unwrap(),
+            ctx.checksum(&src, &ids).unwrap()
+        );
+    }
+}

@@ -46,6 +46,16 @@ impl StreamGate {
         )
     }
 
+    /// Whether the gate passed, without blocking (a thread that polls other work meanwhile).
+    pub(crate) fn passed(&self) -> Result<bool> {
+        self.dev.bind()?;
+        // SAFETY: the event was recorded in `record` and lives until drop.
+        match unsafe { sys::cuEventQuery(self.event) } {
+            sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            r => check(r, "waiting for cuda_stream").map(|()| true),
+        }
+    }
+
     /// Blocks the calling thread until the gate passed (host-side executors).
     pub(crate) fn wait(&self) -> Result<()> {
         self.dev.bind()?;

@@ -172,6 +172,9 @@ pub(crate) fn dispatch(
         ) => {
             let nixl = res.nixl("disk and peer transfers")?;
             let write = s == Strategy::NixlWrite;
+            // Every path below starts after the work queued on a caller's stream (the IPC path
+            // through the CUDA executor's own gate).
+            let gate = || res.gate(options.cuda_stream);
             // Device memory of a same-host peer: mapped through CUDA IPC where it can be.
             let ipc_fallback = match s {
                 Strategy::NixlRead => None,
@@ -195,7 +198,16 @@ pub(crate) fn dispatch(
                 let (workers, bounce) = (&res.workers, &res.bounce);
                 let notify = options.notify.as_deref();
                 return two_hop::aggregate::submit(
-                    request, list, plan, write, nixl, workers, bounce, notify, has_cuda,
+                    request,
+                    list,
+                    plan,
+                    write,
+                    nixl,
+                    workers,
+                    bounce,
+                    notify,
+                    gate()?,
+                    has_cuda,
                 );
             }
             if stages_through_bounce(request, write) {
@@ -209,6 +221,7 @@ pub(crate) fn dispatch(
                     &res.bounce,
                     write,
                     options.notify.as_deref(),
+                    gate()?,
                 )
                 .map(|t| t.with_ipc_fallback(ipc_fallback));
             }
@@ -219,6 +232,7 @@ pub(crate) fn dispatch(
                 write,
                 options.notify.as_deref(),
                 has_cuda,
+                gate()?,
             )
             .map(|t| t.with_ipc_fallback(ipc_fallback))
         }

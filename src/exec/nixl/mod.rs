@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 pub(crate) use submit::submit;
 
+use crate::cuda::StreamGate;
 use crate::error::{Error, Result};
 use crate::memory::UseGuard;
 use crate::nixl::{Backends, NixlAgent};
@@ -46,7 +47,9 @@ impl NixlExec {
     /// Hands `t` to the progress thread (see `NixlProgress::post`); `gds_batch`: cut it into
     /// pieces posted one after the other, one such transfer at a time (a device <-> disk
     /// transfer on an agent with NIXL's GDS batch backend); `use_guard`: the transfer's use of
-    /// a peer's layout, held until it finished.
+    /// a peer's layout, held until it finished; `gate`: posted only after the work queued on a
+    /// caller's stream.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn post(
         &self,
         t: Xfer<'_>,
@@ -54,6 +57,7 @@ impl NixlExec {
         error: fn(String) -> Error,
         gds_batch: bool,
         use_guard: Option<UseGuard>,
+        gate: Option<Arc<StreamGate>>,
     ) -> Result<()> {
         self.progress.post(
             self.agent.agent(),
@@ -62,6 +66,7 @@ impl NixlExec {
             error,
             gds_batch,
             use_guard,
+            gate,
         )
     }
 }

@@ -1,7 +1,10 @@
 //! Starting one NIXL transfer: host <-> disk on this agent, or local <-> a peer's layout.
 
+use std::sync::Arc;
+
 use super::NixlExec;
 use super::xfer::{Xfer, direct_fd};
+use crate::cuda::StreamGate;
 use crate::error::{Error, Result};
 use crate::memory::StorageKind;
 use crate::options::{Mechanism, TransferStats};
@@ -11,6 +14,8 @@ use crate::transfer::{Completion, Transfer};
 /// Host <-> disk (this agent's POSIX backend) and local <-> peer (UCX) through the context's
 /// NIXL agent: `write` when the local side is the source (the seed's NixlWrite), else the local
 /// side is the destination (NixlReadFlipped, and NixlRead, the GDS plan disk -> device).
+/// `gate`: the request is posted only after the work queued on a caller's stream (the
+/// progress thread checks it without blocking).
 pub(crate) fn submit(
     nixl: &NixlExec,
     request: &Request<'_>,
@@ -18,6 +23,7 @@ pub(crate) fn submit(
     write: bool,
     notify: Option<&[u8]>,
     cuda_context: bool,
+    gate: Option<Arc<StreamGate>>,
 ) -> Result<Transfer> {
     let agent = &nixl.agent;
     let (local, remote) = if write {
@@ -82,6 +88,7 @@ pub(crate) fn submit(
             error,
             gds && agent.has_gds_batch(),
             use_guard,
+            gate,
         )
         .map_err(|e| match e {
             // Device <-> disk without a bounce buffer is GPUDirect Storage: say so.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use nixl_sys::{Agent, OptArgs, XferDescList, XferOp, XferRequest, XferStatus};
 
+use crate::cuda::StreamGate;
 use crate::error::{Error, Result};
 use crate::memory::{Memory, StorageKind, UseGuard};
 use crate::plan::CopyOp;
@@ -59,6 +60,8 @@ struct Pending {
     /// The use of a peer's layout, ended when the request finished (the peer's revocation of
     /// the layout is acknowledged only then).
     use_guard: Option<UseGuard>,
+    /// Posted only once this passed: the work queued on a caller's stream at submit.
+    gate: Option<Arc<StreamGate>>,
 }
 
 /// One NIXL transfer: NIXL's local side (host memory of this process, or device memory) and its
@@ -138,9 +141,11 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
     let mut pending: Vec<Pending> = Vec::new();
     // Serial requests waiting for the one in flight (see GDS_BATCH_MAX).
     let mut queued: VecDeque<Pending> = VecDeque::new();
+    // Requests waiting for their caller's stream (`gate`), in submission order.
+    let mut gated: VecDeque<Pending> = VecDeque::new();
     let mut pause = Duration::from_micros(10);
     loop {
-        let received = if pending.is_empty() && queued.is_empty() {
+        let received = if pending.is_empty() && queued.is_empty() && gated.is_empty() {
             match rx.recv() {
                 Ok(p) => Some(p),
                 Err(_) => return, // closed and nothing in flight
@@ -156,11 +161,15 @@ fn run(agent: Agent, rx: Receiver<Pending>) {
                 }
             }
         };
-        if let Some(p) = received {
-            if p.serial {
-                queued.push_back(p);
-            } else {
-                pending.extend(post_pending(&agent, p));
+        gated.extend(received);
+        // Requests whose gate passed (or that have none) go on; the others wait (transfers
+        // promise no order among themselves, so one waiting holds back no other).
+        for mut p in std::mem::take(&mut gated) {
+            match p.gate.as_ref().map(|g| g.passed()) {
+                Some(Ok(false)) => gated.push_back(p),
+                Some(Err(e)) => p.finish(Err(e)),
+                Some(Ok(true)) | None if p.serial => queued.push_back(p),
+                Some(Ok(true)) | None => pending.extend(post_pending(&agent, p)),
             }
         }
         let before = pending.len();
@@ -274,7 +283,9 @@ impl NixlProgress {
     /// reports the request finished. Failures are `error` (IO for disk, PEER for peers). With
     /// `gds_batch` (a device <-> disk transfer on an agent with NIXL's GDS backend) the copies
     /// go as requests of at most GDS_BATCH_MAX, all made here first, posted one after the
-    /// other and one GDS request at a time per agent.
+    /// other and one GDS request at a time per agent. `gate`: posted once the work queued on a
+    /// caller's stream at submit is done.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn post(
         &self,
         agent: &Agent,
@@ -283,6 +294,7 @@ impl NixlProgress {
         error: fn(String) -> Error,
         gds_batch: bool,
         use_guard: Option<UseGuard>,
+        gate: Option<Arc<StreamGate>>,
     ) -> Result<()> {
         let pieces = split_at_registrations(t.local, t.remote, t.copies);
         let t = Xfer {
@@ -319,6 +331,7 @@ impl NixlProgress {
                 error,
                 disk: t.remote.kind() == StorageKind::Disk,
                 use_guard,
+                gate,
             });
         }
         Ok(())
@@ -516,7 +529,7 @@ mod tests {
                     notify: None,
                     remote_fd: None,
                 };
-                nixl.post(job, completion.clone(), Error::Io, true, None)
+                nixl.post(job, completion.clone(), Error::Io, true, None, None)
                     .unwrap();
                 let stats = TransferStats {
                     bytes: 0,

@@ -18,6 +18,7 @@ use nixl_sys::XferRequest;
 
 use super::pipeline::{Chunks, chunks_of};
 use super::{CHUNK, pool, spawner};
+use crate::cuda::StreamGate;
 use crate::error::{Error, Result};
 use crate::exec::nixl::NixlExec;
 use crate::exec::nixl::xfer::{Xfer, finish, start};
@@ -56,8 +57,9 @@ pub(crate) fn applies(request: &Request<'_>, write: bool) -> Option<CopyList> {
 }
 
 /// Starts the aggregated transfer of `request` (a write to the peer when `write`, else a read
-/// from it), whose copy list `applies` gave, on a worker. `cuda_context`: the context has CUDA
-/// (so `stream_wait` can order a stream after the transfer, as for any peer transfer).
+/// from it), whose copy list `applies` gave, on a worker. `gate`: start after the work queued
+/// on a caller's stream; `cuda_context`: the context has CUDA (so `stream_wait` can order a
+/// stream after the transfer, as for any peer transfer).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn submit(
     request: &Request<'_>,
@@ -68,6 +70,7 @@ pub(crate) fn submit(
     workers: &Workers,
     bounce: &Arc<pool::BouncePool>,
     notify: Option<&[u8]>,
+    gate: Option<Arc<StreamGate>>,
     cuda_context: bool,
 ) -> Result<Transfer> {
     let remote = if write { request.dst } else { request.src };
@@ -97,7 +100,7 @@ pub(crate) fn submit(
     };
     let completion = Completion::new(1);
     let keep = (request.src.memory().clone(), request.dst.memory().clone());
-    workers.spawn_part(completion.clone(), None, keep, move || job.run(write));
+    workers.spawn_part(completion.clone(), gate, keep, move || job.run(write));
     Ok(Transfer::new(completion, stats, cuda_context))
 }
 

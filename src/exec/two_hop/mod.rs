@@ -517,6 +517,7 @@ pub(crate) fn submit(
 /// one request per chunk; reads the other way round. The
 /// plan stays the seed's (`write`: NixlWrite, else NixlReadFlipped); `notify` is sent once
 /// every chunk's write has completed (every byte is in place); stats say a bounce was used.
+/// `gate`: start after the work queued on a caller's stream.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn submit_staged_peer(
     request: &Request<'_>,
@@ -527,6 +528,7 @@ pub(crate) fn submit_staged_peer(
     pool: &Arc<BouncePool>,
     write: bool,
     notify: Option<&[u8]>,
+    gate: Option<Arc<StreamGate>>,
 ) -> Result<Transfer> {
     let remote = if write { request.dst } else { request.src };
     let peer_agent = remote
@@ -555,7 +557,7 @@ pub(crate) fn submit_staged_peer(
     let notify = notify.map(<[u8]>::to_vec);
     let remote_memory = remote.memory().clone();
     let keep = (request.src.memory().clone(), request.dst.memory().clone());
-    workers.spawn_part(completion.clone(), None, keep, move || {
+    workers.spawn_part(completion.clone(), gate, keep, move || {
         let lease = pool.take(|| pool::make_buffer(pin_for.as_ref()))?;
         let peer = Peer {
             memory: &remote_memory,
