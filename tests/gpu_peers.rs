@@ -7,6 +7,15 @@ mod common;
 
 use common::gpu::*;
 
+/// A peer context of this process with NIXL's UCX backend and no GPU work of its own.
+fn host_exporter() -> kvxfer::Context {
+    kvxfer::Context::new(kvxfer::ContextConfig {
+        nixl_backends: kvxfer::Backends::UCX,
+        ..Default::default()
+    })
+    .expect("a context with NIXL's UCX backend")
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
 fn gpu_rdma_between_two_processes_moves_device_blocks_both_ways() {
@@ -21,11 +30,7 @@ fn gpu_rdma_between_two_processes_moves_device_blocks_both_ways() {
 fn head_transforms_between_device_memory_and_a_peer_go_through_the_bounce_pool() {
     use kvxfer::HeadOrder::{HeadMajor, TokenMajor};
     use kvxfer::{LayoutKind, StorageKind, StorageSpec, TransferOptions};
-    let exporter = kvxfer::Context::new(kvxfer::ContextConfig {
-        nixl_backends: kvxfer::Backends::UCX,
-        ..Default::default()
-    })
-    .expect("a context with NIXL's UCX backend");
+    let exporter = host_exporter();
     let ctx = rdma_ctx(0);
     let all = common::all(8);
     // The peer's TP 2 rank (heads 0..4, HND) in host memory; this side's TP 4 rank (heads 2..4,
@@ -99,11 +104,7 @@ fn head_transforms_between_device_memory_and_a_peer_go_through_the_bounce_pool()
 #[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
 fn an_aggregated_peer_transfer_answers_stream_wait() {
     use kvxfer::{LayoutKind, StorageKind, StorageSpec};
-    let exporter = kvxfer::Context::new(kvxfer::ContextConfig {
-        nixl_backends: kvxfer::Backends::UCX,
-        ..Default::default()
-    })
-    .expect("a context with NIXL's UCX backend");
+    let exporter = host_exporter();
     let ctx = rdma_ctx(0);
     let c = cfg(LayoutKind::LayerSeparateBlockFirst, 12, 4, 16, 128, 2); // 4 KiB pieces
     let spec = StorageSpec::new(StorageKind::System);
@@ -143,11 +144,7 @@ fn peer_transfers_start_after_work_queued_on_the_callers_stream() {
     use cudarc::driver::sys;
     use kvxfer::{LayoutKind, StorageKind, StorageSpec, TransferOptions};
     use std::time::{Duration, Instant};
-    let exporter = kvxfer::Context::new(kvxfer::ContextConfig {
-        nixl_backends: kvxfer::Backends::UCX,
-        ..Default::default()
-    })
-    .expect("a context with NIXL's UCX backend");
+    let exporter = host_exporter();
     let ctx = rdma_ctx(0);
     let spec = StorageSpec::new(StorageKind::System);
     let ids = common::all(8);
