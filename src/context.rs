@@ -121,12 +121,19 @@ impl Context {
             "context made"
         );
         let counters = Arc::new(Counters::default());
+        // Device memory to and from peers (allow_gpu_rdma) may go through landing arenas in
+        // device memory, placed and staged by the copy kernel.
+        let device_copier = match (&cuda, config.capabilities.allow_gpu_rdma) {
+            (Ok(c), true) => crate::exec::cuda::arena::KernelCopier::of(c),
+            _ => None,
+        };
         let control = nixl.as_ref().map(|n| {
             Control::new(
                 n.agent.clone(),
                 &name,
                 config.peer_key.clone(),
                 counters.clone(),
+                device_copier,
             )
         });
         Ok(Self {

@@ -359,3 +359,81 @@ fn another_context_of_this_process_stays_on_nixl() {
         importer.checksum(&expected, &all(12)).unwrap()
     );
 }
+
+/// Small device pieces between two contexts that IPC cannot join (here: one process) go through
+/// the exporter's landing arena in device memory: gathered by the importer's kernel, one NIXL
+/// request per chunk, placed by the exporter's kernel; the notification after the bytes.
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
+fn small_device_pieces_go_through_the_peers_device_arena() {
+    let (exporter, importer) = (ipc_ctx(false), ipc_ctx(false));
+    for (k, &kind) in KINDS.iter().enumerate() {
+        let pool = layout(&exporter, shape(kind), StorageKind::Device);
+        exporter.fill(&pool, &all(12), 3).unwrap();
+        let peer = importer
+            .import(&exporter.export(&[&pool]).unwrap())
+            .unwrap();
+        let remote = &peer.layouts()[0];
+        // Write local blocks 0..4 into the peer's 11..7, layers 1..3, with a notification.
+        let other = shape(KINDS[(k + 1) % 3]);
+        let mine = layout(&importer, other, StorageKind::Device);
+        importer.fill(&mine, &all(12), 50).unwrap();
+        let (src, dst): (Vec<u64>, Vec<u64>) = ((0..5).collect(), (7..12).rev().collect());
+        let opts = TransferOptions {
+            layer_begin: 1,
+            layer_end: 3,
+            notify: Some(common::NOTE.to_vec()),
+            ..Default::default()
+        };
+        let t = importer.submit(&mine, &src, remote, &dst, &opts).unwrap();
+        t.wait(TIMEOUT).unwrap();
+        let stats = t.stats();
+        assert_eq!(stats.mechanism, Mechanism::Nixl, "write of kind {kind:?}");
+        assert!(stats.bounced, "write of kind {kind:?} through the arena");
+        assert_eq!(stats.ipc_fallback, Some(IpcFallback::SameProcess));
+        let (_, msg) = common::next_note(&exporter, Duration::from_secs(10))
+            .expect("the write's notification");
+        assert_eq!(msg, common::NOTE);
+        // Every piece at the exporter: the written layers from `mine`, the others untouched.
+        let seen = layout(&exporter, shape(kind), StorageKind::Pinned);
+        exporter
+            .submit(&pool, &all(12), &seen, &all(12), &Default::default())
+            .unwrap()
+            .wait(TIMEOUT)
+            .unwrap();
+        let (written, untouched) = (
+            layout(&importer, other, StorageKind::Pinned),
+            layout(&exporter, shape(kind), StorageKind::Pinned),
+        );
+        importer.fill(&written, &all(12), 50).unwrap();
+        exporter.fill(&untouched, &all(12), 3).unwrap();
+        for (&s, &d) in src.iter().zip(&dst) {
+            assert_eq!(
+                pieces(&seen, &[d], 1..3),
+                pieces(&written, &[s], 1..3),
+                "{kind:?}"
+            );
+            for l in [0..1, 3..4] {
+                assert_eq!(pieces(&seen, &[d], l.clone()), pieces(&untouched, &[d], l));
+            }
+        }
+        for b in 0..7 {
+            assert_eq!(pieces(&seen, &[b], 0..4), pieces(&untouched, &[b], 0..4));
+        }
+        // Read the peer's blocks 6..0 into local blocks 0..7, all layers.
+        let back = layout(&importer, other, StorageKind::Device);
+        let (theirs, ours): (Vec<u64>, Vec<u64>) = ((0..7).rev().collect(), (0..7).collect());
+        let t = importer
+            .submit(remote, &theirs, &back, &ours, &Default::default())
+            .unwrap();
+        t.wait(TIMEOUT).unwrap();
+        assert!(t.stats().bounced, "read of kind {kind:?} through the arena");
+        let expected = layout(&importer, other, StorageKind::Pinned);
+        importer.fill(&expected, &theirs, 3).unwrap();
+        assert_eq!(
+            importer.checksum(&back, &ours).unwrap(),
+            importer.checksum(&expected, &theirs).unwrap(),
+            "read of kind {kind:?}"
+        );
+    }
+}

@@ -838,7 +838,7 @@ fn first_export_id(blob: &[u8]) -> u64 {
     let mut at = 24; // magic, version, flags, length, checksum
     at += 2 + u16_at(at); // agent name
     at += 4 + u32_at(at); // NIXL metadata
-    at += 16 + 4 + 8 + 20 + 4; // host, pid, start, arena, layout count
+    at += 16 + 4 + 8 + 20 + 24 + 4; // host, pid, start, arenas (host, device), layout count
     u64::from_le_bytes(blob[at..at + 8].try_into().unwrap())
 }
 

@@ -188,8 +188,9 @@ pub(crate) fn dispatch(
                     ipc::Route::Nixl(why) => why,
                 },
             };
-            // Small host pieces to and from a peer with a landing arena: gathered, moved in
-            // large chunks, scattered on the other side.
+            // Small pieces to and from a peer with a landing arena (host memory on both sides,
+            // or device memory on both sides that IPC does not take): gathered, moved in large
+            // chunks, scattered on the other side.
             let aggregated = match s {
                 Strategy::NixlRead => None,
                 _ => two_hop::aggregate::applies(request, write),
@@ -208,7 +209,8 @@ pub(crate) fn dispatch(
                     notify,
                     gate()?,
                     has_cuda,
-                );
+                )
+                .map(|t| t.with_ipc_fallback(ipc_fallback));
             }
             if stages_through_bounce(request, write) {
                 let cuda = res.cuda.as_ref().ok();

@@ -10,7 +10,7 @@ mod remote;
 pub use host::HostAllocation;
 pub use ipc::{IpcFallback, LayoutIpc};
 pub(crate) use ipc::{IpcImport, IpcPeer};
-pub(crate) use remote::{Landing, RemoteUse, UseGuard};
+pub(crate) use remote::{DeviceCopier, DeviceStaging, Landing, RemoteUse, UseGuard};
 
 use std::sync::{Arc, Mutex, OnceLock};
 

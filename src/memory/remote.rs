@@ -53,6 +53,28 @@ pub(crate) trait Landing: Send + Sync + std::fmt::Debug {
     /// Waits until the peer answered request `seq` of `slot` (its bytes are in place), at most
     /// `timeout` (then `Error::Peer`: the peer is taken for dead).
     fn wait(&self, slot: usize, seq: u64, timeout: Duration) -> crate::error::Result<()>;
+    /// For an arena in device memory: this importer's device copier and its staging area (one
+    /// slot's bytes per granted slot, on the copier's device, registered with this importer's
+    /// agent), made on first use. `None` for an arena in host memory (the bounce pool stages).
+    fn device_staging(&self) -> Option<Result<DeviceStaging>> {
+        None
+    }
+}
+
+/// An importer's copier for a peer's device arena and its staging area there.
+pub(crate) type DeviceStaging = (Arc<dyn DeviceCopier>, Arc<Memory>);
+
+/// Copies between addresses one CUDA device's SMs reach, for landing arenas in device memory:
+/// the exporter places and gathers its device slots with it, the importer gathers into and
+/// scatters from its staging area. Made by the executors (the copy kernel); used by the peer
+/// module, which never sees them.
+pub(crate) trait DeviceCopier: Send + Sync + std::fmt::Debug {
+    /// The device the copies run on.
+    fn device_id(&self) -> i32;
+    /// Device memory of `bytes` on that device.
+    fn allocate(&self, bytes: u64) -> Result<Memory>;
+    /// Runs `copies` (source, destination, length) and waits until they are done.
+    fn copy(&self, copies: &[(u64, u64, u64)]) -> Result<()>;
 }
 
 #[derive(Debug, Default)]

@@ -14,6 +14,9 @@
 //! body:
 //! agent name: u16 length + UTF-8 | NIXL metadata: u32 length + bytes |
 //!   (version 4) host boot id: 16 bytes (zero: unknown) | pid u32 | process start time u64 |
+//!     landing arena in host memory: address u64, slot bytes u64, slots u32 (0: none) |
+//!   (version 5) landing arena in device memory: address u64, slot bytes u64, slots u32
+//!     (0: none), device id i32 |
 //! layout count u32
 //! per layout: export id u64 | num_blocks, num_layers, outer_dim, page_size, inner_dim: u64 |
 //!   dtype_width, alignment, layout kind, storage kind: u32 | device id i32 |
@@ -22,8 +25,8 @@
 //!   (version 4) IPC allocation count u32 (0: none) | with any: GPU UUID 16 bytes |
 //!     per allocation: CUDA IPC handle 64 bytes, base u64, length u64
 //! ```
-//! Version 2 (no heads: every layout opaque) and 3 (no CUDA IPC: same-host peers use NIXL)
-//! exports still import.
+//! Version 2 (no heads: every layout opaque), 3 (no CUDA IPC: same-host peers use NIXL) and 4
+//! (no device arena: small device pieces go one by one) exports still import.
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -34,10 +37,10 @@ use crate::memory::{LayoutIpc, Region, StorageKind};
 
 const MAGIC: &[u8; 8] = b"KVXPEER\0";
 /// 2: each layout carries its export id (revocation); 3: and the heads its regions hold (head
-/// transforms); 4: the exporter's host and process, and CUDA IPC handles of device layouts.
-/// Versions 2 and 3 still import; version 1 exports are refused with a message that names the
-/// versions read.
-const VERSION: u16 = 4;
+/// transforms); 4: the exporter's host and process, CUDA IPC handles of device layouts and a
+/// landing arena in host memory; 5: a landing arena in device memory. Versions 2 to 4 still
+/// import; version 1 exports are refused with a message that names the versions read.
+const VERSION: u16 = 5;
 const OLDEST: u16 = 2;
 /// Flag: the export ends in a MAC made with a peer key.
 const FLAG_MAC: u16 = 1;
@@ -146,6 +149,8 @@ pub struct PeerBlob {
     pub origin: Origin,
     /// The exporter's landing arena, if it has one (version 4).
     pub arena: Option<ArenaDesc>,
+    /// Its landing arena in device memory, and that device's id (version 5).
+    pub device_arena: Option<(ArenaDesc, i32)>,
     pub layouts: Vec<LayoutDescriptor>,
 }
 
@@ -193,6 +198,20 @@ impl PeerBlob {
             body.extend_from_slice(&a.addr.to_le_bytes());
             body.extend_from_slice(&a.slot_bytes.to_le_bytes());
             body.extend_from_slice(&a.slots.to_le_bytes());
+        }
+        if version >= 5 {
+            let (a, dev) = self.device_arena.unwrap_or((
+                ArenaDesc {
+                    addr: 0,
+                    slot_bytes: 0,
+                    slots: 0,
+                },
+                0,
+            ));
+            body.extend_from_slice(&a.addr.to_le_bytes());
+            body.extend_from_slice(&a.slot_bytes.to_le_bytes());
+            body.extend_from_slice(&a.slots.to_le_bytes());
+            body.extend_from_slice(&dev.to_le_bytes());
         }
         body.extend_from_slice(&(self.layouts.len() as u32).to_le_bytes());
         for l in &self.layouts {
@@ -336,24 +355,14 @@ impl PeerBlob {
         } else {
             Origin::default()
         };
-        let arena = if version >= 4 {
-            let (addr, slot_bytes, slots) = (r.u64()?, r.u64()?, r.u32()?);
-            match slots {
-                0 => None,
-                n if n > MAX_ARENA_SLOTS
-                    || slot_bytes == 0
-                    || slot_bytes > MAX_SLOT_BYTES
-                    || addr == 0
-                    || addr.checked_add(slot_bytes * u64::from(n)).is_none() =>
-                {
-                    bail!(Peer, "peer announces a landing arena out of bounds")
-                }
-                _ => Some(ArenaDesc {
-                    addr,
-                    slot_bytes,
-                    slots,
-                }),
+        let arena = if version >= 4 { r.arena()? } else { None };
+        let device_arena = if version >= 5 {
+            let a = r.arena()?;
+            let dev = r.i32()?;
+            if dev < 0 {
+                bail!(Peer, "peer announces a device arena on device {dev}");
             }
+            a.map(|a| (a, dev))
         } else {
             None
         };
@@ -380,6 +389,7 @@ impl PeerBlob {
             nixl_md,
             origin,
             arena,
+            device_arena,
             layouts,
         })
     }
@@ -420,6 +430,31 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn i32(&mut self) -> Result<i32> {
+        Ok(i32::from_le_bytes(self.array()?))
+    }
+
+    /// A landing arena: none (no slots), or one within bounds.
+    fn arena(&mut self) -> Result<Option<ArenaDesc>> {
+        let (addr, slot_bytes, slots) = (self.u64()?, self.u64()?, self.u32()?);
+        match slots {
+            0 => Ok(None),
+            n if n > MAX_ARENA_SLOTS
+                || slot_bytes == 0
+                || slot_bytes > MAX_SLOT_BYTES
+                || addr == 0
+                || addr.checked_add(slot_bytes * u64::from(n)).is_none() =>
+            {
+                bail!(Peer, "peer announces a landing arena out of bounds")
+            }
+            _ => Ok(Some(ArenaDesc {
+                addr,
+                slot_bytes,
+                slots,
+            })),
+        }
     }
 
     fn layout(&mut self) -> Result<LayoutDescriptor> {
@@ -579,6 +614,14 @@ mod tests {
                 slot_bytes: 8 << 20,
                 slots: 8,
             }),
+            device_arena: Some((
+                ArenaDesc {
+                    addr: 0x7e00_0000_0000,
+                    slot_bytes: 4 << 20,
+                    slots: 16,
+                },
+                1,
+            )),
             layouts: vec![
                 LayoutDescriptor {
                     export_id: 0x1234,
@@ -668,8 +711,9 @@ mod tests {
         let good = blob().encode(None).unwrap();
         let name_len_at = HEADER;
         let md_len_at = HEADER + 2 + 8;
-        let count_at = md_len_at + 4 + 200 + 16 + 4 + 8 + 20;
-        let arena_at = count_at - 20;
+        let count_at = md_len_at + 4 + 200 + 16 + 4 + 8 + 20 + 24;
+        let arena_at = count_at - 44;
+        let device_arena_at = count_at - 24;
         // Past the first layout's export id.
         let first_layout = count_at + 4 + 8;
         // The first layout's IPC count (after two regions), the second's (after one).
@@ -703,6 +747,9 @@ mod tests {
             (arena_at + 16, 100_000u32.to_le_bytes().to_vec()), // too many slots
             (arena_at + 8, (1u64 << 40).to_le_bytes().to_vec()), // huge slots
             (arena_at, u64::MAX.to_le_bytes().to_vec()), // wrapping arena
+            (device_arena_at + 16, 100_000u32.to_le_bytes().to_vec()), // too many slots
+            (device_arena_at, 0u64.to_le_bytes().to_vec()), // device arena at 0
+            (device_arena_at + 20, (-1i32).to_le_bytes().to_vec()), // negative device
         ];
         for (at, patch) in cases {
             let mut b = good.clone();
@@ -723,8 +770,19 @@ mod tests {
         let back = PeerBlob::decode(&v3, None).unwrap();
         assert_eq!(back.origin, Origin::default());
         assert_eq!(back.arena, None);
+        assert_eq!(back.device_arena, None);
         assert!(back.layouts.iter().all(|l| l.ipc.is_none()));
         assert_eq!(back.layouts[0].regions, b.layouts[0].regions);
+    }
+
+    #[test]
+    fn version_4_exports_import_without_a_device_arena() {
+        let b = blob();
+        let v4 = seal_as(&b.body(4).unwrap(), None, 4).unwrap();
+        let back = PeerBlob::decode(&v4, None).unwrap();
+        assert_eq!(back.arena, b.arena);
+        assert_eq!(back.device_arena, None);
+        assert_eq!(back.layouts, b.layouts);
     }
 
     #[test]
@@ -743,11 +801,11 @@ mod tests {
         let back = PeerBlob::decode(&v2, None).unwrap();
         assert_eq!(back.layouts[0].config.heads, Heads::OPAQUE);
         assert_eq!(back.layouts.len(), b.layouts.len());
-        // Version 1 and 5 are refused by name.
-        for v in [1u16, 5] {
-            let e = PeerBlob::decode(&seal_as(&b.body(4).unwrap(), None, v).unwrap(), None)
+        // Version 1 and 6 are refused by name.
+        for v in [1u16, 6] {
+            let e = PeerBlob::decode(&seal_as(&b.body(5).unwrap(), None, v).unwrap(), None)
                 .unwrap_err();
-            assert!(e.to_string().contains("versions 2 to 4"), "{e}");
+            assert!(e.to_string().contains("versions 2 to 5"), "{e}");
         }
     }
 

@@ -35,7 +35,7 @@ use super::blob::{ArenaDesc, MAC_LEN, PeerKey};
 use super::landing::{self, Arena};
 use crate::error::{Error, Result, bail};
 use crate::layout::Revoke;
-use crate::memory::{Region, RemoteUse};
+use crate::memory::{DeviceCopier, Region, RemoteUse};
 use crate::metrics::Counters;
 use crate::nixl::{CONTROL_PREFIX, NixlAgent, RemoteAgent};
 
@@ -90,14 +90,25 @@ struct State {
     to_ack: Vec<(String, u64, u64, Arc<RemoteUse>)>,
     /// Exporter: the landing arena, made before the first export.
     arena: Option<Arena>,
+    /// Exporter: the landing arena in device memory, where GPU RDMA is allowed.
+    device_arena: Option<Arena>,
     /// Exporter: the regions of exported host layouts (SCATTER's destinations).
     export_host: HashMap<u64, Vec<Region>>,
+    /// Exporter: the regions of exported device layouts (a device slot's destinations).
+    export_device: HashMap<u64, Vec<Region>>,
     /// Importer: slots of each exporter's arena granted to this importer.
     grants: HashMap<String, Vec<u32>>,
     /// Importer: answers to SCATTERs, by (exporter, slot, sequence number).
     /// Only awaited requests have an entry (`None` until answered): a peer's DONEs for
     /// anything else are dropped, so they cannot grow this map.
     done: HashMap<(String, u32, u64), Option<bool>>,
+}
+
+impl State {
+    /// The arenas this exporter made (host, device).
+    fn arenas(&mut self) -> impl Iterator<Item = &mut Arena> {
+        self.arena.iter_mut().chain(self.device_arena.iter_mut())
+    }
 }
 
 /// One context's side of the control messages, shared by the context, its exported layouts
@@ -112,6 +123,9 @@ pub(crate) struct Control {
     started: AtomicBool,
     /// The context's counters (imports, exports, revocations).
     counters: Arc<Counters>,
+    /// The context's device copier where it may move device memory to and from peers: its
+    /// device arena's placing, and its staging for peers' device arenas.
+    device: Option<Arc<dyn DeviceCopier>>,
     /// Until when the thread polls every POLL_FAST.
     fast_until: Mutex<Instant>,
     /// When the arena's holders were last checked.
@@ -166,6 +180,7 @@ impl Control {
         name: &str,
         key: Option<PeerKey>,
         counters: Arc<Counters>,
+        device: Option<Arc<dyn DeviceCopier>>,
     ) -> Arc<Self> {
         Arc::new(Self {
             nixl,
@@ -175,6 +190,7 @@ impl Control {
             changed: Condvar::new(),
             started: AtomicBool::new(false),
             counters,
+            device,
             fast_until: Mutex::new(Instant::now()),
             holders_checked: Mutex::new(Instant::now()),
         })
@@ -264,24 +280,23 @@ impl Control {
             }
             *last = Instant::now();
         }
-        let holders = self.lock().arena.as_ref().map(Arena::holders);
-        for h in holders.unwrap_or_default() {
+        let holders: HashSet<String> = self.lock().arenas().flat_map(|a| a.holders()).collect();
+        for h in holders {
             let reached = self.send(&h, PING, &[]);
             let mut s = self.lock();
-            let Some(a) = &mut s.arena else {
-                return;
-            };
             // Slots given to another importer while this one still wrote into them would mix
             // two transfers' bytes: only an importer that missed several checks in a row is
             // taken for gone.
-            match reached {
-                Ok(()) => a.reached(&h),
-                Err(e) if a.missed(&h) => {
-                    tracing::info!(
-                        "importer {h:?} is gone ({e}): its landing slots are free again"
-                    );
+            for a in s.arenas() {
+                match &reached {
+                    Ok(()) => a.reached(&h),
+                    Err(e) if a.missed(&h) => {
+                        tracing::info!(
+                            "importer {h:?} is gone ({e}): its landing slots are free again"
+                        );
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => {}
             }
         }
     }
@@ -322,7 +337,8 @@ impl Control {
             WELCOME => (|| {
                 let nonce = f.u64()?;
                 let ok = f.take::<1>()?[0] == 1;
-                let n = (f.u32()? as usize).min(super::landing::GRANT);
+                // Host slots, then device slots.
+                let n = (f.u32()? as usize).min(2 * super::landing::GRANT);
                 let slots: Option<Vec<u32>> = (0..n).map(|_| f.u32()).collect();
                 let mut s = self.lock();
                 if let Some(w) = s.welcomes.get_mut(&nonce) {
@@ -404,9 +420,9 @@ impl Control {
             }
             ok
         };
-        let slots = match (ok, &mut self.lock().arena) {
-            (true, Some(a)) => a.grant(sender),
-            _ => Vec::new(),
+        let slots: Vec<u32> = match ok {
+            true => self.lock().arenas().flat_map(|a| a.grant(sender)).collect(),
+            false => Vec::new(),
         };
         tracing::debug!(importer = sender, ?ids, ok, ?slots, "import announced");
         let mut body = nonce.to_le_bytes().to_vec();
@@ -477,7 +493,7 @@ impl Control {
                 .filter(|(_, (_, n))| *n == 0)
                 .map(|(a, _)| a.clone())
                 .collect();
-            if let Some(arena) = &mut s.arena {
+            for arena in s.arenas() {
                 for a in &idle {
                     arena.release(a);
                 }
@@ -490,9 +506,16 @@ impl Control {
         drop(gone);
     }
 
-    /// Exporter: `id` is exported (peers may import it from now on); `host`: the regions of a
-    /// host layout, which importers may ask this context to scatter landed pieces into.
-    pub(crate) fn exported(self: &Arc<Self>, id: u64, host: Option<Vec<Region>>) -> Result<()> {
+    /// Exporter: `id` is exported (peers may import it from now on); `regions`: those of a
+    /// host layout, or of a device layout on device `device`, which importers may ask this
+    /// context to scatter landed pieces into and gather pieces from (a device layout only where
+    /// the device copier's kernel runs on its device).
+    pub(crate) fn exported(
+        self: &Arc<Self>,
+        id: u64,
+        regions: Vec<Region>,
+        device: Option<i32>,
+    ) -> Result<()> {
         self.start()?;
         let mut s = self.lock();
         if let std::collections::hash_map::Entry::Vacant(e) = s.exports.entry(id) {
@@ -501,30 +524,60 @@ impl Control {
                 .layouts_exported
                 .fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(r) = host {
-            s.export_host.insert(id, r);
+        match device {
+            None => {
+                s.export_host.insert(id, regions);
+            }
+            Some(d) if self.device.as_ref().is_some_and(|c| c.device_id() == d) => {
+                s.export_device.insert(id, regions);
+            }
+            Some(_) => {}
         }
         Ok(())
     }
 
-    /// Exporter: the landing arena, made and registered with `agent` on first use (before the
-    /// agent's metadata is exported, so that importers can write into it); `None` where it
-    /// cannot be made (it is then not announced, and importers write piece by piece).
-    pub(crate) fn arena(&self, agent: &NixlAgent) -> Option<ArenaDesc> {
+    /// Exporter: the landing arenas, made and registered with `agent` on first use (before the
+    /// agent's metadata is exported, so that importers can write into them): host memory, and
+    /// device memory where this context has a device copier. One that cannot be made is not
+    /// announced, and importers move small pieces one by one.
+    pub(crate) fn arenas(
+        &self,
+        agent: &NixlAgent,
+    ) -> (Option<ArenaDesc>, Option<(ArenaDesc, i32)>) {
         if !agent.has_ucx() {
-            return None;
+            return (None, None);
         }
         let mut s = self.lock();
         if s.arena.is_none() {
-            match Arena::new(agent.agent()) {
+            match Arena::host(agent.agent()) {
                 Ok(a) => s.arena = Some(a),
                 Err(e) => {
-                    tracing::info!("no landing arena ({e}): peers write small pieces one by one");
-                    return None;
+                    tracing::info!("no landing arena ({e}): peers write small pieces one by one")
                 }
             }
         }
-        s.arena.as_ref().map(|a| a.desc)
+        if let (None, Some(d)) = (&s.device_arena, &self.device) {
+            match Arena::device(agent.agent(), d.as_ref()) {
+                Ok(a) => s.device_arena = Some(a),
+                Err(e) => tracing::info!(
+                    "no landing arena in device memory ({e}): peers move small device pieces one \
+                     by one"
+                ),
+            }
+        }
+        (
+            s.arena.as_ref().map(|a| a.desc),
+            s.device_arena.as_ref().map(|a| (a.desc, a.device_id())),
+        )
+    }
+
+    /// Importer: this context's device copier (staging for peers' device arenas).
+    pub(crate) fn device(&self) -> Option<Arc<dyn DeviceCopier>> {
+        self.device.clone()
+    }
+
+    pub(crate) fn agent(&self) -> &Arc<NixlAgent> {
+        &self.nixl
     }
 
     /// Importer: the slots `exporter` granted this importer.
@@ -644,13 +697,21 @@ impl Control {
             // Under the lock a revocation takes first: the layout stays allocated throughout.
             let s = self.lock();
             let imported = s.exports.get(&id).is_some_and(|i| i.contains(sender));
-            match (&s.arena, s.export_host.get(&id)) {
+            let device = s.device_arena.as_ref().filter(|a| a.has(slot));
+            let (arena, regions) = match device {
+                Some(a) => (Some(a), s.export_device.get(&id)),
+                None => (s.arena.as_ref(), s.export_host.get(&id)),
+            };
+            let copier = device.and(self.device.as_deref());
+            match (arena, regions) {
                 (Some(a), Some(regions)) if imported => match a.slot_of(sender, slot) {
-                    Some(at) => landing::place(at, a.desc.slot_bytes, regions, pieces, gather),
+                    Some(at) => {
+                        landing::place(at, a.desc.slot_bytes, regions, pieces, gather, copier)
+                    }
                     None => Err(format!("slot {slot} is not {sender:?}'s")),
                 },
                 _ => Err(format!(
-                    "layout {id:#x} is not a host layout {sender:?} imports"
+                    "layout {id:#x} is not a layout {sender:?} imports in that arena's memory"
                 )),
             }
         };
@@ -811,6 +872,7 @@ impl Revoke for Control {
             let mut s = self.lock();
             let importers = s.exports.remove(&id).unwrap_or_default();
             s.export_host.remove(&id);
+            s.export_device.remove(&id);
             importers
                 .into_iter()
                 .map(|a| {

@@ -5,6 +5,12 @@
 //! gathered into large chunks, each written into one of the importer's slots with one NIXL
 //! request, and the exporter's kvxfer copies the chunk's pieces into the layout when asked
 //! (SCATTER, answered by DONE; `control`) before it delivers the write's notification.
+//!
+//! A context that may move device memory to and from peers (`allow_gpu_rdma`, a CUDA device
+//! with the copy kernel) also registers an arena in device memory: small device pieces are
+//! gathered by the importer's kernel into a staging area in its device memory, written into a
+//! device slot with one NIXL request, and placed by the exporter's kernel. Device slots are
+//! numbered from DEVICE_FIRST, so requests name the arena by the slot.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -14,12 +20,15 @@ use super::blob::ArenaDesc;
 use super::control::Control;
 use crate::error::{Error, Result};
 use crate::memory::Region;
-use crate::memory::{Landing, Memory, RemoteUse, StorageKind};
+use crate::memory::{DeviceCopier, Landing, Memory, RemoteUse, StorageKind};
+use crate::nixl::NixlAgent;
 
 /// Bytes of one slot: one chunk of an aggregated transfer.
 pub(crate) const SLOT_BYTES: u64 = 4 << 20;
 /// Slots of an arena (SLOT_BYTES each): room for four importers at once.
 pub(crate) const ARENA_SLOTS: u32 = 16;
+/// The number of the device arena's first slot (the host arena's are 0 to ARENA_SLOTS - 1).
+pub(crate) const DEVICE_FIRST: u32 = 1 << 16;
 /// Pieces below which a transfer is aggregated, measured with `kvxfer bench --nixl` (64 MiB
 /// per point). With few cores the gather and the scatter compete with the transport for them:
 /// on the build machine (2 cores) aggregated writes of 4-16 KiB pieces over TCP ran 2-3x the
@@ -71,6 +80,8 @@ pub(crate) struct Arena {
     #[allow(dead_code)]
     memory: Memory,
     pub desc: ArenaDesc,
+    /// The number of slot 0 (DEVICE_FIRST for the device arena).
+    first: u32,
     free: Vec<u32>,
     granted: HashMap<String, Vec<u32>>,
     /// Checks in a row each holder did not answer.
@@ -81,14 +92,24 @@ pub(crate) struct Arena {
 const MISSES: u32 = 3;
 
 impl Arena {
-    /// Allocates the arena and registers it with `agent` (before the agent's metadata is
+    /// Allocates the host arena and registers it with `agent` (before the agent's metadata is
     /// exported, so importers can reach it).
-    pub(crate) fn new(agent: &nixl_sys::Agent) -> Result<Self> {
+    pub(crate) fn host(agent: &nixl_sys::Agent) -> Result<Self> {
         let memory = Memory::allocate_host(
             StorageKind::System,
             &[SLOT_BYTES * u64::from(ARENA_SLOTS)],
             4096,
         )?;
+        Self::new(memory, agent, 0)
+    }
+
+    /// As `host`, in device memory of `device`'s device.
+    pub(crate) fn device(agent: &nixl_sys::Agent, device: &dyn DeviceCopier) -> Result<Self> {
+        let memory = device.allocate(SLOT_BYTES * u64::from(ARENA_SLOTS))?;
+        Self::new(memory, agent, DEVICE_FIRST)
+    }
+
+    fn new(memory: Memory, agent: &nixl_sys::Agent, first: u32) -> Result<Self> {
         memory.ensure_nixl_registered(agent)?;
         let addr = memory.regions()[0].addr;
         Ok(Self {
@@ -98,10 +119,22 @@ impl Arena {
                 slot_bytes: SLOT_BYTES,
                 slots: ARENA_SLOTS,
             },
-            free: (0..ARENA_SLOTS).rev().collect(),
+            first,
+            free: (first..first + ARENA_SLOTS).rev().collect(),
             granted: HashMap::new(),
             missed: HashMap::new(),
         })
+    }
+
+    /// The device the arena's memory is on, for a device arena.
+    pub(crate) fn device_id(&self) -> i32 {
+        self.memory.device_id()
+    }
+
+    /// Whether slot number `slot` is one of this arena's.
+    pub(crate) fn has(&self, slot: u32) -> bool {
+        slot.checked_sub(self.first)
+            .is_some_and(|i| i < self.desc.slots)
     }
 
     /// `importer`'s slots: those it holds, or GRANT new ones while there are (none when the
@@ -153,7 +186,7 @@ impl Arena {
         self.granted
             .get(importer)
             .filter(|g| g.contains(&slot))
-            .map(|_| self.desc.addr + u64::from(slot) * self.desc.slot_bytes)
+            .map(|_| self.desc.addr + u64::from(slot - self.first) * self.desc.slot_bytes)
     }
 }
 
@@ -161,16 +194,18 @@ impl Arena {
 const PLACE_THREADS: usize = 4;
 const PLACE_SPLIT_BYTES: u64 = 1 << 20;
 
-/// Copies one SCATTER's pieces from the slot at `slot` into `regions` (a host layout's memory,
-/// still exported: the caller holds the lock that revocation takes first), or with `gather`
-/// one GATHER's pieces from the regions into the slot. Every piece is checked before any byte
-/// moves: `(offset in the slot, address, length)`.
+/// Copies one SCATTER's pieces from the slot at `slot` into `regions` (a layout's memory, still
+/// exported: the caller holds the lock that revocation takes first), or with `gather` one
+/// GATHER's pieces from the regions into the slot: on host threads, or for a slot of the
+/// device arena with `device`'s kernel (the regions then being a device layout's). Every piece
+/// is checked before any byte moves: `(offset in the slot, address, length)`.
 pub(crate) fn place(
     slot: u64,
     slot_bytes: u64,
     regions: &[Region],
     pieces: &[(u64, u64, u64)],
     gather: bool,
+    device: Option<&dyn DeviceCopier>,
 ) -> std::result::Result<(), String> {
     for &(off, addr, len) in pieces {
         if off.checked_add(len).is_none_or(|e| e > slot_bytes) {
@@ -186,6 +221,18 @@ pub(crate) fn place(
                 "piece at {addr:#x} of {len} bytes is outside the layout"
             ));
         }
+    }
+    if let Some(d) = device {
+        let copies: Vec<(u64, u64, u64)> = pieces
+            .iter()
+            .map(|&(off, addr, len)| match gather {
+                false => (slot + off, addr, len),
+                true => (addr, slot + off, len),
+            })
+            .collect();
+        // The slot is this arena's device memory, the layout's side a region of a live device
+        // layout of the same device (checked above and by the caller).
+        return d.copy(&copies).map_err(|e| e.to_string());
     }
     let copy = |part: &[(u64, u64, u64)]| {
         for &(off, addr, len) in part {
@@ -233,9 +280,26 @@ pub(crate) struct PeerLanding {
     slot_bytes: u64,
     below: u64,
     busy: std::sync::Mutex<()>,
+    /// A device arena's staging here.
+    device: Option<DeviceStaging>,
 }
 
+/// An importer's side of a device arena: its copier (its device's kernel) and the staging
+/// area the chunks are gathered into, made and registered on first use.
+#[derive(Debug)]
+struct DeviceStaging {
+    copier: Arc<dyn DeviceCopier>,
+    agent: Arc<NixlAgent>,
+    area: std::sync::Mutex<Option<Arc<Memory>>>,
+}
+
+/// Device pieces below which a transfer goes through a device arena: NIXL's UCX backend pays
+/// microseconds per descriptor between GPUs (cuda_ipc: 1 GB/s at 4 KiB, 18 at 64 KiB between
+/// two processes on one H200), a chunk's gather and placing by the kernels a few.
+const BELOW_DEVICE: u64 = 256 << 10;
+
 impl PeerLanding {
+    /// The slots among `numbers` of the host `arena` of `exporter`, if there are.
     pub(crate) fn new(
         control: &Arc<Control>,
         exporter: &str,
@@ -243,7 +307,55 @@ impl PeerLanding {
         numbers: Vec<u32>,
         same_host: bool,
     ) -> Option<Self> {
-        let numbers: Vec<u32> = numbers.into_iter().filter(|&n| n < arena.slots).collect();
+        let memory = (StorageKind::System, 0);
+        let below = aggregate_below(same_host);
+        Self::make(control, exporter, arena, memory, 0, numbers, below, None)
+    }
+
+    /// The slots among `numbers` of the device `arena` (on device `device_id`) of `exporter`,
+    /// if there are, staged here on `copier`'s device.
+    pub(crate) fn new_device(
+        control: &Arc<Control>,
+        exporter: &str,
+        (arena, device_id): (ArenaDesc, i32),
+        numbers: Vec<u32>,
+        copier: Arc<dyn DeviceCopier>,
+        agent: Arc<NixlAgent>,
+    ) -> Option<Self> {
+        let staging = DeviceStaging {
+            copier,
+            agent,
+            area: std::sync::Mutex::new(None),
+        };
+        let memory = (StorageKind::Device, device_id);
+        Self::make(
+            control,
+            exporter,
+            arena,
+            memory,
+            DEVICE_FIRST,
+            numbers,
+            BELOW_DEVICE,
+            Some(staging),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        control: &Arc<Control>,
+        exporter: &str,
+        arena: ArenaDesc,
+        (kind, device_id): (StorageKind, i32),
+        first: u32,
+        numbers: Vec<u32>,
+        below: u64,
+        device: Option<DeviceStaging>,
+    ) -> Option<Self> {
+        let index = |n: u32| n.checked_sub(first).filter(|&i| i < arena.slots);
+        let numbers: Vec<u32> = numbers
+            .into_iter()
+            .filter(|&n| index(n).is_some())
+            .collect();
         if numbers.is_empty() {
             return None;
         }
@@ -252,8 +364,8 @@ impl PeerLanding {
             len: arena.slot_bytes * u64::from(arena.slots),
         };
         let memory = Memory::remote(
-            StorageKind::System,
-            0,
+            kind,
+            device_id,
             vec![region],
             Arc::new(RemoteUse::default()),
         );
@@ -263,12 +375,14 @@ impl PeerLanding {
             memory: Arc::new(memory),
             addrs: numbers
                 .iter()
-                .map(|&n| arena.addr + u64::from(n) * arena.slot_bytes)
+                .filter_map(|&n| index(n))
+                .map(|i| arena.addr + u64::from(i) * arena.slot_bytes)
                 .collect(),
             numbers,
             slot_bytes: arena.slot_bytes,
-            below: aggregate_below(same_host),
+            below,
             busy: std::sync::Mutex::new(()),
+            device,
         })
     }
 
@@ -320,6 +434,23 @@ impl Landing for PeerLanding {
     fn wait(&self, slot: usize, seq: u64, timeout: Duration) -> Result<()> {
         let n = self.number(slot)?;
         self.control()?.wait_done(&self.exporter, n, seq, timeout)
+    }
+
+    fn device_staging(&self) -> Option<Result<crate::memory::DeviceStaging>> {
+        let d = self.device.as_ref()?;
+        let mut area = d.area.lock().unwrap_or_else(|p| p.into_inner());
+        if area.is_none() {
+            let bytes = self.slot_bytes * self.numbers.len() as u64;
+            let made = d.copier.allocate(bytes).and_then(|m| {
+                m.ensure_nixl_registered(d.agent.agent())?;
+                Ok(Arc::new(m))
+            });
+            match made {
+                Ok(m) => *area = Some(m),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        area.clone().map(|m| Ok((d.copier.clone(), m)))
     }
 }
 
@@ -373,23 +504,23 @@ mod tests {
         let (s, d) = (slot.as_mut_ptr() as u64, dst.as_mut_ptr() as u64);
         let regions = [Region { addr: d, len: 64 }];
         let bad = [(0, d, 8), (60, d + 8, 8)]; // the second leaves the slot
-        assert!(place(s, 64, &regions, &bad, false).is_err());
+        assert!(place(s, 64, &regions, &bad, false, None).is_err());
         assert!(dst.iter().all(|&b| b == 0), "nothing written");
         assert!(
-            place(s, 64, &regions, &[(0, d + 60, 8)], true).is_err(),
+            place(s, 64, &regions, &[(0, d + 60, 8)], true, None).is_err(),
             "past the layout"
         );
         assert!(
-            place(s, 64, &regions, &[(0, u64::MAX - 2, 8)], false).is_err(),
+            place(s, 64, &regions, &[(0, u64::MAX - 2, 8)], false, None).is_err(),
             "wrapping"
         );
         slot[8..16].fill(9);
-        place(s, 64, &regions, &[(8, d, 8), (0, d + 32, 4)], false).unwrap();
+        place(s, 64, &regions, &[(8, d, 8), (0, d + 32, 4)], false, None).unwrap();
         assert_eq!(&dst[..8], &[9; 8]);
         assert_eq!(&dst[32..36], &[7; 4]);
         assert!(dst[8..32].iter().all(|&b| b == 0));
         // And back: the layout's bytes into the slot.
-        place(s, 64, &regions, &[(40, d + 32, 4)], true).unwrap();
+        place(s, 64, &regions, &[(40, d + 32, 4)], true, None).unwrap();
         assert_eq!(&slot[40..44], &[7; 4]);
     }
 
@@ -402,6 +533,7 @@ mod tests {
                 slot_bytes: 4096,
                 slots: 2 * GRANT as u32 + 1,
             },
+            first: 0,
             free: (0..2 * GRANT as u32 + 1).rev().collect(),
             granted: HashMap::new(),
             missed: HashMap::new(),

@@ -52,11 +52,8 @@ pub(crate) fn export(
     let mut descriptors = Vec::with_capacity(layouts.len());
     for l in layouts {
         let export_id = l.export_id(|| control.clone());
-        let host = l
-            .storage_kind()
-            .is_host()
-            .then(|| l.memory().regions().to_vec());
-        control.exported(export_id, host)?;
+        let device = (l.storage_kind() == StorageKind::Device).then(|| l.memory().device_id());
+        control.exported(export_id, l.memory().regions().to_vec(), device)?;
         descriptors.push(LayoutDescriptor {
             export_id,
             config: *l.config(),
@@ -70,7 +67,7 @@ pub(crate) fn export(
         });
     }
     // Registered before the metadata is taken, so that importers can write into it.
-    let arena = control.arena(agent);
+    let (arena, device_arena) = control.arenas(agent);
     let nixl_md = agent
         .agent()
         .get_local_md()
@@ -83,6 +80,7 @@ pub(crate) fn export(
             process: crate::cuda::this_process(),
         },
         arena,
+        device_arena,
         layouts: descriptors,
     }
     .encode(key)
@@ -183,11 +181,22 @@ pub(crate) fn import(
         remote,
     };
     let whence = Whence::of(blob.origin);
-    // Writes of small pieces to the peer's host layouts land in the slots it granted.
+    // Small pieces to and from the peer's layouts go through the slots it granted: of its
+    // host arena for host layouts, of its device arena (staged on this context's device) for
+    // device layouts.
+    let grants = control.grants(&name);
     let landing = blob.arena.and_then(|a| {
-        landing::PeerLanding::new(control, &name, a, control.grants(&name), whence.same_host)
+        landing::PeerLanding::new(control, &name, a, grants.clone(), whence.same_host)
             .map(|l| Arc::new(l) as Arc<dyn crate::memory::Landing>)
     });
+    let device_landing = match (blob.device_arena, control.device()) {
+        (Some(a), Some(copier)) => {
+            let agent = control.agent().clone();
+            landing::PeerLanding::new_device(control, &name, a, grants, copier, agent)
+                .map(|l| Arc::new(l) as Arc<dyn crate::memory::Landing>)
+        }
+        _ => None,
+    };
     peer.layouts = blob
         .layouts
         .into_iter()
@@ -196,7 +205,11 @@ pub(crate) fn import(
             if d.kind == StorageKind::Device {
                 state.set_ipc(IpcImport::new(ipc_use(&whence, &d, &ipc_dev)));
             }
-            if let Some(l) = landing.as_ref().filter(|_| d.kind.is_host()) {
+            let arena = match d.kind {
+                StorageKind::Device => device_landing.as_ref(),
+                _ => landing.as_ref(),
+            };
+            if let Some(l) = arena {
                 state.set_landing(l.clone(), d.export_id);
             }
             let memory = Memory::remote(d.kind, d.device_id, d.regions, state);

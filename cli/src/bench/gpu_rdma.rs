@@ -32,6 +32,8 @@ pub struct GpuRdmaArgs {
     pub peer_device: i32,
     /// The bench's context's SM budget (0 = auto): how many blocks its copy kernel takes.
     pub max_sms: u32,
+    /// The bench's context does not map the peer's device memory through CUDA IPC.
+    pub disable_ipc: bool,
 }
 
 /// The peer process's arguments (`kvxfer rdma-peer`, started by the bench, not by hand).
@@ -51,11 +53,12 @@ pub struct PeerArgs {
 /// Marks the peer's replies among whatever else the libraries below print to its stdout.
 const REPLY: &str = "kvx-peer: ";
 
-fn context(device: i32, max_sms: u32) -> Result<Context, String> {
+fn context(device: i32, max_sms: u32, disable_ipc: bool) -> Result<Context, String> {
     Context::new(ContextConfig {
         nixl_backends: Backends::UCX,
         cuda_device: device,
         max_sms,
+        disable_ipc,
         capabilities: Capabilities {
             allow_gds: false,
             allow_gpu_rdma: true,
@@ -161,7 +164,7 @@ fn sums(ctx: &Context, l: &Layout, ids: &[u64]) -> Result<String, String> {
 /// exported, then commands from stdin until EOF: `h2d I` / `d2h I` run this side's staging hop
 /// of fragment size I, `sum I` prints the checksums of the device layout's destination blocks.
 pub fn peer(a: &PeerArgs) -> Result<(), String> {
-    let ctx = context(a.device, 0)?;
+    let ctx = context(a.device, 0, false)?;
     if !ctx.has_cuda() {
         return Err("rdma-peer needs a CUDA GPU".into());
     }
@@ -379,7 +382,7 @@ fn report(a: &GpuRdmaArgs, r: &Row, d: Vec<f64>, s: Vec<f64>) {
 }
 
 pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
-    let ctx = context(0, a.max_sms)?;
+    let ctx = context(0, a.max_sms, a.disable_ipc)?;
     if !ctx.has_cuda() {
         return Err("bench --gpu-rdma needs a CUDA GPU and driver; this machine has none".into());
     }

@@ -100,6 +100,11 @@ pub struct Args {
     /// With --nixl: host memory to and from a second context's exported layouts over UCX.
     #[arg(long, conflicts_with_all = ["pageable", "busy", "layerwise", "latency"])]
     transform: bool,
+    /// With --gpu-rdma: this side does not map the peer's device memory through CUDA IPC
+    /// (as with a peer on another host): transfers go through NIXL, small pieces through the
+    /// peer's landing arena in device memory.
+    #[arg(long, requires = "gpu_rdma")]
+    disable_ipc: bool,
     /// With --gpu --busy, --layerwise, --latency and with --gpu-rdma: the context's max_sms
     /// (the copy kernel's SM budget; 0 = auto).
     #[arg(long, default_value_t = 0)]
@@ -182,6 +187,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
             peer_device: a.peer_device,
             max_sms: a.max_sms,
+            disable_ipc: a.disable_ipc,
         });
     }
     if a.nixl {

@@ -2,6 +2,7 @@
 //! the context's device's streams: copy engines (`copy.rs`) or kvxfer's SM copy kernel
 //! (`kernel.rs`), completed by the progress engine (`progress.rs`) when their event fires.
 
+pub(crate) mod arena;
 mod budget;
 pub(crate) mod copy;
 mod kernel;

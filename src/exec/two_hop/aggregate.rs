@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::exec::nixl::NixlExec;
 use crate::exec::nixl::xfer::{Xfer, finish, start};
 use crate::exec::workers::{PendingCopy, Spawner, Workers};
-use crate::memory::{Landing, Memory, StorageKind, UseGuard};
+use crate::memory::{DeviceStaging, Landing, Memory, StorageKind, UseGuard};
 use crate::nixl::NixlAgent;
 use crate::options::{Mechanism, TransferStats};
 use crate::plan::copy_list::CopyList;
@@ -34,19 +34,31 @@ use crate::transfer::{Completion, Transfer};
 const PLACED_WITHIN: Duration = Duration::from_secs(5);
 
 /// The copy list of `request` (a write to a peer's layout, or with `!write` a read from it)
-/// when it goes through the peer's landing arena: host memory on both sides, an arena that
-/// granted this importer slots, and pieces (after neighbours merged) smaller on average than
-/// the peer's threshold (`Landing::below`: lower for a peer on this host).
+/// when it goes through the peer's landing arena: host memory on both sides (the peer's host
+/// arena), or device memory on both sides (its device arena, staged on this context's device,
+/// which holds the local layout), an arena that granted this importer slots, and pieces (after
+/// neighbours merged) smaller on average than the peer's threshold (`Landing::below`: lower
+/// for a peer on this host).
 pub(crate) fn applies(request: &Request<'_>, write: bool) -> Option<CopyList> {
     let (local, remote) = match write {
         true => (request.src, request.dst),
         false => (request.dst, request.src),
     };
     let host = |k: StorageKind| k.is_host();
-    let below = remote.memory().landing().map(|(l, _)| l.below())?;
+    let landing = remote.memory().landing().map(|(l, _)| l)?;
+    let below = landing.below();
+    let device = StorageKind::Device;
+    let kinds = match (local.storage_kind(), remote.storage_kind()) {
+        (l, r) if host(l) && host(r) => true,
+        // The staging area is made here on first use; without it, pieces go one by one.
+        (l, r) if l == device && r == device => landing.device_staging().is_some_and(|s| {
+            s.inspect_err(|e| tracing::info!("no staging for a peer's device arena: {e}"))
+                .is_ok_and(|(c, _)| c.device_id() == local.memory().device_id())
+        }),
+        _ => false,
+    };
     let candidate = remote.is_remote()
-        && host(remote.storage_kind())
-        && host(local.storage_kind())
+        && kinds
         && request.fragments() > 0
         && request.bytes_with(request.transform().as_deref()) / request.fragments() < below;
     if !candidate {
@@ -80,7 +92,16 @@ pub(crate) fn submit(
         .landing()
         .map(|(l, id)| (l.clone(), id))
         .ok_or_else(|| internal("a landing arena"))?;
+    let device = match remote.storage_kind() {
+        StorageKind::Device => Some(
+            landing
+                .device_staging()
+                .ok_or_else(|| internal("a staging area for the device arena"))??,
+        ),
+        _ => None,
+    };
     let job = Job {
+        device,
         landing,
         export_id,
         peer_agent: remote.peer().ok_or_else(|| internal("a peer"))?.to_string(),
@@ -106,6 +127,9 @@ pub(crate) fn submit(
 
 /// One aggregated transfer, run on a worker.
 struct Job {
+    /// For a device arena: this context's device copier and staging area (else the bounce
+    /// pool's pinned buffers stage, and host copies gather and scatter).
+    device: Option<DeviceStaging>,
     landing: Arc<dyn Landing>,
     export_id: u64,
     peer_agent: String,
@@ -132,14 +156,23 @@ struct Ends<'a> {
 impl Job {
     fn run(self, write: bool) -> Result<()> {
         let _one = self.landing.exclusive();
-        let lease = self.pool.take(|| pool::make_buffer(None))?;
-        let bufs = lease.pair()?;
-        for b in bufs {
-            b.ensure_nixl_registered(self.agent.agent())?;
-        }
-        let (arena, slots) = self.landing.slots();
         let size = self.landing.slot_bytes().min(CHUNK);
-        let stages = stages(bufs, size);
+        let lease = match self.device {
+            Some(_) => None,
+            None => Some(self.pool.take(|| pool::make_buffer(None))?),
+        };
+        let stages = match (&self.device, &lease) {
+            (Some((_, area)), _) => stages(std::slice::from_ref(area), size),
+            (None, Some(lease)) => {
+                let bufs = lease.pair()?;
+                for b in bufs {
+                    b.ensure_nixl_registered(self.agent.agent())?;
+                }
+                stages(bufs, size)
+            }
+            (None, None) => return Err(Error::Internal("no staging area".into())),
+        };
+        let (arena, slots) = self.landing.slots();
         let ways = slots.len().min(stages.len());
         if ways == 0 {
             return Err(Error::Internal("no landing slot to use".into()));
@@ -196,12 +229,21 @@ impl Job {
     }
 
     /// Chunk k's pieces gathered into its staging area, or with `!gather` scattered from it.
-    fn local_copy(&self, e: &Ends<'_>, k: usize, gather: bool) {
-        self.begin_local_copy(e, k, gather).finish();
+    fn local_copy(&self, e: &Ends<'_>, k: usize, gather: bool) -> Result<()> {
+        if let Some(p) = self.begin_local_copy(e, k, gather)? {
+            p.finish();
+        }
+        Ok(())
     }
 
-    /// As `local_copy`, started on idle workers; finished by the caller (or on drop).
-    fn begin_local_copy(&self, e: &Ends<'_>, k: usize, gather: bool) -> PendingCopy {
+    /// As `local_copy`, started on idle workers and finished by the caller (or on drop); a
+    /// device staging area's copy is done (by the kernel) when this returns `None`.
+    fn begin_local_copy(
+        &self,
+        e: &Ends<'_>,
+        k: usize,
+        gather: bool,
+    ) -> Result<Option<PendingCopy>> {
         let mut at = e.stages[k % e.ways].1;
         let copies: Vec<CopyOp> = e.chunks[k]
             .iter()
@@ -218,11 +260,18 @@ impl Job {
                 }
             })
             .collect();
+        if let Some((device, _)) = &self.device {
+            // The layout's side is the local device layout's validated regions, on the copier's
+            // device (`applies`); the staging area is this job's until it returns.
+            let ops: Vec<(u64, u64, u64)> = copies.iter().map(|c| (c.src, c.dst, c.len)).collect();
+            device.copy(&ops)?;
+            return Ok(None);
+        }
         // SAFETY: the layout's side is the local layout's validated regions, kept alive by the
         // job's part (`keep`); the staging area is this lease's, and no request uses it until
         // the copy is finished (a write from it finished before the copy began, a read into it
         // finished before its scatter began); the handle is finished before the lease goes.
-        unsafe { self.copier.begin(&copies) }
+        Ok(Some(unsafe { self.copier.begin(&copies) }))
     }
 
     /// Gathers each chunk, writes it into a slot and asks the peer to place it. A chunk's
@@ -259,7 +308,7 @@ impl Job {
         };
         let started_at = std::time::Instant::now();
         // The next chunk's gather, begun on idle workers while this thread posts a write.
-        let mut next: Option<(usize, PendingCopy)> = None;
+        let mut next: Option<(usize, Option<PendingCopy>)> = None;
         let result = (|| -> Result<()> {
             for k in 0..n {
                 let b = k % e.ways;
@@ -267,12 +316,14 @@ impl Job {
                 if writing.as_ref().is_some_and(|(j, _)| j % e.ways == b) {
                     timed(&mut spent[2], &mut || place(writing.take(), unplaced))?;
                 }
-                timed(&mut spent[1], &mut || {
-                    match next.take() {
-                        Some((j, gathering)) if j == k => gathering.finish(),
-                        _ => self.local_copy(e, k, true),
+                timed(&mut spent[1], &mut || match next.take() {
+                    Some((j, gathering)) if j == k => {
+                        if let Some(g) = gathering {
+                            g.finish();
+                        }
+                        Ok(())
                     }
-                    Ok(())
+                    _ => self.local_copy(e, k, true),
                 })?;
                 if let Some(seq) = unplaced[b].take() {
                     timed(&mut spent[0], &mut || {
@@ -283,7 +334,7 @@ impl Job {
                 // Chunk k+1's staging area was last written from by chunk k+1-ways, whose
                 // write finished when that is before chunk k-1 (the one still in flight).
                 if k + 1 < n && e.ways >= 3 {
-                    next = Some((k + 1, self.begin_local_copy(e, k + 1, true)));
+                    next = Some((k + 1, self.begin_local_copy(e, k + 1, true)?));
                 }
                 let len = e.chunks[k].iter().map(|c| c.len).sum();
                 let mut started = self.hop(e, b, len, true)?;
@@ -363,8 +414,8 @@ impl Job {
                     p.finish();
                 }
                 match e.ways {
-                    1 => self.local_copy(e, k, false),
-                    _ => scattering = Some(self.begin_local_copy(e, k, false)),
+                    1 => self.local_copy(e, k, false)?,
+                    _ => scattering = self.begin_local_copy(e, k, false)?,
                 }
             }
             Ok(())
@@ -379,8 +430,9 @@ impl Job {
     }
 }
 
-/// Staging areas of `size` bytes cut from a pair of bounce buffers.
-fn stages(bufs: &pool::Pair, size: u64) -> Vec<(&Arc<Memory>, u64)> {
+/// Staging areas of `size` bytes cut from buffers (a pair of bounce buffers, or a device
+/// staging area).
+fn stages(bufs: &[Arc<Memory>], size: u64) -> Vec<(&Arc<Memory>, u64)> {
     bufs.iter()
         .flat_map(|b| {
             let r = b.regions()[0];

@@ -12,17 +12,18 @@ mod pool;
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{self, CUevent};
+use cudarc::driver::sys::CUevent;
 use nixl_sys::{Agent, XferRequest};
 
 pub(crate) use pool::BouncePool;
 
+use super::cuda::arena::wait_event;
 use super::cuda::copy::{enqueue_copy_engine, prefers_kernel};
 use super::cuda::{CudaExec, Kernel};
 use super::nixl::NixlExec;
 use super::nixl::xfer::{Xfer, direct_fd, finish, start};
 use super::workers::{Spawner, Workers};
-use crate::cuda::{CudaDevice, Direction, StreamGate, TableBuffer, check};
+use crate::cuda::{CudaDevice, Direction, StreamGate, TableBuffer};
 use crate::error::{Error, Result};
 use crate::memory::{Memory, StorageKind, UseGuard};
 use crate::options::{CopyMode, Mechanism, TransferStats};
@@ -74,22 +75,11 @@ impl InFlight<'_> {
             }
             InFlight::Cuda(dev, event, table) => {
                 let waited = std::time::Instant::now();
-                // SAFETY: a pooled event of `dev`, recorded after this hop's copies; the
-                // pool's events are blocking-sync, so this thread sleeps.
-                let r = check(
-                    unsafe { sys::cuEventSynchronize(event) },
-                    "copying through the bounce buffer",
-                );
+                let r = wait_event(dev, event, table, "copying through the bounce buffer");
                 tracing::trace!(
                     waited_us = waited.elapsed().as_micros() as u64,
                     "device hop waited for"
                 );
-                dev.recycle_event(event);
-                // After a failed wait the stream may not have passed the table: it stays out of
-                // the pool (its pinned memory is leaked, not reused under a running kernel).
-                if let Some(t) = table.filter(|_| r.is_ok()) {
-                    dev.recycle_table(t);
-                }
                 r
             }
         }

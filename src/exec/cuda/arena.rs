@@ -1,0 +1,81 @@
+//! The copy kernel as the device side of landing arenas in device memory (`DeviceCopier`): the
+//! exporter places and gathers its device slots, the importer fills and empties its staging
+//! area, one list launch per request on the device-to-device stream, waited for on the
+//! calling thread (a 4 MiB slot takes microseconds).
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUevent};
+
+use super::{CudaExec, Kernel};
+use crate::cuda::{CudaDevice, Direction, TableBuffer, check};
+use crate::error::Result;
+use crate::memory::{DeviceCopier, Memory, StorageKind};
+use crate::plan::CopyOp;
+
+#[derive(Debug)]
+pub(crate) struct KernelCopier {
+    dev: Arc<CudaDevice>,
+    kernel: Arc<Kernel>,
+}
+
+impl KernelCopier {
+    /// The copier of `cuda`'s device, where its copy kernel has the list entry.
+    pub(crate) fn of(cuda: &CudaExec) -> Option<Arc<dyn DeviceCopier>> {
+        let dev = cuda.primary.clone();
+        let kernel = cuda.kernel(&dev).ok().filter(|k| k.has_list())?;
+        Some(Arc::new(Self { dev, kernel }))
+    }
+}
+
+impl DeviceCopier for KernelCopier {
+    fn device_id(&self) -> i32 {
+        self.dev.ordinal
+    }
+
+    fn allocate(&self, bytes: u64) -> Result<Memory> {
+        Memory::allocate_cuda(&self.dev, StorageKind::Device, &[bytes], 4096)
+    }
+
+    fn copy(&self, copies: &[(u64, u64, u64)]) -> Result<()> {
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let ops: Vec<CopyOp> = copies
+            .iter()
+            .map(|&(src, dst, len)| CopyOp { src, dst, len })
+            .collect();
+        self.dev.bind()?;
+        let d = Direction::DeviceToDevice;
+        let stream = self.dev.stream(d);
+        // SAFETY: the stream is this device's; the caller vouches that every range is device
+        // memory of this device (an arena, a staging area, a validated layout region) that
+        // stays allocated until this returns, which is after the stream passed the copies.
+        let (table, _) = unsafe {
+            self.kernel
+                .enqueue_list(&self.dev, stream, &ops, self.kernel.ctas(d))
+        }?;
+        let (event, table) = self.dev.record_or_abandon(stream, Some(table))?;
+        wait_event(&self.dev, event, table, "a landing arena's device copy")
+    }
+}
+
+/// Waits for `event` (pooled, recorded after queued copies on a stream of `dev`), then gives it
+/// and the copies' list `table` back to the pools. After a failed wait the stream may not have
+/// passed the table: it stays out of the pool (its pinned memory is leaked, not reused under a
+/// running kernel).
+pub(crate) fn wait_event(
+    dev: &CudaDevice,
+    event: CUevent,
+    table: Option<TableBuffer>,
+    what: &str,
+) -> Result<()> {
+    // SAFETY: a pooled event of `dev`, recorded after the copies; the pool's events are
+    // blocking-sync, so this thread sleeps.
+    let r = check(unsafe { sys::cuEventSynchronize(event) }, what);
+    dev.recycle_event(event);
+    if let Some(t) = table.filter(|_| r.is_ok()) {
+        dev.recycle_table(t);
+    }
+    r
+}
