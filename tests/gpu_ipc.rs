@@ -186,6 +186,30 @@ fn between_processes(test: &str, server_device: i32) {
                 assert_eq!(pieces(&seen, &[d], l.clone()), pieces(&untouched, &[d], l));
             }
         }
+        // The other way round: NIXL (the peer's device arena: small device pieces) writes the
+        // peer's blocks 11, 10, 9, and IPC reads them back.
+        let from_nixl = layout(&by_nixl, shape(kind), StorageKind::Device);
+        by_nixl.fill(&from_nixl, &all(12), 300 + k as u64).unwrap();
+        let (src, dst) = ([6u64, 7, 8], [11u64, 10, 9]);
+        let t = by_nixl
+            .submit(&from_nixl, &src, &nixl_peer.layouts()[k], &dst, &opts)
+            .unwrap();
+        t.wait(TIMEOUT).unwrap();
+        assert!(
+            t.stats().bounced,
+            "write of kind {kind:?} through the device arena"
+        );
+        let back = layout(&ctx, shape(kind), StorageKind::Device);
+        let t = ctx.submit(remote, &dst, &back, &src, &opts).unwrap();
+        t.wait(TIMEOUT).unwrap();
+        assert_eq!(t.stats().mechanism, Mechanism::Ipc);
+        let expected = layout(&ctx, shape(kind), StorageKind::Pinned);
+        ctx.fill(&expected, &all(12), 300 + k as u64).unwrap();
+        assert_eq!(
+            ctx.checksum(&back, &src).unwrap(),
+            ctx.checksum(&expected, &src).unwrap(),
+            "device arena write of kind {kind:?}"
+        );
     }
     // TP 4 -> 2 with NHD -> HND: two prefill ranks (heads 0..2 and 2..4) write their blocks
     // into the decode rank, through IPC; NIXL reads the rank back to compare every head slice,
