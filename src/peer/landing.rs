@@ -562,4 +562,72 @@ mod tests {
         assert!(a.missed("two"), "gone after MISSES in a row");
         assert_eq!(a.grant("four").len(), GRANT, "its slots came back");
     }
+
+    /// Records the copies it is asked for instead of running them on a device.
+    #[derive(Debug, Default)]
+    struct Recorder(std::sync::Mutex<Vec<(u64, u64, u64)>>);
+
+    impl DeviceCopier for Recorder {
+        fn device_id(&self) -> i32 {
+            0
+        }
+        fn allocate(&self, _: u64) -> Result<Memory> {
+            Err(Error::Unavailable("no device in this test".into()))
+        }
+        fn copy(&self, copies: &[(u64, u64, u64)]) -> Result<()> {
+            self.0.lock().unwrap().extend_from_slice(copies);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn device_slots_are_placed_by_the_copier_after_every_piece_is_checked() {
+        let (slot, layout) = (1u64 << 30, 1u64 << 34);
+        let regions = [Region {
+            addr: layout,
+            len: 4096,
+        }];
+        let rec = Recorder::default();
+        let bad = [(0, layout, 8), (0, layout + 4096, 8)]; // the second leaves the layout
+        assert!(place(slot, 64, &regions, &bad, false, Some(&rec)).is_err());
+        assert!(rec.0.lock().unwrap().is_empty(), "nothing copied");
+        let pieces = [(8, layout + 100, 16), (40, layout, 8)];
+        place(slot, 64, &regions, &pieces, false, Some(&rec)).unwrap();
+        place(slot, 64, &regions, &pieces, true, Some(&rec)).unwrap();
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            [
+                // Scatter: slot -> layout; gather: layout -> slot.
+                (slot + 8, layout + 100, 16),
+                (slot + 40, layout, 8),
+                (layout + 100, slot + 8, 16),
+                (layout, slot + 40, 8),
+            ]
+        );
+    }
+
+    #[test]
+    fn device_slots_are_numbered_apart_from_host_slots() {
+        let mut a = Arena {
+            memory: Memory::caller_owned(StorageKind::System, 0, vec![]),
+            desc: ArenaDesc {
+                addr: 1 << 20,
+                slot_bytes: 4096,
+                slots: ARENA_SLOTS,
+            },
+            first: DEVICE_FIRST,
+            free: (DEVICE_FIRST..DEVICE_FIRST + ARENA_SLOTS).rev().collect(),
+            granted: HashMap::new(),
+            missed: HashMap::new(),
+        };
+        let g = a.grant("one");
+        assert_eq!(
+            g,
+            (DEVICE_FIRST..DEVICE_FIRST + GRANT as u32).collect::<Vec<_>>()
+        );
+        assert!(a.has(DEVICE_FIRST) && a.has(DEVICE_FIRST + ARENA_SLOTS - 1));
+        assert!(!a.has(0) && !a.has(ARENA_SLOTS) && !a.has(DEVICE_FIRST + ARENA_SLOTS));
+        assert_eq!(a.slot_of("one", DEVICE_FIRST + 1), Some((1 << 20) + 4096));
+        assert_eq!(a.slot_of("one", 1), None, "a host slot number");
+    }
 }
