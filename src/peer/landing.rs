@@ -293,10 +293,15 @@ struct DeviceStaging {
     area: std::sync::Mutex<Option<Arc<Memory>>>,
 }
 
-/// Device pieces below which a transfer goes through a device arena: NIXL's UCX backend pays
-/// microseconds per descriptor between GPUs (cuda_ipc: 1 GB/s at 4 KiB, 18 at 64 KiB between
-/// two processes on one H200), a chunk's gather and placing by the kernels a few.
-const BELOW_DEVICE: u64 = 256 << 10;
+/// Device pieces (on average) below which a transfer goes through a device arena, measured with `kvxfer
+/// bench --gpu-rdma --disable-ipc` between two processes on one H200 (256 MiB, median of 5):
+/// NIXL's UCX backend pays microseconds per descriptor (cuda_ipc: 1.1 GB/s at 4 KiB, 4.6 at
+/// 16 KiB, 18 at 64 KiB), the arena moves 12-13 GB/s whatever the piece size. There the
+/// exporter's placing kernel takes ~200 us per 4 MiB slot against a few for the importer's
+/// gather, most likely because two processes' kernels take turns on one GPU. The two cross
+/// near 48 KiB. Between hosts (the arena's purpose) nothing shares the exporter's GPU, so this
+/// errs towards the per-piece path.
+const BELOW_DEVICE: u64 = 48 << 10;
 
 impl PeerLanding {
     /// The slots among `numbers` of the host `arena` of `exporter`, if there are.
