@@ -10,12 +10,13 @@
 //! peer pinned -> pinned here (UCX) + H2D here. On one host the direct path maps the peer's
 //! memory through CUDA IPC and runs kvxfer's kernel (`mechanism` says which ran); `limit` is one
 //! large device-to-device copy of the same bytes in this process, between device 0 and the
-//! peer's device (the same GPU, or a peer copy), measured in the same run.
+//! peer's device (the same GPU, or a peer copy). The direct path, the staged one, the limit and
+//! the same transfer between two layouts here are measured in the same rounds, each round
+//! starting with another, each after a small untimed copy here (`rounds` says why).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::Instant;
 
 use kvxfer::{
     Backends, Capabilities, Context, ContextConfig, Layout, LayoutConfig, LayoutKind, Mechanism,
@@ -146,13 +147,6 @@ fn limit_pair(ctx: &Context, bytes: u64, peer_device: i32) -> Result<(Layout, La
         ctx.new_layout(c, &spec).map_err(err)
     };
     Ok((on(0)?, on(peer_device)?))
-}
-
-/// Median seconds of `iters` timed runs of `f` after one untimed.
-fn timed(iters: usize, mut f: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
-    f()?;
-    let t = (0..iters).map(|_| secs(&mut f)).collect::<Result<_, _>>()?;
-    Ok(median(t))
 }
 
 fn sums(ctx: &Context, l: &Layout, ids: &[u64]) -> Result<String, String> {
@@ -319,27 +313,42 @@ impl Drop for Peer {
     }
 }
 
-/// Times `iters` + 1 rounds of `direct` then `staged`; the first round warms up and is not
-/// kept.
+/// One measured step of a round.
+type Step<'a> = &'a mut dyn FnMut() -> Result<(), String>;
+
+/// Times `iters` + 1 rounds of every step, each round starting with another; the first round
+/// warms up and is not kept. Before each step, `settle` runs untimed: on one GPU the first work
+/// of this process after the peer process's (the staged path ends there) waits ~150 us more
+/// (the GPU switching between the two processes' contexts; session 9, device runs 7-9), which
+/// would otherwise fall on whichever step follows the staged one. Each step's times, in
+/// `steps`' order. `KVX_BENCH_ROUNDS` set: each round's order and times go to stderr.
 fn rounds(
     iters: usize,
-    mut direct: impl FnMut() -> Result<(), String>,
-    mut staged: impl FnMut() -> Result<(), String>,
-) -> Result<(Vec<f64>, Vec<f64>), String> {
-    let (mut d, mut s) = (Vec::new(), Vec::new());
+    what: &str,
+    settle: &mut dyn FnMut() -> Result<(), String>,
+    steps: &mut [Step<'_>],
+) -> Result<Vec<Vec<f64>>, String> {
+    let n = steps.len();
+    let log = std::env::var_os("KVX_BENCH_ROUNDS").is_some();
+    let mut times = vec![Vec::new(); n];
     for round in 0..=iters {
-        let t0 = Instant::now();
-        direct()?;
-        let td = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        staged()?;
-        let ts = t0.elapsed().as_secs_f64();
-        if round > 0 {
-            d.push(td);
-            s.push(ts);
+        let mut line = format!("{what} round {round}:");
+        for turn in 0..n {
+            let k = (round + turn) % n;
+            let t0 = std::time::Instant::now();
+            settle()?;
+            let ts = t0.elapsed().as_secs_f64();
+            let t = secs(&mut *steps[k])?;
+            line += &format!(" step{k}={:.1}us(settle {:.1}us)", t * 1e6, ts * 1e6);
+            if round > 0 {
+                times[k].push(t);
+            }
+        }
+        if log {
+            eprintln!("{line}");
         }
     }
-    Ok((d, s))
+    Ok(times)
 }
 
 /// One row: the direct path's times `d` (moved by `mechanism`), the staged path's `s`, and
@@ -394,6 +403,25 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
             ));
         }
     }
+    // A 64 KiB copy here, untimed before each measured step (`rounds`).
+    let tiny = (
+        make(
+            &ctx,
+            LayoutKind::FullyContiguous,
+            StorageKind::Device,
+            0,
+            1,
+            1024,
+        )?,
+        make(
+            &ctx,
+            LayoutKind::FullyContiguous,
+            StorageKind::Device,
+            0,
+            1,
+            1024,
+        )?,
+    );
     let (mut peer, blob) = Peer::start(a)?;
     let remote = ctx.import(&blob).map_err(err)?;
     if !a.json {
@@ -440,28 +468,33 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
         let (near, far) = limit_pair(&ctx, bytes, a.peer_device)?;
         let one = [0u64];
         let mechanism = moved(&ctx, &src, &sb, r_dev, &db)?;
-        let limit = timed(a.iters, || go(&ctx, &near, &one, &far, &one))?;
+        let mut settle = || go(&ctx, &tiny.0, &one, &tiny.1, &one);
         // The peer's layout kind, here.
         let twin = dev(LayoutKind::LayerSeparateOuterFirst)?;
-        let local = timed(a.iters, || go(&ctx, &src, &sb, &twin, &db))?;
-        let row = |op, mechanism, limit, local| Row {
+        let row = |op, mechanism, t: &[Vec<f64>]| Row {
             op,
             kib,
             bytes,
             frags,
             mechanism,
-            limit,
-            local,
+            limit: median(t[2].clone()),
+            local: median(t[3].clone()),
         };
 
-        let (direct, staged) = rounds(
+        let t = rounds(
             a.iters,
-            || go(&ctx, &src, &sb, r_dev, &db),
-            || {
-                go(&ctx, &src, &sb, &stage, &ids)?;
-                go(&ctx, &stage, &ids, r_stage, &ids)?;
-                peer.run("h2d", i)
-            },
+            &format!("write {kib} KiB"),
+            &mut settle,
+            &mut [
+                &mut || go(&ctx, &src, &sb, r_dev, &db),
+                &mut || {
+                    go(&ctx, &src, &sb, &stage, &ids)?;
+                    go(&ctx, &stage, &ids, r_stage, &ids)?;
+                    peer.run("h2d", i)
+                },
+                &mut || go(&ctx, &near, &one, &far, &one),
+                &mut || go(&ctx, &src, &sb, &twin, &db),
+            ],
         )?;
         // Both paths leave src[sb[k]] in the peer's dev[db[k]].
         if peer.ask("sum", i)? != sums(&ctx, &src, &sb)? {
@@ -469,26 +502,30 @@ pub fn run(a: &GpuRdmaArgs) -> Result<(), String> {
                 "write {kib} KiB: the peer's blocks differ from the sent ones"
             ));
         }
-        report(a, &row("write", mechanism, limit, local), direct, staged);
+        report(a, &row("write", mechanism, &t), t[0].clone(), t[1].clone());
 
         let mechanism = moved(&ctx, r_dev, &db, &back, &sb)?;
-        let limit = timed(a.iters, || go(&ctx, &far, &one, &near, &one))?;
-        let local = timed(a.iters, || go(&ctx, &twin, &db, &back, &sb))?;
-        let (direct, staged) = rounds(
+        let t = rounds(
             a.iters,
-            || go(&ctx, r_dev, &db, &back, &sb),
-            || {
-                peer.run("d2h", i)?;
-                go(&ctx, r_stage, &ids, &stage, &ids)?;
-                go(&ctx, &stage, &ids, &back, &sb)
-            },
+            &format!("read {kib} KiB"),
+            &mut settle,
+            &mut [
+                &mut || go(&ctx, r_dev, &db, &back, &sb),
+                &mut || {
+                    peer.run("d2h", i)?;
+                    go(&ctx, r_stage, &ids, &stage, &ids)?;
+                    go(&ctx, &stage, &ids, &back, &sb)
+                },
+                &mut || go(&ctx, &far, &one, &near, &one),
+                &mut || go(&ctx, &twin, &db, &back, &sb),
+            ],
         )?;
         if peer.ask("sum", i)? != sums(&ctx, &back, &sb)? {
             return Err(format!(
                 "read {kib} KiB: the blocks read differ from the peer's"
             ));
         }
-        report(a, &row("read", mechanism, limit, local), direct, staged);
+        report(a, &row("read", mechanism, &t), t[0].clone(), t[1].clone());
     }
     drop(peer);
     if !a.json {
