@@ -295,51 +295,78 @@ fn between_processes(test: &str, server_device: i32) {
         .submit(&mine, &[0], revoked, &[0], &opts)
         .and_then(|t| t.wait(TIMEOUT));
     assert!(matches!(r, Err(Error::Peer(_))), "{r:?}");
-    // The server dies while writes stream into its layout 1: they fail with PEER soon after,
-    // and this process's GPU work goes on.
+    // The server dies while writes stream into its layout 1, through IPC and (another context
+    // here) through its device arena: both fail with PEER soon after, and this process's GPU
+    // work goes on.
     let remote = peer.layouts()[1].clone();
     let source = layout(&ctx, shape(KINDS[1]), StorageKind::Device);
+    let arena_source = layout(&by_nixl, shape(KINDS[1]), StorageKind::Device);
     let start = Instant::now();
     std::thread::scope(|s| {
-        let writer = s.spawn(|| {
-            // (start of submit, submit's time, wait's time) of the last transfers.
-            let mut timeline = std::collections::VecDeque::new();
-            let mut done = 0u32;
-            loop {
-                let t0 = start.elapsed();
-                let t = ctx.submit(&source, &all(12), &remote, &all(12), &opts);
-                let t1 = start.elapsed();
-                let r = t.and_then(|t| t.wait(TIMEOUT));
-                timeline.push_back((t0, t1 - t0, start.elapsed() - t1));
-                if timeline.len() > 4 {
-                    timeline.pop_front();
-                }
-                match r {
-                    Ok(()) => done += 1,
-                    Err(e) => return (done, e, timeline),
-                }
-                assert!(start.elapsed() < Duration::from_secs(60), "never failed");
-            }
-        });
+        let writers = [
+            (
+                s.spawn(|| stream_until_error(&ctx, &source, &remote, start)),
+                "IPC",
+            ),
+            (
+                s.spawn(|| {
+                    stream_until_error(&by_nixl, &arena_source, &nixl_peer.layouts()[1], start)
+                }),
+                "device arena",
+            ),
+        ];
         std::thread::sleep(Duration::from_millis(300));
         child.kill().unwrap();
         let killed = start.elapsed();
-        let (done, err, timeline) = writer.join().unwrap();
-        assert!(done > 0, "writes before the kill");
-        assert!(matches!(err, Error::Peer(_)), "{err:?}");
-        // The exit is seen (pidfd) once the process finished exiting, which includes the
-        // driver's teardown of its GPU context. Under a second in four runs; one (session 7,
-        // device run 9, before the timeline was printed) took ~20 s.
-        assert!(
-            start.elapsed() - killed < Duration::from_secs(30),
-            "not failed in bounded time: killed at {killed:?}, the last transfers (start, \
-             submit, wait): {timeline:?}"
-        );
+        for (writer, path) in writers {
+            let (done, err, timeline) = writer.join().unwrap();
+            assert!(done > 0, "{path}: writes before the kill");
+            assert!(matches!(err, Error::Peer(_)), "{path}: {err:?}");
+            // The exit is seen (pidfd) once the process finished exiting, which includes the
+            // driver's teardown of its GPU context. Under a second in four runs; one (session
+            // 7, device run 9, before the timeline was printed) took ~20 s.
+            assert!(
+                start.elapsed() - killed < Duration::from_secs(30),
+                "{path}: not failed in bounded time: killed at {killed:?}, the last transfers \
+                 (start, submit, wait): {timeline:?}"
+            );
+        }
     });
     let _ = child.wait();
     let check = layout(&ctx, shape(KINDS[1]), StorageKind::Device);
     check_move(&ctx, &source, &check, &opts);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whole-layout writes of `source` into `remote`, one after the other, until one fails: how
+/// many succeeded, the error, and (start, submit's time, wait's time) of the last four.
+fn stream_until_error(
+    ctx: &Context,
+    source: &Layout,
+    remote: &Layout,
+    start: Instant,
+) -> (
+    u32,
+    Error,
+    std::collections::VecDeque<(Duration, Duration, Duration)>,
+) {
+    let mut timeline = std::collections::VecDeque::new();
+    let mut done = 0u32;
+    loop {
+        let t0 = start.elapsed();
+        let t = ctx.submit(source, &all(12), remote, &all(12), &Default::default());
+        let t1 = start.elapsed();
+        let r = t.and_then(|t| t.wait(TIMEOUT));
+        timeline.push_back((t0, t1 - t0, start.elapsed() - t1));
+        if timeline.len() > 4 {
+            timeline.pop_front();
+        }
+        match r {
+            Ok(()) => done += 1,
+            Err(e) => return (done, e, timeline),
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "never failed");
+    }
 }
 
 #[test]
@@ -460,4 +487,52 @@ fn small_device_pieces_go_through_the_peers_device_arena() {
             "read of kind {kind:?}"
         );
     }
+}
+
+/// Many transfers at once through one exporter's device arena, of which this importer is
+/// granted a few slots: six threads each write their own blocks (twenty times) and read them
+/// back into a layout of their own; every byte lands where it belongs.
+#[test]
+#[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
+fn many_threads_share_a_peers_device_arena() {
+    let (exporter, importer) = (ipc_ctx(false), ipc_ctx(false));
+    let pool = layout(
+        &exporter,
+        shape(LayoutKind::LayerSeparateOuterFirst),
+        StorageKind::Device,
+    );
+    let peer = importer
+        .import(&exporter.export(&[&pool]).unwrap())
+        .unwrap();
+    let remote = &peer.layouts()[0];
+    let mine_shape = shape(LayoutKind::LayerSeparateBlockFirst);
+    let mine = layout(&importer, mine_shape, StorageKind::Device);
+    importer.fill(&mine, &all(12), 70).unwrap();
+    std::thread::scope(|s| {
+        for th in 0..6u64 {
+            let (importer, mine) = (&importer, &mine);
+            s.spawn(move || {
+                let ours = [2 * th, 2 * th + 1];
+                let theirs = [11 - 2 * th, 10 - 2 * th];
+                for _ in 0..20 {
+                    let t = importer
+                        .submit(mine, &ours, remote, &theirs, &Default::default())
+                        .unwrap();
+                    t.wait(TIMEOUT).unwrap();
+                    assert!(t.stats().bounced, "thread {th}: through the arena");
+                }
+                let back = layout(importer, mine_shape, StorageKind::Device);
+                let t = importer
+                    .submit(remote, &theirs, &back, &ours, &Default::default())
+                    .unwrap();
+                t.wait(TIMEOUT).unwrap();
+                assert!(t.stats().bounced, "thread {th}: read through the arena");
+                assert_eq!(
+                    importer.checksum(&back, &ours).unwrap(),
+                    importer.checksum(mine, &ours).unwrap(),
+                    "thread {th}"
+                );
+            });
+        }
+    });
 }

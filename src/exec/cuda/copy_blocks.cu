@@ -120,6 +120,20 @@ __device__ __forceinline__ void count(const Desc& d, u64 lr, unsigned n, unsigne
   if (lane == 0) atomicAdd((unsigned*)d.signals + lr, n);
 }
 
+// Counts one more piece of layer `lk` (in range) for this warp: the pieces counted so far go
+// to their layer's counter first when `lk` is another layer. Pieces are counted before or after
+// they are copied, but published only when the warp moves on to another layer or ends, after
+// it copied them.
+__device__ __forceinline__ void tally(const Desc& d, u64 lk, unsigned& pending, u64& counting,
+                                      unsigned lane) {
+  if (pending && lk != counting) {
+    count(d, counting, pending, lane);
+    pending = 0;
+  }
+  counting = lk;
+  ++pending;
+}
+
 // Pieces under 4 KiB (a head of a token: 256 B to 2 KiB) one warp at a time would leave lanes
 // idle and one load per lane in flight (copy_piece unrolls only from 4 KiB on): 1 KiB head
 // slices moved at 0.6 of a plain copy. When the batch's n pieces (one per lane's src/dst/len)
@@ -200,13 +214,7 @@ __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
     if (copy_small(src, dst, len, n, lane)) {
       if (d.signals) {
         for (unsigned k = 0; k < n; ++k) {
-          const u64 lk = __shfl_sync(0xffffffffu, lr, k);
-          if (pending && lk != counting) {
-            count(d, counting, pending, lane);
-            pending = 0;
-          }
-          counting = lk;
-          ++pending;
+          tally(d, __shfl_sync(0xffffffffu, lr, k), pending, counting, lane);
         }
       }
       continue;
@@ -215,15 +223,7 @@ __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
       const u64 s = __shfl_sync(0xffffffffu, src, k);
       const u64 t2 = __shfl_sync(0xffffffffu, dst, k);
       const u64 m = __shfl_sync(0xffffffffu, len, k);
-      if (d.signals) {
-        const u64 lk = __shfl_sync(0xffffffffu, lr, k);
-        if (pending && lk != counting) {
-          count(d, counting, pending, lane);
-          pending = 0;
-        }
-        counting = lk;
-        ++pending;
-      }
+      if (d.signals) tally(d, __shfl_sync(0xffffffffu, lr, k), pending, counting, lane);
       copy_piece((const char*)s, (char*)t2, m, lane);
     }
   }
