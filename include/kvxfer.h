@@ -947,8 +947,8 @@ KVX_NODISCARD int32_t kvx_transfer_stream_wait(struct kvx_transfer *transfer, vo
 /**
  * Waits until one layer of the transfer is in place (0.2): layers complete in order,
  * layer_begin first, and never later than the transfer; timeout_us < 0 waits forever. On
- * the GPU paths each layer has its own event; host paths (memcpy, pageable, disk, peers)
- * complete a layer with the whole transfer. Returns OK
+ * the GPU paths each layer has its own event (on the copy kernel queued by the first wait for
+ * it); host paths (memcpy, pageable, disk, peers) complete a layer with the whole transfer. Returns OK
  * once the layer is in place, TIMEOUT (the transfer goes on), the transfer's own error, or
  * OUT_OF_RANGE for a layer the transfer does not move; NULL_ARGUMENT.
  */

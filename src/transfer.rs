@@ -169,6 +169,9 @@ const SPIN_BUDGET: Duration = Duration::from_micros(500);
 /// It starts watching this much (or a quarter of the expected time, if less) before the
 /// transfer should end.
 const SPIN_LEAD: Duration = Duration::from_micros(250);
+/// A host wait for one layer of a kernel transfer looks at the layer's event this often once
+/// it stopped spinning (the transfer's end wakes it at once).
+const LAYER_POLL: Duration = Duration::from_micros(50);
 
 /// The event recorded after a GPU transfer's last copy.
 #[derive(Debug)]
@@ -187,6 +190,26 @@ unsafe impl Send for GpuEvent {}
 // SAFETY: as above; nothing mutates the handle.
 unsafe impl Sync for GpuEvent {}
 
+/// Per-layer completion of a kernel transfer: the kernel adds each layer's pieces to a
+/// counter in device memory (`device`, one u32 per layer of the range), and layer `i` is in
+/// place once its counter reached `targets[i]`. Waits are queued only when asked for.
+#[derive(Debug)]
+pub(crate) struct LayerCounters {
+    pub(crate) device: u64,
+    pub(crate) targets: Vec<u32>,
+    /// Where host waits queue their counter waits and events (the direction's signal
+    /// stream).
+    pub(crate) stream: sys::CUstream,
+}
+
+/// The counters, and the events queued so far for host waits: one per layer, in order, from
+/// the first layer of the range.
+#[derive(Debug)]
+struct CountedLayers {
+    counters: LayerCounters,
+    events: Vec<sys::CUevent>,
+}
+
 /// A submitted transfer. Dropping it waits for the work to finish, so memory it reads or
 /// writes is never released under it.
 #[derive(Debug)]
@@ -201,6 +224,8 @@ pub struct Transfer {
     /// A GPU transfer's per-layer events (pooled; empty where layers complete with the
     /// transfer).
     layer_events: Vec<sys::CUevent>,
+    /// A kernel transfer's per-layer counters.
+    counted: Option<Mutex<CountedLayers>>,
 }
 
 // SAFETY: CUDA events may be used from any thread with their context bound (done before use);
@@ -223,6 +248,7 @@ impl Transfer {
             cuda_context,
             layers: 0..0,
             layer_events: Vec::new(),
+            counted: None,
         }
     }
 
@@ -245,11 +271,15 @@ impl Transfer {
 
     /// Waits until `layer`'s bytes are in place; `None` waits forever. Layers complete in
     /// order and never later than the transfer: on GPU paths each layer has its own event
-    /// (the progress engine reports them in order); elsewhere a layer completes with the
-    /// transfer. A failed transfer fails every layer wait that had not returned yet.
+    /// (queued when first asked for on kernel transfers, recorded between the layers' copies
+    /// on the copy engines); elsewhere a layer completes with the transfer. A failed transfer
+    /// fails every layer wait that had not returned yet.
     pub fn layer_wait(&self, layer: u64, timeout: Option<Duration>) -> Result<()> {
         self.check_layer(layer)?;
         let index = layer - self.layers.start;
+        if let Some(counted) = &self.counted {
+            return self.counted_layer_wait(counted, index, timeout);
+        }
         if self.layer_events.is_empty() {
             return self.wait(timeout);
         }
@@ -286,6 +316,9 @@ impl Transfer {
     pub fn layer_stream_wait(&self, layer: u64, stream: usize) -> Result<()> {
         self.check_layer(layer)?;
         let index = layer - self.layers.start;
+        if let Some(counted) = &self.counted {
+            return self.counted_layer_stream_wait(counted, index, stream);
+        }
         let Some(&event) = self.layer_events.get(index as usize) else {
             return self.stream_wait(stream);
         };
@@ -314,6 +347,159 @@ impl Transfer {
     pub(crate) fn with_layer_events(mut self, events: Vec<sys::CUevent>) -> Self {
         self.layer_events = events;
         self
+    }
+
+    /// A kernel transfer's per-layer counters, if it has them.
+    pub(crate) fn with_layer_counters(mut self, counters: Option<LayerCounters>) -> Self {
+        self.counted = counters.map(|counters| {
+            Mutex::new(CountedLayers {
+                counters,
+                events: Vec::new(),
+            })
+        });
+        self
+    }
+
+    /// The outcome if `index` (from the range's first layer) is settled: in place, or the
+    /// transfer finished (a failure fails it).
+    fn layer_outcome(&self, index: u64) -> Option<Result<()>> {
+        let c = &self.completion;
+        let s = c.lock();
+        c.layer_settled(&s, index).then(|| match &s.outcome {
+            Some(Err(e)) => Err(e.clone()),
+            _ => Ok(()),
+        })
+    }
+
+    /// `layer_stream_wait` of a kernel transfer: a stream of this device waits for the layer's
+    /// counter itself; another context's stream waits for the layer's event.
+    fn counted_layer_stream_wait(
+        &self,
+        counted: &Mutex<CountedLayers>,
+        index: u64,
+        stream: usize,
+    ) -> Result<()> {
+        if let Some(outcome) = self.layer_outcome(index) {
+            return outcome; // nothing left to wait for
+        }
+        let g = self.gpu_event()?;
+        g.dev.bind()?;
+        if !g.dev.owns_stream(stream as sys::CUstream)? {
+            let event = Self::queue_layer_events(g, counted, index)?;
+            // SAFETY: as in `stream_wait`; the event is this transfer's until it is dropped,
+            // and a pooled event re-recorded later only makes the stream wait longer.
+            let r = unsafe { sys::cuStreamWaitEvent(stream as sys::CUstream, event, 0) };
+            return check(r, "cuStreamWaitEvent (layer)");
+        }
+        let c = counted.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: the caller passes a live CUstream of this device; the counter lies in an
+        // allocation of the device that is never freed while the device lives (pooled, or
+        // retired after a failure), and counters only grow, so a counter reused by a later
+        // transfer still passes this (cyclic, below 2^31 apart) comparison.
+        let r = unsafe {
+            sys::cuStreamWaitValue32_v2(
+                stream as sys::CUstream,
+                c.counters.device + 4 * index,
+                c.counters.targets[index as usize],
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+            )
+        };
+        check(r, "cuStreamWaitValue32 (layer)")
+    }
+
+    fn gpu_event(&self) -> Result<&GpuEvent> {
+        self.gpu
+            .as_ref()
+            .ok_or_else(|| Error::Internal("layer counters without a GPU event".into()))
+    }
+
+    /// The event of layer `index`, queued (with those of the layers before it that were not
+    /// yet) on the direction's signal stream after a wait for its counter. The device is bound.
+    fn queue_layer_events(
+        g: &GpuEvent,
+        counted: &Mutex<CountedLayers>,
+        index: u64,
+    ) -> Result<sys::CUevent> {
+        let mut c = counted.lock().unwrap_or_else(|p| p.into_inner());
+        while c.events.len() as u64 <= index {
+            let i = c.events.len();
+            // SAFETY: the signal stream is the device's; the counter stays allocated while the
+            // device lives (see `counted_layer_stream_wait`).
+            check(
+                unsafe {
+                    sys::cuStreamWaitValue32_v2(
+                        c.counters.stream,
+                        c.counters.device + 4 * i as u64,
+                        c.counters.targets[i],
+                        sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+                    )
+                },
+                "cuStreamWaitValue32 (layer)",
+            )?;
+            let e = g.dev.event()?;
+            // SAFETY: a pooled event of the device, recorded on its signal stream.
+            if let Err(err) = check(
+                unsafe { sys::cuEventRecord(e, c.counters.stream) },
+                "cuEventRecord (layer)",
+            ) {
+                g.dev.recycle_event(e);
+                return Err(err);
+            }
+            c.events.push(e);
+        }
+        Ok(c.events[index as usize])
+    }
+
+    /// `layer_wait` of a kernel transfer: queues the layer's event (`queue_layer_events`),
+    /// then watches it and the transfer's outcome: spinning for SPIN_BUDGET, then looking
+    /// every LAYER_POLL.
+    fn counted_layer_wait(
+        &self,
+        counted: &Mutex<CountedLayers>,
+        index: u64,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        if let Some(outcome) = self.layer_outcome(index) {
+            return outcome;
+        }
+        let g = self.gpu_event()?;
+        g.dev.bind()?;
+        let event = Self::queue_layer_events(g, counted, index)?;
+        let c = &self.completion;
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        let spin_until = Instant::now() + SPIN_BUDGET;
+        loop {
+            // SAFETY: the event is this transfer's (recycled only when it is dropped).
+            match unsafe { sys::cuEventQuery(event) } {
+                sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                e => return check(e, "cuEventQuery (layer)"),
+            }
+            let s = c.lock();
+            if let Some(o) = &s.outcome {
+                return o.clone();
+            }
+            let now = Instant::now();
+            let left = deadline.map(|d| d.saturating_duration_since(now));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Err(Error::Timeout(format!(
+                    "layer {} still moving after {} µs",
+                    self.layers.start + index,
+                    timeout.unwrap_or_default().as_micros()
+                )));
+            }
+            if now < spin_until {
+                drop(s);
+                std::hint::spin_loop();
+                continue;
+            }
+            let step = left.map_or(LAYER_POLL, |l| l.min(LAYER_POLL));
+            drop(
+                c.done
+                    .wait_timeout(s, step)
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+        }
     }
 
     /// A GPU transfer on `route` whose last copy is followed by `event` on one of `dev`'s
@@ -362,6 +548,10 @@ impl Transfer {
             let mut s = c.lock();
             loop {
                 if let Some(o) = &s.outcome {
+                    tracing::trace!(
+                        age_us = c.age().as_micros() as u64,
+                        "transfer reported by the progress engine before its waiter watched"
+                    );
                     return Some(o.clone());
                 }
                 let now = Instant::now();
@@ -380,10 +570,22 @@ impl Transfer {
             }
         }
         g.dev.bind().ok()?;
+        // Where a wait's time goes (KVX_LOG=kvxfer=trace): when the waiter began to watch
+        // against when it meant to, and when it saw the event.
+        let woke = c.age();
+        let trace = |seen: &str| {
+            tracing::trace!(
+                expected_us = g.expected.map(|e| e.as_micros() as u64),
+                woke_us = woke.as_micros() as u64,
+                age_us = c.age().as_micros() as u64,
+                "transfer {seen}"
+            )
+        };
         let stop = Instant::now() + SPIN_BUDGET;
         let stop = deadline.map_or(stop, |d| d.min(stop));
         while Instant::now() < stop {
             if let Some(o) = self.poll() {
+                trace("reported by the progress engine while its waiter watched");
                 return Some(o);
             }
             // SAFETY: the event is pooled and lives as long as the device (held by `g`). If
@@ -392,6 +594,7 @@ impl Transfer {
             // transfer (recorded before) finished.
             match unsafe { sys::cuEventQuery(g.event) } {
                 sys::CUresult::CUDA_SUCCESS => {
+                    trace("seen done by its waiter");
                     g.dev.pace.learn(g.route, g.bytes, c.age());
                     c.observed_success();
                     return self.poll();
@@ -401,6 +604,7 @@ impl Transfer {
                 _ => return None,
             }
         }
+        trace("not done within the waiter's watch");
         None
     }
 
@@ -505,6 +709,15 @@ impl Transfer {
 impl Drop for Transfer {
     fn drop(&mut self) {
         let _ = self.wait(None);
+        // The layer events queued for host waits go back to the pool: the transfer finished,
+        // so their counters are reached and the signal stream passes them. (Re-recorded by a
+        // later transfer before that, they would only be later than needed.)
+        if let (Some(counted), Some(g)) = (self.counted.take(), &self.gpu) {
+            let c = counted.into_inner().unwrap_or_else(|p| p.into_inner());
+            for e in c.events {
+                g.dev.recycle_event(e);
+            }
+        }
     }
 }
 

@@ -361,6 +361,68 @@ fn a_consumer_stream_waits_for_each_layer_without_blocking_the_host() {
     destroy_streams(&[gate, consumer]);
 }
 
+/// A caller's stream of another CUDA context than the device's primary one (where kvxfer's
+/// layer counters live) waits for one layer through an event: it does not pass while the
+/// transfer is held back, and passes once the layer is in place.
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
+fn a_stream_of_another_cuda_context_waits_for_a_layer() {
+    let ctx = ctx();
+    let c = cfg(LayoutKind::LayerSeparateBlockFirst, 16, 4, 16, 64, 2);
+    let src = layout(&ctx, c, StorageKind::Pinned);
+    let dst = layout(&ctx, c, StorageKind::Device);
+    ctx.fill(&src, &all(16), 5).unwrap();
+    let (gate, consumer) = gate_and_consumer();
+    let (mut other_ctx, mut other, mut passed) = (
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    );
+    // SAFETY: out pointers are locals; the new context is pushed, used, then popped, so the
+    // primary context is current again.
+    unsafe {
+        let mut dev = 0;
+        check(sys::cuDeviceGet(&mut dev, 0));
+        check(sys::cuCtxCreate_v2(&mut other_ctx, 0, dev));
+        check(sys::cuStreamCreate(&mut other, 1));
+        check(sys::cuEventCreate(
+            &mut passed,
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
+        ));
+        let mut popped = std::ptr::null_mut();
+        check(sys::cuCtxPopCurrent_v2(&mut popped));
+    }
+    // Held back 300 ms by `gate`.
+    let opts = TransferOptions {
+        cuda_stream: Some(gate as usize),
+        ..Default::default()
+    };
+    let t = ctx.submit(&src, &all(16), &dst, &all(16), &opts).unwrap();
+    t.layer_stream_wait(2, other as usize).unwrap();
+    // SAFETY: the stream and event belong to `other_ctx`, current while they are used.
+    unsafe {
+        check(sys::cuCtxPushCurrent_v2(other_ctx));
+        check(sys::cuEventRecord(passed, other));
+        assert_eq!(
+            sys::cuEventQuery(passed),
+            sys::CUresult::CUDA_ERROR_NOT_READY,
+            "the other context's stream passed before the layer"
+        );
+    }
+    t.layer_wait(2, Some(Duration::from_secs(10))).unwrap();
+    // SAFETY: as above.
+    unsafe {
+        check(sys::cuEventSynchronize(passed));
+        check(sys::cuEventDestroy_v2(passed));
+        check(sys::cuStreamDestroy_v2(other));
+        let mut popped = std::ptr::null_mut();
+        check(sys::cuCtxPopCurrent_v2(&mut popped));
+        check(sys::cuCtxDestroy_v2(other_ctx));
+    }
+    t.wait(None).unwrap();
+    destroy_streams(&[gate, consumer]);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
 fn lists_of_1k_to_16k_blocks() {

@@ -84,6 +84,9 @@ pub struct CudaDevice {
     events: Mutex<Vec<CUevent>>,
     tables: Mutex<Vec<TableBuffer>>,
     signals: Mutex<Vec<Signals>>,
+    /// Counters of failed transfers (inexact, never reused), freed with the device: a caller's
+    /// stream may still wait on one (`Transfer::layer_stream_wait`).
+    retired_signals: Mutex<Vec<u64>>,
     /// Bandwidth learned per route, for waiters (pace.rs).
     pub(crate) pace: Pace,
     /// Other devices by ordinal, and whether this device's kernels and copies reach their
@@ -172,6 +175,7 @@ impl CudaDevice {
             events: Mutex::new(Vec::new()),
             tables: Mutex::new(Vec::new()),
             signals: Mutex::new(Vec::new()),
+            retired_signals: Mutex::new(Vec::new()),
             pace: Pace::default(),
             peers: Mutex::new(Vec::new()),
         };
@@ -246,6 +250,18 @@ impl CudaDevice {
         check(unsafe { sys::cuCtxSetCurrent(self.ctx) }, "cuCtxSetCurrent")
     }
 
+    /// Whether `stream` (a caller's CUstream; NULL: the legacy default stream of the current
+    /// context) belongs to this device's context. The context is bound.
+    pub(crate) fn owns_stream(&self, stream: CUstream) -> Result<bool> {
+        let mut ctx = std::ptr::null_mut();
+        // SAFETY: the caller passes a live stream (or NULL); the out pointer is a local.
+        check(
+            unsafe { sys::cuStreamGetCtx(stream, &mut ctx) },
+            "cuStreamGetCtx",
+        )?;
+        Ok(ctx == self.ctx)
+    }
+
     pub(crate) fn stream(&self, d: Direction) -> CUstream {
         self.streams[d as usize]
     }
@@ -286,17 +302,20 @@ impl CudaDevice {
         })
     }
 
-    /// Returns counters whose work completed successfully: their counts are then exact. (After
-    /// a failure they are not, and the buffer is freed instead.)
+    /// Returns counters whose work completed successfully: their counts are then exact. After
+    /// a failure they are not, so they are retired; not freed, since a caller's stream may
+    /// have been told to wait on them.
     pub(crate) fn recycle_signals(&self, s: Signals, ok: bool) {
         if ok {
             self.signals
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(s);
-        } else if self.bind().is_ok() {
-            // SAFETY: allocated by `signals`; the work that used it is over.
-            unsafe { sys::cuMemFree_v2(s.device) };
+        } else {
+            self.retired_signals
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(s.device);
         }
     }
 
@@ -473,6 +492,14 @@ impl Drop for CudaDevice {
                 .drain(..)
             {
                 sys::cuMemFree_v2(s.device);
+            }
+            for d in self
+                .retired_signals
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(..)
+            {
+                sys::cuMemFree_v2(d);
             }
             let mut dev = 0;
             if sys::cuDeviceGet(&mut dev, self.ordinal) == sys::CUresult::CUDA_SUCCESS {

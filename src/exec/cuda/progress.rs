@@ -16,9 +16,9 @@ use crate::transfer::Completion;
 /// What a transfer holds until its last copy finished.
 pub(crate) struct Pending {
     pub(crate) event: CUevent,
-    /// One event per layer, in order, for transfers that complete layer by layer.
+    /// One event per layer, in order, for copy-engine transfers that complete layer by layer.
     pub(crate) layer_events: Vec<CUevent>,
-    /// The kernel's per-layer counters behind `layer_events`.
+    /// The kernel's per-layer counters (waited on only when someone asks: `Transfer`).
     pub(crate) signals: Option<Signals>,
     /// Bytes the transfer moves and its route, for the device's pace.
     pub(crate) bytes: u64,
@@ -72,6 +72,11 @@ impl Progress {
                             }
                             Err(e) => Err(e.clone()),
                         };
+                        tracing::trace!(
+                            lane,
+                            age_us = p.completion.age().as_micros() as u64,
+                            "transfer's event passed (progress engine)"
+                        );
                         // A transfer gated on a caller's stream also waited for that work,
                         // and one a waiter saw finish has taught the pace its exact time.
                         if r.is_ok() && p.gate.is_none() && !p.completion.is_done() {
