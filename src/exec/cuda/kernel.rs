@@ -362,8 +362,17 @@ impl Kernel {
             write_pieces(&mut table[n_bases + id_words..], job.pieces);
             // SAFETY: `param` holds the whole Inline<capacity> parameter the entry takes; the
             // driver copies it during the call.
+            let t0 = std::time::Instant::now();
             let ctas =
                 unsafe { launch(entry, stream, param.as_mut_ptr().cast(), desc.items, ctas) }?;
+            // How long the driver took to queue the launch (KVX_LOG=kvxfer=trace).
+            tracing::trace!(
+                words,
+                param_words = capacity,
+                ctas,
+                launch_ns = t0.elapsed().as_nanos() as u64,
+                "copy kernel launched"
+            );
             return Ok(Launched {
                 table: None,
                 ctas,
@@ -377,6 +386,7 @@ impl Kernel {
         let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
         write_table(host, &bases, job.src_blocks, job.dst_blocks, width);
         write_pieces(&mut host[n_bases + id_words..], job.pieces);
+        let t0 = std::time::Instant::now();
         let mut run = || -> Result<u32> {
             // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
             // asynchronous and ordered before the launch on the same stream.
@@ -397,7 +407,13 @@ impl Kernel {
                 )
             }
         };
-        match run() {
+        let ran = run();
+        tracing::trace!(
+            words,
+            launch_ns = t0.elapsed().as_nanos() as u64,
+            "copy kernel launched after its table's upload"
+        );
+        match ran {
             Ok(ctas) => Ok(Launched {
                 table: Some(table),
                 ctas,
