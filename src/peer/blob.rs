@@ -129,6 +129,21 @@ pub struct ArenaDesc {
     pub slots: u32,
 }
 
+impl ArenaDesc {
+    /// What the blob carries for no arena.
+    const NONE: Self = Self {
+        addr: 0,
+        slot_bytes: 0,
+        slots: 0,
+    };
+
+    fn put(&self, body: &mut Vec<u8>) {
+        body.extend_from_slice(&self.addr.to_le_bytes());
+        body.extend_from_slice(&self.slot_bytes.to_le_bytes());
+        body.extend_from_slice(&self.slots.to_le_bytes());
+    }
+}
+
 /// Bounds on an announced arena.
 const MAX_ARENA_SLOTS: u32 = 256;
 const MAX_SLOT_BYTES: u64 = 256 << 20;
@@ -190,27 +205,11 @@ impl PeerBlob {
             body.extend_from_slice(&self.origin.host.unwrap_or_default());
             body.extend_from_slice(&self.origin.process.pid.to_le_bytes());
             body.extend_from_slice(&self.origin.process.start.to_le_bytes());
-            let a = self.arena.unwrap_or(ArenaDesc {
-                addr: 0,
-                slot_bytes: 0,
-                slots: 0,
-            });
-            body.extend_from_slice(&a.addr.to_le_bytes());
-            body.extend_from_slice(&a.slot_bytes.to_le_bytes());
-            body.extend_from_slice(&a.slots.to_le_bytes());
+            self.arena.unwrap_or(ArenaDesc::NONE).put(&mut body);
         }
         if version >= 5 {
-            let (a, dev) = self.device_arena.unwrap_or((
-                ArenaDesc {
-                    addr: 0,
-                    slot_bytes: 0,
-                    slots: 0,
-                },
-                0,
-            ));
-            body.extend_from_slice(&a.addr.to_le_bytes());
-            body.extend_from_slice(&a.slot_bytes.to_le_bytes());
-            body.extend_from_slice(&a.slots.to_le_bytes());
+            let (a, dev) = self.device_arena.unwrap_or((ArenaDesc::NONE, 0));
+            a.put(&mut body);
             body.extend_from_slice(&dev.to_le_bytes());
         }
         body.extend_from_slice(&(self.layouts.len() as u32).to_le_bytes());
