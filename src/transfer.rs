@@ -200,6 +200,9 @@ pub(crate) struct LayerCounters {
     /// Where host waits queue their counter waits and events (the direction's signal
     /// stream).
     pub(crate) stream: sys::CUstream,
+    /// The counters complete in layer order (`Launched::in_layer_order`), so a layer's own
+    /// counter says the layers before it are in place too.
+    pub(crate) in_order: bool,
 }
 
 /// The counters, and the events queued so far for host waits: one per layer, in order, from
@@ -372,7 +375,9 @@ impl Transfer {
     }
 
     /// `layer_stream_wait` of a kernel transfer: a stream of this device waits for the layer's
-    /// counter itself; another context's stream waits for the layer's event.
+    /// counter itself where the counters complete in layer order; otherwise (few pieces per
+    /// layer, or another context's stream) the stream waits for the layer's event, which the
+    /// signal stream records after the counters of this layer and every one before it.
     fn counted_layer_stream_wait(
         &self,
         counted: &Mutex<CountedLayers>,
@@ -384,7 +389,12 @@ impl Transfer {
         }
         let g = self.gpu_event()?;
         g.dev.bind()?;
-        if !g.dev.owns_stream(stream as sys::CUstream)? {
+        let in_order = counted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .counters
+            .in_order;
+        if !in_order || !g.dev.owns_stream(stream as sys::CUstream)? {
             let event = Self::queue_layer_events(g, counted, index)?;
             // SAFETY: as in `stream_wait`; the event is this transfer's until it is dropped,
             // and a pooled event re-recorded later only makes the stream wait longer.

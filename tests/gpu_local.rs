@@ -309,11 +309,19 @@ fn callers_stream_waits_for_the_transfer_without_blocking_the_host() {
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test"]
 fn a_consumer_stream_waits_for_each_layer_without_blocking_the_host() {
-    let ctx = ctx();
+    // 32 pieces per layer: fewer than the default launch's warps (the stream waits for each
+    // layer's event, recorded after the counters of the layers before it) and more than one
+    // block's eight (the stream waits for the layer's counter itself).
+    for max_sms in [0, 1] {
+        consumer_stream_waits_for_each_layer(&ctx_with_sms(max_sms));
+    }
+}
+
+fn consumer_stream_waits_for_each_layer(ctx: &kvxfer::Context) {
     let c = cfg(LayoutKind::LayerSeparateBlockFirst, 16, 4, 16, 64, 2);
-    let src = layout(&ctx, c, StorageKind::Pinned);
-    let dst = layout(&ctx, c, StorageKind::Device);
-    let back = layout(&ctx, c, StorageKind::Pinned);
+    let src = layout(ctx, c, StorageKind::Pinned);
+    let dst = layout(ctx, c, StorageKind::Device);
+    let back = layout(ctx, c, StorageKind::Pinned);
     ctx.fill(&src, &all(16), 11).unwrap();
     let (gate, consumer) = gate_and_consumer();
     // Layers 1..4, held back 300 ms by `gate`; the consumer reads each layer after its wait.

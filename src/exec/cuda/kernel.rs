@@ -120,6 +120,13 @@ pub(crate) struct Launched {
     pub ctas: u32,
     /// Items of each layer: what its counter counts up by.
     pub items_per_layer: u64,
+    /// Whether the layers' counters reach their counts in layer order. Each warp takes the
+    /// items whose index is its own modulo the number of warps, in ascending order (layers
+    /// outermost), and publishes a layer's count only after the earlier layer's: when every
+    /// layer has at least one item per warp, a layer's counter is complete only after every
+    /// warp finished the layers before it. With fewer, a warp may still copy layer l while the
+    /// warps of layer l + 1 are done.
+    pub in_layer_order: bool,
 }
 
 fn side(l: &Layout, bases: usize) -> Side {
@@ -377,6 +384,7 @@ impl Kernel {
                 table: None,
                 ctas,
                 items_per_layer,
+                in_layer_order: in_layer_order(items_per_layer, ctas),
             });
         }
         let table = dev.table(words)?;
@@ -418,6 +426,7 @@ impl Kernel {
                 table: Some(table),
                 ctas,
                 items_per_layer,
+                in_layer_order: in_layer_order(items_per_layer, ctas),
             }),
             Err(e) => {
                 dev.abandon(stream, Some(table));
@@ -425,6 +434,11 @@ impl Kernel {
             }
         }
     }
+}
+
+/// `Launched::in_layer_order` for `items_per_layer` items on `ctas` blocks.
+fn in_layer_order(items_per_layer: u64, ctas: u32) -> bool {
+    items_per_layer >= u64::from(ctas) * u64::from(THREADS / 32)
 }
 
 /// A transform's pieces as (source offset, destination offset, length) triples.
@@ -487,8 +501,18 @@ unsafe fn launch(
 
 #[cfg(test)]
 mod tests {
-    use super::{PIECE, list_ops, write_table};
+    use super::{PIECE, in_layer_order, list_ops, write_table};
     use crate::plan::CopyOp;
+
+    #[test]
+    fn layers_complete_in_order_with_a_piece_per_warp_and_layer() {
+        // 12 blocks of 256 threads: 96 warps.
+        assert!(in_layer_order(96, 12));
+        assert!(in_layer_order(1 << 20, 12));
+        assert!(!in_layer_order(95, 12));
+        assert!(!in_layer_order(32, 12));
+        assert!(in_layer_order(32, 1));
+    }
 
     #[test]
     fn list_entries_cover_every_byte_once_in_pieces() {

@@ -275,6 +275,7 @@ unsafe fn enqueue_kernel(
             device: s.device,
             targets,
             stream: dev.signal_stream(job.direction),
+            in_order: launched.in_layer_order,
         };
         (s, counters)
     });
