@@ -394,7 +394,7 @@ impl Transfer {
             .unwrap_or_else(|p| p.into_inner())
             .counters
             .in_order;
-        if !in_order || !g.dev.owns_stream(stream as sys::CUstream)? {
+        if !in_order || !g.dev.owns_stream(stream as sys::CUstream) {
             let event = Self::queue_layer_events(g, counted, index)?;
             // SAFETY: as in `stream_wait`; the event is this transfer's until it is dropped,
             // and a pooled event re-recorded later only makes the stream wait longer.

@@ -251,15 +251,14 @@ impl CudaDevice {
     }
 
     /// Whether `stream` (a caller's CUstream; NULL: the legacy default stream of the current
-    /// context) belongs to this device's context. The context is bound.
-    pub(crate) fn owns_stream(&self, stream: CUstream) -> Result<bool> {
+    /// context) is known to belong to this device's context. The context is bound. A stream
+    /// the driver cannot place (a special handle it does not resolve) counts as another's:
+    /// callers then take the path that works for any stream.
+    pub(crate) fn owns_stream(&self, stream: CUstream) -> bool {
         let mut ctx = std::ptr::null_mut();
         // SAFETY: the caller passes a live stream (or NULL); the out pointer is a local.
-        check(
-            unsafe { sys::cuStreamGetCtx(stream, &mut ctx) },
-            "cuStreamGetCtx",
-        )?;
-        Ok(ctx == self.ctx)
+        let r = unsafe { sys::cuStreamGetCtx(stream, &mut ctx) };
+        r == sys::CUresult::CUDA_SUCCESS && ctx == self.ctx
     }
 
     pub(crate) fn stream(&self, d: Direction) -> CUstream {
