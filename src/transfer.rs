@@ -205,12 +205,12 @@ pub(crate) struct LayerCounters {
     pub(crate) in_order: bool,
 }
 
-/// The counters, and the events queued so far for host waits: one per layer, in order, from
+/// The counters, and the events queued so far for layer waits: one per layer, in order, from
 /// the first layer of the range.
 #[derive(Debug)]
 struct CountedLayers {
     counters: LayerCounters,
-    events: Vec<sys::CUevent>,
+    events: Mutex<Vec<sys::CUevent>>,
 }
 
 /// A submitted transfer. Dropping it waits for the work to finish, so memory it reads or
@@ -228,7 +228,7 @@ pub struct Transfer {
     /// transfer).
     layer_events: Vec<sys::CUevent>,
     /// A kernel transfer's per-layer counters.
-    counted: Option<Mutex<CountedLayers>>,
+    counted: Option<CountedLayers>,
 }
 
 // SAFETY: CUDA events may be used from any thread with their context bound (done before use);
@@ -295,10 +295,7 @@ impl Transfer {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
-                        return Err(Error::Timeout(format!(
-                            "layer {layer} still moving after {} µs",
-                            timeout.unwrap_or_default().as_micros()
-                        )));
+                        return Err(layer_timeout(layer, timeout));
                     }
                     c.done
                         .wait_timeout(s, left)
@@ -354,11 +351,9 @@ impl Transfer {
 
     /// A kernel transfer's per-layer counters, if it has them.
     pub(crate) fn with_layer_counters(mut self, counters: Option<LayerCounters>) -> Self {
-        self.counted = counters.map(|counters| {
-            Mutex::new(CountedLayers {
-                counters,
-                events: Vec::new(),
-            })
+        self.counted = counters.map(|counters| CountedLayers {
+            counters,
+            events: Mutex::new(Vec::new()),
         });
         self
     }
@@ -380,7 +375,7 @@ impl Transfer {
     /// signal stream records after the counters of this layer and every one before it.
     fn counted_layer_stream_wait(
         &self,
-        counted: &Mutex<CountedLayers>,
+        counted: &CountedLayers,
         index: u64,
         stream: usize,
     ) -> Result<()> {
@@ -389,19 +384,14 @@ impl Transfer {
         }
         let g = self.gpu_event()?;
         g.dev.bind()?;
-        let in_order = counted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counters
-            .in_order;
-        if !in_order || !g.dev.owns_stream(stream as sys::CUstream) {
+        let c = &counted.counters;
+        if !c.in_order || !g.dev.owns_stream(stream as sys::CUstream) {
             let event = Self::queue_layer_events(g, counted, index)?;
             // SAFETY: as in `stream_wait`; the event is this transfer's until it is dropped,
             // and a pooled event re-recorded later only makes the stream wait longer.
             let r = unsafe { sys::cuStreamWaitEvent(stream as sys::CUstream, event, 0) };
             return check(r, "cuStreamWaitEvent (layer)");
         }
-        let c = counted.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the caller passes a live CUstream of this device; the counter lies in an
         // allocation of the device that is never freed while the device lives (pooled, or
         // retired after a failure), and counters only grow, so a counter reused by a later
@@ -409,8 +399,8 @@ impl Transfer {
         let r = unsafe {
             sys::cuStreamWaitValue32_v2(
                 stream as sys::CUstream,
-                c.counters.device + 4 * index,
-                c.counters.targets[index as usize],
+                c.device + 4 * index,
+                c.targets[index as usize],
                 sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
             )
         };
@@ -427,20 +417,21 @@ impl Transfer {
     /// yet) on the direction's signal stream after a wait for its counter. The device is bound.
     fn queue_layer_events(
         g: &GpuEvent,
-        counted: &Mutex<CountedLayers>,
+        counted: &CountedLayers,
         index: u64,
     ) -> Result<sys::CUevent> {
-        let mut c = counted.lock().unwrap_or_else(|p| p.into_inner());
-        while c.events.len() as u64 <= index {
-            let i = c.events.len();
+        let c = &counted.counters;
+        let mut events = counted.events.lock().unwrap_or_else(|p| p.into_inner());
+        while events.len() as u64 <= index {
+            let i = events.len();
             // SAFETY: the signal stream is the device's; the counter stays allocated while the
             // device lives (see `counted_layer_stream_wait`).
             check(
                 unsafe {
                     sys::cuStreamWaitValue32_v2(
-                        c.counters.stream,
-                        c.counters.device + 4 * i as u64,
-                        c.counters.targets[i],
+                        c.stream,
+                        c.device + 4 * i as u64,
+                        c.targets[i],
                         sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
                     )
                 },
@@ -449,15 +440,15 @@ impl Transfer {
             let e = g.dev.event()?;
             // SAFETY: a pooled event of the device, recorded on its signal stream.
             if let Err(err) = check(
-                unsafe { sys::cuEventRecord(e, c.counters.stream) },
+                unsafe { sys::cuEventRecord(e, c.stream) },
                 "cuEventRecord (layer)",
             ) {
                 g.dev.recycle_event(e);
                 return Err(err);
             }
-            c.events.push(e);
+            events.push(e);
         }
-        Ok(c.events[index as usize])
+        Ok(events[index as usize])
     }
 
     /// `layer_wait` of a kernel transfer: queues the layer's event (`queue_layer_events`),
@@ -465,7 +456,7 @@ impl Transfer {
     /// every LAYER_POLL.
     fn counted_layer_wait(
         &self,
-        counted: &Mutex<CountedLayers>,
+        counted: &CountedLayers,
         index: u64,
         timeout: Option<Duration>,
     ) -> Result<()> {
@@ -492,11 +483,7 @@ impl Transfer {
             let now = Instant::now();
             let left = deadline.map(|d| d.saturating_duration_since(now));
             if left.is_some_and(|l| l.is_zero()) {
-                return Err(Error::Timeout(format!(
-                    "layer {} still moving after {} µs",
-                    self.layers.start + index,
-                    timeout.unwrap_or_default().as_micros()
-                )));
+                return Err(layer_timeout(self.layers.start + index, timeout));
             }
             if now < spin_until {
                 drop(s);
@@ -716,6 +703,14 @@ impl Transfer {
     }
 }
 
+/// A layer wait that ran out of `timeout`.
+fn layer_timeout(layer: u64, timeout: Option<Duration>) -> Error {
+    Error::Timeout(format!(
+        "layer {layer} still moving after {} µs",
+        timeout.unwrap_or_default().as_micros()
+    ))
+}
+
 impl Drop for Transfer {
     fn drop(&mut self) {
         let _ = self.wait(None);
@@ -723,8 +718,11 @@ impl Drop for Transfer {
         // so their counters are reached and the signal stream passes them. (Re-recorded by a
         // later transfer before that, they would only be later than needed.)
         if let (Some(counted), Some(g)) = (self.counted.take(), &self.gpu) {
-            let c = counted.into_inner().unwrap_or_else(|p| p.into_inner());
-            for e in c.events {
+            let events = counted
+                .events
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner());
+            for e in events {
                 g.dev.recycle_event(e);
             }
         }

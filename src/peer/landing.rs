@@ -111,19 +111,24 @@ impl Arena {
 
     fn new(memory: Memory, agent: &nixl_sys::Agent, first: u32) -> Result<Self> {
         memory.ensure_nixl_registered(agent)?;
-        let addr = memory.regions()[0].addr;
-        Ok(Self {
+        let desc = ArenaDesc {
+            addr: memory.regions()[0].addr,
+            slot_bytes: SLOT_BYTES,
+            slots: ARENA_SLOTS,
+        };
+        Ok(Self::laid_out(memory, desc, first))
+    }
+
+    /// The arena `desc` over `memory`, its slots numbered from `first`, all free.
+    fn laid_out(memory: Memory, desc: ArenaDesc, first: u32) -> Self {
+        Self {
             memory,
-            desc: ArenaDesc {
-                addr,
-                slot_bytes: SLOT_BYTES,
-                slots: ARENA_SLOTS,
-            },
+            desc,
             first,
-            free: (first..first + ARENA_SLOTS).rev().collect(),
+            free: (first..first + desc.slots).rev().collect(),
             granted: HashMap::new(),
             missed: HashMap::new(),
-        })
+        }
     }
 
     /// The device the arena's memory is on, for a device arena.
@@ -529,20 +534,23 @@ mod tests {
         assert_eq!(&slot[40..44], &[7; 4]);
     }
 
+    /// `slots` slots of 4 KiB from 1 MiB (no memory behind them), numbered from `first`.
+    fn test_arena(slots: u32, first: u32) -> Arena {
+        let desc = ArenaDesc {
+            addr: 1 << 20,
+            slot_bytes: 4096,
+            slots,
+        };
+        Arena::laid_out(
+            Memory::caller_owned(StorageKind::System, 0, vec![]),
+            desc,
+            first,
+        )
+    }
+
     #[test]
     fn slots_are_granted_once_per_importer_and_come_back() {
-        let mut a = Arena {
-            memory: Memory::caller_owned(StorageKind::System, 0, vec![]),
-            desc: ArenaDesc {
-                addr: 1 << 20,
-                slot_bytes: 4096,
-                slots: 2 * GRANT as u32 + 1,
-            },
-            first: 0,
-            free: (0..2 * GRANT as u32 + 1).rev().collect(),
-            granted: HashMap::new(),
-            missed: HashMap::new(),
-        };
+        let mut a = test_arena(2 * GRANT as u32 + 1, 0);
         let g1 = a.grant("one");
         assert_eq!(g1.len(), GRANT);
         assert_eq!(a.grant("one"), g1, "the same slots again");
@@ -613,18 +621,7 @@ mod tests {
 
     #[test]
     fn device_slots_are_numbered_apart_from_host_slots() {
-        let mut a = Arena {
-            memory: Memory::caller_owned(StorageKind::System, 0, vec![]),
-            desc: ArenaDesc {
-                addr: 1 << 20,
-                slot_bytes: 4096,
-                slots: ARENA_SLOTS,
-            },
-            first: DEVICE_FIRST,
-            free: (DEVICE_FIRST..DEVICE_FIRST + ARENA_SLOTS).rev().collect(),
-            granted: HashMap::new(),
-            missed: HashMap::new(),
-        };
+        let mut a = test_arena(ARENA_SLOTS, DEVICE_FIRST);
         let g = a.grant("one");
         assert_eq!(
             g,

@@ -335,11 +335,11 @@ fn rounds(
         let mut line = format!("{what} round {round}:");
         for turn in 0..n {
             let k = (round + turn) % n;
-            let t0 = std::time::Instant::now();
-            settle()?;
-            let ts = t0.elapsed().as_secs_f64();
+            let ts = secs(&mut *settle)?;
             let t = secs(&mut *steps[k])?;
-            line += &format!(" step{k}={:.1}us(settle {:.1}us)", t * 1e6, ts * 1e6);
+            if log {
+                line += &format!(" step{k}={:.1}us(settle {:.1}us)", t * 1e6, ts * 1e6);
+            }
             if round > 0 {
                 times[k].push(t);
             }
