@@ -5,9 +5,11 @@
 // time (or nvcc at build), the same source either way.
 //
 // The table (both layouts' bases, then the pairs) travels inside the kernel parameter where it
-// fits (4 KB, or 32 KB on drivers from CUDA 12.1), so a transfer is one launch; larger tables
-// are uploaded to device memory first. The upload cost 10-14 us of GPU time before the kernel
-// on an H100 (docs/BENCHMARKS.md, "GPU tiers, third pass"), about 2% of a 1 GiB copy.
+// fits (4 KB), so a transfer is one launch; larger tables are uploaded to device memory first.
+// The upload costs 10-14 us of GPU time before the kernel (H100, docs/BENCHMARKS.md, "GPU
+// tiers, third pass"), but a 32 KB parameter cost more: the driver took 14-20 us of the
+// submitting thread to launch it, and 1 GiB of 4 KiB pieces arrived 0.02-0.04 later than with
+// the upload (H200, session 10, device run 6).
 //
 // A piece is copied by one warp with 16-byte accesses, eight in flight per lane, through plain
 // loads and stores: evict-first (.cs) accesses ran device-to-device copies 3-4% slower on an
@@ -50,12 +52,11 @@ struct Desc {
                           // (source offset, destination offset, length) triples; 0: none
 };
 
-// Table sizes, in u64 words, that fit the three inline kernels' parameters (1024, 4096 and
-// 32760 bytes with the descriptor); kernel.rs mirrors these. The driver copies the whole
+// Table sizes, in u64 words, that fit the two inline kernels' parameters (1024 and 4096 bytes
+// with the descriptor); kernel.rs mirrors these. The driver copies the whole
 // parameter at each launch, so a small table takes the smallest.
 #define KVX_INLINE_TINY 104
 #define KVX_INLINE_SMALL 488
-#define KVX_INLINE_LARGE 4071
 
 __device__ __forceinline__ u64 address(const Side& s, const u64* t, u64 outer, u64 b, u64 l,
                                        u64 o) {
@@ -237,7 +238,7 @@ struct Inline {
 };
 
 // The entry points: the table in device memory (kvx_copy_blocks), or inside the parameter
-// (_p1k, _p4k, _p32k): __grid_constant__ lets the warps read it in place (constant cache)
+// (_p1k, _p4k): __grid_constant__ lets the warps read it in place (constant cache)
 // instead of each thread copying the parameter to local memory.
 #define KVX_BLOCK_ENTRIES(SUFFIX, THREADS)                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) kvx_copy_blocks##SUFFIX(const Desc d) { \
@@ -249,10 +250,6 @@ struct Inline {
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(THREADS)                                      \
       kvx_copy_blocks_p4k##SUFFIX(const __grid_constant__ Inline<KVX_INLINE_SMALL> p) {       \
-    copy_items(p.d, p.table);                                                                \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                      \
-      kvx_copy_blocks_p32k##SUFFIX(const __grid_constant__ Inline<KVX_INLINE_LARGE> p) {      \
     copy_items(p.d, p.table);                                                                \
   }
 

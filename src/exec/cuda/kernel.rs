@@ -57,14 +57,12 @@ struct Desc {
 }
 
 const DESC_WORDS: usize = std::mem::size_of::<Desc>() / 8;
-/// Table words the inline kernels carry: `KVX_INLINE_TINY` / `_SMALL` / `_LARGE` in
-/// copy_blocks.cu, so that descriptor and table make 1024, 4096 and 32760 bytes.
+/// Table words the inline kernels carry: `KVX_INLINE_TINY` / `_SMALL` in copy_blocks.cu, so
+/// that descriptor and table make 1024 and 4096 bytes.
 const INLINE_TINY: usize = 104;
 const INLINE_SMALL: usize = 488;
-const INLINE_LARGE: usize = 4071;
 const _: () = assert!((DESC_WORDS + INLINE_TINY) * 8 == 1024);
 const _: () = assert!((DESC_WORDS + INLINE_SMALL) * 8 == 4096);
-const _: () = assert!((DESC_WORDS + INLINE_LARGE) * 8 <= 32764);
 
 /// The copy kernel's module on one device, with its entry points.
 #[derive(Debug)]
@@ -76,8 +74,6 @@ pub(crate) struct Kernel {
     tiny: Option<Entry>,
     /// Table inside a 4 KB parameter.
     small: Entry,
-    /// Table inside a 32 KB parameter (CUDA 12.1 drivers and later).
-    large: Option<Entry>,
     /// Copies of an explicit list (`kvx_copy_list`).
     list: Option<Entry>,
     /// Blocks each direction may take.
@@ -198,7 +194,6 @@ impl Kernel {
             table: module.entry(c"kvx_copy_blocks", THREADS)?,
             tiny: module.entry(c"kvx_copy_blocks_p1k", THREADS).ok(),
             small: module.entry(c"kvx_copy_blocks_p4k", THREADS)?,
-            large: module.entry(c"kvx_copy_blocks_p32k", THREADS).ok(),
             list: module.entry(c"kvx_copy_list", THREADS).ok(),
             _module: module,
             budget: Budget::full(),
@@ -327,8 +322,6 @@ impl Kernel {
             Some((tiny, INLINE_TINY))
         } else if words <= INLINE_SMALL {
             Some((self.small, INLINE_SMALL))
-        } else if words <= INLINE_LARGE {
-            self.large.map(|e| (e, INLINE_LARGE))
         } else {
             None
         };
