@@ -93,7 +93,7 @@ type WaitValue32 =
 /// kvxfer transfer the stream is held (a stream wait on a pinned flag) while `submit` runs and
 /// released after, so the interval holds the GPU work alone, not the host's submit cost or the
 /// completion wake-ups.
-struct GpuClock {
+pub(super) struct GpuClock {
     wait_value: Option<WaitValue32>,
     flag: *mut u32,
     next: std::cell::Cell<u32>,
@@ -102,7 +102,7 @@ struct GpuClock {
 }
 
 impl GpuClock {
-    fn new() -> Result<Self, String> {
+    pub(super) fn new() -> Result<Self, String> {
         let mut flag = std::ptr::null_mut();
         // SAFETY: the bench's context is current; freed in Drop. Mapped, so that the device
         // reads it through the same (unified) address.
@@ -160,7 +160,7 @@ impl GpuClock {
 
     /// Device time of a kvxfer transfer ordered after `stream` and waited for there; NaN where
     /// the driver has no stream wait on memory values.
-    fn transfer(
+    pub(super) fn transfer(
         &self,
         stream: sys::CUstream,
         submit: impl FnOnce(usize) -> Result<kvxfer::Transfer, String>,
