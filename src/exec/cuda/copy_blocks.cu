@@ -7,7 +7,7 @@
 // The table (both layouts' bases, then the pairs) travels inside the kernel parameter where it
 // fits (4 KB), so a transfer is one launch; larger tables are uploaded to device memory first.
 // The upload costs 10-14 us of GPU time before the kernel (H100, docs/BENCHMARKS.md, "GPU
-// tiers, third pass"), but a 32 KB parameter cost more: the driver took 14-20 us of the
+// tiers, third pass"), but a 32 KB parameter cost more: the driver took 14-70 us of the
 // submitting thread to launch it, and 1 GiB of 4 KiB pieces arrived 0.02-0.04 later than with
 // the upload (H200, session 10, device run 6).
 //
