@@ -539,13 +539,7 @@ impl Transfer {
         // Unknown duration (nothing learned yet, too small to learn from, or gated on a
         // caller's stream): watch from the start. A small transfer is then seen done at once
         // instead of two thread wake-ups later.
-        let watch_from = match g.expected {
-            Some(expected) => {
-                let lead = (expected / 4).min(SPIN_LEAD) + WAKE_LATE;
-                c.started + expected.saturating_sub(lead)
-            }
-            None => c.started,
-        };
+        let watch_from = c.started + watch_after(g.expected);
         {
             let mut s = c.lock();
             loop {
@@ -708,6 +702,15 @@ impl Transfer {
     }
 }
 
+/// How long after its submit a waiter starts watching a GPU transfer expected to take
+/// `expected` (`None`: unknown, so at once): ahead of the end by a quarter of it, at most
+/// SPIN_LEAD, and by WAKE_LATE more, which its sleep may overshoot.
+fn watch_after(expected: Option<Duration>) -> Duration {
+    expected.map_or(Duration::ZERO, |e| {
+        e.saturating_sub((e / 4).min(SPIN_LEAD) + WAKE_LATE)
+    })
+}
+
 /// A layer wait that ran out of `timeout`.
 fn layer_timeout(layer: u64, timeout: Option<Duration>) -> Error {
     Error::Timeout(format!(
@@ -739,6 +742,23 @@ mod tests {
     use super::*;
     use crate::options::Mechanism;
     use crate::plan::{Plan, Strategy};
+
+    #[test]
+    fn a_waiter_starts_watching_early_enough_for_a_late_wake_up() {
+        let us = Duration::from_micros;
+        // Unknown or short: at once.
+        assert_eq!(watch_after(None), Duration::ZERO);
+        assert_eq!(watch_after(Some(us(150))), Duration::ZERO);
+        // A 256 MiB device copy (~140 µs) too; 400 µs: a quarter and WAKE_LATE ahead.
+        assert_eq!(watch_after(Some(us(140))), Duration::ZERO);
+        assert_eq!(watch_after(Some(us(400))), us(400 - 100 - 120));
+        // Long: SPIN_LEAD and WAKE_LATE ahead, so that a sleep ending up to WAKE_LATE late
+        // still starts watching before the end.
+        assert_eq!(watch_after(Some(us(5000))), us(5000 - 250 - 120));
+        for e in [200, 1000, 100_000] {
+            assert!(watch_after(Some(us(e))) + WAKE_LATE < us(e));
+        }
+    }
 
     fn stats() -> TransferStats {
         TransferStats {
