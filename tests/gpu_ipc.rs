@@ -86,6 +86,28 @@ fn pieces(l: &Layout, ids: &[u64], layers: std::ops::Range<u64>) -> Vec<Vec<u8>>
     out
 }
 
+/// `seen` (the destination as read back) holds `written`'s blocks `src` as its blocks `dst` in
+/// layers 1 and 2, and `untouched`'s in layers 0 and 3.
+fn layers_1_and_2_moved(
+    seen: &Layout,
+    written: &Layout,
+    untouched: &Layout,
+    src: &[u64],
+    dst: &[u64],
+    what: &str,
+) {
+    for (&s, &d) in src.iter().zip(dst) {
+        assert_eq!(
+            pieces(seen, &[d], 1..3),
+            pieces(written, &[s], 1..3),
+            "{what} block {d}"
+        );
+        for l in [0..1, 3..4] {
+            assert_eq!(pieces(seen, &[d], l.clone()), pieces(untouched, &[d], l));
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU and NIXL's UCX backend: run scripts/gpu-test"]
 fn ipc_moves_device_blocks_between_two_processes_on_one_gpu() {
@@ -176,16 +198,7 @@ fn between_processes(test: &str, server_device: i32) {
         );
         ctx.fill(&written, &all(12), 100 + k as u64).unwrap();
         ctx.fill(&untouched, &all(12), seed).unwrap();
-        for (&s, &d) in src.iter().zip(&dst) {
-            assert_eq!(
-                pieces(&seen, &[d], 1..3),
-                pieces(&written, &[s], 1..3),
-                "block {d}"
-            );
-            for l in [0..1, 3..4] {
-                assert_eq!(pieces(&seen, &[d], l.clone()), pieces(&untouched, &[d], l));
-            }
-        }
+        layers_1_and_2_moved(&seen, &written, &untouched, &src, &dst, "");
         // The other way round: NIXL (the peer's device arena: small device pieces) writes the
         // peer's blocks 11, 10, 9, and IPC reads them back.
         let from_nixl = layout(&by_nixl, shape(kind), StorageKind::Device);
@@ -458,16 +471,14 @@ fn small_device_pieces_go_through_the_peers_device_arena() {
         );
         importer.fill(&written, &all(12), 50).unwrap();
         exporter.fill(&untouched, &all(12), 3).unwrap();
-        for (&s, &d) in src.iter().zip(&dst) {
-            assert_eq!(
-                pieces(&seen, &[d], 1..3),
-                pieces(&written, &[s], 1..3),
-                "{kind:?}"
-            );
-            for l in [0..1, 3..4] {
-                assert_eq!(pieces(&seen, &[d], l.clone()), pieces(&untouched, &[d], l));
-            }
-        }
+        layers_1_and_2_moved(
+            &seen,
+            &written,
+            &untouched,
+            &src,
+            &dst,
+            &format!("{kind:?}"),
+        );
         for b in 0..7 {
             assert_eq!(pieces(&seen, &[b], 0..4), pieces(&untouched, &[b], 0..4));
         }

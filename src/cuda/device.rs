@@ -417,6 +417,26 @@ impl CudaDevice {
         }
     }
 
+    /// Waits for `event` (from `record_or_abandon`), then gives it and the work's `table` back to
+    /// the pools; `what` names the work in an error. After a failed wait the stream may not
+    /// have passed the table: it stays out of the pool (its pinned memory is leaked, not reused
+    /// under a running kernel).
+    pub(crate) fn wait_recorded(
+        &self,
+        event: CUevent,
+        table: Option<TableBuffer>,
+        what: &str,
+    ) -> Result<()> {
+        // SAFETY: a pooled event of this device; the pool's events are blocking-sync, so this
+        // thread sleeps.
+        let r = check(unsafe { sys::cuEventSynchronize(event) }, what);
+        self.recycle_event(event);
+        if let Some(t) = table.filter(|_| r.is_ok()) {
+            self.recycle_table(t);
+        }
+        r
+    }
+
     /// Runs every strategy-independent check a pointer from a caller needs: that `addr` lies
     /// in memory this device can reach with `len` bytes after it.
     pub(crate) fn check_device_range(&self, addr: u64, len: u64) -> Result<()> {
@@ -452,6 +472,11 @@ impl CudaDevice {
     }
 }
 
+/// Everything in a pool, taken out (also from a poisoned lock: only Drop calls it).
+fn drain<T>(pool: &mut Mutex<Vec<T>>) -> Vec<T> {
+    std::mem::take(pool.get_mut().unwrap_or_else(|p| p.into_inner()))
+}
+
 impl Drop for CudaDevice {
     fn drop(&mut self) {
         if self.bind().is_err() {
@@ -467,37 +492,17 @@ impl Drop for CudaDevice {
                     sys::cuStreamDestroy_v2(s);
                 }
             }
-            for e in self
-                .events
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..)
-            {
+            for e in drain(&mut self.events) {
                 sys::cuEventDestroy_v2(e);
             }
-            for t in self
-                .tables
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..)
-            {
+            for t in drain(&mut self.tables) {
                 sys::cuMemFreeHost(t.host.cast());
                 sys::cuMemFree_v2(t.device);
             }
-            for s in self
-                .signals
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..)
-            {
+            for s in drain(&mut self.signals) {
                 sys::cuMemFree_v2(s.device);
             }
-            for d in self
-                .retired_signals
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(..)
-            {
+            for d in drain(&mut self.retired_signals) {
                 sys::cuMemFree_v2(d);
             }
             let mut dev = 0;

@@ -5,10 +5,8 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{self, CUevent};
-
 use super::{CudaExec, Kernel};
-use crate::cuda::{CudaDevice, Direction, TableBuffer, check};
+use crate::cuda::{CudaDevice, Direction};
 use crate::error::Result;
 use crate::memory::{DeviceCopier, Memory, StorageKind};
 use crate::plan::CopyOp;
@@ -56,26 +54,7 @@ impl DeviceCopier for KernelCopier {
                 .enqueue_list(&self.dev, stream, &ops, self.kernel.ctas(d))
         }?;
         let (event, table) = self.dev.record_or_abandon(stream, Some(table))?;
-        wait_event(&self.dev, event, table, "a landing arena's device copy")
+        self.dev
+            .wait_recorded(event, table, "a landing arena's device copy")
     }
-}
-
-/// Waits for `event` (pooled, recorded after queued copies on a stream of `dev`), then gives it
-/// and the copies' list `table` back to the pools. After a failed wait the stream may not have
-/// passed the table: it stays out of the pool (its pinned memory is leaked, not reused under a
-/// running kernel).
-pub(crate) fn wait_event(
-    dev: &CudaDevice,
-    event: CUevent,
-    table: Option<TableBuffer>,
-    what: &str,
-) -> Result<()> {
-    // SAFETY: a pooled event of `dev`, recorded after the copies; the pool's events are
-    // blocking-sync, so this thread sleeps.
-    let r = check(unsafe { sys::cuEventSynchronize(event) }, what);
-    dev.recycle_event(event);
-    if let Some(t) = table.filter(|_| r.is_ok()) {
-        dev.recycle_table(t);
-    }
-    r
 }

@@ -17,7 +17,6 @@ use nixl_sys::{Agent, XferRequest};
 
 pub(crate) use pool::BouncePool;
 
-use super::cuda::arena::wait_event;
 use super::cuda::copy::{enqueue_copy_engine, prefers_kernel};
 use super::cuda::{CudaExec, Kernel};
 use super::nixl::NixlExec;
@@ -75,7 +74,7 @@ impl InFlight<'_> {
             }
             InFlight::Cuda(dev, event, table) => {
                 let waited = std::time::Instant::now();
-                let r = wait_event(dev, event, table, "copying through the bounce buffer");
+                let r = dev.wait_recorded(event, table, "copying through the bounce buffer");
                 tracing::trace!(
                     waited_us = waited.elapsed().as_micros() as u64,
                     "device hop waited for"
