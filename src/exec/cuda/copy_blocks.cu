@@ -50,13 +50,14 @@ struct Desc {
   u64 system_fence;       // 1: the destination is host memory (fence at system scope)
   u64 pieces;             // head transform: word index in the table of pieces_per_region
                           // (source offset, destination offset, length) triples; 0: none
+  u64 run;                // consecutive items in one run of a warp: 1, 2, 4, 8, 16 or 32
 };
 
 // Table sizes, in u64 words, that fit the two inline kernels' parameters (1024 and 4096 bytes
 // with the descriptor); kernel.rs mirrors these. The driver copies the whole
 // parameter at each launch, so a small table takes the smallest.
-#define KVX_INLINE_TINY 104
-#define KVX_INLINE_SMALL 488
+#define KVX_INLINE_TINY 103
+#define KVX_INLINE_SMALL 487
 
 __device__ __forceinline__ u64 address(const Side& s, const u64* t, u64 outer, u64 b, u64 l,
                                        u64 o) {
@@ -172,24 +173,31 @@ __device__ __forceinline__ bool copy_small(u64 src, u64 dst, u64 len, unsigned n
   return true;
 }
 
-// Items run layer by layer (layer outermost), so that with a grid-stride loop the layers finish
-// in order. A warp takes 32 of its items at a time: each lane works out one item's addresses,
-// then the warp copies the 32 pieces one after the other, taking each one's addresses from its
-// lane. Address arithmetic (divisions, table reads, the layout formulas) is then one pass per
-// 32 pieces instead of one per piece: beside an engine whose warps take most issue slots, it
-// was what limited the copy of small pieces. With signals, a warp adds the pieces of a layer to
-// the layer's counter once they are in place, when it moves on to another layer (one fence per
+// Items run layer by layer (layer outermost). A warp owns runs of d.run consecutive items,
+// runs w, w + warps, w + 2 warps, ... (with runs of one item: the items whose index is its own
+// modulo the number of warps), and takes 32 of its items at a time, in ascending order, so
+// that layers finish in order. Each lane works out one item's addresses, then the warp copies
+// the 32 pieces one after the other, taking each one's addresses from its lane. Address
+// arithmetic (divisions, table reads, the layout formulas) is then one pass per 32 pieces
+// instead of one per piece: beside an engine whose warps take most issue slots, it was what
+// limited the copy of small pieces. With signals, a warp adds the pieces of a layer to the
+// layer's counter once they are in place, when it moves on to another layer (one fence per
 // layer, not per piece: a fence per 4 KiB piece cost a fifth of device-to-device speed), and
 // the host's stream waits for each counter to reach the layer's item count: per-layer
-// completion from one launch.
+// completion from one launch. Runs longer than one item (kernel.rs, `run_len`) keep a warp in
+// one layer for longer where layers have fewer items than the launch has warps.
 __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
   const unsigned lane = threadIdx.x & 31u;
   const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const u64 warps = ((u64)gridDim.x * blockDim.x) >> 5;
+  const u64 runs_per_batch = 32 / d.run;
+  // This lane's run within a batch and its item within the run.
+  const u64 j = lane / d.run, off = lane % d.run;
   unsigned pending = 0;
   u64 counting = 0;
-  for (u64 base = warp; base < d.items; base += 32 * warps) {
-    const u64 mine = base + lane * warps;
+  for (u64 b = 0; (b * runs_per_batch * warps + warp) * d.run < d.items; ++b) {
+    // Items ascend with the lane, so the lanes that have one are 0 .. n - 1.
+    const u64 mine = ((b * runs_per_batch + j) * warps + warp) * d.run + off;
     u64 src = 0, dst = 0, len = 0, lr = 0;
     if (mine < d.items) {
       const Pos x = split(d, mine);
@@ -210,8 +218,7 @@ __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
       dst = address(d.dst, t, d.outer, db, l, x.o) + dst_off;
       lr = x.l;
     }
-    const u64 left = (d.items - base + warps - 1) / warps;
-    const unsigned n = left < 32 ? (unsigned)left : 32u;
+    const unsigned n = __popc(__ballot_sync(0xffffffffu, mine < d.items));
     if (copy_small(src, dst, len, n, lane)) {
       if (d.signals) {
         for (unsigned k = 0; k < n; ++k) {

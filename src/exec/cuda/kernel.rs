@@ -22,6 +22,9 @@ const THREADS: u32 = 256;
 const PIECE: u64 = 64 << 10;
 /// Short transfers cut regions down to this, so that every warp has a piece.
 const MIN_PIECE: u64 = 4 << 10;
+/// Device-to-device bytes a warp copies between two of its layer counts (each a fence that
+/// waits for the warp's stores): runs of consecutive items are made this long (`run_len`).
+const FENCE_WORK: u64 = 64 << 10;
 
 /// One side of the descriptor; mirrors `struct Side` in copy_blocks.cu.
 #[repr(C)]
@@ -54,13 +57,14 @@ struct Desc {
     signals: u64,
     system_fence: u64,
     pieces: u64,
+    run: u64,
 }
 
 const DESC_WORDS: usize = std::mem::size_of::<Desc>() / 8;
 /// Table words the inline kernels carry: `KVX_INLINE_TINY` / `_SMALL` in copy_blocks.cu, so
 /// that descriptor and table make 1024 and 4096 bytes.
-const INLINE_TINY: usize = 104;
-const INLINE_SMALL: usize = 488;
+const INLINE_TINY: usize = 103;
+const INLINE_SMALL: usize = 487;
 const _: () = assert!((DESC_WORDS + INLINE_TINY) * 8 == 1024);
 const _: () = assert!((DESC_WORDS + INLINE_SMALL) * 8 == 4096);
 
@@ -276,7 +280,14 @@ impl Kernel {
                 "cuMemcpyHtoDAsync (copy list)",
             )?;
             // SAFETY: the entry takes (const List) by value: two u64s.
-            unsafe { launch(entry, stream, list.as_mut_ptr().cast(), n, ctas) }
+            unsafe {
+                launch(
+                    entry,
+                    stream,
+                    list.as_mut_ptr().cast(),
+                    blocks_for(entry, n, ctas),
+                )
+            }
         };
         match run() {
             Ok(ctas) => Ok((table, ctas)),
@@ -332,6 +343,15 @@ impl Kernel {
             None => region.div_ceil(piece),
         };
         let items_per_layer = pairs as u64 * outer * pieces_per_region;
+        let items = items_per_layer * layers;
+        let blocks = blocks_for(entry, items, ctas);
+        let warps = u64::from(blocks) * u64::from(THREADS / 32);
+        let run = run_len(
+            job.direction,
+            moved / pieces_per_region.max(1),
+            items,
+            warps,
+        );
         let mut desc = Desc {
             src: side(src, 0),
             dst: side(dst, src_regions.len()),
@@ -344,7 +364,7 @@ impl Kernel {
             pairs: pairs as u64,
             pair_ids: n_bases as u64,
             id_bytes: width as u64,
-            items: pairs as u64 * layers * outer * pieces_per_region,
+            items,
             table: 0,
             signals: job.signals.map_or(0, |(a, _)| a),
             system_fence: u64::from(job.signals.is_some_and(|(_, host)| host)),
@@ -353,6 +373,7 @@ impl Kernel {
             } else {
                 0
             },
+            run,
         };
         if let Some((entry, capacity)) = inline {
             let mut param = vec![0u64; DESC_WORDS + capacity];
@@ -363,8 +384,7 @@ impl Kernel {
             // SAFETY: `param` holds the whole Inline<capacity> parameter the entry takes; the
             // driver copies it during the call.
             let t0 = std::time::Instant::now();
-            let ctas =
-                unsafe { launch(entry, stream, param.as_mut_ptr().cast(), desc.items, ctas) }?;
+            let ctas = unsafe { launch(entry, stream, param.as_mut_ptr().cast(), blocks) }?;
             // How long the driver took to queue the launch (KVX_LOG=kvxfer=trace).
             tracing::trace!(
                 words,
@@ -377,7 +397,7 @@ impl Kernel {
                 table: None,
                 ctas,
                 items_per_layer,
-                in_layer_order: in_layer_order(items_per_layer, ctas),
+                in_layer_order: in_layer_order(items_per_layer, run, ctas),
             });
         }
         let table = dev.table(words)?;
@@ -388,7 +408,7 @@ impl Kernel {
         write_table(host, &bases, job.src_blocks, job.dst_blocks, width);
         write_pieces(&mut host[n_bases + id_words..], job.pieces);
         let t0 = std::time::Instant::now();
-        let mut run = || -> Result<u32> {
+        let mut queue = || -> Result<u32> {
             // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
             // asynchronous and ordered before the launch on the same stream.
             check(
@@ -398,17 +418,9 @@ impl Kernel {
                 "cuMemcpyHtoDAsync (copy kernel table)",
             )?;
             // SAFETY: the entry takes (const Desc) by value.
-            unsafe {
-                launch(
-                    self.table,
-                    stream,
-                    (&mut desc as *mut Desc).cast(),
-                    desc.items,
-                    ctas,
-                )
-            }
+            unsafe { launch(self.table, stream, (&mut desc as *mut Desc).cast(), blocks) }
         };
-        let ran = run();
+        let ran = queue();
         tracing::trace!(
             words,
             launch_ns = t0.elapsed().as_nanos() as u64,
@@ -419,7 +431,7 @@ impl Kernel {
                 table: Some(table),
                 ctas,
                 items_per_layer,
-                in_layer_order: in_layer_order(items_per_layer, ctas),
+                in_layer_order: in_layer_order(items_per_layer, run, ctas),
             }),
             Err(e) => {
                 dev.abandon(stream, Some(table));
@@ -429,9 +441,30 @@ impl Kernel {
     }
 }
 
-/// `Launched::in_layer_order` for `items_per_layer` items on `ctas` blocks.
-fn in_layer_order(items_per_layer: u64, ctas: u32) -> bool {
-    items_per_layer >= u64::from(ctas) * u64::from(THREADS / 32)
+/// Items in one run of consecutive items a warp copies (`copy_items` in copy_blocks.cu): a
+/// power of two from 1 to 32. Device to device, runs of FENCE_WORK bytes: a warp publishes a
+/// layer's count (a fence that waits for its stores, with nothing of its own in flight) when
+/// its next item is of another layer, and with single items strided over the whole range it
+/// did so after every item once a layer had fewer items than the launch has warps (256 MiB of
+/// 4 KiB pieces moved at 0.70 of one large copy in device time; session 10, device run 8).
+/// Longer runs make the layers complete in coarser steps (`in_layer_order`), and never so long
+/// that some warps have no run. Host <-> device, single items: the link, not the fences, sets
+/// the pace, and layer-by-layer reloads want the finest steps.
+fn run_len(direction: Direction, item_bytes: u64, items: u64, warps: u64) -> u64 {
+    if direction != Direction::DeviceToDevice {
+        return 1;
+    }
+    let want = FENCE_WORK / item_bytes.max(1);
+    let most = items / warps.max(1);
+    let r = want.min(most).clamp(1, 32);
+    1 << r.ilog2()
+}
+
+/// `Launched::in_layer_order` for `items_per_layer` items of each layer in runs of `run` on
+/// `ctas` blocks. Warp w owns runs w, w + warps, ... of `run` items each, which recur every
+/// `run × warps` items: any `run × warps` consecutive items hold some of every warp's.
+fn in_layer_order(items_per_layer: u64, run: u64, ctas: u32) -> bool {
+    items_per_layer >= run * u64::from(ctas) * u64::from(THREADS / 32)
 }
 
 /// A transform's pieces as (source offset, destination offset, length) triples.
@@ -471,40 +504,158 @@ fn desc_words(d: &Desc) -> [u64; DESC_WORDS] {
     unsafe { std::mem::transmute(*d) }
 }
 
-/// Launches `entry` with enough warps for `items`, on at most `ctas` blocks and one wave;
-/// returns the blocks launched.
+/// Blocks a launch of `entry` for `items` takes: enough warps for them, at most `ctas` and one
+/// wave, at least one.
+fn blocks_for(entry: Entry, items: u64, ctas: u32) -> u32 {
+    let warps_per_block = u64::from(THREADS / 32);
+    items
+        .div_ceil(warps_per_block)
+        .min(u64::from(ctas.clamp(1, entry.max_blocks)))
+        .max(1) as u32
+}
+
+/// Launches `entry` on `blocks` blocks (`blocks_for`); returns them.
 ///
 /// # Safety
 /// As `Entry::launch`.
-unsafe fn launch(
-    entry: Entry,
-    stream: CUstream,
-    param: *mut c_void,
-    items: u64,
-    ctas: u32,
-) -> Result<u32> {
-    let warps_per_block = u64::from(THREADS / 32);
-    let blocks = items
-        .div_ceil(warps_per_block)
-        .min(u64::from(ctas.clamp(1, entry.max_blocks))) as u32;
+unsafe fn launch(entry: Entry, stream: CUstream, param: *mut c_void, blocks: u32) -> Result<u32> {
     // SAFETY: forwarded to the caller.
     unsafe { entry.launch(stream, param, blocks) }?;
-    Ok(blocks.max(1))
+    Ok(blocks)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{PIECE, in_layer_order, list_ops, write_table};
+    use super::{PIECE, THREADS, in_layer_order, list_ops, run_len, write_table};
+    use crate::cuda::Direction;
     use crate::plan::CopyOp;
 
+    /// Each lane's item of each batch warp `w` of `warps` takes, as `copy_items` in
+    /// copy_blocks.cu computes them (`None`: no item).
+    fn batches_of(w: u64, warps: u64, items: u64, run: u64) -> Vec<Vec<Option<u64>>> {
+        let per_batch = 32 / run;
+        let mut out = Vec::new();
+        let mut b = 0;
+        while (b * per_batch * warps + w) * run < items {
+            out.push(
+                (0..32u64)
+                    .map(|lane| {
+                        let mine = ((b * per_batch + lane / run) * warps + w) * run + lane % run;
+                        (mine < items).then_some(mine)
+                    })
+                    .collect(),
+            );
+            b += 1;
+        }
+        out
+    }
+
+    fn items_of(w: u64, warps: u64, items: u64, run: u64) -> Vec<u64> {
+        batches_of(w, warps, items, run)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect()
+    }
+
     #[test]
-    fn layers_complete_in_order_with_a_piece_per_warp_and_layer() {
-        // 12 blocks of 256 threads: 96 warps.
-        assert!(in_layer_order(96, 12));
-        assert!(in_layer_order(1 << 20, 12));
-        assert!(!in_layer_order(95, 12));
-        assert!(!in_layer_order(32, 12));
-        assert!(in_layer_order(32, 1));
+    fn runs_cover_every_item_once_in_ascending_lane_prefixes() {
+        for warps in [1u64, 8, 96, 256, 2112] {
+            for items in [1u64, 7, 95, 96, 97, 300, 4096, 65536] {
+                for run in [1u64, 2, 4, 16, 32] {
+                    let mut seen = vec![0u8; items as usize];
+                    for w in 0..warps {
+                        for batch in batches_of(w, warps, items, run) {
+                            // The lanes with an item come first (the kernel counts them).
+                            let n = batch.iter().take_while(|i| i.is_some()).count();
+                            assert!(batch[n..].iter().all(Option::is_none));
+                            assert!(n > 0, "an empty batch");
+                            let mine: Vec<u64> = batch.into_iter().flatten().collect();
+                            assert!(mine.windows(2).all(|p| p[0] < p[1]), "ascending");
+                            for i in mine {
+                                seen[i as usize] += 1;
+                            }
+                        }
+                    }
+                    assert!(
+                        seen.iter().all(|&n| n == 1),
+                        "{items} items, {warps} warps, runs of {run}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn single_item_runs_are_the_strided_walk() {
+        let (warps, items) = (96u64, 10_000u64);
+        for w in [0, 5, 95] {
+            let strided: Vec<u64> = (w..items).step_by(warps as usize).collect();
+            assert_eq!(items_of(w, warps, items, 1), strided);
+        }
+    }
+
+    #[test]
+    fn runs_are_long_only_device_to_device_and_leave_no_warp_idle() {
+        let d2d = Direction::DeviceToDevice;
+        // 256 MiB of 4 KiB pieces on a full wave (2112 warps): 16 items of 64 KiB per run.
+        assert_eq!(run_len(d2d, 4096, 65536, 2112), 16);
+        assert_eq!(run_len(d2d, 16 << 10, 65536, 2112), 4);
+        assert_eq!(run_len(d2d, 64 << 10, 4096, 2112), 1);
+        assert_eq!(run_len(d2d, 256, 1 << 20, 2112), 32);
+        // Fewer items than warps times the run: shorter runs, every warp has one.
+        assert_eq!(run_len(d2d, 4096, 256, 256), 1);
+        assert_eq!(run_len(d2d, 4096, 3 * 2112, 2112), 2);
+        for direction in [Direction::HostToDevice, Direction::DeviceToHost] {
+            assert_eq!(run_len(direction, 4096, 65536, 96), 1);
+        }
+    }
+
+    #[test]
+    fn layers_complete_in_order_when_every_warp_has_items_of_every_layer() {
+        for ctas in [1u32, 12, 264] {
+            let warps = u64::from(ctas * THREADS / 32);
+            for run in [1u64, 4, 16] {
+                for per_layer in [1u64, 32, 95, 96, 1536, 2048, 8192] {
+                    let layers = 8;
+                    let items = per_layer * layers;
+                    let every = (0..warps).all(|w| {
+                        let mut touched = vec![false; layers as usize];
+                        for i in items_of(w, warps, items, run) {
+                            touched[(i / per_layer) as usize] = true;
+                        }
+                        touched.iter().all(|&t| t)
+                    });
+                    if in_layer_order(per_layer, run, ctas) {
+                        assert!(every, "{per_layer} per layer, runs of {run}, {ctas} blocks");
+                    }
+                }
+            }
+        }
+        // 12 blocks: 96 warps.
+        assert!(in_layer_order(96, 1, 12));
+        assert!(!in_layer_order(95, 1, 12));
+        assert!(!in_layer_order(96, 2, 12));
+        assert!(in_layer_order(32, 1, 1));
+    }
+
+    #[test]
+    fn a_warp_crosses_few_layer_boundaries_device_to_device() {
+        // 256 MiB of 4 KiB pieces in 32 layers on a full wave of an H200 (2112 warps): with
+        // single items each warp touches 31 layers, with the runs `run_len` picks at most two.
+        let (warps, per_layer) = (2112u64, 2048u64);
+        let items = 32 * per_layer;
+        let layers_of = |w, run| {
+            let mut l: Vec<u64> = items_of(w, warps, items, run)
+                .iter()
+                .map(|i| i / per_layer)
+                .collect();
+            l.dedup();
+            l.len()
+        };
+        assert_eq!(layers_of(0, 1), 32);
+        let run = run_len(Direction::DeviceToDevice, 4096, items, warps);
+        assert!((0..warps).all(|w| layers_of(w, run) <= 2));
     }
 
     #[test]
