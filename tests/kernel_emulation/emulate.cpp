@@ -97,6 +97,7 @@ struct Case {
   u64 src_kind, dst_kind, region, piece, id_bytes, layer_begin, layers_moved;
   unsigned blocks;
   bool transform;
+  u64 run;  // consecutive items per run of a warp (kernel.rs `run_len`)
 };
 
 // The (src id, dst id) pairs packed `width` bytes per id, little-endian, after the bases.
@@ -159,6 +160,7 @@ bool run_case(const Case& c, std::mt19937_64& rng) {
   d.signals = reinterpret_cast<u64>(counters.data());
   d.system_fence = 0;
   d.pieces = pieces_at;
+  d.run = c.run;
 
   // The reference: what the destination must hold afterwards.
   std::vector<std::vector<unsigned char>> want_allocs;
@@ -187,9 +189,9 @@ bool run_case(const Case& c, std::mt19937_64& rng) {
     if (counters[l] != pairs * outer * ppr) ok = false;
   if (!ok) {
     std::printf("FAIL kinds %llu->%llu region %llu piece %llu ids %llu layers [%llu, +%llu) "
-                "blocks %u transform %d; counters",
+                "blocks %u transform %d run %llu; counters",
                 c.src_kind, c.dst_kind, c.region, c.piece, c.id_bytes, c.layer_begin,
-                c.layers_moved, c.blocks, c.transform);
+                c.layers_moved, c.blocks, c.transform, c.run);
     for (auto n : counters) std::printf(" %u", n);
     std::printf(" (want %llu each)\n", pairs * outer * ppr);
   }
@@ -243,8 +245,13 @@ int main() {
           c.layers_moved = 4 - c.layer_begin - rng() % 2;
           c.blocks = (rng() & 1) ? 1 : 3;
           c.transform = transform;
-          ++cases;
-          failures += !run_case(c, rng);
+          // Runs of 1 (host <-> device) to 32 items; 23 pairs x 2 x pieces make 46 to 552
+          // items, so some runs leave warps idle and some batches end inside a run.
+          for (u64 run : {1ull, 2ull, 4ull, 16ull, 32ull}) {
+            c.run = run;
+            ++cases;
+            failures += !run_case(c, rng);
+          }
         }
       }
     }
