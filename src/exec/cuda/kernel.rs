@@ -311,6 +311,7 @@ impl Kernel {
         stream: CUstream,
         job: &Job<'_>,
     ) -> Result<Launched> {
+        let entered = std::time::Instant::now();
         let (src, dst) = (job.src, job.dst);
         let (src_regions, dst_regions) = (src.memory().regions(), dst.memory().regions());
         let n_bases = src_regions.len() + dst_regions.len();
@@ -385,11 +386,13 @@ impl Kernel {
             // driver copies it during the call.
             let t0 = std::time::Instant::now();
             let ctas = unsafe { launch(entry, stream, param.as_mut_ptr().cast(), blocks) }?;
-            // How long the driver took to queue the launch (KVX_LOG=kvxfer=trace).
+            // How long the table took to write and the driver to queue the launch
+            // (KVX_LOG=kvxfer=trace).
             tracing::trace!(
                 words,
                 param_words = capacity,
                 ctas,
+                prepare_ns = (t0 - entered).as_nanos() as u64,
                 launch_ns = t0.elapsed().as_nanos() as u64,
                 "copy kernel launched"
             );
@@ -423,6 +426,7 @@ impl Kernel {
         let ran = queue();
         tracing::trace!(
             words,
+            prepare_ns = (t0 - entered).as_nanos() as u64,
             launch_ns = t0.elapsed().as_nanos() as u64,
             "copy kernel launched after its table's upload"
         );

@@ -124,6 +124,7 @@ pub(crate) fn submit(
     if let Some(g) = &gate {
         g.stream_waits(stream)?;
     }
+    let bound = started.elapsed();
     let mut layer_events = Vec::new();
     let mut signals = None;
     let mut counters = None;
@@ -198,7 +199,8 @@ pub(crate) fn submit(
     // Where a submit's time goes (KVX_LOG=kvxfer=trace; `bench --gpu --latency` sums it up).
     tracing::trace!(
         choose_ns = chosen.as_nanos() as u64,
-        queue_ns = (queued - chosen).as_nanos() as u64,
+        bind_ns = (bound - chosen).as_nanos() as u64,
+        queue_ns = (queued - bound).as_nanos() as u64,
         record_ns = (recorded - queued).as_nanos() as u64,
         total_ns = started.elapsed().as_nanos() as u64,
         "cuda submit"
