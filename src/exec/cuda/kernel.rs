@@ -450,8 +450,8 @@ impl Kernel {
 /// layer's count (a fence that waits for its stores, with nothing of its own in flight) when
 /// its next item is of another layer, and with single items strided over the whole range it
 /// did so after every item once a layer had fewer items than the launch has warps (256 MiB of
-/// 4 KiB pieces moved at 0.70 of one large copy in device time; session 10, device run 8).
-/// Longer runs make the layers complete in coarser steps (`in_layer_order`), and never so long
+/// 4 KiB pieces moved at 0.70 of one large copy in device time, 0.86-0.89 with runs:
+/// docs/BENCHMARKS.md, session 11). Longer runs make the layers complete in coarser steps (`in_layer_order`), and never so long
 /// that some warps have no run. Host <-> device, single items: the link, not the fences, sets
 /// the pace, and layer-by-layer reloads want the finest steps.
 fn run_len(direction: Direction, item_bytes: u64, items: u64, warps: u64) -> u64 {
