@@ -210,6 +210,28 @@ pub(crate) struct LayerCounters {
     pub(crate) in_order: bool,
 }
 
+impl LayerCounters {
+    /// Makes `stream` wait until layer `i`'s counter reached its target.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the counters' device, whose context is bound.
+    unsafe fn wait_on(&self, stream: sys::CUstream, i: usize) -> Result<()> {
+        // SAFETY: forwarded to the caller; the counter lies in an allocation of the device
+        // that is never freed while the device lives (pooled, or retired after a failure), and
+        // counters only grow, so a counter reused by a later transfer still passes this
+        // (cyclic, below 2^31 apart) comparison.
+        let r = unsafe {
+            sys::cuStreamWaitValue32_v2(
+                stream,
+                self.device + 4 * i as u64,
+                self.targets[i],
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
+            )
+        };
+        check(r, "cuStreamWaitValue32 (layer)")
+    }
+}
+
 /// The counters, and the events queued so far for layer waits: one per layer, in order, from
 /// the first layer of the range.
 #[derive(Debug)]
@@ -330,14 +352,8 @@ impl Transfer {
         let Some(g) = &self.gpu else {
             return self.stream_wait(stream);
         };
-        {
-            let s = self.completion.lock();
-            if self.completion.layer_settled(&s, index) {
-                return match &s.outcome {
-                    Some(Err(e)) => Err(e.clone()),
-                    _ => Ok(()), // nothing left to wait for
-                };
-            }
+        if let Some(outcome) = self.layer_outcome(index) {
+            return outcome; // nothing left to wait for
         }
         g.dev.bind()?;
         // As in `stream_wait`: an event recycled meanwhile makes the stream wait longer than
@@ -397,19 +413,8 @@ impl Transfer {
             let r = unsafe { sys::cuStreamWaitEvent(stream as sys::CUstream, event, 0) };
             return check(r, "cuStreamWaitEvent (layer)");
         }
-        // SAFETY: the caller passes a live CUstream of this device; the counter lies in an
-        // allocation of the device that is never freed while the device lives (pooled, or
-        // retired after a failure), and counters only grow, so a counter reused by a later
-        // transfer still passes this (cyclic, below 2^31 apart) comparison.
-        let r = unsafe {
-            sys::cuStreamWaitValue32_v2(
-                stream as sys::CUstream,
-                c.device + 4 * index,
-                c.targets[index as usize],
-                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
-            )
-        };
-        check(r, "cuStreamWaitValue32 (layer)")
+        // SAFETY: the caller passes a live CUstream of this device.
+        unsafe { c.wait_on(stream as sys::CUstream, index as usize) }
     }
 
     fn gpu_event(&self) -> Result<&GpuEvent> {
@@ -428,20 +433,8 @@ impl Transfer {
         let c = &counted.counters;
         let mut events = counted.events.lock().unwrap_or_else(|p| p.into_inner());
         while events.len() as u64 <= index {
-            let i = events.len();
-            // SAFETY: the signal stream is the device's; the counter stays allocated while the
-            // device lives (see `counted_layer_stream_wait`).
-            check(
-                unsafe {
-                    sys::cuStreamWaitValue32_v2(
-                        c.stream,
-                        c.device + 4 * i as u64,
-                        c.targets[i],
-                        sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32,
-                    )
-                },
-                "cuStreamWaitValue32 (layer)",
-            )?;
+            // SAFETY: the signal stream is a live stream of the device.
+            unsafe { c.wait_on(c.stream, events.len()) }?;
             let e = g.dev.event()?;
             // SAFETY: a pooled event of the device, recorded on its signal stream.
             if let Err(err) = check(
