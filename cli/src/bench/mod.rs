@@ -105,7 +105,7 @@ pub struct Args {
     /// peer's landing arena in device memory.
     #[arg(long, requires = "gpu_rdma")]
     disable_ipc: bool,
-    /// With --gpu --busy, --layerwise, --latency and with --gpu-rdma: the context's max_sms
+    /// With --gpu --busy, --layerwise, --latency, --pageable and with --gpu-rdma: the context's max_sms
     /// (the copy kernel's SM budget; 0 = auto).
     #[arg(long, default_value_t = 0)]
     max_sms: u32,
@@ -155,6 +155,7 @@ pub fn run(a: &Args) -> Result<(), String> {
             total_mib: a.total_mib.unwrap_or(256),
             iters: a.iters.unwrap_or(5),
             fragments_kib: a.fragments_kib.clone().unwrap_or_else(|| vec![4, 16, 64]),
+            max_sms: a.max_sms,
         });
     }
     if a.gpu {

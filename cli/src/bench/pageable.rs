@@ -6,7 +6,7 @@
 use kvxfer::{Layout, Region, StorageKind, StorageSpec, TransferOptions};
 
 use super::common::{
-    err, fragment_shape, gpu_context, legend, median, secs, shuffled_ids, timed_large_copy,
+    err, fragment_shape, gpu_context_with, legend, median, secs, shuffled_ids, timed_large_copy,
 };
 
 pub struct PageableArgs {
@@ -14,10 +14,12 @@ pub struct PageableArgs {
     pub total_mib: u64,
     pub iters: usize,
     pub fragments_kib: Vec<u64>,
+    /// The context's max_sms (0 = auto): the device hop's blocks.
+    pub max_sms: u32,
 }
 
 pub fn run(a: &PageableArgs) -> Result<(), String> {
-    let (ctx, dev) = gpu_context("bench --gpu --pageable")?;
+    let (ctx, dev) = gpu_context_with("bench --gpu --pageable", a.max_sms)?;
     let total = a.total_mib << 20;
     // The runtime's pool: plain heap memory, page-aligned, touched once.
     let pool: Vec<u8> = vec![1u8; total as usize + 4096];
@@ -98,7 +100,7 @@ pub fn run(a: &PageableArgs) -> Result<(), String> {
                     "{}",
                     serde_json::json!({
                         "name": "pageable", "direction": dir, "fragment_bytes": fragment,
-                        "bytes": total, "iters": a.iters, "threads": ctx.worker_threads(),
+                        "bytes": total, "iters": a.iters, "threads": ctx.worker_threads(), "max_sms": a.max_sms,
                         "gbps": k, "pageable_copy_gbps": g, "pinned_limit_gbps": n,
                         "ratio": k / g, "ratio_to_pinned": k / n,
                     })
