@@ -66,6 +66,64 @@ pub unsafe fn copy_all(copies: &[CopyOp], streaming: bool) {
     }
 }
 
+/// A place in a copy list: the copy's index and a byte offset into it.
+pub(crate) type Cut = (usize, u64);
+
+/// Cuts `copies` into `parts` spans of about equal bytes (fewer when there are fewer bytes
+/// than parts), as the `parts + 1` places between them, the first `(0, 0)` and the last
+/// `(copies.len(), 0)`; a span may start and end inside a copy. One pass and one small
+/// allocation: copying the list into one vector per share cost the caller of a shared host
+/// copy ~45 µs per 8192 copies on the build machine.
+pub(crate) fn cuts(copies: &[CopyOp], parts: usize) -> Vec<Cut> {
+    let total: u64 = copies.iter().map(|c| c.len).sum();
+    let parts = (parts.max(1) as u64).min(total.max(1));
+    let share = total.div_ceil(parts).max(1);
+    let mut out = Vec::with_capacity(parts as usize + 1);
+    out.push((0, 0));
+    let (mut at, mut next) = (0u64, share);
+    for (i, c) in copies.iter().enumerate() {
+        let end = at + c.len;
+        // A cut at `end` falls at the start of the next copy instead.
+        while next < end {
+            out.push((i, next - at));
+            next += share;
+        }
+        at = end;
+    }
+    out.push((copies.len(), 0));
+    out
+}
+
+/// Copies the bytes of `copies` from place `from` to place `to` (`cuts`); with `streaming`,
+/// through non-temporal stores.
+///
+/// # Safety
+/// As `copy_all`, for every copy the span touches.
+pub(crate) unsafe fn copy_span(copies: &[CopyOp], from: Cut, to: Cut, streaming: bool) {
+    let part = |i: usize, a: u64, b: u64| {
+        let c = copies[i];
+        // SAFETY: a sub-range of a copy the caller vouched for.
+        unsafe { copy_one(c.src + a, c.dst + a, b - a, streaming) };
+    };
+    if from.0 == to.0 {
+        if to.1 > from.1 {
+            part(from.0, from.1, to.1);
+        }
+    } else {
+        part(from.0, from.1, copies[from.0].len);
+        for c in &copies[from.0 + 1..to.0] {
+            // SAFETY: a whole copy the caller vouched for.
+            unsafe { copy_one(c.src, c.dst, c.len, streaming) };
+        }
+        if to.1 > 0 {
+            part(to.0, 0, to.1);
+        }
+    }
+    if streaming {
+        stream::fence();
+    }
+}
+
 /// One copy, through non-temporal stores with `streaming` (the caller fences after its last).
 ///
 /// # Safety
@@ -190,6 +248,55 @@ mod tests {
                 assert_eq!(&dst[off..off + len as usize], &src[3..3 + len as usize]);
                 assert!(dst[..off].iter().all(|&b| b == 0));
                 assert!(dst[off + len as usize..].iter().all(|&b| b == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn spans_between_cuts_copy_every_byte_once() {
+        for lens in [
+            vec![4096u64; 64],
+            vec![7, 1 << 20, 0, 3, 5000, 1],
+            vec![0, 0],
+            vec![],
+        ] {
+            let total: u64 = lens.iter().sum();
+            let src: Vec<u8> = (0..total).map(|i| (i * 13 % 251) as u8 + 1).collect();
+            for parts in [1, 2, 3, 7, 64, 1000] {
+                let mut dst = vec![0u8; total as usize];
+                // Each copy lands in reverse order of the sources.
+                let (mut s, mut d) = (0u64, total);
+                let copies: Vec<CopyOp> = lens
+                    .iter()
+                    .map(|&len| {
+                        d -= len;
+                        let c = c(src.as_ptr() as u64 + s, dst.as_mut_ptr() as u64 + d, len);
+                        s += len;
+                        c
+                    })
+                    .collect();
+                let cuts = cuts(&copies, parts);
+                assert_eq!(cuts.first(), Some(&(0, 0)));
+                assert_eq!(cuts.last(), Some(&(copies.len(), 0)));
+                assert!(cuts.len() <= parts + 1);
+                if total > 0 {
+                    assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
+                }
+                for w in cuts.windows(2) {
+                    for streaming in [false, true] {
+                        // SAFETY: every copy lies inside `src` and `dst`; copying a span twice
+                        // writes the same bytes.
+                        unsafe { copy_span(&copies, w[0], w[1], streaming) };
+                    }
+                }
+                let mut want = Vec::new();
+                let mut s = 0usize;
+                for &len in &lens {
+                    want.push(&src[s..s + len as usize]);
+                    s += len as usize;
+                }
+                let want: Vec<u8> = want.into_iter().rev().flatten().copied().collect();
+                assert_eq!(dst, want, "{lens:?} in {parts}");
             }
         }
     }

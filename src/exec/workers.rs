@@ -109,18 +109,19 @@ impl Spawner {
     /// # Safety
     /// As `memcpy::copy_all`: valid, non-overlapping ranges, untouched by others until this
     /// returns.
-    pub(crate) unsafe fn copy(&self, copies: &[CopyOp]) {
+    pub(crate) unsafe fn copy(&self, copies: Vec<CopyOp>) {
         // SAFETY: forwarded to the caller; `finish` returns once every piece is copied.
         unsafe { self.begin(copies) }.finish();
     }
 
     /// As `copy`, but only idle workers start on it: the caller does other work meanwhile and
     /// joins in with `PendingCopy::finish` (also run when the handle is dropped), which
-    /// returns once every piece is copied.
+    /// returns once every piece is copied. The list is shared as it is, cut at byte offsets
+    /// (`memcpy::cuts`), not copied into pieces.
     ///
     /// # Safety
     /// As `copy`, until the returned handle is finished or dropped.
-    pub(crate) unsafe fn begin(&self, copies: &[CopyOp]) -> PendingCopy {
+    pub(crate) unsafe fn begin(&self, copies: Vec<CopyOp>) -> PendingCopy {
         let begun = std::time::Instant::now();
         let total: u64 = copies.iter().map(|c| c.len).sum();
         let streaming = total >= memcpy::STREAMING_MIN_BYTES;
@@ -130,14 +131,17 @@ impl Spawner {
         // (docs/BENCHMARKS.md, "Pageable host memory through the bounce pool").
         const PIECE: u64 = 256 << 10;
         let n = (total / PIECE).clamp(1, 4 * self.threads as u64) as usize;
+        let cuts = memcpy::cuts(&copies, n);
         let shared = Arc::new(Shared {
-            pieces: memcpy::split_shares(copies, n, PIECE),
+            pieces: cuts.len() - 1,
+            copies,
+            cuts,
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
             finished: (Mutex::new(()), Condvar::new()),
             streaming,
         });
-        for _ in 1..shared.pieces.len().min(self.threads) {
+        for _ in 1..shared.pieces.min(self.threads) {
             let s = shared.clone();
             self.spawn(Box::new(move || {
                 s.work();
@@ -157,8 +161,8 @@ pub(crate) struct PendingCopy {
     shared: Option<Arc<Shared>>,
     total: u64,
     /// When the helpers had been asked; `begun`: when `begin` was called. Between the two, the
-    /// list was cut into pieces and the helpers woken (56-260 µs for 32 MiB of 4 KiB pieces on
-    /// the H200 machines: in the trace as `asking_us`).
+    /// list was cut into pieces and the helpers woken (in the trace as `asking_us`: 56-260 µs
+    /// for 32 MiB of 4 KiB pieces on the H200 machines while each piece was a copied list).
     started: std::time::Instant,
     begun: std::time::Instant,
 }
@@ -177,13 +181,13 @@ impl PendingCopy {
         let mine = shared.work();
         let (lock, cv) = &shared.finished;
         let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while shared.done.load(Ordering::Acquire) < shared.pieces.len() {
+        while shared.done.load(Ordering::Acquire) < shared.pieces {
             g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         drop(g);
         tracing::trace!(
             bytes = self.total,
-            pieces = shared.pieces.len(),
+            pieces = shared.pieces,
             by_caller = mine,
             asking_us = (self.started - self.begun).as_micros() as u64,
             joined_us = joined.as_micros() as u64,
@@ -202,7 +206,10 @@ impl Drop for PendingCopy {
 
 /// The pieces of one shared copy and how far it got.
 struct Shared {
-    pieces: Vec<Vec<CopyOp>>,
+    copies: Vec<CopyOp>,
+    /// Piece k is the bytes between `cuts[k]` and `cuts[k + 1]`.
+    cuts: Vec<memcpy::Cut>,
+    pieces: usize,
     next: AtomicUsize,
     done: AtomicUsize,
     finished: (Mutex<()>, Condvar),
@@ -215,14 +222,16 @@ impl Shared {
         let mut n = 0;
         loop {
             let i = self.next.fetch_add(1, Ordering::AcqRel);
-            let Some(piece) = self.pieces.get(i) else {
+            if i >= self.pieces {
                 return n;
-            };
+            }
             n += 1;
             // SAFETY: the caller of `Spawner::copy` vouched for every range and waits until
             // every piece taken here is done.
-            unsafe { memcpy::copy_all(piece, self.streaming) };
-            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.pieces.len() {
+            unsafe {
+                memcpy::copy_span(&self.copies, self.cuts[i], self.cuts[i + 1], self.streaming)
+            };
+            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.pieces {
                 let (lock, cv) = &self.finished;
                 let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
                 cv.notify_all();
@@ -273,7 +282,7 @@ mod tests {
             let (src, dst, copies) = setup(4 << 20, 4096);
             // SAFETY: src and dst are live, disjoint vectors; dst is only read after the
             // pending copy is finished or dropped.
-            let pending = unsafe { spawner.begin(&copies) };
+            let pending = unsafe { spawner.begin(copies) };
             if finish {
                 pending.finish();
             } else {
@@ -294,7 +303,7 @@ mod tests {
         }));
         let (src, dst, copies) = setup(1 << 20, 16384);
         // SAFETY: as above.
-        unsafe { spawner.copy(&copies) };
+        unsafe { spawner.copy(copies) };
         assert_eq!(dst, reversed(&src, 16384));
         let _ = gate_tx.send(());
     }

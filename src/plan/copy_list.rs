@@ -234,6 +234,30 @@ impl Request<'_> {
         list
     }
 
+    /// The request cut into runs of consecutive block pairs of at most `bytes` bytes each (one
+    /// pair at least), in order, with the bytes each moves: each builds its own copy list, so
+    /// that a pipelined executor starts on the first while the rest are still being built.
+    pub(crate) fn groups(&self, bytes: u64) -> impl Iterator<Item = (Request<'_>, u64)> + '_ {
+        let pairs = self.src_blocks.len();
+        let per_pair = self
+            .bytes_with(self.transform().as_deref())
+            .checked_div(pairs as u64)
+            .unwrap_or(0);
+        let step = usize::try_from(bytes.checked_div(per_pair).unwrap_or(u64::MAX))
+            .unwrap_or(usize::MAX)
+            .max(1);
+        (0..pairs).step_by(step).map(move |a| {
+            let b = a.saturating_add(step).min(pairs);
+            let group = Request {
+                src_blocks: &self.src_blocks[a..b],
+                dst_blocks: &self.dst_blocks[a..b],
+                layers: self.layers.clone(),
+                ..*self
+            };
+            (group, (b - a) as u64 * per_pair)
+        })
+    }
+
     /// The (source, destination) start of every region pair, in walk order, not merged: a
     /// head transform's executors apply its pieces to each.
     pub(crate) fn region_pairs(&self) -> Vec<(u64, u64)> {
@@ -444,6 +468,33 @@ mod tests {
         let dsts: Vec<u64> = copies.iter().map(|c| c.dst).collect();
         assert_eq!(dsts, [0, 100, 200]);
         assert_eq!(copies.iter().map(|c| c.len).sum::<u64>(), 300);
+    }
+
+    #[test]
+    fn groups_cover_the_request_once_each_within_its_bytes() {
+        let s = fake(LayoutKind::LayerSeparateOuterFirst, 16, 0x100_0000);
+        let d = fake(LayoutKind::FullyContiguous, 16, 0x900_0000);
+        let (sb, db): (Vec<u64>, Vec<u64>) = (0..11).map(|i| (i, (i * 5) % 16)).unzip();
+        let r = req(&s, &sb, &d, &db);
+        r.validate().unwrap();
+        let mut all = r.build().copies;
+        sort_by_dst(&mut all);
+        // 64 bytes per pair (2 layers x 2 outer x 16).
+        for (bytes, want) in [(0, 11), (64, 11), (130, 6), (640, 2), (1 << 20, 1)] {
+            let groups: Vec<(Request<'_>, u64)> = r.groups(bytes).collect();
+            assert_eq!(groups.len(), want, "{bytes}");
+            let mut joined = Vec::new();
+            for (g, b) in &groups {
+                let list = g.build();
+                assert_eq!(list.bytes, *b);
+                assert!(*b <= bytes.max(64), "{b} > {bytes}");
+                joined.extend(list.copies);
+            }
+            assert_eq!(groups.iter().map(|(_, b)| b).sum::<u64>(), 11 * 64);
+            sort_by_dst(&mut joined);
+            assert_eq!(joined, all, "{bytes}");
+        }
+        assert_eq!(req(&s, &[], &d, &[]).groups(64).count(), 0);
     }
 
     #[test]

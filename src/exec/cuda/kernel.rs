@@ -255,12 +255,28 @@ impl Kernel {
         copies: &[CopyOp],
         ctas: u32,
     ) -> Result<(TableBuffer, u32)> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.enqueue_list_of(dev, stream, copies.iter().copied(), ctas) }
+    }
+
+    /// As `enqueue_list`, for copies computed on the way into the table (a bounce buffer's
+    /// packed side), without a list of them in between.
+    ///
+    /// # Safety
+    /// As `enqueue_list`.
+    pub(crate) unsafe fn enqueue_list_of(
+        &self,
+        dev: &CudaDevice,
+        stream: CUstream,
+        copies: impl Iterator<Item = CopyOp> + Clone,
+        ctas: u32,
+    ) -> Result<(TableBuffer, u32)> {
         let Some(entry) = self.list else {
             return Err(Error::Unavailable(
                 "the copy kernel has no list entry".into(),
             ));
         };
-        let n: u64 = copies.iter().map(|c| c.len.div_ceil(PIECE)).sum();
+        let n: u64 = copies.clone().map(|c| c.len.div_ceil(PIECE)).sum();
         let words = (3 * n) as usize;
         let table = dev.table(words.max(1))?;
         // SAFETY: the host table holds at least `words` u64s, none read by queued work (pool
@@ -494,8 +510,8 @@ pub(crate) fn split_pieces(pieces: &[Piece]) -> Vec<Piece> {
 }
 
 /// `copies` as kvx_copy_list's (source, destination, length) entries of at most PIECE bytes.
-fn list_ops(copies: &[CopyOp]) -> impl Iterator<Item = [u64; 3]> + '_ {
-    copies.iter().flat_map(|c| {
+fn list_ops(copies: impl Iterator<Item = CopyOp>) -> impl Iterator<Item = [u64; 3]> {
+    copies.flat_map(|c| {
         (0..c.len.div_ceil(PIECE)).map(move |i| {
             let off = i * PIECE;
             [c.src + off, c.dst + off, PIECE.min(c.len - off)]
@@ -681,7 +697,7 @@ mod tests {
                 len: PIECE,
             },
         ];
-        let ops: Vec<[u64; 3]> = list_ops(&copies).collect();
+        let ops: Vec<[u64; 3]> = list_ops(copies.iter().copied()).collect();
         assert_eq!(
             ops,
             vec![

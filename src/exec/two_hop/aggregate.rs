@@ -271,7 +271,7 @@ impl Job {
         // job's part (`keep`); the staging area is this lease's, and no request uses it until
         // the copy is finished (a write from it finished before the copy began, a read into it
         // finished before its scatter began); the handle is finished before the lease goes.
-        Ok(Some(unsafe { self.copier.begin(&copies) }))
+        Ok(Some(unsafe { self.copier.begin(copies) }))
     }
 
     /// Gathers each chunk, writes it into a slot and asks the peer to place it. A chunk's

@@ -2,7 +2,7 @@
 //! pair, so the first hop of chunk k+1 overlaps the second hop of chunk k.
 
 use super::CHUNK;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::plan::CopyOp;
 
 /// Copies cut into chunks of at most CHUNK bytes each, in one allocation: at 64k fragments a
@@ -29,6 +29,68 @@ impl std::ops::Index<usize> for Chunks {
 
     fn index(&self, i: usize) -> &[CopyOp] {
         &self.copies[self.bounds[i]..self.bounds[i + 1]]
+    }
+}
+
+/// A transfer's chunks, all at hand or arriving group by group from the thread that still
+/// builds the copy list (a pageable transfer's first chunk moves while the rest is built).
+pub(super) struct Feed {
+    /// Groups received so far, each with the index of its first chunk.
+    have: Vec<(usize, Chunks)>,
+    /// Chunks of every group, received or not.
+    total: usize,
+    rx: Option<crossbeam_channel::Receiver<Chunks>>,
+}
+
+impl Feed {
+    pub(super) fn ready(chunks: Chunks) -> Self {
+        Self {
+            total: chunks.len(),
+            have: vec![(0, chunks)],
+            rx: None,
+        }
+    }
+
+    /// `total` chunks, in groups from `rx`.
+    pub(super) fn streamed(total: usize, rx: crossbeam_channel::Receiver<Chunks>) -> Self {
+        Self {
+            have: Vec::new(),
+            total,
+            rx: Some(rx),
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.total
+    }
+
+    fn received(&self) -> usize {
+        self.have.last().map_or(0, |(at, c)| at + c.len())
+    }
+
+    /// Waits for the group that holds chunk `i`.
+    pub(super) fn ensure(&mut self, i: usize) -> Result<()> {
+        while self.received() <= i && i < self.total {
+            let group = self
+                .rx
+                .as_ref()
+                .and_then(|rx| rx.recv().ok())
+                .ok_or_else(|| Error::Internal("the copy list ended before its chunks".into()))?;
+            let at = self.received();
+            self.have.push((at, group));
+        }
+        Ok(())
+    }
+
+    /// Chunk `i`, once `ensure(i)` returned.
+    pub(super) fn get(&self, i: usize) -> Result<&[CopyOp]> {
+        let g = self.have.partition_point(|(at, _)| *at <= i);
+        match g.checked_sub(1).map(|g| &self.have[g]) {
+            Some((at, c)) if i - at < c.len() => Ok(&c[i - at]),
+            _ => Err(Error::Internal(format!(
+                "chunk {i} asked before it arrived"
+            ))),
+        }
     }
 }
 
@@ -142,7 +204,6 @@ pub(super) fn pipeline<H>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
     use std::cell::RefCell;
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +316,44 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_streamed_feed_hands_out_each_groups_chunks_in_order() {
+        let op = |i: u64| CopyOp {
+            src: i << 30,
+            dst: i << 40,
+            len: CHUNK,
+        };
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // Groups of 2, 1 and 3 chunks.
+        let groups = [vec![op(0), op(1)], vec![op(2)], vec![op(3), op(4), op(5)]];
+        let mut feed = Feed::streamed(6, rx);
+        assert!(feed.get(0).is_err());
+        for g in &groups[..2] {
+            tx.send(chunks(g)).unwrap();
+        }
+        feed.ensure(2).unwrap();
+        assert_eq!(feed.get(2).unwrap(), [op(2)]);
+        assert!(feed.get(3).is_err());
+        tx.send(chunks(&groups[2])).unwrap();
+        drop(tx);
+        for i in 0..6 {
+            feed.ensure(i).unwrap();
+            assert_eq!(feed.get(i).unwrap(), [op(i as u64)]);
+        }
+        // Past the end: nothing to wait for, nothing to hand out.
+        feed.ensure(6).unwrap();
+        assert!(feed.get(6).is_err());
+        // A sender gone before every chunk came is an error, not a hang.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(chunks(&groups[0])).unwrap();
+        drop(tx);
+        let mut short = Feed::streamed(3, rx);
+        short.ensure(1).unwrap();
+        assert!(short.ensure(2).is_err());
+        let ready = Feed::ready(chunks(&groups[2]));
+        assert_eq!((ready.len(), ready.get(1).unwrap()), (3, &[op(4)][..]));
     }
 
     #[test]
