@@ -100,27 +100,17 @@ impl Spawner {
         let _ = self.tx.send(job);
     }
 
-    /// Copies `copies` (host memory on both sides) on the calling thread and on whichever
-    /// workers are idle: the list is cut into pieces that every participant takes in turn, so
-    /// a helper that never gets to run (every worker busy) only means the caller does more
-    /// itself, and nothing waits for a worker to become free. Returns once every piece is
-    /// copied.
-    ///
-    /// # Safety
-    /// As `memcpy::copy_all`: valid, non-overlapping ranges, untouched by others until this
-    /// returns.
-    pub(crate) unsafe fn copy(&self, copies: Vec<CopyOp>) {
-        // SAFETY: forwarded to the caller; `finish` returns once every piece is copied.
-        unsafe { self.begin(copies) }.finish();
-    }
-
-    /// As `copy`, but only idle workers start on it: the caller does other work meanwhile and
-    /// joins in with `PendingCopy::finish` (also run when the handle is dropped), which
-    /// returns once every piece is copied. The list is shared as it is, cut at byte offsets
+    /// Starts copying `copies` (host memory on both sides) on whichever workers are idle: the
+    /// list is cut into pieces that every participant takes in turn. The caller does other
+    /// work meanwhile and joins in with `PendingCopy::finish` (also run when the handle is
+    /// dropped), which returns once every piece is copied, so a helper that never gets to run
+    /// (every worker busy) only means the caller does more itself, and nothing waits for a
+    /// worker to become free. The list is shared as it is, cut at byte offsets
     /// (`memcpy::cuts`), not copied into pieces.
     ///
     /// # Safety
-    /// As `copy`, until the returned handle is finished or dropped.
+    /// As `memcpy::copy_all`: valid, non-overlapping ranges, untouched by others until the
+    /// returned handle is finished or dropped.
     pub(crate) unsafe fn begin(&self, copies: Vec<CopyOp>) -> PendingCopy {
         let begun = std::time::Instant::now();
         let total: u64 = copies.iter().map(|c| c.len).sum();
@@ -226,7 +216,7 @@ impl Shared {
                 return n;
             }
             n += 1;
-            // SAFETY: the caller of `Spawner::copy` vouched for every range and waits until
+            // SAFETY: the caller of `Spawner::begin` vouched for every range and waits until
             // every piece taken here is done.
             unsafe {
                 memcpy::copy_span(&self.copies, self.cuts[i], self.cuts[i + 1], self.streaming)
@@ -303,7 +293,7 @@ mod tests {
         }));
         let (src, dst, copies) = setup(1 << 20, 16384);
         // SAFETY: as above.
-        unsafe { spawner.copy(copies) };
+        unsafe { spawner.begin(copies) }.finish();
         assert_eq!(dst, reversed(&src, 16384));
         let _ = gate_tx.send(());
     }

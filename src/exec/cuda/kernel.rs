@@ -271,11 +271,23 @@ impl Kernel {
         copies: impl Iterator<Item = CopyOp> + Clone,
         ctas: u32,
     ) -> Result<(TableBuffer, u32)> {
-        let Some(entry) = self.list else {
+        let prepared = self.prepare_list(dev, copies)?;
+        // SAFETY: forwarded to the caller.
+        unsafe { self.launch_list(stream, prepared, ctas) }
+    }
+
+    /// The first half of `enqueue_list_of`: `copies` written into a pooled table, ready to be
+    /// launched later (a pipeline writes the next hop's table while host copies run).
+    pub(crate) fn prepare_list<'d>(
+        &self,
+        dev: &'d CudaDevice,
+        copies: impl Iterator<Item = CopyOp> + Clone,
+    ) -> Result<PreparedList<'d>> {
+        if self.list.is_none() {
             return Err(Error::Unavailable(
                 "the copy kernel has no list entry".into(),
             ));
-        };
+        }
         let n: u64 = copies.clone().map(|c| c.len.div_ceil(PIECE)).sum();
         let words = (3 * n) as usize;
         let table = dev.table(words.max(1))?;
@@ -285,6 +297,37 @@ impl Kernel {
         for (t, op) in host.chunks_exact_mut(3).zip(list_ops(copies)) {
             t.copy_from_slice(&op);
         }
+        Ok(PreparedList {
+            dev,
+            table: Some(table),
+            n,
+        })
+    }
+
+    /// The second half of `enqueue_list_of`: uploads a prepared table and launches the list
+    /// kernel for it on `stream` (of the device it was prepared on).
+    ///
+    /// # Safety
+    /// As `enqueue_list`, for the copies the table was prepared with.
+    pub(crate) unsafe fn launch_list(
+        &self,
+        stream: CUstream,
+        mut prepared: PreparedList<'_>,
+        ctas: u32,
+    ) -> Result<(TableBuffer, u32)> {
+        // Without an entry the table goes back to the pool with `prepared`.
+        let Some(entry) = self.list else {
+            return Err(Error::Unavailable(
+                "the copy kernel has no list entry".into(),
+            ));
+        };
+        let Some(table) = prepared.table.take() else {
+            return Err(Error::Internal(
+                "a prepared copy list without its table".into(),
+            ));
+        };
+        let (dev, n) = (prepared.dev, prepared.n);
+        let words = (3 * n) as usize;
         let mut list = [table.device, n];
         let mut run = || -> Result<u32> {
             // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
@@ -507,6 +550,22 @@ pub(crate) fn split_pieces(pieces: &[Piece]) -> Vec<Piece> {
             })
         })
         .collect()
+}
+
+/// A list kernel's table, written and not yet launched (`Kernel::prepare_list`); back to the
+/// device's pool if it never is.
+pub(crate) struct PreparedList<'d> {
+    dev: &'d CudaDevice,
+    table: Option<TableBuffer>,
+    n: u64,
+}
+
+impl Drop for PreparedList<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.table.take() {
+            self.dev.recycle_table(t);
+        }
+    }
 }
 
 /// `copies` as kvx_copy_list's (source, destination, length) entries of at most PIECE bytes.

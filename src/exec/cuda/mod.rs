@@ -12,7 +12,7 @@ mod submit;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-pub(crate) use kernel::Kernel;
+pub(crate) use kernel::{Kernel, PreparedList};
 pub(crate) use submit::submit;
 
 use crate::cuda::{CudaDevice, Direction, StreamGate};

@@ -82,6 +82,18 @@ impl Feed {
         Ok(())
     }
 
+    /// Whether chunk `i` is at hand, taking the groups that arrived meanwhile, never waiting.
+    pub(super) fn try_ensure(&mut self, i: usize) -> bool {
+        while self.received() <= i && i < self.total {
+            let Some(group) = self.rx.as_ref().and_then(|rx| rx.try_recv().ok()) else {
+                return false;
+            };
+            let at = self.received();
+            self.have.push((at, group));
+        }
+        i < self.total
+    }
+
     /// Chunk `i`, once `ensure(i)` returned.
     pub(super) fn get(&self, i: usize) -> Result<&[CopyOp]> {
         let g = self.have.partition_point(|(at, _)| *at <= i);
@@ -336,8 +348,10 @@ mod tests {
         feed.ensure(2).unwrap();
         assert_eq!(feed.get(2).unwrap(), [op(2)]);
         assert!(feed.get(3).is_err());
+        assert!(!feed.try_ensure(3), "the third group has not been sent");
         tx.send(chunks(&groups[2])).unwrap();
         drop(tx);
+        assert!(feed.try_ensure(5) && !feed.try_ensure(6));
         for i in 0..6 {
             feed.ensure(i).unwrap();
             assert_eq!(feed.get(i).unwrap(), [op(i as u64)]);
