@@ -454,7 +454,7 @@ fn run_feed(agent: Option<&Agent>, ends: Ends<'_>, feed: Feed, pair: &[Arc<Memor
     // one is already moving; host to device: the chunk being copied, whose device hop comes
     // next), so that queueing a hop is its upload and launch: writing 8192 entries took about
     // half of the 70-190 µs a device hop of 4 KiB pieces took to queue while neither hop ran
-    // (40-50 µs with the table written ahead, device run 4 of session 12).
+    // (35-64 µs with the table written ahead, device runs 4-5 of session 12).
     let ahead_of = match ends {
         Ends::DeviceToHost { dev, .. } => Some((dev, true, 2)),
         Ends::HostToDevice { dev, .. } => Some((dev, false, 0)),
