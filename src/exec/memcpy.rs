@@ -13,7 +13,7 @@ pub fn split(copies: &[CopyOp], parts: usize) -> Vec<Vec<CopyOp>> {
 }
 
 /// As `split`, with shares of at least `min_share` bytes.
-pub fn split_shares(copies: &[CopyOp], parts: usize, min_share: u64) -> Vec<Vec<CopyOp>> {
+fn split_shares(copies: &[CopyOp], parts: usize, min_share: u64) -> Vec<Vec<CopyOp>> {
     let total: u64 = copies.iter().map(|c| c.len).sum();
     let parts = (parts.max(1) as u64).min(total.div_ceil(min_share.max(1)).max(1));
     let share = total.div_ceil(parts);
