@@ -737,11 +737,8 @@ pub(crate) fn submit_pageable(
         (Err(_), _) => None,
     };
     let copier = spawner(workers)?;
-    let direction = if to_device {
-        Direction::HostToDevice
-    } else {
-        Direction::DeviceToHost
-    };
+    // The device hop fills the buffer (device -> host) unless it goes to the device.
+    let direction = hop_direction(!to_device);
     // The copy list is built in groups of block pairs of one chunk each, and the worker starts
     // on the first while this thread builds the rest: building 65536 copies took 0.4-1.5 ms on
     // the H200 machines, ~10% of a 256 MiB transfer, which the first device hop now hides.
