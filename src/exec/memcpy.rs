@@ -69,13 +69,12 @@ pub unsafe fn copy_all(copies: &[CopyOp], streaming: bool) {
 /// A place in a copy list: the copy's index and a byte offset into it.
 pub(crate) type Cut = (usize, u64);
 
-/// Cuts `copies` into `parts` spans of about equal bytes (fewer when there are fewer bytes
-/// than parts), as the `parts + 1` places between them, the first `(0, 0)` and the last
-/// `(copies.len(), 0)`; a span may start and end inside a copy. One pass and one small
-/// allocation: copying the list into one vector per share cost the caller of a shared host
-/// copy ~45 µs per 8192 copies on the build machine.
-pub(crate) fn cuts(copies: &[CopyOp], parts: usize) -> Vec<Cut> {
-    let total: u64 = copies.iter().map(|c| c.len).sum();
+/// Cuts `copies`, `total` bytes in all, into `parts` spans of about equal bytes (fewer when
+/// there are fewer bytes than parts), as the `parts + 1` places between them, the first
+/// `(0, 0)` and the last `(copies.len(), 0)`; a span may start and end inside a copy. One pass
+/// and one small allocation: copying the list into one vector per share cost the caller of a
+/// shared host copy ~45 µs per 8192 copies on the build machine.
+pub(crate) fn cuts(copies: &[CopyOp], total: u64, parts: usize) -> Vec<Cut> {
     let parts = (parts.max(1) as u64).min(total.max(1));
     let share = total.div_ceil(parts).max(1);
     let mut out = Vec::with_capacity(parts as usize + 1);
@@ -275,7 +274,7 @@ mod tests {
                         c
                     })
                     .collect();
-                let cuts = cuts(&copies, parts);
+                let cuts = cuts(&copies, total, parts);
                 assert_eq!(cuts.first(), Some(&(0, 0)));
                 assert_eq!(cuts.last(), Some(&(copies.len(), 0)));
                 assert!(cuts.len() <= parts + 1);

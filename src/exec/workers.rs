@@ -121,7 +121,7 @@ impl Spawner {
         // (docs/BENCHMARKS.md, "Pageable host memory through the bounce pool").
         const PIECE: u64 = 256 << 10;
         let n = (total / PIECE).clamp(1, 4 * self.threads as u64) as usize;
-        let cuts = memcpy::cuts(&copies, n);
+        let cuts = memcpy::cuts(&copies, total, n);
         let shared = Arc::new(Shared {
             pieces: cuts.len() - 1,
             copies,

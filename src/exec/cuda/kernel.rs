@@ -255,29 +255,14 @@ impl Kernel {
         copies: &[CopyOp],
         ctas: u32,
     ) -> Result<(TableBuffer, u32)> {
-        // SAFETY: forwarded to the caller.
-        unsafe { self.enqueue_list_of(dev, stream, copies.iter().copied(), ctas) }
-    }
-
-    /// As `enqueue_list`, for copies computed on the way into the table (a bounce buffer's
-    /// packed side), without a list of them in between.
-    ///
-    /// # Safety
-    /// As `enqueue_list`.
-    pub(crate) unsafe fn enqueue_list_of(
-        &self,
-        dev: &CudaDevice,
-        stream: CUstream,
-        copies: impl Iterator<Item = CopyOp> + Clone,
-        ctas: u32,
-    ) -> Result<(TableBuffer, u32)> {
-        let prepared = self.prepare_list(dev, copies)?;
+        let prepared = self.prepare_list(dev, copies.iter().copied())?;
         // SAFETY: forwarded to the caller.
         unsafe { self.launch_list(stream, prepared, ctas) }
     }
 
-    /// The first half of `enqueue_list_of`: `copies` written into a pooled table, ready to be
-    /// launched later (a pipeline writes the next hop's table while host copies run).
+    /// The first half of `enqueue_list`, for copies computed on the way into the table (a
+    /// bounce buffer's packed side): written into a pooled table, ready to be launched later (a
+    /// pipeline writes the next hop's table while host copies run).
     pub(crate) fn prepare_list<'d>(
         &self,
         dev: &'d CudaDevice,
@@ -304,7 +289,7 @@ impl Kernel {
         })
     }
 
-    /// The second half of `enqueue_list_of`: uploads a prepared table and launches the list
+    /// The second half of `enqueue_list`: uploads a prepared table and launches the list
     /// kernel for it on `stream` (of the device it was prepared on).
     ///
     /// # Safety
@@ -510,9 +495,10 @@ impl Kernel {
 /// its next item is of another layer, and with single items strided over the whole range it
 /// did so after every item once a layer had fewer items than the launch has warps (256 MiB of
 /// 4 KiB pieces moved at 0.70 of one large copy in device time, 0.86-0.89 with runs:
-/// docs/BENCHMARKS.md, session 11). Longer runs make the layers complete in coarser steps (`in_layer_order`), and never so long
-/// that some warps have no run. Host <-> device, single items: the link, not the fences, sets
-/// the pace, and layer-by-layer reloads want the finest steps.
+/// docs/BENCHMARKS.md, session 11). Longer runs make the layers complete in coarser steps
+/// (`in_layer_order`), and never so long that some warps have no run. Host <-> device, single
+/// items: the link, not the fences, sets the pace, and layer-by-layer reloads want the finest
+/// steps.
 fn run_len(direction: Direction, item_bytes: u64, items: u64, warps: u64) -> u64 {
     if direction != Direction::DeviceToDevice {
         return 1;

@@ -170,26 +170,35 @@ impl<'a> DeviceEnd<'a> {
     }
 }
 
-/// The copy kernel that moves `chunk` in `direction` for `end`: AUTO's rule per chunk, or the
-/// transfer's mode; `None`: the copy engines.
+/// Whether the copy kernel `k` moves `n` copies of `bytes` in `direction` under `mode`: AUTO's
+/// rule, or always one mechanism. Small pieces go to the kernel: on copy engines a 16 MiB chunk
+/// of 4 KiB copies took milliseconds of driver time to queue and ran at ~9 GB/s, against the
+/// kernel's ~50 GB/s to and from pinned memory.
+pub(super) fn takes_kernel(
+    k: &Kernel,
+    mode: CopyMode,
+    direction: Direction,
+    bytes: u64,
+    n: u64,
+) -> bool {
+    k.has_list()
+        && match mode {
+            CopyMode::Auto => prefers_kernel(direction, bytes / n.max(1), n),
+            CopyMode::Kernel => true,
+            CopyMode::CopyEngine => false,
+        }
+}
+
+/// The copy kernel that moves `chunk` in `direction` for `end` (`takes_kernel`); `None`: the
+/// copy engines.
 pub(super) fn hop_kernel<'d>(
     end: DeviceEnd<'d>,
     direction: Direction,
     chunk: &[CopyOp],
 ) -> Option<&'d Kernel> {
-    // Small pieces go to the copy kernel: on copy engines a 16 MiB chunk of 4 KiB copies took
-    // milliseconds of driver time to queue and ran at ~9 GB/s, against the kernel's ~50 GB/s
-    // to and from pinned memory.
     let bytes: u64 = chunk.iter().map(|c| c.len).sum();
-    let n = chunk.len() as u64;
-    end.kernel.filter(|k| {
-        k.has_list()
-            && match end.mode {
-                CopyMode::Auto => prefers_kernel(direction, bytes / n.max(1), n),
-                CopyMode::Kernel => true,
-                CopyMode::CopyEngine => false,
-            }
-    })
+    end.kernel
+        .filter(|k| takes_kernel(k, end.mode, direction, bytes, chunk.len() as u64))
 }
 
 /// The pieces of `chunk` seen from the device's stream, with the buffer at `base`: device ->

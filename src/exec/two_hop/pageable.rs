@@ -4,13 +4,12 @@
 
 use std::sync::Arc;
 
-use super::hops::{DeviceEnd, hop_direction};
+use super::hops::{DeviceEnd, hop_direction, takes_kernel};
 use super::pipeline::{self, Feed, chunks};
 use super::{BouncePool, CHUNK, Ends, device_of, pool, run_feed, spawner};
 use crate::cuda::StreamGate;
 use crate::error::{Error, Result};
 use crate::exec::cuda::CudaExec;
-use crate::exec::cuda::copy::prefers_kernel;
 use crate::exec::workers::Workers;
 use crate::memory::StorageKind;
 use crate::options::{CopyMode, Mechanism, TransferStats};
@@ -66,11 +65,13 @@ pub(crate) fn submit_pageable(
     // on the first while this thread builds the rest: building 65536 copies took 0.4-1.5 ms on
     // the H200 machines, ~10% of a 256 MiB transfer, which the first device hop now hides.
     let built = std::time::Instant::now();
-    let mut groups = request.groups(CHUNK);
-    let chunks_total: usize = request
-        .groups(CHUNK)
-        .map(|(_, bytes)| usize::try_from(bytes.div_ceil(CHUNK)).unwrap_or(usize::MAX))
+    let groups: Vec<(Request<'_>, u64)> = request.groups(CHUNK).collect();
+    let bytes: u64 = groups.iter().map(|(_, b)| b).sum();
+    let chunks_total: usize = groups
+        .iter()
+        .map(|(_, b)| usize::try_from(b.div_ceil(CHUNK)).unwrap_or(usize::MAX))
         .sum();
+    let mut groups = groups.into_iter();
     let (tx, rx) = crossbeam_channel::unbounded();
     let mut sent = Sent::default();
     if let Some((g, _)) = groups.next() {
@@ -83,11 +84,11 @@ pub(crate) fn submit_pageable(
     let keep = (src, dst);
     let device = (dev, kernel);
     let queued = std::time::Instant::now();
-    let sms_of = device
-        .1
-        .as_ref()
-        .map(|k| k.sms(&device.0, k.ctas(direction)));
-    let has_list = device.1.as_ref().is_some_and(|k| k.has_list());
+    // For the stats: the kernel, and the SMs it takes in this direction.
+    let device_kernel = device.1.clone().map(|k| {
+        let sms = k.sms(&device.0, k.ctas(direction));
+        (k, sms)
+    });
     workers.spawn_part(completion.clone(), gate, keep, move || {
         let started_us = queued.elapsed().as_micros() as u64;
         let lease = pool.take(|| pool::make_buffer(Some(&pin_for)))?;
@@ -127,16 +128,10 @@ pub(crate) fn submit_pageable(
         built_us = built.elapsed().as_micros() as u64,
         "pageable copy list built"
     );
-    let bytes = request.bytes_with(request.transform().as_deref());
-    let avg = bytes / sent.copies.max(1);
-    let uses_kernel = has_list
-        && match mode {
-            CopyMode::Auto => prefers_kernel(direction, avg, sent.copies),
-            CopyMode::Kernel => true,
-            CopyMode::CopyEngine => false,
-        };
-    let (mechanism, sms) = match sms_of {
-        Some(sms) if uses_kernel => (Mechanism::Kernel, sms),
+    let (mechanism, sms) = match &device_kernel {
+        Some((k, sms)) if takes_kernel(k, mode, direction, bytes, sent.copies) => {
+            (Mechanism::Kernel, *sms)
+        }
         _ => (Mechanism::CopyEngine, 0),
     };
     let list = CopyList {
