@@ -98,6 +98,9 @@ struct Case {
   unsigned blocks;
   bool transform;
   u64 run;  // consecutive items per run of a warp (kernel.rs `run_len`)
+  // The item loop (copy_items' template): 0 32-bit, 1 32-bit with the small-piece path,
+  // 2 64-bit with it. Every loop copies every piece size right; the host picks by speed.
+  int loop;
 };
 
 // The (src id, dst id) pairs packed `width` bytes per id, little-endian, after the bases.
@@ -180,7 +183,11 @@ bool run_case(const Case& c, std::mt19937_64& rng) {
         }
       }
 
-  run_grid(c.blocks, [&] { copy_items(d, t.data()); });
+  run_grid(c.blocks, [&] {
+    if (c.loop == 0) copy_items<unsigned, false>(d, t.data());
+    if (c.loop == 1) copy_items<unsigned, true>(d, t.data());
+    if (c.loop == 2) copy_items<u64, true>(d, t.data());
+  });
 
   bool ok = true;
   for (size_t a = 0; a < dst.allocs.size(); ++a)
@@ -189,9 +196,9 @@ bool run_case(const Case& c, std::mt19937_64& rng) {
     if (counters[l] != pairs * outer * ppr) ok = false;
   if (!ok) {
     std::printf("FAIL kinds %llu->%llu region %llu piece %llu ids %llu layers [%llu, +%llu) "
-                "blocks %u transform %d run %llu; counters",
+                "blocks %u transform %d run %llu loop %d; counters",
                 c.src_kind, c.dst_kind, c.region, c.piece, c.id_bytes, c.layer_begin,
-                c.layers_moved, c.blocks, c.transform, c.run);
+                c.layers_moved, c.blocks, c.transform, c.run, c.loop);
     for (auto n : counters) std::printf(" %u", n);
     std::printf(" (want %llu each)\n", pairs * outer * ppr);
   }
@@ -249,6 +256,7 @@ int main() {
           // items, so some runs leave warps idle and some batches end inside a run.
           for (u64 run : {1ull, 2ull, 4ull, 16ull, 32ull}) {
             c.run = run;
+            c.loop = cases % 3;
             ++cases;
             failures += !run_case(c, rng);
           }

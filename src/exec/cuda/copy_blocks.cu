@@ -99,14 +99,17 @@ struct Pos {
   u64 piece, o, p, l;
 };
 
-__device__ __forceinline__ Pos split(const Desc& d, u64 i) {
+// I: the index type of the division, 32-bit wherever the items fit (see the entry points).
+template <typename I>
+__device__ __forceinline__ Pos split(const Desc& d, I i) {
+  const I per_region = (I)d.pieces_per_region, outer = (I)d.outer, pairs = (I)d.pairs;
   Pos x;
-  x.piece = i % d.pieces_per_region;
-  i /= d.pieces_per_region;
-  x.o = i % d.outer;
-  i /= d.outer;
-  x.p = i % d.pairs;
-  x.l = i / d.pairs;
+  x.piece = i % per_region;
+  i /= per_region;
+  x.o = i % outer;
+  i /= outer;
+  x.p = i % pairs;
+  x.l = i / pairs;
   return x;
 }
 
@@ -186,6 +189,7 @@ __device__ __forceinline__ bool copy_small(u64 src, u64 dst, u64 len, unsigned n
 // the host's stream waits for each counter to reach the layer's item count: per-layer
 // completion from one launch. Runs longer than one item (kernel.rs, `run_len`) keep a warp in
 // one layer for longer where layers have fewer items than the launch has warps.
+template <typename I, bool SMALL>
 __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
   const unsigned lane = threadIdx.x & 31u;
   const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -200,7 +204,7 @@ __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
     const u64 mine = ((b * runs_per_batch + j) * warps + warp) * d.run + off;
     u64 src = 0, dst = 0, len = 0, lr = 0;
     if (mine < d.items) {
-      const Pos x = split(d, mine);
+      const Pos x = split<I>(d, (I)mine);
       const u64 l = d.layer_begin + x.l;
       const u64 sb = block_id(d, t, 2 * x.p);
       const u64 db = block_id(d, t, 2 * x.p + 1);
@@ -219,7 +223,7 @@ __device__ __forceinline__ void copy_items(const Desc& d, const u64* t) {
       lr = x.l;
     }
     const unsigned n = __popc(__ballot_sync(0xffffffffu, mine < d.items));
-    if (copy_small(src, dst, len, n, lane)) {
+    if (SMALL && copy_small(src, dst, len, n, lane)) {
       if (d.signals) {
         for (unsigned k = 0; k < n; ++k) {
           tally(d, __shfl_sync(0xffffffffu, lr, k), pending, counting, lane);
@@ -247,20 +251,34 @@ struct Inline {
 // The entry points: the table in device memory (kvx_copy_blocks), or inside the parameter
 // (_p1k, _p4k): __grid_constant__ lets the warps read it in place (constant cache)
 // instead of each thread copying the parameter to local memory.
-#define KVX_BLOCK_ENTRIES(SUFFIX, THREADS)                                                    \
-  extern "C" __global__ void __launch_bounds__(THREADS) kvx_copy_blocks##SUFFIX(const Desc d) { \
-    copy_items(d, (const u64*)d.table);                                                      \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                      \
-      kvx_copy_blocks_p1k##SUFFIX(const __grid_constant__ Inline<KVX_INLINE_TINY> p) {        \
-    copy_items(p.d, p.table);                                                                \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(THREADS)                                      \
-      kvx_copy_blocks_p4k##SUFFIX(const __grid_constant__ Inline<KVX_INLINE_SMALL> p) {       \
-    copy_items(p.d, p.table);                                                                \
+//
+// Each in two item loops, and a third for the rest: 32-bit index math without the small-piece
+// path (pieces of 4 KiB and more), 32-bit with it (_small: head transforms, regions under
+// 4 KiB), and 64-bit with it (kvx_copy_blocks_wide, table in device memory: more than 2^32
+// items). One loop with 64-bit divisions and copy_small moved 4 KiB pieces between host and
+// device beside a tensor-core load at 0.07 of the link per block (8 blocks: 0.51-0.61), where
+// the same loop without both, or a plain warp-per-piece copy, moved 0.91-0.95 on 8 blocks
+// (H200, session 13, device runs 2-5; either change alone did not help, nor did it take the
+// blocks onto separate SMs, which they already were). Idle, all of them reach the link.
+#define KVX_BLOCK_ENTRIES(SUFFIX, I, SMALL)                                                    \
+  extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks##SUFFIX(const Desc d) {    \
+    copy_items<I, SMALL>(d, (const u64*)d.table);                                             \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(256)                                           \
+      kvx_copy_blocks_p1k##SUFFIX(const __grid_constant__ Inline<KVX_INLINE_TINY> p) {         \
+    copy_items<I, SMALL>(p.d, p.table);                                                       \
+  }                                                                                           \
+  extern "C" __global__ void __launch_bounds__(256)                                           \
+      kvx_copy_blocks_p4k##SUFFIX(const __grid_constant__ Inline<KVX_INLINE_SMALL> p) {        \
+    copy_items<I, SMALL>(p.d, p.table);                                                       \
   }
 
-KVX_BLOCK_ENTRIES(, 256)
+KVX_BLOCK_ENTRIES(, unsigned, false)
+KVX_BLOCK_ENTRIES(_small, unsigned, true)
+
+extern "C" __global__ void __launch_bounds__(256) kvx_copy_blocks_wide(const Desc d) {
+  copy_items<u64, true>(d, (const u64*)d.table);
+}
 
 // A list of (source address, destination address, length) copies, three words each, in device
 // memory: the two-hop path's hop between device memory and a pinned bounce buffer, whose pieces

@@ -22,6 +22,9 @@ const THREADS: u32 = 256;
 const PIECE: u64 = 64 << 10;
 /// Short transfers cut regions down to this, so that every warp has a piece.
 const MIN_PIECE: u64 = 4 << 10;
+/// Pieces from this size up are copied by a whole warp each; only smaller ones need the item
+/// loop with the small-piece path (`copy_small` in copy_blocks.cu).
+const SMALL_PIECE: u64 = 4 << 10;
 /// Device-to-device bytes a warp copies between two of its layer counts (each a fence that
 /// waits for the warp's stores): runs of consecutive items are made this long (`run_len`).
 const FENCE_WORK: u64 = 64 << 10;
@@ -68,16 +71,44 @@ const INLINE_SMALL: usize = 487;
 const _: () = assert!((DESC_WORDS + INLINE_TINY) * 8 == 1024);
 const _: () = assert!((DESC_WORDS + INLINE_SMALL) * 8 == 4096);
 
-/// The copy kernel's module on one device, with its entry points.
-#[derive(Debug)]
-pub(crate) struct Kernel {
-    _module: Module,
+/// Entry points of one item loop (`copy_items<I, SMALL>` in copy_blocks.cu), by where the
+/// table travels.
+#[derive(Debug, Clone, Copy)]
+struct Entries {
     /// Table in device memory.
     table: Entry,
     /// Table inside a 1 KB parameter (a launch copies less).
     tiny: Option<Entry>,
     /// Table inside a 4 KB parameter.
     small: Entry,
+}
+
+impl Entries {
+    fn load(module: &Module, suffix: &str) -> Result<Self> {
+        let name = |base: &str| {
+            std::ffi::CString::new(format!("{base}{suffix}"))
+                .map_err(|e| Error::Internal(format!("copy kernel entry name: {e}")))
+        };
+        Ok(Self {
+            table: module.entry(&name("kvx_copy_blocks")?, THREADS)?,
+            tiny: module.entry(&name("kvx_copy_blocks_p1k")?, THREADS).ok(),
+            small: module.entry(&name("kvx_copy_blocks_p4k")?, THREADS)?,
+        })
+    }
+}
+
+/// The copy kernel's module on one device, with its entry points.
+#[derive(Debug)]
+pub(crate) struct Kernel {
+    _module: Module,
+    /// Items below 2^32 in pieces of at least SMALL_PIECE: 32-bit index math and no
+    /// small-piece path. Beside an engine's tensor-core kernels this lean loop moves 4 KiB
+    /// pieces at the link on 8 blocks where the general one moved 0.5-0.6 of it (copy_blocks.cu).
+    lean: Entries,
+    /// Items below 2^32 whose pieces may be smaller (head transforms, small regions).
+    small_pieces: Entries,
+    /// Any number of items (64-bit index math), table in device memory.
+    wide: Entry,
     /// Copies of an explicit list (`kvx_copy_list`).
     list: Option<Entry>,
     /// Blocks each direction may take.
@@ -195,9 +226,9 @@ impl Kernel {
         let module = Module::build(dev, "copy_blocks.cu", SOURCE)
             .map_err(|e| Error::Unavailable(format!("the copy kernel: {e}")))?;
         let mut this = Self {
-            table: module.entry(c"kvx_copy_blocks", THREADS)?,
-            tiny: module.entry(c"kvx_copy_blocks_p1k", THREADS).ok(),
-            small: module.entry(c"kvx_copy_blocks_p4k", THREADS)?,
+            lean: Entries::load(&module, "")?,
+            small_pieces: Entries::load(&module, "_small")?,
+            wide: module.entry(c"kvx_copy_blocks_wide", THREADS)?,
             list: module.entry(c"kvx_copy_list", THREADS).ok(),
             _module: module,
             budget: Budget::full(),
@@ -374,14 +405,22 @@ impl Kernel {
         let layers = job.layers.end - job.layers.start;
         let moved = job.pieces.map_or(region, |p| p.iter().map(|p| p.len).sum());
         let bytes = pairs as u64 * layers * outer * moved;
-        let inline = if let (true, Some(tiny)) = (words <= INLINE_TINY, self.tiny) {
+        // Pieces under SMALL_PIECE come only from a head transform or small regions (a
+        // region's last piece may be shorter too, but then its batch mixes lengths, which the
+        // small-piece path does not take).
+        let entries = if job.pieces.is_some() || region < SMALL_PIECE {
+            self.small_pieces
+        } else {
+            self.lean
+        };
+        let inline = if let (true, Some(tiny)) = (words <= INLINE_TINY, entries.tiny) {
             Some((tiny, INLINE_TINY))
         } else if words <= INLINE_SMALL {
-            Some((self.small, INLINE_SMALL))
+            Some((entries.small, INLINE_SMALL))
         } else {
             None
         };
-        let entry = inline.map_or(self.table, |(e, _)| e);
+        let entry = inline.map_or(entries.table, |(e, _)| e);
         let (ctas, piece) = self.shape(entry, job.direction, bytes);
         let pieces_per_region = match job.pieces {
             Some(p) => p.len() as u64,
@@ -389,6 +428,12 @@ impl Kernel {
         };
         let items_per_layer = pairs as u64 * outer * pieces_per_region;
         let items = items_per_layer * layers;
+        // Beyond 32-bit item indices: the 64-bit loop, which takes its table in device memory.
+        let (inline, entry) = if items > u64::from(u32::MAX) {
+            (None, self.wide)
+        } else {
+            (inline, entry)
+        };
         let blocks = blocks_for(entry, items, ctas);
         let warps = u64::from(blocks) * u64::from(THREADS / 32);
         let run = run_len(
@@ -465,7 +510,7 @@ impl Kernel {
                 "cuMemcpyHtoDAsync (copy kernel table)",
             )?;
             // SAFETY: the entry takes (const Desc) by value.
-            unsafe { launch(self.table, stream, (&mut desc as *mut Desc).cast(), blocks) }
+            unsafe { launch(entry, stream, (&mut desc as *mut Desc).cast(), blocks) }
         };
         let ran = queue();
         tracing::trace!(
