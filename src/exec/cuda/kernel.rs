@@ -190,18 +190,22 @@ fn id_bytes(src: &Layout, dst: &Layout) -> usize {
 fn write_table(out: &mut [u64], bases: &[u64], src: &[u64], dst: &[u64], width: usize) {
     let (b, ids) = out.split_at_mut(bases.len());
     b.copy_from_slice(bases);
-    let mut pairs = src.iter().zip(dst);
+    let pairs = src.iter().zip(dst);
     // Little-endian: id i of the (src, dst, src, dst, ...) list sits at bytes
     // [i * width, (i + 1) * width); the ids fit `width` (see `id_bytes`).
     match width {
         2 => {
-            for w in ids.iter_mut() {
-                *w = 0;
-                for k in 0..2 {
-                    if let Some((s, d)) = pairs.next() {
-                        *w |= (s << (32 * k)) | (d << (32 * k + 16));
-                    }
-                }
+            // Two pairs a word, without a branch per id: a table of 65536 pairs (256 MiB of
+            // 4 KiB blocks) took 70-120 µs to write one id at a time, before the kernel could
+            // start (session 13, device run 7).
+            let (s2, d2) = (src.chunks_exact(2), dst.chunks_exact(2));
+            let (s_odd, d_odd) = (s2.remainder(), d2.remainder());
+            let mut words = ids.iter_mut();
+            for ((s, d), w) in s2.zip(d2).zip(&mut words) {
+                *w = s[0] | (d[0] << 16) | (s[1] << 32) | (d[1] << 48);
+            }
+            if let (Some(s), Some(d), Some(w)) = (s_odd.first(), d_odd.first(), words.next()) {
+                *w = s | (d << 16);
             }
         }
         4 => {
