@@ -4,18 +4,18 @@
 //! running beside it (with one full wave, an engine's kernels ran ~10% slower). So the budget
 //! is measured once per process and device: the link (one large copy each way) and what 1, 2,
 //! 3, 4, 6, ... blocks of the kernel move (each block's bytes in flight over the latency, until
-//! the link caps it); host -> device gets twice the fewest blocks that reach 0.95 of the best,
-//! device -> host four times (on an H200: 6 and 2 blocks of 256 threads, so 12 and 8): a block
-//! that shares its SM with an engine's warps moved a half (H2D) to a quarter (D2H, 4 KiB
-//! pieces) of what it moves alone (docs/BENCHMARKS.md, "Beside a busy engine"). With twice the
-//! two D2H blocks (4), D2H of 4 KiB pieces beside the bench's compute load moved 0.88 of the
-//! link on some H200 machines and 0.31 on others; with 8, 0.57 there, at a smaller slowdown of
-//! the load (it ends sooner), and pageable transfers' bounce hops 20% faster (session 12,
-//! "SM budget for device to host"). Blocks are not given SMs
-//! of their own: an engine kernel sized to one wave (a persistent GEMM, a per-layer kernel of
-//! one block per SM) would then run a second wave for the blocks kvxfer displaced. Device <->
-//! device is bound by memory bandwidth and takes one full wave. A `max_sms` the runtime sets
-//! is what every direction takes.
+//! the link caps it); host -> device gets three times the fewest blocks that reach 0.95 of the
+//! best, device -> host four times (on an H200: 6 and 2 blocks of 256 threads, so 18 and 8).
+//! Until session 13 the kernel's general item loop (64-bit divisions, the small-piece path)
+//! made a block beside an engine's tensor-core kernels move 4 KiB pieces at a fraction of its
+//! idle speed, by machine (D2H on 4 blocks: 0.31 or 0.88 of the link); the lean loop
+//! (copy_blocks.cu) moves them at the link on 8 blocks in either direction, in device time.
+//! What a runtime sees from submit to wait also carries the submit (~0.15 ms for 65536 block
+//! pairs), which the extra host -> device blocks make up for (`SHARED_SM_FACTOR`). Blocks are
+//! not given SMs of their own: an engine kernel sized to one wave (a persistent GEMM, a
+//! per-layer kernel of one block per SM) would then run a second wave for the blocks kvxfer
+//! displaced. Device <-> device is bound by memory bandwidth and takes one full wave. A
+//! `max_sms` the runtime sets is what every direction takes.
 
 use std::sync::Mutex;
 
@@ -44,8 +44,10 @@ pub(crate) struct Budget {
 }
 
 /// How many times the fewest blocks that reach the link alone host -> device and device ->
-/// host take, so that they still move it beside an engine.
-const SHARED_SM_FACTOR: [u32; 2] = [2, 4];
+/// host take, so that they still move it beside an engine. Host -> device on 6 x 2 = 12
+/// blocks moved 4 KiB pieces at 0.83-0.86 of the link beside the bench's load, on 16 at
+/// 0.86-0.87, 20 no more, the load slowed 0.2-0.3% either way (session 13, device run 8).
+const SHARED_SM_FACTOR: [u32; 2] = [3, 4];
 
 /// Bytes a warp has in flight with one small piece.
 const WARP_BYTES: u64 = 4096;
@@ -109,7 +111,7 @@ impl Budget {
         let host = |i: usize| -> u32 {
             // Without a measurement (or with a budget the runtime set): the cap.
             let Some(l) = link else { return cap };
-            // Blocks that share their SMs with an engine's warps move a half (H2D) to a
+            // Blocks that share their SMs with an engine's warps move a third (H2D) to a
             // quarter (D2H) of what they move alone.
             let n = SHARED_SM_FACTOR[i] * l.blocks[i];
             n.clamp(1, dev.sm_count).min(cap)
