@@ -15,7 +15,9 @@
 // 4/8/12 blocks); `-DLIBSRC='"file.cu"'` takes another version of copy_blocks.cu: session 13
 // compared the kernel of 8eb9620 with copies changed one way each (the Desc parameter
 // __grid_constant__, split() in 32-bit, copy_small() off) and in pairs (their copy_items is no
-// template: add -DLIB_LOOP=copy_items).
+// template: add -DLIB_LOOP=copy_items). This is that program tidied after its last run (the
+// load now included from the bench, one copy kernel with an optional SM record, one timing
+// helper), not compiled since: no GPU time was left in the session.
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 #include <algorithm>
@@ -41,31 +43,22 @@
     }                                                                                 \
   } while (0)
 
-extern "C" __global__ void spin(float* out, unsigned iters) {
-  unsigned a0 = threadIdx.x | 0x3f800000u, a1 = a0 ^ 0x10001u, a2 = a0 ^ 0x20002u,
-           a3 = a0 ^ 0x30003u;
-  unsigned b0 = blockIdx.x | 0x3f800000u, b1 = b0 ^ 0x40004u;
-  float c[4][4] = {};
-  for (unsigned i = 0; i < iters; i++) {
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-          "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-          : "+f"(c[k][0]), "+f"(c[k][1]), "+f"(c[k][2]), "+f"(c[k][3])
-          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-    }
-  }
-  float s = 0.0f;
-#pragma unroll
-  for (int k = 0; k < 4; k++) s += c[k][0] + c[k][1] + c[k][2] + c[k][3];
-  if (s == 1234.5f) out[0] = s;
+// The bench's compute load, `kvx_bench_spin`.
+#include "../../cli/src/bench/busy_load.cu"
+
+__device__ __forceinline__ unsigned smid_() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
+  return r;
 }
 
-// U pieces per warp at a time, 8 16-byte accesses per lane per piece in flight.
+// U pieces per warp at a time, 8 16-byte accesses per lane per piece in flight; with `smids`,
+// each block writes down its SM.
 template <int U>
 __global__ void __launch_bounds__(256) copyk(const char* src, char* dst, const unsigned* sid,
-                                             const unsigned* did, unsigned n, unsigned frag) {
+                                             const unsigned* did, unsigned n, unsigned frag,
+                                             unsigned* smids) {
+  if (smids && threadIdx.x == 0) smids[blockIdx.x] = smid_();
   const unsigned lane = threadIdx.x & 31u;
   const unsigned warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const unsigned warps = (gridDim.x * blockDim.x) >> 5;
@@ -113,35 +106,10 @@ __global__ void __launch_bounds__(256) copyh(const char* src, char* dst, const u
   }
 }
 
-__device__ __forceinline__ unsigned smid_() {
-  unsigned r;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
-  return r;
-}
 __global__ void __launch_bounds__(256) lib_probe(const Desc d, unsigned* smids) {
   if (threadIdx.x == 0) smids[blockIdx.x] = smid_();
   LIB_LOOP(d, (const u64*)d.table);
 }
-__global__ void __launch_bounds__(256) warp_probe(const char* src, char* dst, const unsigned* sid,
-                                             const unsigned* did, unsigned n, unsigned frag, unsigned* smids) {
-  if (threadIdx.x == 0) smids[blockIdx.x] = smid_();
-  const unsigned lane = threadIdx.x & 31u;
-  const unsigned warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const unsigned warps = (gridDim.x * blockDim.x) >> 5;
-  const unsigned n16 = frag >> 4;
-  for (unsigned p = warp; p < n; p += warps) {
-    const uint4* s = (const uint4*)(src + (size_t)sid[p] * frag);
-    uint4* d = (uint4*)(dst + (size_t)did[p] * frag);
-    for (unsigned j = lane; j < n16; j += 256) {
-      uint4 v[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) v[k] = s[j + 32 * k];
-#pragma unroll
-      for (int k = 0; k < 8; ++k) d[j + 32 * k] = v[k];
-    }
-  }
-}
-
 static float median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -180,7 +148,7 @@ int main() {
   float* out;
   CK(cudaMalloc(&out, 4));
   int smem = smem_sm / 2 - 2048;
-  CK(cudaFuncSetAttribute(spin, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  CK(cudaFuncSetAttribute(kvx_bench_spin, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const unsigned sblocks = sms * 2 * 8;
   unsigned iters = 256;
   cudaEvent_t c0, c1, t0[8], t1[8];
@@ -192,7 +160,7 @@ int main() {
   }
   auto launch_compute = [&]() {
     CK(cudaEventRecord(c0, cs));
-    for (int i = 0; i < 50; ++i) spin<<<sblocks, 256, smem, cs>>>(out, iters);
+    for (int i = 0; i < 50; ++i) kvx_bench_spin<<<sblocks, 256, smem, cs>>>(out, iters);
     CK(cudaGetLastError());
     CK(cudaEventRecord(c1, cs));
   };
@@ -283,9 +251,9 @@ int main() {
                 unsigned* sm = smids + 64 * (slot++ % 8);
                 const char* src = dir == 0 ? host : dbuf;
                 char* dst = dir == 0 ? dbuf : host;
-                if (var == 0) copyk<1><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag);
-                if (var == 1) copyk<2><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag);
-                if (var == 2) copyk<4><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag);
+                if (var == 0) copyk<1><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag, nullptr);
+                if (var == 1) copyk<2><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag, nullptr);
+                if (var == 2) copyk<4><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag, nullptr);
                 if (var == 3) copyh<<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag);
                 if (var >= 4 && var <= 6) {
                   Desc dd = {};
@@ -299,8 +267,8 @@ int main() {
                   if (var == 5) lib_probe<<<ctas, 256, 0, s>>>(dd, sm);
                   if (var == 6) lib_probe<<<ctas, 256, 1024, s>>>(dd, sm);
                 }
-                if (var == 7) warp_probe<<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag, sm);
-                if (var == 8) warp_probe<<<ctas, 256, 1024, s>>>(src, dst, sid, did, n, frag, sm);
+                if (var == 7) copyk<1><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag, sm);
+                if (var == 8) copyk<1><<<ctas, 256, 1024, s>>>(src, dst, sid, did, n, frag, sm);
               };
               // Correctness: every destination byte gets the source's fill.
               {
@@ -320,38 +288,35 @@ int main() {
                 if (bad) printf("# WRONG: %zu bytes not copied (var %d dir %d)\n", bad, var, dir);
                 (void)src; (void)dst;
               }
-              // Idle.
-              std::vector<float> t;
-              for (int r = 0; r < 4; ++r) {
-                CK(cudaEventRecord(t0[r], ts));
-                go(ts);
-                CK(cudaEventRecord(t1[r], ts));
-              }
-              CK(cudaStreamSynchronize(ts));
-              for (int r = 1; r < 4; ++r) {
-                float m;
-                CK(cudaEventElapsedTime(&m, t0[r], t1[r]));
-                t.push_back(m);
-              }
-              float idle = total / median(t) / 1e6 / lim[dir];
-              // Busy: five copies inside the compute window.
+              // Queues `rounds` copies back to back, each between two events; `times` waits for
+              // them and gives each one's milliseconds.
+              auto queue = [&](int rounds) {
+                for (int r = 0; r < rounds; ++r) {
+                  CK(cudaEventRecord(t0[r], ts));
+                  go(ts);
+                  CK(cudaEventRecord(t1[r], ts));
+                }
+                CK(cudaGetLastError());
+              };
+              auto times = [&](int rounds) {
+                CK(cudaStreamSynchronize(ts));
+                std::vector<float> v(rounds);
+                for (int r = 0; r < rounds; ++r) CK(cudaEventElapsedTime(&v[r], t0[r], t1[r]));
+                return v;
+              };
+              // Idle: the first copy warms up.
+              queue(4);
+              std::vector<float> t = times(4);
+              float idle = total / median(std::vector<float>(t.begin() + 1, t.end())) / 1e6 / lim[dir];
+              // Busy: the first copy as the load starts, five more inside its window.
               CK(cudaMemset(smids, 0xff, 64 * 8 * 4));
               slot = 0;
               launch_compute();
-              t.clear();
-              for (int r = 0; r < 6; ++r) {
-                CK(cudaEventRecord(t0[r], ts));
-                go(ts);
-                CK(cudaEventRecord(t1[r], ts));
-              }
-              CK(cudaGetLastError());
+              queue(6);
               float with = compute_ms();
-              CK(cudaStreamSynchronize(ts));
-              for (int r = 1; r < 6; ++r) {
-                float m;
-                CK(cudaEventElapsedTime(&m, t0[r], t1[r]));
-                t.push_back(m);
-              }
+              t = times(6);
+              const float first = total / t[0] / 1e6 / lim[dir];
+              t.erase(t.begin());
               float busy = total / median(t) / 1e6 / lim[dir];
               int distinct[6] = {};
               {
@@ -364,9 +329,6 @@ int main() {
                   if (v[0] == 0xffffffffu) distinct[r] = -1;
                 }
               }
-              float first;
-              CK(cudaEventElapsedTime(&first, t0[0], t1[0]));
-              first = total / first / 1e6 / lim[dir];
               const char* vn[] = {"warp1", "warp2", "warp4", "half16", "lib", "libprobe", "libprobe1k", "warpprobe", "warpprobe1k"};
               printf("%s %s %s %u %s %u %.3f %.3f %.3f %.4f sms %d %d %d %d %d %d\n", dir ? "D2H" : "H2D",
                      mem ? "thp" : "pinned", seq ? "seq" : "scat", frag >> 10, vn[var], ctas,
