@@ -256,8 +256,8 @@ struct Inline {
 // path (pieces of 4 KiB and more), 32-bit with it (_small: head transforms, regions under
 // 4 KiB), and 64-bit with it (kvx_copy_blocks_wide, table in device memory: more than 2^32
 // items). One loop with 64-bit divisions and copy_small moved 4 KiB pieces between host and
-// device beside a tensor-core load at 0.07 of the link per block (8 blocks: 0.51-0.61), where
-// the same loop without both, or a plain warp-per-piece copy, moved 0.91-0.95 on 8 blocks
+// device beside a tensor-core load at 0.07 of the link per block (8 blocks: 0.56-0.63), where
+// the same loop without both, or a plain warp-per-piece copy, moved 0.90-0.97 on 8 blocks
 // (H200, session 13, device runs 2-5; either change alone did not help, nor did it take the
 // blocks onto separate SMs, which they already were). Idle, all of them reach the link.
 #define KVX_BLOCK_ENTRIES(SUFFIX, I, SMALL)                                                    \
