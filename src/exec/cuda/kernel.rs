@@ -97,6 +97,33 @@ impl Entries {
     }
 }
 
+/// The item loop of copy_blocks.cu (`copy_items<I, SMALL>`) that moves a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ItemLoop {
+    /// 32-bit index math without the small-piece path.
+    Lean,
+    /// 32-bit index math with the small-piece path.
+    SmallPieces,
+    /// 64-bit index math with the small-piece path.
+    Wide,
+}
+
+impl ItemLoop {
+    /// The loop for `items` pieces of regions of `region` bytes, cut by a head transform or
+    /// not. Pieces under SMALL_PIECE come only from a transform or small regions (a region's
+    /// last piece may be shorter too, but then its batch mixes lengths, which the small-piece
+    /// path does not take).
+    fn of(transform: bool, region: u64, items: u64) -> Self {
+        if items > u64::from(u32::MAX) {
+            Self::Wide
+        } else if transform || region < SMALL_PIECE {
+            Self::SmallPieces
+        } else {
+            Self::Lean
+        }
+    }
+}
+
 /// The copy kernel's module on one device, with its entry points.
 #[derive(Debug)]
 pub(crate) struct Kernel {
@@ -410,13 +437,12 @@ impl Kernel {
         let layers = job.layers.end - job.layers.start;
         let moved = job.pieces.map_or(region, |p| p.iter().map(|p| p.len).sum());
         let bytes = pairs as u64 * layers * outer * moved;
-        // Pieces under SMALL_PIECE come only from a head transform or small regions (a
-        // region's last piece may be shorter too, but then its batch mixes lengths, which the
-        // small-piece path does not take).
-        let entries = if job.pieces.is_some() || region < SMALL_PIECE {
-            self.small_pieces
-        } else {
-            self.lean
+        let transform = job.pieces.is_some();
+        // The entries for the item count `shape` leads to (which needs an entry's block limit):
+        // one of the 32-bit loops, unless the count turns out larger.
+        let entries = match ItemLoop::of(transform, region, 0) {
+            ItemLoop::Lean => self.lean,
+            _ => self.small_pieces,
         };
         let inline = if let (true, Some(tiny)) = (words <= INLINE_TINY, entries.tiny) {
             Some((tiny, INLINE_TINY))
@@ -433,11 +459,10 @@ impl Kernel {
         };
         let items_per_layer = pairs as u64 * outer * pieces_per_region;
         let items = items_per_layer * layers;
-        // Beyond 32-bit item indices: the 64-bit loop, which takes its table in device memory.
-        let (inline, entry) = if items > u64::from(u32::MAX) {
-            (None, self.wide)
-        } else {
-            (inline, entry)
+        // The 64-bit loop takes its table in device memory.
+        let (inline, entry) = match ItemLoop::of(transform, region, items) {
+            ItemLoop::Wide => (None, self.wide),
+            _ => (inline, entry),
         };
         let blocks = blocks_for(entry, items, ctas);
         let warps = u64::from(blocks) * u64::from(THREADS / 32);
@@ -641,7 +666,7 @@ unsafe fn launch(entry: Entry, stream: CUstream, param: *mut c_void, blocks: u32
 
 #[cfg(test)]
 mod tests {
-    use super::{PIECE, THREADS, in_layer_order, list_ops, run_len, write_table};
+    use super::{ItemLoop, PIECE, THREADS, in_layer_order, list_ops, run_len, write_table};
     use crate::cuda::Direction;
     use crate::plan::CopyOp;
 
@@ -805,6 +830,19 @@ mod tests {
         );
         let n: u64 = copies.iter().map(|c| c.len.div_ceil(PIECE)).sum();
         assert_eq!(ops.len() as u64, n);
+    }
+
+    #[test]
+    fn pieces_of_4_kib_and_more_take_the_lean_loop_and_huge_counts_the_wide_one() {
+        assert_eq!(ItemLoop::of(false, 4096, 1 << 20), ItemLoop::Lean);
+        assert_eq!(
+            ItemLoop::of(false, 2 << 20, u64::from(u32::MAX)),
+            ItemLoop::Lean
+        );
+        assert_eq!(ItemLoop::of(false, 2048, 1 << 20), ItemLoop::SmallPieces);
+        assert_eq!(ItemLoop::of(true, 64 << 10, 1 << 20), ItemLoop::SmallPieces);
+        assert_eq!(ItemLoop::of(false, 4096, 1 << 32), ItemLoop::Wide);
+        assert_eq!(ItemLoop::of(true, 256, 1 << 40), ItemLoop::Wide);
     }
 
     /// Reads id `i` of the table's pair list the way copy_blocks.cu's `block_id` does.
