@@ -123,7 +123,6 @@ impl Spawner {
         let n = (total / PIECE).clamp(1, 4 * self.threads as u64) as usize;
         let cuts = memcpy::cuts(&copies, total, n);
         let shared = Arc::new(Shared {
-            pieces: cuts.len() - 1,
             copies,
             cuts,
             next: AtomicUsize::new(0),
@@ -131,7 +130,7 @@ impl Spawner {
             finished: (Mutex::new(()), Condvar::new()),
             streaming,
         });
-        for _ in 1..shared.pieces.min(self.threads) {
+        for _ in 1..shared.pieces().min(self.threads) {
             let s = shared.clone();
             self.spawn(Box::new(move || {
                 s.work();
@@ -171,13 +170,13 @@ impl PendingCopy {
         let mine = shared.work();
         let (lock, cv) = &shared.finished;
         let mut g = lock.lock().unwrap_or_else(|p| p.into_inner());
-        while shared.done.load(Ordering::Acquire) < shared.pieces {
+        while shared.done.load(Ordering::Acquire) < shared.pieces() {
             g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
         drop(g);
         tracing::trace!(
             bytes = self.total,
-            pieces = shared.pieces,
+            pieces = shared.pieces(),
             by_caller = mine,
             asking_us = (self.started - self.begun).as_micros() as u64,
             joined_us = joined.as_micros() as u64,
@@ -199,7 +198,6 @@ struct Shared {
     copies: Vec<CopyOp>,
     /// Piece k is the bytes between `cuts[k]` and `cuts[k + 1]`.
     cuts: Vec<memcpy::Cut>,
-    pieces: usize,
     next: AtomicUsize,
     done: AtomicUsize,
     finished: (Mutex<()>, Condvar),
@@ -207,12 +205,16 @@ struct Shared {
 }
 
 impl Shared {
+    fn pieces(&self) -> usize {
+        self.cuts.len() - 1
+    }
+
     /// Takes pieces until none is left; returns how many it copied.
     fn work(&self) -> usize {
         let mut n = 0;
         loop {
             let i = self.next.fetch_add(1, Ordering::AcqRel);
-            if i >= self.pieces {
+            if i >= self.pieces() {
                 return n;
             }
             n += 1;
@@ -221,7 +223,7 @@ impl Shared {
             unsafe {
                 memcpy::copy_span(&self.copies, self.cuts[i], self.cuts[i + 1], self.streaming)
             };
-            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.pieces {
+            if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.pieces() {
                 let (lock, cv) = &self.finished;
                 let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
                 cv.notify_all();

@@ -201,14 +201,16 @@ pub(super) fn hop_kernel<'d>(
         .filter(|k| takes_kernel(k, end.mode, direction, bytes, chunk.len() as u64))
 }
 
-/// The pieces of `chunk` seen from the device's stream, with the buffer at `base`: device ->
-/// buffer (`to_buffer`) or buffer -> device.
-pub(super) fn hop_copies(
-    chunk: &[CopyOp],
-    base: u64,
+/// The copies of a hop between `chunk`'s other side and the buffer `buf` (device memory for
+/// a device hop, pageable memory for a host hop): the chunk's sources into the buffer
+/// (`to_buffer`), or the buffer out to the chunk's destinations.
+pub(super) fn buffer_copies<'c>(
+    chunk: &'c [CopyOp],
+    buf: &Arc<Memory>,
     to_buffer: bool,
-) -> impl Iterator<Item = CopyOp> + Clone + '_ {
-    packed(chunk, base, to_buffer).map(move |c| if to_buffer { c.flipped() } else { c })
+) -> impl Iterator<Item = CopyOp> + Clone + 'c {
+    packed(chunk, buf.regions()[0].addr, to_buffer)
+        .map(move |c| if to_buffer { c.flipped() } else { c })
 }
 
 pub(super) fn hop_direction(to_buffer: bool) -> Direction {
@@ -230,7 +232,7 @@ pub(super) fn prepare_hop<'d>(
 ) -> Option<PreparedList<'d>> {
     let k = hop_kernel(end, hop_direction(to_buffer), chunk)?;
     end.dev.bind().ok()?;
-    k.prepare_list(end.dev, hop_copies(chunk, buf.regions()[0].addr, to_buffer))
+    k.prepare_list(end.dev, buffer_copies(chunk, buf, to_buffer))
         .ok()
 }
 
@@ -247,7 +249,7 @@ pub(super) fn device_hop<'d>(
     let dev = end.dev;
     let started = std::time::Instant::now();
     let direction = hop_direction(to_buffer);
-    let copies = hop_copies(chunk, buf.regions()[0].addr, to_buffer);
+    let copies = buffer_copies(chunk, buf, to_buffer);
     dev.bind()?;
     let stream = dev.stream(direction);
     let was_ahead = ahead.is_some();
@@ -297,21 +299,7 @@ pub(super) fn injected_fault(chunk: usize) -> Result<()> {
     }
 }
 
-/// A host hop's copies: the chunk's sources into the buffer at `buf` (`to_buffer`), or the
-/// buffer out to the chunk's destinations.
-pub(super) fn host_copies(buf: &Arc<Memory>, chunk: &[CopyOp], to_buffer: bool) -> Vec<CopyOp> {
-    let base = buf.regions()[0].addr;
-    if to_buffer {
-        pack(chunk, base, true)
-            .into_iter()
-            .map(CopyOp::flipped)
-            .collect()
-    } else {
-        pack(chunk, base, false)
-    }
-}
-
-/// The host hop of chunk `i` between a bounce buffer and pageable memory (`host_copies`), by
+/// The host hop of chunk `i` between a bounce buffer and pageable memory (`buffer_copies`), by
 /// memcpy on this thread and on idle workers; `meanwhile` runs on this thread once the
 /// helpers were asked, before it joins them.
 pub(super) fn host_hop<'d>(

@@ -32,7 +32,7 @@ use crate::options::{CopyMode, Mechanism, TransferStats};
 use crate::plan::copy_list::sort_by_dst;
 use crate::plan::{CopyOp, Plan, Request};
 use crate::transfer::{Completion, Transfer};
-use hops::{DeviceEnd, Peer, device_hop, disk_hop, host_copies, host_hop, peer_hop, prepare_hop};
+use hops::{DeviceEnd, Peer, buffer_copies, device_hop, disk_hop, host_hop, peer_hop, prepare_hop};
 use pipeline::{Feed, Order, chunks, chunks_of, pipeline};
 use pool::Lease;
 
@@ -198,7 +198,7 @@ fn run_feed(agent: Option<&Agent>, ends: Ends<'_>, feed: Feed, pair: &[Arc<Memor
         }
         Ends::HostToDevice { copier, .. } | Ends::HostToPeer { copier, .. } => {
             // The chunk is released before `write_ahead` may take the next one.
-            let copies = host_copies(&pair[i % 2], &chunk(i)?, true);
+            let copies = buffer_copies(&chunk(i)?, &pair[i % 2], true).collect();
             host_hop(copier, copies, i, || write_ahead(i))
         }
         Ends::PeerToHost { ref peer, .. } | Ends::PeerToDevice { ref peer, .. } => {
@@ -215,7 +215,7 @@ fn run_feed(agent: Option<&Agent>, ends: Ends<'_>, feed: Feed, pair: &[Arc<Memor
             device_hop(dev, &pair[i % 2], &chunk(i)?, false, take_ahead(i))
         }
         Ends::DeviceToHost { copier, .. } | Ends::PeerToHost { copier, .. } => {
-            let copies = host_copies(&pair[i % 2], &chunk(i)?, false);
+            let copies = buffer_copies(&chunk(i)?, &pair[i % 2], false).collect();
             host_hop(copier, copies, i, || write_ahead(i))
         }
         Ends::HostToPeer { ref peer, .. } | Ends::DeviceToPeer { ref peer, .. } => {

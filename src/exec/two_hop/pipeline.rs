@@ -68,6 +68,12 @@ impl Feed {
         self.have.last().map_or(0, |(at, c)| at + c.len())
     }
 
+    /// Keeps a group that arrived, after the ones before it.
+    fn take(&mut self, group: Chunks) {
+        let at = self.received();
+        self.have.push((at, group));
+    }
+
     /// Waits for the group that holds chunk `i`.
     pub(super) fn ensure(&mut self, i: usize) -> Result<()> {
         while self.received() <= i && i < self.total {
@@ -76,8 +82,7 @@ impl Feed {
                 .as_ref()
                 .and_then(|rx| rx.recv().ok())
                 .ok_or_else(|| Error::Internal("the copy list ended before its chunks".into()))?;
-            let at = self.received();
-            self.have.push((at, group));
+            self.take(group);
         }
         Ok(())
     }
@@ -88,8 +93,7 @@ impl Feed {
             let Some(group) = self.rx.as_ref().and_then(|rx| rx.try_recv().ok()) else {
                 return false;
             };
-            let at = self.received();
-            self.have.push((at, group));
+            self.take(group);
         }
         i < self.total
     }
