@@ -1,6 +1,7 @@
 //! A transfer request, its validation, and the copy list it becomes: one (src, dst, len) per
 //! (block pair, layer in range, outer), with contiguous neighbours coalesced.
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use crate::error::{Result, bail};
@@ -149,13 +150,16 @@ impl Request<'_> {
                 "transfer has more than {MAX_FRAGMENTS} block x layer x outer pieces: split it"
             ),
         }
-        self.src.check_blocks(self.src_blocks, "src_blocks")?;
-        self.dst.check_blocks(self.dst_blocks, "dst_blocks")?;
-        if let Some((i, b)) = first_duplicate(self.dst_blocks, d.num_blocks) {
-            bail!(
-                InvalidArgument,
-                "destination block {b} appears more than once (dst_blocks[{i}])"
-            );
+        // The common case in one pass; the checks below only run to name what is wrong.
+        if !pairs_valid(self.src_blocks, s.num_blocks, self.dst_blocks, d.num_blocks) {
+            self.src.check_blocks(self.src_blocks, "src_blocks")?;
+            self.dst.check_blocks(self.dst_blocks, "dst_blocks")?;
+            if let Some((i, b)) = first_duplicate(self.dst_blocks, d.num_blocks) {
+                bail!(
+                    InvalidArgument,
+                    "destination block {b} appears more than once (dst_blocks[{i}])"
+                );
+            }
         }
         if std::sync::Arc::ptr_eq(self.src.memory(), self.dst.memory()) {
             // Blocks of one layout never share bytes, so only equal ids can overlap.
@@ -331,6 +335,39 @@ fn coalesce(copies: &mut Vec<CopyOp>, src: u64, dst: u64, len: u64) {
         }
         _ => copies.push(CopyOp { src, dst, len }),
     }
+}
+
+thread_local! {
+    /// The bitmap `pairs_valid` marks destinations in, kept by each submitting thread so that
+    /// a submit neither allocates nor zeroes fresh pages for it.
+    static SEEN: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether every source id is below `src_blocks` and every destination id below `dst_blocks`
+/// and none repeats, proven in one pass over the pairs with a bit per destination block;
+/// `false` also where the bitmap would be larger than the lists (the caller's separate checks
+/// decide then). 65536 pairs took ~0.34 ms to validate in three passes (two range checks and a
+/// duplicate search that checked the range again) on the H200 machine's host, 6% of a
+/// 256 MiB transfer beside an engine (session 14, device run 6).
+fn pairs_valid(src: &[u64], src_blocks: u64, dst: &[u64], dst_blocks: u64) -> bool {
+    if dst_blocks > (dst.len() as u64).saturating_mul(64) {
+        return false;
+    }
+    SEEN.with_borrow_mut(|seen| {
+        seen.clear();
+        seen.resize(dst_blocks.div_ceil(64) as usize, 0);
+        // Everything wrong is or-ed together, so the loop has no branch to mispredict.
+        let mut bad = 0u64;
+        for (&s, &d) in src.iter().zip(dst) {
+            let Some(w) = seen.get_mut((d / 64) as usize) else {
+                return false;
+            };
+            let bit = 1u64 << (d % 64);
+            bad |= (*w & bit) | u64::from(s >= src_blocks) | u64::from(d >= dst_blocks);
+            *w |= bit;
+        }
+        bad == 0
+    })
 }
 
 /// A set of block ids: a bitmap when the id space is small next to the list, else sorting.
@@ -680,5 +717,28 @@ mod tests {
         let big = u64::MAX - 1;
         assert_eq!(first_duplicate(&[big, 5, big], u64::MAX), Some((2, big)));
         assert_eq!(first_duplicate(&[big, 5], u64::MAX), None);
+    }
+
+    #[test]
+    fn one_pass_proves_valid_pairs_and_nothing_else() {
+        assert!(pairs_valid(&[0, 7, 3], 8, &[5, 0, 99], 100));
+        assert!(pairs_valid(&[], 8, &[], 0));
+        // A source out of range, a destination out of range inside the bitmap's last word
+        // and beyond it, a repeated destination.
+        assert!(!pairs_valid(&[0, 8], 8, &[1, 2], 100));
+        assert!(!pairs_valid(&[0, 1], 8, &[1, 100], 100));
+        assert!(!pairs_valid(&[0, 1], 8, &[1, 1 << 40], 100));
+        assert!(!pairs_valid(&[0, 1], 8, &[3, 3], 100));
+        // The same thread's bitmap holds nothing from the call before.
+        assert!(pairs_valid(&[0, 1], 8, &[3, 4], 100));
+        // An id space far larger than the list is left to the separate checks.
+        assert!(!pairs_valid(&[0], 8, &[0], 1 << 20));
+        for n in [1u64, 63, 64, 65, 640] {
+            let ids: Vec<u64> = (0..n).rev().collect();
+            assert!(pairs_valid(&ids, n, &ids, n), "{n}");
+            let mut dup = ids.clone();
+            dup[0] = dup[n as usize - 1];
+            assert_eq!(pairs_valid(&ids, n, &dup, n), n == 1, "{n}");
+        }
     }
 }
