@@ -46,10 +46,14 @@ pub(crate) enum BatchApi {
 }
 
 /// A table a kernel reads: written by the host into pinned memory, copied to the device buffer
-/// on the stream of the work that reads it. Pooled: reused once that work completed.
+/// on the stream of the work that reads it, or read where it is (`mapped`). Pooled: reused once
+/// that work completed.
 #[derive(Debug)]
 pub(crate) struct TableBuffer {
     pub(crate) host: *mut u64,
+    /// The host buffer's address on the device (pinned memory is mapped), or 0 if the driver
+    /// gave none: a kernel may then only read the uploaded copy.
+    pub(crate) mapped: u64,
     pub(crate) device: u64,
     /// Capacity in u64 words.
     pub(crate) words: usize,
@@ -364,8 +368,16 @@ impl CudaDevice {
             unsafe { sys::cuMemFreeHost(host) };
             return Err(e);
         }
+        let mut mapped = 0;
+        // SAFETY: `host` is pinned memory allocated above; the out pointer is a local.
+        if unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host, 0) }
+            != sys::CUresult::CUDA_SUCCESS
+        {
+            mapped = 0;
+        }
         Ok(TableBuffer {
             host: host.cast(),
+            mapped,
             device,
             words,
         })

@@ -5,11 +5,12 @@
 // time (or nvcc at build), the same source either way.
 //
 // The table (both layouts' bases, then the pairs) travels inside the kernel parameter where it
-// fits (4 KB), so a transfer is one launch; larger tables are uploaded to device memory first.
-// The upload costs 10-14 us of GPU time before the kernel (H100, docs/BENCHMARKS.md, "GPU
-// tiers, third pass"), but a 32 KB parameter cost more: the driver took 14-70 us of the
-// submitting thread to launch it, and 1 GiB of 4 KiB pieces arrived 0.02-0.04 later than with
-// the upload (H200, session 10, device run 6).
+// fits (4 KB), so a transfer is one launch. A larger one is written into pinned host memory,
+// which the kernel reads in place between host and device memory (kernel.rs says why) and as a
+// copy uploaded to device memory device to device. The upload costs 10-14 us of GPU time
+// before the kernel (H100, docs/BENCHMARKS.md, "GPU tiers, third pass"), but a 32 KB parameter
+// cost more: the driver took 14-70 us of the submitting thread to launch it, and 1 GiB of
+// 4 KiB pieces arrived 0.02-0.04 later than with the upload (H200, session 10, device run 6).
 //
 // A piece is copied by one warp with 16-byte accesses, eight in flight per lane, through plain
 // loads and stores: evict-first (.cs) accesses ran device-to-device copies 3-4% slower on an
@@ -45,7 +46,7 @@ struct Desc {
   u64 pair_ids;           // word index in the table of the (src id, dst id) pairs
   u64 id_bytes;           // 2, 4 or 8: the narrowest width both layouts' ids fit
   u64 items;              // pairs * layers * outer * pieces_per_region
-  u64 table;              // device address of the table (kvx_copy_blocks only)
+  u64 table;              // the table's address on the device (kvx_copy_blocks, _wide only)
   u64 signals;            // device address of one u32 counter per layer in range, or 0
   u64 system_fence;       // 1: the destination is host memory (fence at system scope)
   u64 pieces;             // head transform: word index in the table of pieces_per_region
@@ -248,13 +249,13 @@ struct Inline {
   u64 table[WORDS];
 };
 
-// The entry points: the table in device memory (kvx_copy_blocks), or inside the parameter
+// The entry points: the table in memory (kvx_copy_blocks), or inside the parameter
 // (_p1k, _p4k): __grid_constant__ lets the warps read it in place (constant cache)
 // instead of each thread copying the parameter to local memory.
 //
 // Each in two item loops, and a third for the rest: 32-bit index math without the small-piece
 // path (pieces of 4 KiB and more), 32-bit with it (_small: head transforms, regions under
-// 4 KiB), and 64-bit with it (kvx_copy_blocks_wide, table in device memory: more than 2^32
+// 4 KiB), and 64-bit with it (kvx_copy_blocks_wide, table in memory: more than 2^32
 // items). One loop with 64-bit divisions and copy_small moved 4 KiB pieces between host and
 // device beside a tensor-core load at 0.07 of the link per block (8 blocks: 0.56-0.63), where
 // the same loop without both, or a plain warp-per-piece copy, moved 0.90-0.97 on 8 blocks

@@ -2,7 +2,8 @@
 //! architecture), loaded into each device's primary context, launched with a descriptor of the
 //! two layouts and a table of their bases and the block pairs, so the host never expands
 //! fragments. The table rides in the kernel parameter where it fits (one launch, nothing to
-//! upload first), else in a pooled device buffer.
+//! upload first), else in a pooled pinned buffer: read in place between host and device memory,
+//! uploaded to a device buffer first device to device.
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -75,7 +76,7 @@ const _: () = assert!((DESC_WORDS + INLINE_SMALL) * 8 == 4096);
 /// table travels.
 #[derive(Debug, Clone, Copy)]
 struct Entries {
-    /// Table in device memory.
+    /// Table in memory (pinned or uploaded).
     table: Entry,
     /// Table inside a 1 KB parameter (a launch copies less).
     tiny: Option<Entry>,
@@ -135,7 +136,7 @@ pub(crate) struct Kernel {
     lean: Entries,
     /// Items below 2^32 whose pieces may be smaller (head transforms, small regions).
     small_pieces: Entries,
-    /// Any number of items (64-bit index math), table in device memory.
+    /// Any number of items (64-bit index math), table in memory (pinned or uploaded).
     wide: Entry,
     /// Copies of an explicit list (`kvx_copy_list`).
     list: Option<Entry>,
@@ -173,7 +174,7 @@ impl Job<'_> {
 
 /// What one launch took.
 pub(crate) struct Launched {
-    /// The table uploaded for it, to recycle once the stream passed the launch.
+    /// The pooled table it reads, to recycle once the stream passed the launch.
     pub table: Option<TableBuffer>,
     /// Blocks launched.
     pub ctas: u32,
@@ -406,8 +407,10 @@ impl Kernel {
     }
 
     /// Launches the kernel for `job` on `stream`. A table that fits a kernel parameter goes
-    /// with the launch; a larger one is written into a pooled buffer and uploaded first, and
-    /// that buffer is returned: it must stay untouched until the stream has passed this work.
+    /// with the launch; a larger one is written into a pooled pinned buffer, which the kernel
+    /// reads in place between host and device memory and as an uploaded copy device to device,
+    /// and that buffer is returned: it must stay untouched until the stream has passed this
+    /// work.
     ///
     /// # Safety
     /// `stream` is a live stream of `dev`; the job was validated and both layouts' memory stays
@@ -459,7 +462,7 @@ impl Kernel {
         };
         let items_per_layer = pairs as u64 * outer * pieces_per_region;
         let items = items_per_layer * layers;
-        // The 64-bit loop takes its table in device memory.
+        // The 64-bit loop takes its table in memory, not in the parameter.
         let (inline, entry) = match ItemLoop::of(transform, region, items) {
             ItemLoop::Wide => (None, self.wide),
             _ => (inline, entry),
@@ -523,7 +526,14 @@ impl Kernel {
             });
         }
         let table = dev.table(words)?;
-        desc.table = table.device;
+        // Between host and device memory the kernel reads the table where the host wrote it:
+        // a 256 KB table's upload took 25-50 µs of the submitting thread before the launch
+        // (65536 pairs, session 14, device runs 4-6), and its reads, one per 32 pieces a warp,
+        // cost no measurable speed on a link the pieces cross anyway (session 13, device run
+        // 1). Device to device, those reads would cross the link while the pieces do not: the
+        // kernel then ran 0.02-0.04 slower, so it reads an uploaded copy.
+        let in_place = job.direction != Direction::DeviceToDevice && table.mapped != 0;
+        desc.table = if in_place { table.mapped } else { table.device };
         // SAFETY: the host table holds at least `words` u64s, none read by queued work (pool
         // contract).
         let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
@@ -531,23 +541,31 @@ impl Kernel {
         write_pieces(&mut host[n_bases + id_words..], job.pieces);
         let t0 = std::time::Instant::now();
         let mut queue = || -> Result<u32> {
-            // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
-            // asynchronous and ordered before the launch on the same stream.
-            check(
-                unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(table.device, table.host.cast(), words * 8, stream)
-                },
-                "cuMemcpyHtoDAsync (copy kernel table)",
-            )?;
+            if !in_place {
+                // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy
+                // is asynchronous and ordered before the launch on the same stream.
+                check(
+                    unsafe {
+                        sys::cuMemcpyHtoDAsync_v2(
+                            table.device,
+                            table.host.cast(),
+                            words * 8,
+                            stream,
+                        )
+                    },
+                    "cuMemcpyHtoDAsync (copy kernel table)",
+                )?;
+            }
             // SAFETY: the entry takes (const Desc) by value.
             unsafe { launch(entry, stream, (&mut desc as *mut Desc).cast(), blocks) }
         };
         let ran = queue();
         tracing::trace!(
             words,
+            in_place,
             prepare_ns = (t0 - entered).as_nanos() as u64,
             launch_ns = t0.elapsed().as_nanos() as u64,
-            "copy kernel launched after its table's upload"
+            "copy kernel launched with its table in pinned memory"
         );
         match ran {
             Ok(ctas) => Ok(Launched {
