@@ -15,9 +15,10 @@
 // 4/8/12 blocks); `-DLIBSRC='"file.cu"'` takes another version of copy_blocks.cu: session 13
 // compared the kernel of 8eb9620 with copies changed one way each (the Desc parameter
 // __grid_constant__, split() in 32-bit, copy_small() off) and in pairs (their copy_items is no
-// template: add -DLIB_LOOP=copy_items). This is that program tidied after its last run (the
-// load now included from the bench, one copy kernel with an optional SM record, one timing
-// helper), not compiled since: no GPU time was left in the session.
+// template: add -DLIB_LOOP=copy_items). Session 14 added `warp1_L2_256B` (copyk256: the plain
+// copy with the L2::256B prefetch-size hint on each load) and `-DHINT_ONLY`, which runs the
+// plain copy, kvxfer's kernel and the hinted copy on 8, 12 and 18 blocks, 4 and 16 KiB,
+// scattered, pinned (device runs 3 and 9: the hint changes nothing).
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 #include <algorithm>
@@ -82,6 +83,29 @@ __global__ void __launch_bounds__(256) copyk(const char* src, char* dst, const u
       for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int k = 0; k < 8; ++k) d[u][j + 32 * k] = v[u][k];
+    }
+  }
+}
+
+// copyk<1> with the L2 prefetch-size hint L2::256B on each load (session 14).
+__global__ void __launch_bounds__(256) copyk256(const char* src, char* dst, const unsigned* sid,
+                                                const unsigned* did, unsigned n, unsigned frag) {
+  const unsigned lane = threadIdx.x & 31u;
+  const unsigned warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+  const unsigned warps = (gridDim.x * blockDim.x) >> 5;
+  const unsigned n16 = frag >> 4;
+  for (unsigned p = warp; p < n; p += warps) {
+    const uint4* s = (const uint4*)(src + (size_t)sid[p] * frag);
+    uint4* d = (uint4*)(dst + (size_t)did[p] * frag);
+    for (unsigned j = lane; j < n16; j += 256) {
+      uint4 v[8];
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        asm volatile("ld.global.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v[k].x), "=r"(v[k].y), "=r"(v[k].z), "=r"(v[k].w)
+                     : "l"(s + j + 32 * k));
+#pragma unroll
+      for (int k = 0; k < 8; ++k) d[j + 32 * k] = v[k];
     }
   }
 }
@@ -229,11 +253,20 @@ int main() {
         if (frag != 4096 && mem) continue;
         char* host = mem ? tbuf : hbuf;
         for (int dir = 0; dir < 2; ++dir) {
-          for (int var : {0, 4, 5, 6, 7, 8}) {
+          for (int var : {0, 4, 5, 6, 7, 8, 9}) {
+#ifdef HINT_ONLY
+            if (var != 0 && var != 4 && var != 9) continue;
+            if (seq || mem) continue;
+#endif
             if (frag != 4096 && var == 1) continue;
             if (seq && var == 1) continue;
             if (mem && var == 1) continue;
-            for (unsigned ctas : {4u, 8u, 12u, 16u}) {
+            for (unsigned ctas : {4u, 8u, 12u, 16u, 18u}) {
+#ifdef HINT_ONLY
+              if (ctas == 4 || ctas == 16) continue;
+#else
+              if (ctas == 18) continue;
+#endif
 #ifdef ONLY_LIB
               if (frag != 4096 || seq || mem || var != 4 || ctas == 16) continue;
 #endif
@@ -263,6 +296,7 @@ int main() {
                 }
                 if (var == 7) copyk<1><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag, sm);
                 if (var == 8) copyk<1><<<ctas, 256, 1024, s>>>(src, dst, sid, did, n, frag, sm);
+                if (var == 9) copyk256<<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag);
               };
               // Correctness: every destination byte gets the source's fill.
               {
@@ -323,7 +357,7 @@ int main() {
                   if (v[0] == 0xffffffffu) distinct[r] = -1;
                 }
               }
-              const char* vn[] = {"warp1", "warp2", "warp4", "half16", "lib", "libprobe", "libprobe1k", "warpprobe", "warpprobe1k"};
+              const char* vn[] = {"warp1", "warp2", "warp4", "half16", "lib", "libprobe", "libprobe1k", "warpprobe", "warpprobe1k", "warp1_L2_256B"};
               printf("%s %s %s %u %s %u %.3f %.3f %.3f %.4f sms %d %d %d %d %d %d\n", dir ? "D2H" : "H2D",
                      mem ? "thp" : "pinned", seq ? "seq" : "scat", frag >> 10, vn[var], ctas,
                      idle, first, busy, with / alone_ms - 1, distinct[0], distinct[1], distinct[2], distinct[3], distinct[4], distinct[5]);
