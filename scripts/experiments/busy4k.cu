@@ -15,8 +15,8 @@
 // 4/8/12 blocks); `-DLIBSRC='"file.cu"'` takes another version of copy_blocks.cu: session 13
 // compared the kernel of 8eb9620 with copies changed one way each (the Desc parameter
 // __grid_constant__, split() in 32-bit, copy_small() off) and in pairs (their copy_items is no
-// template: add -DLIB_LOOP=copy_items). Session 14 added `warp1_L2_256B` (copyk256: the plain
-// copy with the L2::256B prefetch-size hint on each load) and `-DHINT_ONLY`, which runs the
+// template: add -DLIB_LOOP=copy_items). Session 14 added `warp1_L2_256B` (the plain copy with
+// the L2::256B prefetch-size hint on each load) and `-DHINT_ONLY`, which runs the
 // plain copy, kvxfer's kernel and the hinted copy on 8, 12 and 18 blocks, 4 and 16 KiB,
 // scattered, pinned (device runs 3 and 9: the hint changes nothing).
 #include <cuda_runtime.h>
@@ -35,14 +35,7 @@
 #define LIB_LOOP copy_items<unsigned, false>
 #endif
 
-#define CK(x)                                                                         \
-  do {                                                                                \
-    cudaError_t e = (x);                                                              \
-    if (e != cudaSuccess) {                                                           \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      exit(1);                                                                        \
-    }                                                                                 \
-  } while (0)
+#include "common.cuh"
 
 // The bench's compute load, `kvx_bench_spin`.
 #include "../../cli/src/bench/busy_load.cu"
@@ -53,9 +46,9 @@ __device__ __forceinline__ unsigned smid_() {
   return r;
 }
 
-// U pieces per warp at a time, 8 16-byte accesses per lane per piece in flight; with `smids`,
-// each block writes down its SM.
-template <int U>
+// U pieces per warp at a time, 8 16-byte accesses per lane per piece in flight, each with the
+// L2 hint HINT (common.cuh); with `smids`, each block writes down its SM.
+template <int U, int HINT = 0>
 __global__ void __launch_bounds__(256) copyk(const char* src, char* dst, const unsigned* sid,
                                              const unsigned* did, unsigned n, unsigned frag,
                                              unsigned* smids) {
@@ -78,34 +71,11 @@ __global__ void __launch_bounds__(256) copyk(const char* src, char* dst, const u
 #pragma unroll
       for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int k = 0; k < 8; ++k) v[u][k] = s[u][j + 32 * k];
+        for (int k = 0; k < 8; ++k) v[u][k] = load16<HINT>(s[u] + j + 32 * k);
 #pragma unroll
       for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int k = 0; k < 8; ++k) d[u][j + 32 * k] = v[u][k];
-    }
-  }
-}
-
-// copyk<1> with the L2 prefetch-size hint L2::256B on each load (session 14).
-__global__ void __launch_bounds__(256) copyk256(const char* src, char* dst, const unsigned* sid,
-                                                const unsigned* did, unsigned n, unsigned frag) {
-  const unsigned lane = threadIdx.x & 31u;
-  const unsigned warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const unsigned warps = (gridDim.x * blockDim.x) >> 5;
-  const unsigned n16 = frag >> 4;
-  for (unsigned p = warp; p < n; p += warps) {
-    const uint4* s = (const uint4*)(src + (size_t)sid[p] * frag);
-    uint4* d = (uint4*)(dst + (size_t)did[p] * frag);
-    for (unsigned j = lane; j < n16; j += 256) {
-      uint4 v[8];
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        asm volatile("ld.global.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(v[k].x), "=r"(v[k].y), "=r"(v[k].z), "=r"(v[k].w)
-                     : "l"(s + j + 32 * k));
-#pragma unroll
-      for (int k = 0; k < 8; ++k) d[j + 32 * k] = v[k];
     }
   }
 }
@@ -296,7 +266,7 @@ int main() {
                 }
                 if (var == 7) copyk<1><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag, sm);
                 if (var == 8) copyk<1><<<ctas, 256, 1024, s>>>(src, dst, sid, did, n, frag, sm);
-                if (var == 9) copyk256<<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag);
+                if (var == 9) copyk<1, 256><<<ctas, 256, 0, s>>>(src, dst, sid, did, n, frag, nullptr);
               };
               // Correctness: every destination byte gets the source's fill.
               {

@@ -27,15 +27,8 @@
 #include <string>
 #include <vector>
 #include "../../src/exec/cuda/copy_blocks.cu"
+#include "common.cuh"
 
-#define CK(x)                                                                         \
-  do {                                                                                \
-    cudaError_t e = (x);                                                              \
-    if (e != cudaSuccess) {                                                           \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      exit(1);                                                                        \
-    }                                                                                 \
-  } while (0)
 #define CU(x)                                                  \
   do {                                                         \
     CUresult e = (x);                                          \
@@ -55,40 +48,10 @@ struct Ptrs {
   char* dst[2 * PICK];
 };
 
-// LOADS 16-byte loads in flight per lane: a warp-item is 512 x LOADS bytes of one piece.
-template <int LOADS>
-__global__ void __launch_bounds__(256) plain(const __grid_constant__ Ptrs p) {
-  constexpr unsigned ITEM = 512 * LOADS, PER = REGION / ITEM;
-  const unsigned lane = threadIdx.x & 31u;
-  const unsigned warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const unsigned warps = (gridDim.x * blockDim.x) >> 5;
-  for (unsigned i = warp; i < 2 * PICK * PER; i += warps) {
-    const uint4* s = (const uint4*)(p.src[i / PER] + (i % PER) * ITEM) + lane;
-    uint4* d = (uint4*)(p.dst[i / PER] + (i % PER) * ITEM) + lane;
-    uint4 v[LOADS];
-#pragma unroll
-    for (int k = 0; k < LOADS; ++k) v[k] = s[32 * k];
-#pragma unroll
-    for (int k = 0; k < LOADS; ++k) d[32 * k] = v[k];
-  }
-}
-
-// The same with an L2 prefetch-size hint on each load (PTX ld.global.L2::128B / L2::256B): the
-// L2 may then ask the link for larger pieces than the 32-byte sectors a load needs.
-template <int HINT>
-__device__ __forceinline__ uint4 load16(const uint4* p) {
-  uint4 v;
-  if (HINT == 256)
-    asm volatile("ld.global.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  else
-    asm volatile("ld.global.L2::128B.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
+// LOADS 16-byte loads in flight per lane, each with the L2 hint HINT (common.cuh): a
+// warp-item is 512 x LOADS bytes of one piece.
 template <int LOADS, int HINT>
-__global__ void __launch_bounds__(256) hinted(const __grid_constant__ Ptrs p) {
+__global__ void __launch_bounds__(256) plain(const __grid_constant__ Ptrs p) {
   constexpr unsigned ITEM = 512 * LOADS, PER = REGION / ITEM;
   const unsigned lane = threadIdx.x & 31u;
   const unsigned warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -267,19 +230,19 @@ int main() {
   }
   for (unsigned ctas : {32u, 64u}) {
     ways.push_back({"plain 4 KiB items, " + std::to_string(ctas) + " blocks",
-                    [&, ctas](unsigned r, cudaStream_t s) { plain<8><<<ctas, 256, 0, s>>>(ptrs(r)); }});
+                    [&, ctas](unsigned r, cudaStream_t s) { plain<8, 0><<<ctas, 256, 0, s>>>(ptrs(r)); }});
     ways.push_back({"plain 2 KiB items, " + std::to_string(ctas) + " blocks",
-                    [&, ctas](unsigned r, cudaStream_t s) { plain<4><<<ctas, 256, 0, s>>>(ptrs(r)); }});
+                    [&, ctas](unsigned r, cudaStream_t s) { plain<4, 0><<<ctas, 256, 0, s>>>(ptrs(r)); }});
     ways.push_back({"plain 1 KiB items, " + std::to_string(ctas) + " blocks",
-                    [&, ctas](unsigned r, cudaStream_t s) { plain<2><<<ctas, 256, 0, s>>>(ptrs(r)); }});
+                    [&, ctas](unsigned r, cudaStream_t s) { plain<2, 0><<<ctas, 256, 0, s>>>(ptrs(r)); }});
   }
   for (unsigned ctas : {32u, 64u}) {
     ways.push_back({"L2::128B 4 KiB items, " + std::to_string(ctas) + " blocks",
-                    [&, ctas](unsigned r, cudaStream_t s) { hinted<8, 128><<<ctas, 256, 0, s>>>(ptrs(r)); }});
+                    [&, ctas](unsigned r, cudaStream_t s) { plain<8, 128><<<ctas, 256, 0, s>>>(ptrs(r)); }});
     ways.push_back({"L2::256B 4 KiB items, " + std::to_string(ctas) + " blocks",
-                    [&, ctas](unsigned r, cudaStream_t s) { hinted<8, 256><<<ctas, 256, 0, s>>>(ptrs(r)); }});
+                    [&, ctas](unsigned r, cudaStream_t s) { plain<8, 256><<<ctas, 256, 0, s>>>(ptrs(r)); }});
     ways.push_back({"L2::256B 2 KiB items, " + std::to_string(ctas) + " blocks",
-                    [&, ctas](unsigned r, cudaStream_t s) { hinted<4, 256><<<ctas, 256, 0, s>>>(ptrs(r)); }});
+                    [&, ctas](unsigned r, cudaStream_t s) { plain<4, 256><<<ctas, 256, 0, s>>>(ptrs(r)); }});
   }
   ways.push_back({"bulk 16 KiB, 64 blocks",
                   [&](unsigned r, cudaStream_t s) { bulk<16384><<<64, 32, 16384, s>>>(ptrs(r)); }});
@@ -288,7 +251,7 @@ int main() {
   ways.push_back({"bulk 2 KiB, 512 blocks",
                   [&](unsigned r, cudaStream_t s) { bulk<2048><<<512, 32, 2048, s>>>(ptrs(r)); }});
   ways.push_back({"plain 8 KiB items, 16 blocks",
-                  [&](unsigned r, cudaStream_t s) { plain<16><<<16, 256, 0, s>>>(ptrs(r)); }});
+                  [&](unsigned r, cudaStream_t s) { plain<16, 0><<<16, 256, 0, s>>>(ptrs(r)); }});
   printf("# layer %zu bytes, %u pieces of %u; %u rounds\n", BYTES, 2 * PICK, REGION, 2000);
   printf("%-36s %8s %8s %10s %10s %10s\n", "way", "p50", "p99", "enqueue", "device", "sync p50");
   std::vector<char> check(BYTES);

@@ -357,7 +357,13 @@ impl CudaDevice {
         let mut host = std::ptr::null_mut();
         // SAFETY: the caller bound the context; the out pointer is a local; freed in Drop.
         check(
-            unsafe { sys::cuMemHostAlloc(&mut host, words * 8, sys::CU_MEMHOSTALLOC_PORTABLE) },
+            unsafe {
+                sys::cuMemHostAlloc(
+                    &mut host,
+                    words * 8,
+                    sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP,
+                )
+            },
             "cuMemHostAlloc (kernel table)",
         )?;
         let mut device = 0;
