@@ -5,7 +5,8 @@
 //! is measured once per process and device: the link (one large copy each way) and what 1, 2,
 //! 3, 4, 6, ... blocks of the kernel move (each block's bytes in flight over the latency, until
 //! the link caps it); host -> device gets three times the fewest blocks that reach 0.95 of the
-//! best, device -> host four times (on an H200: 6 and 2 blocks of 256 threads, so 18 and 8).
+//! best, device -> host four times, counted between the block counts tried (`reach_blocks`; on
+//! an H200 ~5.6 and ~1.9 blocks of 256 threads, so 17 and 8).
 //! Until session 13 the kernel's general item loop (64-bit divisions, the small-piece path)
 //! made a block beside an engine's tensor-core kernels move 4 KiB pieces at a fraction of its
 //! idle speed, by machine (D2H on 4 blocks: 0.31 or 0.88 of the link); the lean loop
@@ -58,11 +59,12 @@ const SHORT_ROUNDS: u64 = 16;
 const SHORT_BOOST: u32 = 4;
 
 /// What was measured on one device, to and from it: GB/s of the link, and the fewest blocks
-/// that reach it with what they moved.
+/// that reach it (`reach_blocks`: between two block counts tried, a fraction) with what they
+/// moved.
 #[derive(Debug, Clone, Copy)]
 struct Link {
     link_gbps: [f64; 2],
-    blocks: [u32; 2],
+    blocks: [f64; 2],
     blocks_gbps: [f64; 2],
     one_block_gbps: [f64; 2],
 }
@@ -113,7 +115,7 @@ impl Budget {
             let Some(l) = link else { return cap };
             // Blocks that share their SMs with an engine's warps move a third (H2D) to a
             // quarter (D2H) of what they move alone.
-            let n = SHARED_SM_FACTOR[i] * l.blocks[i];
+            let n = (f64::from(SHARED_SM_FACTOR[i]) * l.blocks[i]).ceil() as u32;
             n.clamp(1, dev.sm_count).min(cap)
         };
         let this = Self {
@@ -122,9 +124,9 @@ impl Budget {
         };
         if let Some(l) = link {
             tracing::debug!(
-                "CUDA device {}: host->device link {:.1} GB/s, one block {:.1}, {} blocks {:.1}: \
-                 {} blocks; device->host link {:.1} GB/s, one block {:.1}, {} blocks {:.1}: {} \
-                 blocks; device<->device {}",
+                "CUDA device {}: host->device link {:.1} GB/s, one block {:.1}, {:.1} blocks \
+                 {:.1}: {} blocks; device->host link {:.1} GB/s, one block {:.1}, {:.1} blocks \
+                 {:.1}: {} blocks; device<->device {}",
                 dev.ordinal,
                 l.link_gbps[0],
                 l.one_block_gbps[0],
@@ -229,6 +231,27 @@ impl Probe {
     }
 }
 
+/// Where the curve of (blocks, GB/s) first reaches REACH of its best rate (the kernel's own
+/// best, a little below the copy engines' link at these pieces), and that rate:
+/// between the two block counts tried around it, the count where a straight line between them
+/// crosses. Taking the count tried instead turned a percent of noise into a third more blocks
+/// (6 or 8 on one H200, 18 or 24 with SHARED_SM_FACTOR, from one process to the next: layer by
+/// layer beside an engine overlapped 1.037 on 18 and 1.109 on 24, session 14, device runs 9 and
+/// 11).
+fn reach_blocks(curve: &[(u32, f64)]) -> (f64, f64) {
+    let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
+    let want = REACH * best;
+    let Some(k) = curve.iter().position(|c| c.1 >= want) else {
+        return curve.last().map_or((1.0, 0.0), |c| (f64::from(c.0), c.1));
+    };
+    let (n, gbps) = curve[k];
+    let Some(&(m, below)) = k.checked_sub(1).and_then(|p| curve.get(p)) else {
+        return (f64::from(n), gbps);
+    };
+    let t = ((want - below) / (gbps - below)).clamp(0.0, 1.0);
+    (f64::from(m) + t * f64::from(n - m), want.max(below))
+}
+
 /// The link and one block of `kernel`'s list entry, each way, on `dev`'s streams.
 fn measure(dev: &CudaDevice, kernel: &Kernel) -> Result<Link> {
     dev.bind()?;
@@ -254,7 +277,7 @@ fn measure(dev: &CudaDevice, kernel: &Kernel) -> Result<Link> {
     let (host, device) = (p.host as u64, p.device);
     let mut link = Link {
         link_gbps: [0.0; 2],
-        blocks: [1; 2],
+        blocks: [1.0; 2],
         blocks_gbps: [0.0; 2],
         one_block_gbps: [0.0; 2],
     };
@@ -304,18 +327,43 @@ fn measure(dev: &CudaDevice, kernel: &Kernel) -> Result<Link> {
             }
             curve.push((n, PROBE as f64 / timed? / 1e6));
         }
-        // The kernel's own best (a little below the copy engines' link at these pieces).
-        let best = curve.iter().map(|c| c.1).fold(0.0, f64::max);
         tracing::trace!(device = dev.ordinal, direction = ?d, ?curve, "blocks -> GB/s");
-        let (n, gbps) = curve
-            .iter()
-            .copied()
-            .find(|c| c.1 >= REACH * best)
-            .or_else(|| curve.last().copied())
-            .unwrap_or((1, 0.0));
+        let (n, gbps) = reach_blocks(&curve);
         link.blocks[i] = n;
         link.blocks_gbps[i] = gbps;
         link.one_block_gbps[i] = curve.first().map_or(0.0, |c| c.1);
     }
     Ok(link)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reach_blocks;
+
+    #[test]
+    fn the_blocks_that_reach_the_link_move_with_the_rates_not_in_steps() {
+        // An H200's host -> device curve (session 14, device run 2): 4 blocks 0.87 of the
+        // best, 6 blocks 0.97: 95% is crossed at ~5.6 blocks.
+        let h2d = [
+            (1, 12.3),
+            (2, 24.2),
+            (3, 34.5),
+            (4, 42.8),
+            (6, 47.8),
+            (8, 49.2),
+            (12, 48.4),
+        ];
+        let (n, gbps) = reach_blocks(&h2d);
+        assert!((5.5..5.8).contains(&n), "{n}");
+        assert!((46.7..46.8).contains(&gbps), "{gbps}");
+        // Six blocks a percent slower: a little more than six, not eight.
+        let slower = [(4, 42.8), (6, 46.5), (8, 49.2)];
+        let (n, _) = reach_blocks(&slower);
+        assert!((6.0..6.5).contains(&n), "{n}");
+        // The first count already there, a flat curve, a single point, nothing measured.
+        assert_eq!(reach_blocks(&[(1, 43.0), (2, 44.0)]).0, 1.0);
+        assert_eq!(reach_blocks(&[(1, 10.0), (2, 10.0)]).0, 1.0);
+        assert_eq!(reach_blocks(&[(4, 30.0)]), (4.0, 30.0));
+        assert_eq!(reach_blocks(&[]), (1.0, 0.0));
+    }
 }
