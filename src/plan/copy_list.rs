@@ -338,8 +338,8 @@ fn coalesce(copies: &mut Vec<CopyOp>, src: u64, dst: u64, len: u64) {
 }
 
 thread_local! {
-    /// The bitmap `pairs_valid` marks destinations in, kept by each submitting thread so that
-    /// a submit neither allocates nor zeroes fresh pages for it.
+    /// The bitmap `pairs_valid` marks destinations in, kept by each submitting thread (up to
+    /// KEPT_BITMAP_WORDS) so that a submit neither allocates nor faults in fresh pages for it.
     static SEEN: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -360,15 +360,23 @@ fn pairs_valid(src: &[u64], src_blocks: u64, dst: &[u64], dst_blocks: u64) -> bo
         let mut bad = 0u64;
         for (&s, &d) in src.iter().zip(dst) {
             let Some(w) = seen.get_mut((d / 64) as usize) else {
-                return false;
+                bad = 1;
+                break;
             };
             let bit = 1u64 << (d % 64);
             bad |= (*w & bit) | u64::from(s >= src_blocks) | u64::from(d >= dst_blocks);
             *w |= bit;
         }
+        // A bitmap for a million blocks stays for the next submit; a larger one is not kept.
+        if seen.capacity() > KEPT_BITMAP_WORDS {
+            *seen = Vec::new();
+        }
         bad == 0
     })
 }
+
+/// The largest bitmap `pairs_valid` keeps between submits: 128 KiB, a million blocks.
+const KEPT_BITMAP_WORDS: usize = 1 << 14;
 
 /// A set of block ids: a bitmap when the id space is small next to the list, else sorting.
 fn first_duplicate(ids: &[u64], num_blocks: u64) -> Option<(usize, u64)> {
@@ -733,6 +741,12 @@ mod tests {
         assert!(pairs_valid(&[0, 1], 8, &[3, 4], 100));
         // An id space far larger than the list is left to the separate checks.
         assert!(!pairs_valid(&[0], 8, &[0], 1 << 20));
+        // A bitmap larger than the one kept is released after use, and the next call still
+        // starts from an empty one.
+        let ids: Vec<u64> = (0..1 << 15).collect();
+        assert!(pairs_valid(&ids, 1 << 15, &ids, 1 << 21));
+        SEEN.with_borrow(|seen| assert_eq!(seen.capacity(), 0));
+        assert!(pairs_valid(&[0, 1], 8, &[3, 4], 100));
         for n in [1u64, 63, 64, 65, 640] {
             let ids: Vec<u64> = (0..n).rev().collect();
             assert!(pairs_valid(&ids, n, &ids, n), "{n}");
