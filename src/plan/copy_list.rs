@@ -150,7 +150,7 @@ impl Request<'_> {
                 "transfer has more than {MAX_FRAGMENTS} block x layer x outer pieces: split it"
             ),
         }
-        // The common case in one pass; the checks below only run to name what is wrong.
+        // The common case at once; the checks below only run to name what is wrong.
         if !pairs_valid(self.src_blocks, s.num_blocks, self.dst_blocks, d.num_blocks) {
             self.src.check_blocks(self.src_blocks, "src_blocks")?;
             self.dst.check_blocks(self.dst_blocks, "dst_blocks")?;
