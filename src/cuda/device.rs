@@ -62,6 +62,28 @@ pub(crate) struct TableBuffer {
 // SAFETY: the buffer is plain pinned memory owned by the pool; one transfer uses it at a time.
 unsafe impl Send for TableBuffer {}
 
+impl TableBuffer {
+    /// Queues the copy of its first `words` words from the pinned buffer to the device buffer
+    /// on `stream`: asynchronous, and ordered before what is queued after it there.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the context the table was allocated in, and the host words
+    /// stay untouched until the stream has passed the copy (pool contract).
+    pub(crate) unsafe fn upload(&self, words: usize, stream: CUstream, what: &str) -> Result<()> {
+        if words > self.words {
+            return Err(Error::Internal(format!(
+                "{what}: {words} words for a table of {}",
+                self.words
+            )));
+        }
+        // SAFETY: both buffers hold at least `words` u64s (checked); the host one is pinned.
+        check(
+            unsafe { sys::cuMemcpyHtoDAsync_v2(self.device, self.host.cast(), words * 8, stream) },
+            what,
+        )
+    }
+}
+
 /// One u32 counter per layer in device memory, which the copy kernel counts up as pieces of
 /// each layer land. Counters are never reset: `counts` mirrors what they hold once the work
 /// that used them completed, and a layer is done when its counter reaches its count plus the
@@ -376,11 +398,12 @@ impl CudaDevice {
         }
         let mut mapped = 0;
         // SAFETY: `host` is pinned memory allocated above; the out pointer is a local.
-        if unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host, 0) }
-            != sys::CUresult::CUDA_SUCCESS
-        {
-            mapped = 0;
-        }
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut mapped, host, 0) };
+        let mapped = if r == sys::CUresult::CUDA_SUCCESS {
+            mapped
+        } else {
+            0
+        };
         Ok(TableBuffer {
             host: host.cast(),
             mapped,

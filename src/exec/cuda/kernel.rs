@@ -8,10 +8,10 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::sys::{self, CUstream};
+use cudarc::driver::sys::CUstream;
 
 use super::budget::Budget;
-use crate::cuda::{CudaDevice, Direction, Entry, Module, TableBuffer, check};
+use crate::cuda::{CudaDevice, Direction, Entry, Module, TableBuffer};
 use crate::error::{Error, Result};
 use crate::layout::heads::Piece;
 use crate::layout::{Layout, LayoutKind};
@@ -379,14 +379,9 @@ impl Kernel {
         let words = (3 * n) as usize;
         let mut list = [table.device, n];
         let mut run = || -> Result<u32> {
-            // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy is
-            // asynchronous and ordered before the launch on the same stream.
-            check(
-                unsafe {
-                    sys::cuMemcpyHtoDAsync_v2(table.device, table.host.cast(), words * 8, stream)
-                },
-                "cuMemcpyHtoDAsync (copy list)",
-            )?;
+            // SAFETY: `stream` is of the table's device (caller); the table is the transfer's
+            // until the stream passed this work.
+            unsafe { table.upload(words, stream, "cuMemcpyHtoDAsync (copy list)") }?;
             // SAFETY: the entry takes (const List) by value: two u64s.
             unsafe {
                 launch(
@@ -542,19 +537,9 @@ impl Kernel {
         let t0 = std::time::Instant::now();
         let mut queue = || -> Result<u32> {
             if !in_place {
-                // SAFETY: both buffers hold `words` u64s; the host one is pinned, so the copy
-                // is asynchronous and ordered before the launch on the same stream.
-                check(
-                    unsafe {
-                        sys::cuMemcpyHtoDAsync_v2(
-                            table.device,
-                            table.host.cast(),
-                            words * 8,
-                            stream,
-                        )
-                    },
-                    "cuMemcpyHtoDAsync (copy kernel table)",
-                )?;
+                // SAFETY: `stream` is of `dev`, the table's device (caller); the table is this
+                // transfer's until the stream passed it. Ordered before the launch.
+                unsafe { table.upload(words, stream, "cuMemcpyHtoDAsync (copy kernel table)") }?;
             }
             // SAFETY: the entry takes (const Desc) by value.
             unsafe { launch(entry, stream, (&mut desc as *mut Desc).cast(), blocks) }
