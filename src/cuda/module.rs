@@ -92,6 +92,29 @@ impl Module {
             },
             "cuOccupancyMaxActiveBlocksPerMultiprocessor",
         )?;
+        // What the compiler made of it (KVX_LOG=kvxfer=debug): beside an engine's kernels a
+        // copy loop's speed has hung on its code's shape (docs/BENCHMARKS.md, session 15).
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let attr = |a| {
+                let mut v = 0;
+                // SAFETY: `function` is live; the out pointer is a local.
+                let r = unsafe { sys::cuFuncGetAttribute(&mut v, a, function) };
+                if r == sys::CUresult::CUDA_SUCCESS {
+                    v
+                } else {
+                    -1
+                }
+            };
+            use sys::CUfunction_attribute as A;
+            tracing::debug!(
+                entry = ?name,
+                registers = attr(A::CU_FUNC_ATTRIBUTE_NUM_REGS),
+                local_bytes = attr(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES),
+                const_bytes = attr(A::CU_FUNC_ATTRIBUTE_CONST_SIZE_BYTES),
+                blocks_per_sm = per_sm,
+                "kernel entry loaded"
+            );
+        }
         Ok(Entry {
             function,
             max_blocks: self.dev.sm_count * (per_sm.max(1) as u32),
