@@ -11,8 +11,9 @@
 //! made a block beside an engine's tensor-core kernels move 4 KiB pieces at a fraction of its
 //! idle speed, by machine (D2H on 4 blocks: 0.31 or 0.88 of the link); the lean loop
 //! (copy_blocks.cu) moves them at the link on 8 blocks in either direction, in device time.
-//! What a runtime sees from submit to wait also carries the submit (~0.15 ms for 65536 block
-//! pairs), which the extra host -> device blocks make up for (`SHARED_SM_FACTOR`). Blocks are
+//! What a runtime sees from submit to wait also carries the submit (0.3 ms for 65536 block
+//! pairs on a thread that slept through an engine's kernel, session 14), which the extra host
+//! -> device blocks make up for in part (`SHARED_SM_FACTOR`). Blocks are
 //! not given SMs of their own: an engine kernel sized to one wave (a persistent GEMM, a
 //! per-layer kernel of one block per SM) would then run a second wave for the blocks kvxfer
 //! displaced. Device <-> device is bound by memory bandwidth and takes one full wave. A
