@@ -188,18 +188,9 @@ __global__ void check(const char* src, const char* dst, const unsigned* sid, con
   }
 }
 
-__global__ void fill(char* p, size_t n) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n / 8;
-       i += (size_t)gridDim.x * blockDim.x)
-    ((unsigned long long*)p)[i] = i * 0x9E3779B97F4A7C15ull + 1;
-}
-
 int main() {
-  CK(cudaSetDevice(0));
-  int sms = 0;
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   cudaStream_t st;
-  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  const int sms = start(&st);
   char *src, *dst;
   CK(cudaMalloc(&src, TOTAL));
   CK(cudaMalloc(&dst, TOTAL));

@@ -33,7 +33,7 @@
 #include <random>
 #include <vector>
 #include "common.cuh"
-#include "../../include/kvxfer.h"
+#include "kvx.cuh"
 
 typedef unsigned long long u64;
 constexpr size_t TOTAL = 1ull << 30;
@@ -73,29 +73,8 @@ __global__ void __launch_bounds__(256) bare(const Job j) {
   }
 }
 
-__global__ void fill(char* p, size_t n) {
-  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n / 8;
-       i += (size_t)gridDim.x * blockDim.x)
-    ((u64*)p)[i] = i * 0x9E3779B97F4A7C15ull + 1;
-}
-
-// What kvxfer's validation must establish, as its one-pass check does it.
-static bool check_ids(const std::vector<u64>& s, const std::vector<u64>& d, u64 n,
-                      std::vector<u64>& seen) {
-  u64 bad = 0;
-  for (size_t i = 0; i < s.size(); ++i) bad |= (s[i] >= n) | (d[i] >= n);
-  if (bad) return false;
-  seen.assign((n + 63) / 64, 0);
-  u64 repeated = 0;
-  for (u64 x : d) {
-    const u64 bit = 1ull << (x % 64);
-    repeated |= seen[x / 64] & bit;
-    seen[x / 64] |= bit;
-  }
-  return repeated == 0;
-}
-
-// The same with a byte per block (kvxfer's check for small, dense id spaces since session 16).
+// common.cuh's check_ids with a byte per block (kvxfer's check for small, dense id spaces
+// since session 16).
 static bool check_ids_bytes(const std::vector<u64>& s, const std::vector<u64>& d, u64 n,
                             std::vector<unsigned char>& marks) {
   u64 bad = 0;
@@ -108,17 +87,9 @@ static bool check_ids_bytes(const std::vector<u64>& s, const std::vector<u64>& d
   return distinct == d.size();
 }
 
-static double med(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 int main() {
-  CK(cudaSetDevice(0));
-  int sms = 0;
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   cudaStream_t st;
-  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  const int sms = start(&st);
   char *src, *dst;
   CK(cudaMalloc(&src, TOTAL));
   CK(cudaMalloc(&dst, TOTAL));
@@ -143,15 +114,7 @@ int main() {
     ce();
     CK(cudaStreamSynchronize(st));
   };
-  kvx_context_config cc;
-  kvx_context_config_init(&cc);
-  cc.nixl_backends = 0;
-  cc.cuda_device = 0;
-  kvx_context* ctx = nullptr;
-  if (kvx_context_new(&cc, &ctx) != KVX_STATUS_OK) {
-    printf("kvx_context_new: %s\n", kvx_last_error());
-    return 1;
-  }
+  kvx_context* ctx = kvx_gpu_context();
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("# %s, %d SMs; 1 GiB device to device, layer-separate 32 layers x K,V; median of 15\n",

@@ -33,28 +33,8 @@
 #include <vector>
 #include "../../src/exec/cuda/copy_blocks.cu"
 #include "common.cuh"
-#include "../../include/kvxfer.h"
+#include "kvx.cuh"
 #include "../../cli/src/bench/busy_load.cu"
-
-static double med(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-static bool check_ids(const std::vector<u64>& s, const std::vector<u64>& d, u64 n,
-                      std::vector<u64>& seen) {
-  u64 bad = 0;
-  for (size_t i = 0; i < s.size(); ++i) bad |= (s[i] >= n) | (d[i] >= n);
-  if (bad) return false;
-  seen.assign((n + 63) / 64, 0);
-  u64 repeated = 0;
-  for (u64 x : d) {
-    const u64 bit = 1ull << (x % 64);
-    repeated |= seen[x / 64] & bit;
-    seen[x / 64] |= bit;
-  }
-  return repeated == 0;
-}
 
 // The check and the packing in one pass over the ids (two pairs a table word): each id is read
 // from memory once.
@@ -179,15 +159,7 @@ int main() {
   printf("# %s; 256 MiB H2D in 65536 scattered 4 KiB pieces beside the load, %u blocks; limit %.1f us (%.1f GB/s)\n",
          prop.name, ctas, limit_us, total / limit_us / 1e3);
   // kvxfer itself through its C API over the same memory (wrapped), interleaved round by round.
-  kvx_context_config cc;
-  kvx_context_config_init(&cc);
-  cc.nixl_backends = 0;
-  cc.cuda_device = 0;
-  kvx_context* ctx = nullptr;
-  if (kvx_context_new(&cc, &ctx) != KVX_STATUS_OK) {
-    printf("kvx_context_new: %s\n", kvx_last_error());
-    return 1;
-  }
+  kvx_context* ctx = kvx_gpu_context();
   kvx_layout_config lc;
   kvx_layout_config_init(&lc);
   lc.num_blocks = n; lc.num_layers = 1; lc.outer_dim = 1; lc.page_size = 1;
