@@ -186,6 +186,9 @@ struct GpuEvent {
     /// How long the work should take after submit, from the device's pace; `None` when
     /// nothing is known yet or the start waits on a caller's stream.
     expected: Option<Duration>,
+    /// It started only after work on a caller's stream, so its age says nothing of the route's
+    /// pace.
+    gated: bool,
     route: Route,
     bytes: u64,
 }
@@ -516,6 +519,7 @@ impl Transfer {
             dev,
             event,
             expected,
+            gated,
             route,
             bytes,
         });
@@ -584,7 +588,7 @@ impl Transfer {
             match unsafe { sys::cuEventQuery(g.event) } {
                 sys::CUresult::CUDA_SUCCESS => {
                     trace("seen done by its waiter");
-                    g.dev.pace.learn(g.route, g.bytes, c.age());
+                    g.dev.pace.learn(g.route, g.bytes, c.age(), g.gated);
                     c.observed_success();
                     return self.poll();
                 }

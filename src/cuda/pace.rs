@@ -40,9 +40,11 @@ impl Pace {
         (rate > 0).then(|| Duration::from_micros(bytes / rate))
     }
 
-    /// A transfer of `bytes` on route `r` took `elapsed` from submit to completion.
-    pub fn learn(&self, r: Route, bytes: u64, elapsed: Duration) {
-        if bytes < MIN_BYTES {
+    /// A transfer of `bytes` on route `r` took `elapsed` from submit to completion. One
+    /// `gated` on a caller's stream also waited for that stream's work: it teaches nothing, or
+    /// the waiters after it would wake late.
+    pub fn learn(&self, r: Route, bytes: u64, elapsed: Duration, gated: bool) {
+        if gated || bytes < MIN_BYTES {
             return;
         }
         let us = u64::try_from(elapsed.as_micros())
@@ -74,9 +76,13 @@ mod tests {
         let p = Pace::default();
         let d = Direction::DeviceToDevice;
         assert_eq!(p.expected(route(d, true), 1 << 30), None);
-        p.learn(route(d, true), 4096, Duration::from_micros(20));
+        p.learn(route(d, true), 4096, Duration::from_micros(20), false);
         assert_eq!(p.expected(route(d, true), 1 << 30), None);
-        p.learn(route(d, true), 1 << 30, Duration::from_micros(500));
+        p.learn(route(d, true), 1 << 30, Duration::from_micros(500), false);
+        let e = p.expected(route(d, true), 1 << 30).unwrap();
+        assert!((499..=501).contains(&e.as_micros()), "{e:?}");
+        // A transfer that waited for a caller's stream says nothing of the route.
+        p.learn(route(d, true), 1 << 30, Duration::from_micros(5000), true);
         let e = p.expected(route(d, true), 1 << 30).unwrap();
         assert!((499..=501).contains(&e.as_micros()), "{e:?}");
         // Other directions, the other mechanism and peer links learn apart.
@@ -90,7 +96,7 @@ mod tests {
             ..route(d, true)
         };
         assert_eq!(p.expected(peer, 1 << 30), None);
-        p.learn(peer, 1 << 30, Duration::from_micros(20_000));
+        p.learn(peer, 1 << 30, Duration::from_micros(20_000), false);
         let e = p.expected(route(d, true), 1 << 30).unwrap();
         assert!((499..=501).contains(&e.as_micros()), "{e:?}");
     }
@@ -99,12 +105,17 @@ mod tests {
     fn one_slow_transfer_moves_the_rate_by_an_eighth() {
         let p = Pace::default();
         let d = Direction::HostToDevice;
-        p.learn(route(d, false), 1 << 30, Duration::from_micros(800));
-        p.learn(route(d, false), 1 << 30, Duration::from_micros(80_000));
+        p.learn(route(d, false), 1 << 30, Duration::from_micros(800), false);
+        p.learn(
+            route(d, false),
+            1 << 30,
+            Duration::from_micros(80_000),
+            false,
+        );
         let e = p.expected(route(d, false), 1 << 30).unwrap().as_micros();
         assert!((900..=920).contains(&e), "{e}");
         // A faster one is taken at once.
-        p.learn(route(d, false), 1 << 30, Duration::from_micros(400));
+        p.learn(route(d, false), 1 << 30, Duration::from_micros(400), false);
         let e = p.expected(route(d, false), 1 << 30).unwrap().as_micros();
         assert!((399..=401).contains(&e), "{e}");
     }

@@ -77,11 +77,11 @@ impl Progress {
                             age_us = p.completion.age().as_micros() as u64,
                             "transfer's event passed (progress engine)"
                         );
-                        // A transfer gated on a caller's stream also waited for that work,
-                        // and one a waiter saw finish has taught the pace its exact time.
-                        if r.is_ok() && p.gate.is_none() && !p.completion.is_done() {
+                        // One a waiter saw finish has taught the pace its exact time.
+                        if r.is_ok() && !p.completion.is_done() {
                             // Late by this thread's wake-up, so a little slow.
-                            dev.pace.learn(p.route, p.bytes, p.completion.age());
+                            let gated = p.gate.is_some();
+                            dev.pace.learn(p.route, p.bytes, p.completion.age(), gated);
                         }
                         if let Some(s) = p.signals {
                             dev.recycle_signals(s, r.is_ok() && layers_ok);
