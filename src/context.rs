@@ -340,7 +340,6 @@ impl Context {
         dst_blocks: &[u64],
         options: &TransferOptions,
     ) -> Result<Transfer> {
-        let started = std::time::Instant::now();
         let plan = self.plan(src, dst)?;
         let layers = copy_list::resolve_layers(src, dst, options.layer_begin, options.layer_end)?;
         let request = Request {
@@ -350,11 +349,8 @@ impl Context {
             dst_blocks,
             layers,
         };
-        request.validate()?;
-        tracing::trace!(
-            validate_ns = started.elapsed().as_nanos() as u64,
-            "request validated"
-        );
+        // The block ids are checked by `dispatch`, before anything is queued.
+        request.validate_shape()?;
         let t =
             exec::dispatch(plan, &request, options, &self.res)?.with_layers(request.layers.clone());
         let s = t.stats();

@@ -81,8 +81,6 @@ impl Resources {
     }
 }
 
-/// Starts the executor that serves `plan` for the validated `request`; returns before the bytes
-/// have moved. An error means nothing was queued.
 /// A head transform between local memory and a peer moves through the bounce pool when its
 /// pieces average less than this: one NIXL descriptor per piece is slow below it.
 const STAGE_PIECES_BELOW: u64 = 16 << 10;
@@ -111,6 +109,9 @@ fn stages_through_bounce(request: &Request<'_>, write: bool) -> bool {
         })
 }
 
+/// Checks `request`'s block ids (its shape was validated), then starts the executor that serves
+/// `plan`; returns before the bytes have moved. An error means nothing was queued. The CUDA
+/// executor checks the ids itself, in the pass that writes the copy kernel's table.
 pub(crate) fn dispatch(
     plan: Plan,
     request: &Request<'_>,
@@ -139,6 +140,12 @@ pub(crate) fn dispatch(
         );
     }
     let has_cuda = res.cuda.is_ok();
+    if !matches!(
+        plan,
+        Plan::Direct(Strategy::CudaAsyncH2D | Strategy::CudaAsyncD2H | Strategy::CudaAsyncD2D)
+    ) {
+        request.validate_ids(None)?;
+    }
     match plan {
         Plan::Direct(Strategy::Memcpy) => {
             let gate = res.gate(options.cuda_stream)?;

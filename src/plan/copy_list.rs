@@ -97,8 +97,18 @@ pub fn resolve_layers(src: &Layout, dst: &Layout, begin: u64, end: u64) -> Resul
 }
 
 impl Request<'_> {
-    /// Checks everything that could make the transfer wrong, before anything moves.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks everything that could make the transfer wrong (a submit runs the two halves
+    /// apart: `Context::submit`, `exec::dispatch`).
+    #[cfg(test)]
+    pub(crate) fn validate(&self) -> Result<()> {
+        self.validate_shape()?;
+        self.validate_ids(None).map(drop)
+    }
+
+    /// The checks of `validate` but those of the block ids: equal list lengths, layouts that
+    /// fit each other, the layer range, the request's size. `validate_ids` must follow before
+    /// anything moves.
+    pub(crate) fn validate_shape(&self) -> Result<()> {
         let (s, d) = (self.src.config(), self.dst.config());
         if self.src_blocks.len() != self.dst_blocks.len() {
             bail!(
@@ -150,8 +160,32 @@ impl Request<'_> {
                 "transfer has more than {MAX_FRAGMENTS} block x layer x outer pieces: split it"
             ),
         }
+        Ok(())
+    }
+
+    /// The checks of the block ids, after `validate_shape`: every id in its layout, no
+    /// destination block twice, no block both source and destination of one memory. Given
+    /// `packed` (at least half as many words as pairs) and 16-bit ids on both sides, also
+    /// writes the pairs there two to a word (`pack16`) in the same pass over the ids, and says
+    /// so: a second read of the caller's ids costs what the check of them does when they come
+    /// from memory (session 16).
+    pub(crate) fn validate_ids(&self, packed: Option<&mut [u64]>) -> Result<bool> {
+        let (s, d) = (self.src.config(), self.dst.config());
+        let narrow = s.num_blocks <= 1 << 16 && d.num_blocks <= 1 << 16;
+        let wrote = match packed {
+            Some(out) if narrow && out.len() >= self.src_blocks.len().div_ceil(2) => {
+                check_and_pack16(
+                    self.src_blocks,
+                    s.num_blocks,
+                    self.dst_blocks,
+                    d.num_blocks,
+                    out,
+                )
+            }
+            _ => false,
+        };
         // The common case at once; the checks below only run to name what is wrong.
-        if !pairs_valid(self.src_blocks, s.num_blocks, self.dst_blocks, d.num_blocks) {
+        if !wrote && !pairs_valid(self.src_blocks, s.num_blocks, self.dst_blocks, d.num_blocks) {
             self.src.check_blocks(self.src_blocks, "src_blocks")?;
             self.dst.check_blocks(self.dst_blocks, "dst_blocks")?;
             if let Some((i, b)) = first_duplicate(self.dst_blocks, d.num_blocks) {
@@ -172,7 +206,7 @@ impl Request<'_> {
         } else if self.src.memory().may_alias(self.dst.memory()) {
             self.check_no_overlap()?;
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// For two layouts over overlapping memory (wrapped twice): no source byte may be a
@@ -409,6 +443,91 @@ fn pairs_valid(src: &[u64], src_blocks: u64, dst: &[u64], dst_blocks: u64) -> bo
         }
         repeated == 0
     })
+}
+
+/// Two (source, destination) pairs of 16-bit ids in one word, little-endian: the copy kernel's
+/// table at two bytes per id (copy_blocks.cu's `block_id`).
+#[inline]
+pub(crate) const fn pack16(s0: u64, d0: u64, s1: u64, d1: u64) -> u64 {
+    s0 | (d0 << 16) | (s1 << 32) | (d1 << 48)
+}
+
+/// `pairs_valid` for id spaces of at most 65536 blocks, writing the pairs into `out` (`pack16`,
+/// at least `src.len().div_ceil(2)` words) in the same pass: each id is read once. False as
+/// `pairs_valid` is (`out` then holds part of the list).
+fn check_and_pack16(
+    src: &[u64],
+    src_blocks: u64,
+    dst: &[u64],
+    dst_blocks: u64,
+    out: &mut [u64],
+) -> bool {
+    if src.len() != dst.len() || src_blocks > 1 << 16 || dst_blocks > 1 << 16 {
+        return false;
+    }
+    if dst_blocks <= MARKED_BLOCKS && dst_blocks <= (dst.len() as u64).saturating_mul(4) {
+        return ranges_and_pack16::<false>(src, src_blocks, dst, dst_blocks, out, &mut [])
+            && MARKS.with_borrow_mut(|marks| distinct_by_marks(dst, dst_blocks, marks));
+    }
+    SEEN.with_borrow_mut(|seen| {
+        seen.clear();
+        seen.resize(dst_blocks.div_ceil(64).max(1) as usize, 0);
+        ranges_and_pack16::<true>(src, src_blocks, dst, dst_blocks, out, seen)
+    })
+}
+
+/// Whether every id is in range (and, with MARK, no destination repeats in the bitmap `seen`),
+/// writing the pairs into `out` on the way. Eight pairs at a time: their range checks and
+/// packing in lanes the compiler vectorises, their destinations marked one by one. On the build
+/// machine, 65536 pairs: 87-88 µs with the ids in the cache, as the separate checks and pack
+/// take, and 91-92 at best from memory against their 122-125.
+fn ranges_and_pack16<const MARK: bool>(
+    src: &[u64],
+    src_blocks: u64,
+    dst: &[u64],
+    dst_blocks: u64,
+    out: &mut [u64],
+    seen: &mut [u64],
+) -> bool {
+    // Lane l keeps its top bit while each id it saw was below its bound (`all_below`).
+    const TOP: u64 = 1 << 63;
+    let below = |id: u64, n: u64| id.wrapping_sub(n) & !id;
+    let last = seen.len().saturating_sub(1);
+    let mut lanes = [TOP; 8];
+    let mut repeated = 0u64;
+    let mut mark = |seen: &mut [u64], b: u64| {
+        // An id out of range is caught by the lanes; clamped here only to stay in the bitmap.
+        let w = ((b / 64) as usize).min(last);
+        let bit = 1u64 << (b % 64);
+        repeated |= seen[w] & bit;
+        seen[w] |= bit;
+    };
+    let (s8, d8) = (src.chunks_exact(8), dst.chunks_exact(8));
+    let (s_rest, d_rest) = (s8.remainder(), d8.remainder());
+    let full = src.len() / 8;
+    for ((s, d), w) in s8.zip(d8).zip(out.chunks_exact_mut(4)) {
+        for i in 0..8 {
+            lanes[i] &= below(s[i], src_blocks) & below(d[i], dst_blocks);
+        }
+        for i in 0..4 {
+            w[i] = pack16(s[2 * i], d[2 * i], s[2 * i + 1], d[2 * i + 1]);
+        }
+        if MARK {
+            for &b in d {
+                mark(seen, b);
+            }
+        }
+    }
+    let tail = &mut out[full * 4..src.len().div_ceil(2)];
+    tail.fill(0);
+    for (i, (&s, &d)) in s_rest.iter().zip(d_rest).enumerate() {
+        lanes[0] &= below(s, src_blocks) & below(d, dst_blocks);
+        tail[i / 2] |= pack16(s, d, 0, 0) << (32 * (i % 2));
+        if MARK {
+            mark(seen, d);
+        }
+    }
+    lanes.iter().fold(TOP, |a, &l| a & l) & TOP != 0 && repeated == 0
 }
 
 /// The largest bitmap `pairs_valid` keeps between submits: 128 KiB, a million blocks.
@@ -794,6 +913,103 @@ mod tests {
             let mut dup = ids.clone();
             dup[0] = dup[n as usize - 1];
             assert_eq!(pairs_valid(&ids, n, &dup, n), n == 1, "{n}");
+        }
+    }
+
+    /// The pairs as the kernel's table holds them at two bytes per id, one pair at a time.
+    fn packed_one_by_one(src: &[u64], dst: &[u64]) -> Vec<u64> {
+        let mut out = vec![0u64; src.len().div_ceil(2)];
+        for (i, (&s, &d)) in src.iter().zip(dst).enumerate() {
+            out[i / 2] |= (s | (d << 16)) << (32 * (i % 2));
+        }
+        out
+    }
+
+    #[test]
+    fn one_pass_packs_what_it_checks_and_refuses_what_pairs_valid_refuses() {
+        // Byte marks (dense ids), the bitmap (sparse ones), and both with a tail of 1-7 pairs.
+        for (n, blocks) in [
+            (0usize, 1u64),
+            (1, 1),
+            (7, 64),
+            (9, 9),
+            (4096, 4096),
+            (4099, 1 << 16),
+            (65536, 1 << 16),
+            (30000, 40000),
+        ] {
+            let mut rng = fastrand::Rng::with_seed(n as u64 ^ blocks);
+            let mut src: Vec<u64> = (0..blocks).collect();
+            let mut dst = src.clone();
+            rng.shuffle(&mut src);
+            rng.shuffle(&mut dst);
+            let (src, dst) = (&src[..n], &dst[..n]);
+            let mut out = vec![u64::MAX; n.div_ceil(2)];
+            assert!(
+                check_and_pack16(src, blocks, dst, blocks, &mut out),
+                "{n} {blocks}"
+            );
+            assert_eq!(out, packed_one_by_one(src, dst), "{n} {blocks}");
+            let with = |v: &[u64], i: usize, x: u64| {
+                let mut v = v.to_vec();
+                v[i] = x;
+                v
+            };
+            for i in [0, n / 2, n.saturating_sub(1)]
+                .into_iter()
+                .filter(|_| n > 0)
+            {
+                let cases = [
+                    (with(src, i, blocks), dst.to_vec()),
+                    (src.to_vec(), with(dst, i, blocks)),
+                    (src.to_vec(), with(dst, i, u64::MAX)),
+                    (with(src, i, 1 << 16), dst.to_vec()),
+                ];
+                for (s, d) in cases {
+                    assert!(
+                        !check_and_pack16(&s, blocks, &d, blocks, &mut out),
+                        "{n} {i}"
+                    );
+                    assert!(!pairs_valid(&s, blocks, &d, blocks));
+                }
+                if n > 1 {
+                    // A repeat with the first pair, and between the last two (in the tail).
+                    for (a, b) in [(0, i.max(1)), (n - 2, n - 1)] {
+                        let d = with(dst, b, dst[a]);
+                        assert!(
+                            !check_and_pack16(src, blocks, &d, blocks, &mut out),
+                            "{n} {a}"
+                        );
+                    }
+                }
+            }
+        }
+        // Id spaces over 16 bits are not packed here.
+        assert!(!check_and_pack16(&[0], 1 << 17, &[0], 1, &mut [0]));
+    }
+
+    #[test]
+    fn validation_packs_narrow_ids_and_names_what_is_wrong_either_way() {
+        let s = fake(LayoutKind::LayerSeparateBlockFirst, 40, 0x100_0000);
+        let d = fake(LayoutKind::LayerSeparateBlockFirst, 40, 0x200_0000);
+        let (sb, db): (Vec<u64>, Vec<u64>) = ((0..20).collect(), (20..40).rev().collect());
+        let r = req(&s, &sb, &d, &db);
+        r.validate_shape().unwrap();
+        let mut out = vec![0u64; 10];
+        assert!(r.validate_ids(Some(&mut out)).unwrap());
+        assert_eq!(out, packed_one_by_one(&sb, &db));
+        // Too few words to pack into: checked, not packed.
+        assert!(!r.validate_ids(Some(&mut [0; 9])).unwrap());
+        assert!(!r.validate_ids(None).unwrap());
+        // A repeated destination is named whether or not the pass packs.
+        let mut bad = db.clone();
+        bad[19] = bad[3];
+        let r = req(&s, &sb, &d, &bad);
+        for packed in [Some(&mut out[..]), None] {
+            match r.validate_ids(packed) {
+                Err(Error::InvalidArgument(m)) => assert!(m.contains("more than once"), "{m}"),
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::layout::heads::Piece;
 use crate::layout::{Layout, LayoutKind};
 use crate::plan::CopyOp;
+use crate::plan::copy_list::pack16;
 
 const SOURCE: &str = include_str!("copy_blocks.cu");
 const THREADS: u32 = 256;
@@ -159,6 +160,9 @@ pub(crate) struct Job<'a> {
     /// A head transform's pieces of one region pair (`Request::transform`), each at most
     /// PIECE bytes; `None`: regions move whole.
     pub pieces: Option<&'a [Piece]>,
+    /// Checks the block ids (`Request::validate_ids`), given where the pairs go packed two to
+    /// a word (16-bit ids) and saying whether it wrote them there in the same pass.
+    pub check_ids: &'a dyn Fn(Option<&mut [u64]>) -> Result<bool>,
 }
 
 impl Job<'_> {
@@ -215,10 +219,23 @@ fn id_bytes(src: &Layout, dst: &Layout) -> usize {
     }
 }
 
-/// Writes `bases`, then the pairs with `width` bytes per id, into `out`.
-fn write_table(out: &mut [u64], bases: &[u64], src: &[u64], dst: &[u64], width: usize) {
+/// Writes `bases`, then `job`'s pairs with `width` bytes per id, into `out`, the block ids
+/// checked first (an error: nothing of use written).
+/// 16-bit ids are checked in the pass that packs them: for 65536 pairs of ids the caller wrote
+/// a while ago, the pack alone took 38-77 µs after the check on the H200 machines' hosts
+/// (session 16, device runs 12-14), and its second read of 1 MB of ids is what one pass saves.
+fn write_checked(out: &mut [u64], bases: &[u64], job: &Job<'_>, width: usize) -> Result<()> {
     let (b, ids) = out.split_at_mut(bases.len());
     b.copy_from_slice(bases);
+    let packed = (job.check_ids)((width == 2).then_some(&mut *ids))?;
+    if !packed {
+        write_ids(ids, job.src_blocks, job.dst_blocks, width);
+    }
+    Ok(())
+}
+
+/// The pairs with `width` bytes per id, into `ids`.
+fn write_ids(ids: &mut [u64], src: &[u64], dst: &[u64], width: usize) {
     let pairs = src.iter().zip(dst);
     // Little-endian: id i of the (src, dst, src, dst, ...) list sits at bytes
     // [i * width, (i + 1) * width); the ids fit `width` (see `id_bytes`).
@@ -231,10 +248,10 @@ fn write_table(out: &mut [u64], bases: &[u64], src: &[u64], dst: &[u64], width: 
             let (s_odd, d_odd) = (s2.remainder(), d2.remainder());
             let mut words = ids.iter_mut();
             for ((s, d), w) in s2.zip(d2).zip(&mut words) {
-                *w = s[0] | (d[0] << 16) | (s[1] << 32) | (d[1] << 48);
+                *w = pack16(s[0], d[0], s[1], d[1]);
             }
-            if let (Some(s), Some(d), Some(w)) = (s_odd.first(), d_odd.first(), words.next()) {
-                *w = s | (d << 16);
+            if let (Some(&s), Some(&d), Some(w)) = (s_odd.first(), d_odd.first(), words.next()) {
+                *w = pack16(s, d, 0, 0);
             }
         }
         4 => {
@@ -401,21 +418,16 @@ impl Kernel {
         }
     }
 
-    /// Launches the kernel for `job` on `stream`. A table that fits a kernel parameter goes
-    /// with the launch; a larger one is written into a pooled pinned buffer, which the kernel
-    /// reads in place between host and device memory and as an uploaded copy device to device,
-    /// and that buffer is returned: it must stay untouched until the stream has passed this
-    /// work.
-    ///
-    /// # Safety
-    /// `stream` is a live stream of `dev`; the job was validated and both layouts' memory stays
-    /// alive until the stream has passed this work.
-    pub(crate) unsafe fn enqueue(
+    /// Makes the launch for `job` ready: its shape, and its table with the block ids checked
+    /// (`Job::check_ids`) in the pass that writes them. A table that fits a kernel parameter
+    /// goes with the launch; a larger one into a pooled pinned buffer, which the kernel reads in
+    /// place between host and device memory and as an uploaded copy device to device. Nothing
+    /// is queued: an error here (bad ids among them) leaves the stream as it was.
+    pub(crate) fn prepare<'d>(
         &self,
-        dev: &CudaDevice,
-        stream: CUstream,
+        dev: &'d CudaDevice,
         job: &Job<'_>,
-    ) -> Result<Launched> {
+    ) -> Result<PreparedJob<'d>> {
         let entered = std::time::Instant::now();
         let (src, dst) = (job.src, job.dst);
         let (src_regions, dst_regions) = (src.memory().regions(), dst.memory().regions());
@@ -493,76 +505,122 @@ impl Kernel {
             },
             run,
         };
-        if let Some((entry, capacity)) = inline {
+        let param = if let Some((_, capacity)) = inline {
             let mut param = vec![0u64; DESC_WORDS + capacity];
             let (head, table) = param.split_at_mut(DESC_WORDS);
             head.copy_from_slice(&desc_words(&desc));
-            write_table(table, &bases, job.src_blocks, job.dst_blocks, width);
+            write_checked(table, &bases, job, width)?;
             write_pieces(&mut table[n_bases + id_words..], job.pieces);
-            // SAFETY: `param` holds the whole Inline<capacity> parameter the entry takes; the
-            // driver copies it during the call.
-            let t0 = std::time::Instant::now();
-            let ctas = unsafe { launch(entry, stream, param.as_mut_ptr().cast(), blocks) }?;
-            // How long the table took to write and the driver to queue the launch
-            // (KVX_LOG=kvxfer=trace).
-            tracing::trace!(
-                words,
-                param_words = capacity,
-                ctas,
-                prepare_ns = (t0 - entered).as_nanos() as u64,
-                launch_ns = t0.elapsed().as_nanos() as u64,
-                "copy kernel launched"
-            );
-            return Ok(Launched {
-                table: None,
-                ctas,
-                items_per_layer,
-                in_layer_order: in_layer_order(items_per_layer, run, ctas),
-            });
-        }
-        let table = dev.table(words)?;
-        // Between host and device memory the kernel reads the table where the host wrote it:
-        // a 256 KB table's upload took 25-50 µs of the submitting thread before the launch
-        // (65536 pairs, session 14, device runs 4-6), and its reads, one per 32 pieces a warp,
-        // cost no measurable speed on a link the pieces cross anyway (session 13, device run
-        // 1). Device to device, those reads would cross the link while the pieces do not: the
-        // kernel then ran 0.02-0.04 slower, so it reads an uploaded copy.
-        let in_place = job.direction != Direction::DeviceToDevice && table.mapped != 0;
-        desc.table = if in_place { table.mapped } else { table.device };
-        // SAFETY: the host table holds at least `words` u64s, none read by queued work (pool
-        // contract).
-        let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
-        write_table(host, &bases, job.src_blocks, job.dst_blocks, width);
-        write_pieces(&mut host[n_bases + id_words..], job.pieces);
-        let t0 = std::time::Instant::now();
-        let mut queue = || -> Result<u32> {
-            if !in_place {
-                // SAFETY: `stream` is of `dev`, the table's device (caller); the table is this
-                // transfer's until the stream passed it. Ordered before the launch.
-                unsafe { table.upload(words, stream, "cuMemcpyHtoDAsync (copy kernel table)") }?;
+            Param::Inline(param)
+        } else {
+            let table = dev.table(words)?;
+            // Between host and device memory the kernel reads the table where the host wrote
+            // it: a 256 KB table's upload took 25-50 µs of the submitting thread before the
+            // launch (65536 pairs, session 14, device runs 4-6), and its reads, one per 32
+            // pieces a warp, cost no measurable speed on a link the pieces cross anyway
+            // (session 13, device run 1). Device to device, those reads would cross the link
+            // while the pieces do not: the kernel then ran 0.02-0.04 slower, so it reads an
+            // uploaded copy.
+            let in_place = job.direction != Direction::DeviceToDevice && table.mapped != 0;
+            desc.table = if in_place { table.mapped } else { table.device };
+            // SAFETY: the host table holds at least `words` u64s, none read by queued work
+            // (pool contract).
+            let host = unsafe { std::slice::from_raw_parts_mut(table.host, words) };
+            if let Err(e) = write_checked(host, &bases, job, width) {
+                dev.recycle_table(table);
+                return Err(e);
             }
-            // SAFETY: the entry takes (const Desc) by value.
-            unsafe { launch(entry, stream, (&mut desc as *mut Desc).cast(), blocks) }
+            write_pieces(&mut host[n_bases + id_words..], job.pieces);
+            Param::Table {
+                table,
+                upload: !in_place,
+            }
         };
-        let ran = queue();
-        tracing::trace!(
+        Ok(PreparedJob {
+            dev,
+            entry,
+            blocks,
+            desc,
+            param: Some(param),
             words,
-            in_place,
-            prepare_ns = (t0 - entered).as_nanos() as u64,
-            launch_ns = t0.elapsed().as_nanos() as u64,
-            "copy kernel launched with its table in pinned memory"
-        );
-        match ran {
-            Ok(ctas) => Ok(Launched {
-                table: Some(table),
-                ctas,
-                items_per_layer,
-                in_layer_order: in_layer_order(items_per_layer, run, ctas),
-            }),
-            Err(e) => {
-                dev.abandon(stream, Some(table));
-                Err(e)
+            items_per_layer,
+            in_layer_order: in_layer_order(items_per_layer, run, ctas),
+            direction: job.direction,
+            prepare_ns: entered.elapsed().as_nanos() as u64,
+        })
+    }
+
+    /// Queues a prepared launch on `stream` (of the device it was prepared on). A table in
+    /// memory is returned with the launch: it must stay untouched until the stream has passed
+    /// this work.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the job's device; both layouts' memory stays alive until
+    /// the stream has passed this work.
+    pub(crate) unsafe fn launch(
+        &self,
+        stream: CUstream,
+        mut job: PreparedJob<'_>,
+    ) -> Result<Launched> {
+        let t0 = std::time::Instant::now();
+        let (dev, entry, blocks) = (job.dev, job.entry, job.blocks);
+        let (items_per_layer, in_layer_order) = (job.items_per_layer, job.in_layer_order);
+        let launched = |table, ctas| Launched {
+            table,
+            ctas,
+            items_per_layer,
+            in_layer_order,
+        };
+        match job.param.take() {
+            Some(Param::Inline(mut param)) => {
+                // SAFETY: `param` holds the whole Inline<capacity> parameter the entry takes;
+                // the driver copies it during the call.
+                let ctas = unsafe { launch(entry, stream, param.as_mut_ptr().cast(), blocks) }?;
+                // How long the table took to write (its ids checked on the way) and the driver
+                // to queue the launch (KVX_LOG=kvxfer=trace).
+                tracing::trace!(
+                    words = job.words,
+                    param_words = param.len() - DESC_WORDS,
+                    ctas,
+                    prepare_ns = job.prepare_ns,
+                    launch_ns = t0.elapsed().as_nanos() as u64,
+                    "copy kernel launched"
+                );
+                Ok(launched(None, ctas))
             }
+            Some(Param::Table { table, upload }) => {
+                let (words, mut desc) = (job.words, job.desc);
+                let mut queue = || -> Result<u32> {
+                    if upload {
+                        // SAFETY: `stream` is of `dev`, the table's device (caller); the table
+                        // is this transfer's until the stream passed it. Ordered before the
+                        // launch.
+                        unsafe {
+                            table.upload(words, stream, "cuMemcpyHtoDAsync (copy kernel table)")
+                        }?;
+                    }
+                    // SAFETY: the entry takes (const Desc) by value.
+                    unsafe { launch(entry, stream, (&mut desc as *mut Desc).cast(), blocks) }
+                };
+                let ran = queue();
+                tracing::trace!(
+                    words,
+                    in_place = !upload,
+                    prepare_ns = job.prepare_ns,
+                    launch_ns = t0.elapsed().as_nanos() as u64,
+                    "copy kernel launched with its table in pinned memory"
+                );
+                match ran {
+                    Ok(ctas) => Ok(launched(Some(table), ctas)),
+                    Err(e) => {
+                        dev.abandon(stream, Some(table));
+                        Err(e)
+                    }
+                }
+            }
+            None => Err(Error::Internal(
+                "a prepared launch without its parameter".into(),
+            )),
         }
     }
 }
@@ -632,6 +690,46 @@ impl Drop for PreparedList<'_> {
     }
 }
 
+/// A job's launch, its table written and its ids checked, not yet queued
+/// (`Kernel::prepare`); its pooled table goes back to the device's pool if it never is.
+pub(crate) struct PreparedJob<'d> {
+    dev: &'d CudaDevice,
+    entry: Entry,
+    blocks: u32,
+    desc: Desc,
+    param: Option<Param>,
+    /// Table words (bases, ids, pieces), for the trace.
+    words: usize,
+    items_per_layer: u64,
+    in_layer_order: bool,
+    direction: Direction,
+    prepare_ns: u64,
+}
+
+/// How a launch takes its table.
+enum Param {
+    /// The descriptor and the table in one kernel parameter (1 or 4 KB).
+    Inline(Vec<u64>),
+    /// The descriptor alone (`PreparedJob::desc`), pointing at a pooled table the kernel
+    /// reads in place or, with `upload`, as a copy uploaded to device memory before the launch.
+    Table { table: TableBuffer, upload: bool },
+}
+
+impl PreparedJob<'_> {
+    /// The direction its counters publish for (where their waits are queued).
+    pub(crate) fn direction(&self) -> Direction {
+        self.direction
+    }
+}
+
+impl Drop for PreparedJob<'_> {
+    fn drop(&mut self) {
+        if let Some(Param::Table { table, .. }) = self.param.take() {
+            self.dev.recycle_table(table);
+        }
+    }
+}
+
 /// `copies` as kvx_copy_list's (source, destination, length) entries of at most PIECE bytes.
 fn list_ops(copies: impl Iterator<Item = CopyOp>) -> impl Iterator<Item = [u64; 3]> {
     copies.flat_map(|c| {
@@ -669,7 +767,7 @@ unsafe fn launch(entry: Entry, stream: CUstream, param: *mut c_void, blocks: u32
 
 #[cfg(test)]
 mod tests {
-    use super::{ItemLoop, PIECE, THREADS, in_layer_order, list_ops, run_len, write_table};
+    use super::{ItemLoop, PIECE, THREADS, in_layer_order, list_ops, run_len, write_ids};
     use crate::cuda::Direction;
     use crate::plan::CopyOp;
 
@@ -865,7 +963,8 @@ mod tests {
                 let bases = [0x1000, 0x2000, 0x3000];
                 let words = bases.len() + (2 * pairs * width).div_ceil(8);
                 let mut out = vec![u64::MAX; words];
-                write_table(&mut out, &bases, &src, &dst, width);
+                out[..3].copy_from_slice(&bases);
+                write_ids(&mut out[3..], &src, &dst, width);
                 assert_eq!(out[..3], bases);
                 for p in 0..pairs {
                     assert_eq!(id(&out[3..], width, 2 * p), src[p], "width {width}");

@@ -4,7 +4,7 @@
 
 use super::CudaExec;
 use super::copy::{self, Loc};
-use super::kernel::{Job, Kernel, Launched, split_pieces};
+use super::kernel::{Job, Kernel, Launched, PreparedJob, split_pieces};
 use super::progress::Pending;
 use cudarc::driver::sys::{self, CUevent, CUstream};
 
@@ -118,6 +118,32 @@ pub(crate) fn submit(
     let chosen = started.elapsed();
     dev.bind()?;
     let stream = dev.stream(direction);
+    // The block ids are checked before anything is queued: for the kernel in the pass that
+    // writes its table, else here.
+    let check_ids = |packed: Option<&mut [u64]>| request.validate_ids(packed);
+    let pieces = transform.as_deref().map(split_pieces);
+    let prepared = match (choice.mechanism, &kernel) {
+        (Mechanism::Kernel, Ok(kernel)) => {
+            let job = Job {
+                src: request.src,
+                dst: request.dst,
+                src_blocks: request.src_blocks,
+                dst_blocks: request.dst_blocks,
+                layers: request.layers.clone(),
+                direction,
+                signals: None,
+                pieces: pieces.as_deref(),
+                check_ids: &check_ids,
+            };
+            Some(prepare_kernel(dev, kernel, job)?)
+        }
+        (Mechanism::Kernel, Err(why)) => return Err(Error::Unavailable(why.clone())),
+        _ => {
+            check_ids(None)?;
+            None
+        }
+    };
+    let checked = started.elapsed();
     // The gate's event stays out of the pool until the transfer completes: a pooled event
     // re-recorded as another transfer's completion would change what this wait waits for.
     let gate = cuda.gate(options.cuda_stream)?;
@@ -128,27 +154,16 @@ pub(crate) fn submit(
     let mut layer_events = Vec::new();
     let mut signals = None;
     let mut counters = None;
-    let (table, copies, sms) = match (choice.mechanism, &kernel) {
-        (Mechanism::Kernel, Ok(kernel)) => {
-            let pieces = transform.as_deref().map(split_pieces);
-            let job = Job {
-                src: request.src,
-                dst: request.dst,
-                src_blocks: request.src_blocks,
-                dst_blocks: request.dst_blocks,
-                layers: request.layers.clone(),
-                direction,
-                signals: None,
-                pieces: pieces.as_deref(),
-            };
+    let (table, copies, sms) = match (prepared, &kernel) {
+        (Some(prepared), Ok(kernel)) => {
             // SAFETY: `stream` belongs to `dev`; the request was validated and `Pending` keeps
             // both memories alive until the progress engine saw the stream pass this work.
-            let (launched, counted) = unsafe { enqueue_kernel(dev, stream, kernel, job) }?;
+            let (launched, counted) = unsafe { launch_kernel(dev, stream, kernel, prepared) }?;
             (signals, counters) = counted.unzip();
             (launched.table, fragments, kernel.sms(dev, launched.ctas))
         }
-        (Mechanism::Kernel, Err(why)) => return Err(Error::Unavailable(why.clone())),
-        _ => {
+        (Some(_), Err(why)) => return Err(Error::Unavailable(why.clone())),
+        (None, _) => {
             let per_layer = layers > 1 && !whole_blocks;
             let ends = (loc(src_mem), loc(dst_mem));
             // SAFETY: as above.
@@ -199,7 +214,8 @@ pub(crate) fn submit(
     // Where a submit's time goes (KVX_LOG=kvxfer=trace; `bench --gpu --latency` sums it up).
     tracing::trace!(
         choose_ns = chosen.as_nanos() as u64,
-        bind_ns = (bound - chosen).as_nanos() as u64,
+        ids_ns = (checked - chosen).as_nanos() as u64,
+        bind_ns = (bound - checked).as_nanos() as u64,
         queue_ns = (queued - bound).as_nanos() as u64,
         record_ns = (recorded - queued).as_nanos() as u64,
         total_ns = started.elapsed().as_nanos() as u64,
@@ -223,25 +239,18 @@ pub(crate) fn submit(
         .with_layer_counters(counters))
 }
 
-/// Launches the copy kernel for `job`; a multi-layer job also gets per-layer counters, which
-/// the kernel adds each layer's pieces to. Nothing more is queued for them here: a wait for a
-/// layer is queued when someone asks for one (`Transfer::layer_wait`, `layer_stream_wait`),
-/// since a wait and an event per layer cost ~3 us of driver time each (~100 us for 32 layers,
-/// a third of a 256 MiB device-to-device copy; session 9, device run 13). Returns the launch,
-/// the counters (for the progress engine to recycle) and what each layer's counter reaches.
-///
-/// # Safety
-/// As `Kernel::enqueue`.
-unsafe fn enqueue_kernel(
-    dev: &CudaDevice,
-    stream: CUstream,
+/// The copy kernel's launch for `job`, made ready (`Kernel::prepare`: its table written, the
+/// ids checked on the way), with per-layer counters for a multi-layer job, which the kernel
+/// adds each layer's pieces to. Nothing is queued yet.
+fn prepare_kernel<'d>(
+    dev: &'d CudaDevice,
     kernel: &Kernel,
     mut job: Job<'_>,
-) -> Result<(Launched, Option<(Signals, LayerCounters)>)> {
+) -> Result<KernelLaunch<'d>> {
     let layers = (job.layers.end - job.layers.start) as usize;
     // Counts far below u32's half, so that the cyclic comparison of the wait holds.
     let countable = job.max_items_per_layer() < 1 << 30;
-    let mut signals = if layers > 1 && countable {
+    let signals = if layers > 1 && countable {
         Some(dev.signals(layers)?)
     } else {
         None
@@ -249,19 +258,63 @@ unsafe fn enqueue_kernel(
     job.signals = signals
         .as_ref()
         .map(|s| (s.device, job.direction == Direction::DeviceToHost));
+    let mut launch = KernelLaunch {
+        dev,
+        job: None,
+        signals,
+        layers,
+    };
+    launch.job = Some(kernel.prepare(dev, &job)?);
+    Ok(launch)
+}
+
+/// A prepared kernel launch and its layer counters; counters it never launched with go back to
+/// the device's pool (their counts exact: nothing counted them).
+struct KernelLaunch<'d> {
+    dev: &'d CudaDevice,
+    job: Option<PreparedJob<'d>>,
+    signals: Option<Signals>,
+    layers: usize,
+}
+
+impl Drop for KernelLaunch<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.signals.take() {
+            self.dev.recycle_signals(s, true);
+        }
+    }
+}
+
+/// Queues a prepared launch. Nothing more is queued for its layer counters here: a wait for a
+/// layer is queued when someone asks for one (`Transfer::layer_wait`, `layer_stream_wait`),
+/// since a wait and an event per layer cost ~3 us of driver time each (~100 us for 32 layers,
+/// a third of a 256 MiB device-to-device copy; session 9, device run 13). Returns the launch,
+/// the counters (for the progress engine to recycle) and what each layer's counter reaches.
+///
+/// # Safety
+/// As `Kernel::launch`.
+unsafe fn launch_kernel(
+    dev: &CudaDevice,
+    stream: CUstream,
+    kernel: &Kernel,
+    mut prepared: KernelLaunch<'_>,
+) -> Result<(Launched, Option<(Signals, LayerCounters)>)> {
+    let job = prepared
+        .job
+        .take()
+        .ok_or_else(|| Error::Internal("a kernel launch without its job".into()))?;
+    let direction = job.direction();
     // SAFETY: forwarded to the caller.
-    let launched = match unsafe { kernel.enqueue(dev, stream, &job) } {
+    let launched = match unsafe { kernel.launch(stream, job) } {
         Ok(l) => l,
         Err(e) => {
             dev.abandon(stream, None);
-            if let Some(s) = signals {
-                // Nothing counted: the counts are still exact.
-                dev.recycle_signals(s, true);
-            }
+            // Nothing counted: `prepared` returns the counters with their counts exact.
             return Err(e);
         }
     };
-    let counted = signals.take().map(|mut s| {
+    let layers = prepared.layers;
+    let counted = prepared.signals.take().map(|mut s| {
         // Below 2^30 (checked above at the smallest piece).
         let per_layer = launched.items_per_layer as u32;
         let targets = s
@@ -276,7 +329,7 @@ unsafe fn enqueue_kernel(
         let counters = LayerCounters {
             device: s.device,
             targets,
-            stream: dev.signal_stream(job.direction),
+            stream: dev.signal_stream(direction),
             in_order: launched.in_layer_order,
         };
         (s, counters)
