@@ -137,7 +137,11 @@ pub(crate) fn submit(
             };
             Some(prepare_kernel(dev, kernel, job)?)
         }
-        (Mechanism::Kernel, Err(why)) => return Err(Error::Unavailable(why.clone())),
+        (Mechanism::Kernel, Err(why)) => {
+            // Bad input is named as such whatever the machine has.
+            check_ids(None)?;
+            return Err(Error::Unavailable(why.clone()));
+        }
         _ => {
             check_ids(None)?;
             None
