@@ -158,16 +158,16 @@ pub(crate) fn submit(
     let mut layer_events = Vec::new();
     let mut signals = None;
     let mut counters = None;
-    let (table, copies, sms) = match (prepared, &kernel) {
-        (Some(prepared), Ok(kernel)) => {
+    let (table, copies, sms) = match prepared {
+        Some(prepared) => {
+            let kernel = prepared.kernel;
             // SAFETY: `stream` belongs to `dev`; the request was validated and `Pending` keeps
             // both memories alive until the progress engine saw the stream pass this work.
-            let (launched, counted) = unsafe { launch_kernel(dev, stream, kernel, prepared) }?;
+            let (launched, counted) = unsafe { launch_kernel(dev, stream, prepared) }?;
             (signals, counters) = counted.unzip();
             (launched.table, fragments, kernel.sms(dev, launched.ctas))
         }
-        (Some(_), Err(why)) => return Err(Error::Unavailable(why.clone())),
-        (None, _) => {
+        None => {
             let per_layer = layers > 1 && !whole_blocks;
             let ends = (loc(src_mem), loc(dst_mem));
             // SAFETY: as above.
@@ -246,42 +246,50 @@ pub(crate) fn submit(
 /// The copy kernel's launch for `job`, made ready (`Kernel::prepare`: its table written, the
 /// ids checked on the way), with per-layer counters for a multi-layer job, which the kernel
 /// adds each layer's pieces to. Nothing is queued yet.
-fn prepare_kernel<'d>(
-    dev: &'d CudaDevice,
-    kernel: &Kernel,
+fn prepare_kernel<'a>(
+    dev: &'a CudaDevice,
+    kernel: &'a Kernel,
     mut job: Job<'_>,
-) -> Result<KernelLaunch<'d>> {
+) -> Result<KernelLaunch<'a>> {
     let layers = (job.layers.end - job.layers.start) as usize;
     // Counts far below u32's half, so that the cyclic comparison of the wait holds.
     let countable = job.max_items_per_layer() < 1 << 30;
-    let signals = if layers > 1 && countable {
-        Some(dev.signals(layers)?)
-    } else {
-        None
+    let signals = UnusedSignals {
+        dev,
+        signals: if layers > 1 && countable {
+            Some(dev.signals(layers)?)
+        } else {
+            None
+        },
     };
     job.signals = signals
+        .signals
         .as_ref()
         .map(|s| (s.device, job.direction == Direction::DeviceToHost));
-    let mut launch = KernelLaunch {
-        dev,
-        job: None,
+    Ok(KernelLaunch {
+        job: kernel.prepare(dev, &job)?,
+        kernel,
         signals,
         layers,
-    };
-    launch.job = Some(kernel.prepare(dev, &job)?);
-    Ok(launch)
+    })
 }
 
-/// A prepared kernel launch and its layer counters; counters it never launched with go back to
-/// the device's pool (their counts exact: nothing counted them).
-struct KernelLaunch<'d> {
-    dev: &'d CudaDevice,
-    job: Option<PreparedJob<'d>>,
-    signals: Option<Signals>,
+/// A prepared kernel launch, the kernel it is for and its layer counters.
+struct KernelLaunch<'a> {
+    job: PreparedJob<'a>,
+    kernel: &'a Kernel,
+    signals: UnusedSignals<'a>,
     layers: usize,
 }
 
-impl Drop for KernelLaunch<'_> {
+/// Layer counters not launched with: back to the device's pool when dropped, their counts
+/// exact (nothing counted them).
+struct UnusedSignals<'a> {
+    dev: &'a CudaDevice,
+    signals: Option<Signals>,
+}
+
+impl Drop for UnusedSignals<'_> {
     fn drop(&mut self) {
         if let Some(s) = self.signals.take() {
             self.dev.recycle_signals(s, true);
@@ -300,25 +308,25 @@ impl Drop for KernelLaunch<'_> {
 unsafe fn launch_kernel(
     dev: &CudaDevice,
     stream: CUstream,
-    kernel: &Kernel,
-    mut prepared: KernelLaunch<'_>,
+    prepared: KernelLaunch<'_>,
 ) -> Result<(Launched, Option<(Signals, LayerCounters)>)> {
-    let job = prepared
-        .job
-        .take()
-        .ok_or_else(|| Error::Internal("a kernel launch without its job".into()))?;
+    let KernelLaunch {
+        job,
+        kernel,
+        mut signals,
+        layers,
+    } = prepared;
     let direction = job.direction();
     // SAFETY: forwarded to the caller.
     let launched = match unsafe { kernel.launch(stream, job) } {
         Ok(l) => l,
         Err(e) => {
             dev.abandon(stream, None);
-            // Nothing counted: `prepared` returns the counters with their counts exact.
+            // Nothing counted: `signals` goes back with its counts exact.
             return Err(e);
         }
     };
-    let layers = prepared.layers;
-    let counted = prepared.signals.take().map(|mut s| {
+    let counted = signals.signals.take().map(|mut s| {
         // Below 2^30 (checked above at the smallest piece).
         let per_layer = launched.items_per_layer as u32;
         let targets = s
