@@ -182,6 +182,8 @@ const LAYER_POLL: Duration = Duration::from_micros(50);
 #[derive(Debug)]
 struct GpuEvent {
     dev: Arc<CudaDevice>,
+    /// A watch event (`CudaDevice::watch_event`): queried and waited on by streams, never
+    /// slept on.
     event: sys::CUevent,
     /// How long the work should take after submit, from the device's pace; `None` when
     /// nothing is known yet or the start waits on a caller's stream.
@@ -438,13 +440,14 @@ impl Transfer {
         while events.len() as u64 <= index {
             // SAFETY: the signal stream is a live stream of the device.
             unsafe { c.wait_on(c.stream, events.len()) }?;
-            let e = g.dev.event()?;
+            // Queried by layer waits and waited on by streams, never slept on.
+            let e = g.dev.watch_event()?;
             // SAFETY: a pooled event of the device, recorded on its signal stream.
             if let Err(err) = check(
                 unsafe { sys::cuEventRecord(e, c.stream) },
                 "cuEventRecord (layer)",
             ) {
-                g.dev.recycle_event(e);
+                g.dev.recycle_watch_event(e);
                 return Err(err);
             }
             events.push(e);
@@ -728,7 +731,7 @@ impl Drop for Transfer {
                 .into_inner()
                 .unwrap_or_else(|p| p.into_inner());
             for e in events {
-                g.dev.recycle_event(e);
+                g.dev.recycle_watch_event(e);
             }
         }
     }

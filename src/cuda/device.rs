@@ -107,7 +107,10 @@ pub struct CudaDevice {
     /// Per direction, where per-layer signals wait for the kernel's counters (`Signals`).
     signal_streams: [CUstream; 3],
     pub(crate) batch: BatchApi,
+    /// Blocking-sync events, for threads that sleep until work is done.
     events: Mutex<Vec<CUevent>>,
+    /// Events that no thread sleeps on: queried by spinning waiters, waited on by streams.
+    watch_events: Mutex<Vec<CUevent>>,
     tables: Mutex<Vec<TableBuffer>>,
     signals: Mutex<Vec<Signals>>,
     /// Counters of failed transfers (inexact, never reused), freed with the device: a caller's
@@ -199,6 +202,7 @@ impl CudaDevice {
             signal_streams: [std::ptr::null_mut(); 3],
             batch,
             events: Mutex::new(Vec::new()),
+            watch_events: Mutex::new(Vec::new()),
             tables: Mutex::new(Vec::new()),
             signals: Mutex::new(Vec::new()),
             retired_signals: Mutex::new(Vec::new()),
@@ -346,25 +350,31 @@ impl CudaDevice {
 
     /// An event from the pool (blocking-sync: a waiting thread sleeps instead of spinning).
     pub(crate) fn event(&self) -> Result<CUevent> {
-        if let Some(e) = self.events.lock().unwrap_or_else(|p| p.into_inner()).pop() {
-            return Ok(e);
-        }
-        let mut e = std::ptr::null_mut();
-        let flags = sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32
-            | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32;
-        // SAFETY: the caller bound the context; the out pointer is a local.
-        check(
-            unsafe { sys::cuEventCreate(&mut e, flags) },
-            "cuEventCreate",
-        )?;
-        Ok(e)
+        pooled_event(
+            &self.events,
+            sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32
+                | sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
+        )
     }
 
     pub(crate) fn recycle_event(&self, e: CUevent) {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(e);
+        recycle(&self.events, e);
+    }
+
+    /// An event from the pool for watching: never slept on (`cuEventSynchronize` on it would
+    /// spin), only queried and waited on by streams. A blocking-sync event's completion was
+    /// seen by `cuEventQuery` 40-60 µs after a plain one's in some processes on an H200
+    /// machine (the same kernel, the same process; session 18, device run 7), and a stream
+    /// waiting on one started 2-4 µs later.
+    pub(crate) fn watch_event(&self) -> Result<CUevent> {
+        pooled_event(
+            &self.watch_events,
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
+        )
+    }
+
+    pub(crate) fn recycle_watch_event(&self, e: CUevent) {
+        recycle(&self.watch_events, e);
     }
 
     /// A table of at least `words` u64s, from the pool when one fits.
@@ -458,6 +468,52 @@ impl CudaDevice {
         }
     }
 
+    /// Records the end of a transfer's work on `stream`: a watch event, then a blocking one
+    /// (`EndEvents`). On failure the work is abandoned (`abandon`, `table` included) and the
+    /// error returned.
+    pub(crate) fn record_end(
+        &self,
+        stream: CUstream,
+        table: Option<TableBuffer>,
+    ) -> Result<(EndEvents, Option<TableBuffer>)> {
+        let events = self.watch_event().and_then(|watch| match self.event() {
+            Ok(wake) => Ok(EndEvents { watch, wake }),
+            Err(e) => {
+                self.recycle_watch_event(watch);
+                Err(e)
+            }
+        });
+        let ends = match events {
+            Ok(ends) => ends,
+            Err(e) => {
+                self.abandon(stream, table);
+                return Err(e);
+            }
+        };
+        // SAFETY: the events and the stream are live handles of this device.
+        let recorded = check(
+            unsafe { sys::cuEventRecord(ends.watch, stream) },
+            "cuEventRecord",
+        )
+        .and_then(|()| {
+            // SAFETY: as above.
+            check(
+                unsafe { sys::cuEventRecord(ends.wake, stream) },
+                "cuEventRecord",
+            )
+        });
+        match recorded {
+            Ok(()) => Ok((ends, table)),
+            Err(e) => {
+                // Back to the pools once the stream passed them.
+                self.abandon(stream, table);
+                self.recycle_watch_event(ends.watch);
+                self.recycle_event(ends.wake);
+                Err(e)
+            }
+        }
+    }
+
     /// Waits for `event` (from `record_or_abandon`), then gives it and the work's `table` back to
     /// the pools; `what` names the work in an error. After a failed wait the stream may not
     /// have passed the table: it stays out of the pool (its pinned memory is leaked, not reused
@@ -518,6 +574,33 @@ fn drain<T>(pool: &mut Mutex<Vec<T>>) -> Vec<T> {
     std::mem::take(pool.get_mut().unwrap_or_else(|p| p.into_inner()))
 }
 
+/// The end of a transfer's work on its stream, recorded twice: `watch` (`watch_event`) for
+/// waiters that spin and for streams told to wait, `wake` (`event`, blocking-sync) for the
+/// progress engine, which sleeps on it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EndEvents {
+    pub(crate) watch: CUevent,
+    pub(crate) wake: CUevent,
+}
+
+/// An event of `pool`, or a new one with `flags` (the context bound by the caller).
+fn pooled_event(pool: &Mutex<Vec<CUevent>>, flags: u32) -> Result<CUevent> {
+    if let Some(e) = pool.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+        return Ok(e);
+    }
+    let mut e = std::ptr::null_mut();
+    // SAFETY: the caller bound the context; the out pointer is a local.
+    check(
+        unsafe { sys::cuEventCreate(&mut e, flags) },
+        "cuEventCreate",
+    )?;
+    Ok(e)
+}
+
+fn recycle(pool: &Mutex<Vec<CUevent>>, e: CUevent) {
+    pool.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+}
+
 impl Drop for CudaDevice {
     fn drop(&mut self) {
         if self.bind().is_err() {
@@ -533,7 +616,10 @@ impl Drop for CudaDevice {
                     sys::cuStreamDestroy_v2(s);
                 }
             }
-            for e in drain(&mut self.events) {
+            for e in drain(&mut self.events)
+                .into_iter()
+                .chain(drain(&mut self.watch_events))
+            {
                 sys::cuEventDestroy_v2(e);
             }
             for t in drain(&mut self.tables) {

@@ -15,7 +15,10 @@ use crate::transfer::Completion;
 
 /// What a transfer holds until its last copy finished.
 pub(crate) struct Pending {
+    /// Slept on here (blocking-sync).
     pub(crate) event: CUevent,
+    /// Recorded just before `event`, for the transfer's waiters and streams (`EndEvents`).
+    pub(crate) watch: CUevent,
     /// One event per layer, in order, for copy-engine transfers that complete layer by layer.
     pub(crate) layer_events: Vec<CUevent>,
     /// The kernel's per-layer counters (waited on only when someone asks: `Transfer`).
@@ -93,6 +96,7 @@ impl Progress {
                         drop(p.memory);
                         p.completion.part_done(r);
                         dev.recycle_event(p.event);
+                        dev.recycle_watch_event(p.watch);
                         for e in p.layer_events {
                             dev.recycle_event(e);
                         }

@@ -178,7 +178,7 @@ pub(crate) fn submit(
         }
     };
     let queued = started.elapsed();
-    let (event, table) = match dev.record_or_abandon(stream, table) {
+    let (ends, table) = match dev.record_end(stream, table) {
         Ok(r) => r,
         Err(e) => {
             abandon_layers(
@@ -204,7 +204,8 @@ pub(crate) fn submit(
     cuda.progress.push(
         direction,
         Pending {
-            event,
+            event: ends.wake,
+            watch: ends.watch,
             layer_events: layer_events.clone(),
             signals,
             bytes,
@@ -238,7 +239,7 @@ pub(crate) fn submit(
         elapsed_ns: 0,
     };
     Ok(Transfer::new(completion, stats, true)
-        .with_event(dev.clone(), event, route, gated)
+        .with_event(dev.clone(), ends.watch, route, gated)
         .with_layer_events(layer_events)
         .with_layer_counters(counters))
 }
