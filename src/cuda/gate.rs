@@ -13,6 +13,8 @@ use crate::error::Result;
 pub(crate) struct StreamGate {
     dev: Arc<CudaDevice>,
     event: CUevent,
+    /// Only streams wait on it (`for_streams`): a watch event, which no thread may sleep on.
+    watch: bool,
 }
 
 // SAFETY: the event is usable from any thread with the context bound (every use binds it).
@@ -21,20 +23,34 @@ unsafe impl Send for StreamGate {}
 unsafe impl Sync for StreamGate {}
 
 impl StreamGate {
-    /// Records an event on the caller's CUstream `stream`.
+    /// Records an event on the caller's CUstream `stream` that threads may wait on (`wait`).
     pub(crate) fn record(dev: &Arc<CudaDevice>, stream: usize) -> Result<Self> {
+        Self::record_kind(dev, stream, false)
+    }
+
+    /// Records an event on the caller's CUstream `stream` that only streams wait on
+    /// (`stream_waits`; `wait` would spin): a stream waiting on a blocking-sync event started
+    /// 2-4 µs later than on a plain one (`CudaDevice::watch_event`).
+    pub(crate) fn for_streams(dev: &Arc<CudaDevice>, stream: usize) -> Result<Self> {
+        Self::record_kind(dev, stream, true)
+    }
+
+    fn record_kind(dev: &Arc<CudaDevice>, stream: usize, watch: bool) -> Result<Self> {
         dev.bind()?;
-        let event = dev.event()?;
-        // SAFETY: the caller passes a live CUstream of this process (the option's contract).
-        let r = unsafe { sys::cuEventRecord(event, stream as sys::CUstream) };
-        if let Err(e) = check(r, "cuEventRecord on cuda_stream") {
-            dev.recycle_event(event);
-            return Err(e);
-        }
-        Ok(Self {
+        let event = if watch {
+            dev.watch_event()?
+        } else {
+            dev.event()?
+        };
+        let this = Self {
             dev: dev.clone(),
             event,
-        })
+            watch,
+        };
+        // SAFETY: the caller passes a live CUstream of this process (the option's contract).
+        let r = unsafe { sys::cuEventRecord(event, stream as sys::CUstream) };
+        // On failure `this` returns the event to its pool.
+        check(r, "cuEventRecord on cuda_stream").map(|()| this)
     }
 
     /// Makes `stream` (one of kvxfer's) wait for the gate.
@@ -58,6 +74,10 @@ impl StreamGate {
 
     /// Blocks the calling thread until the gate passed (host-side executors).
     pub(crate) fn wait(&self) -> Result<()> {
+        debug_assert!(
+            !self.watch,
+            "a thread would spin on a gate made for streams"
+        );
         self.dev.bind()?;
         // SAFETY: the event was recorded in `record` and lives until drop.
         check(
@@ -69,6 +89,10 @@ impl StreamGate {
 
 impl Drop for StreamGate {
     fn drop(&mut self) {
-        self.dev.recycle_event(self.event);
+        if self.watch {
+            self.dev.recycle_watch_event(self.event);
+        } else {
+            self.dev.recycle_event(self.event);
+        }
     }
 }

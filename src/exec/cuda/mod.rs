@@ -102,4 +102,11 @@ impl CudaExec {
             .map(|s| StreamGate::record(&self.primary, s).map(Arc::new))
             .transpose()
     }
+
+    /// As `gate`, for work on kvxfer's streams only (`StreamGate::for_streams`).
+    pub(crate) fn stream_gate(&self, stream: Option<usize>) -> Result<Option<Arc<StreamGate>>> {
+        stream
+            .map(|s| StreamGate::for_streams(&self.primary, s).map(Arc::new))
+            .transpose()
+    }
 }

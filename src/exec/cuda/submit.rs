@@ -150,7 +150,7 @@ pub(crate) fn submit(
     let checked = started.elapsed();
     // The gate's event stays out of the pool until the transfer completes: a pooled event
     // re-recorded as another transfer's completion would change what this wait waits for.
-    let gate = cuda.gate(options.cuda_stream)?;
+    let gate = cuda.stream_gate(options.cuda_stream)?;
     if let Some(g) = &gate {
         g.stream_waits(stream)?;
     }
