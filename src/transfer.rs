@@ -21,6 +21,9 @@ struct State {
     first_error: Option<Error>,
     elapsed_ns: u64,
     on_error: Option<OnError>,
+    /// Threads asleep on `Completion::done` (`Completion::sleep`): a notify is a futex
+    /// syscall, which a waiter that saw the work end itself need not pay for.
+    sleepers: u32,
 }
 
 impl std::fmt::Debug for State {
@@ -52,6 +55,7 @@ impl Completion {
                 first_error: None,
                 elapsed_ns: 0,
                 on_error: None,
+                sleepers: 0,
             }),
             done: Condvar::new(),
             remaining: AtomicUsize::new(parts),
@@ -104,19 +108,45 @@ impl Completion {
             s.elapsed_ns = self.elapsed_ns();
             s.outcome = Some(outcome);
         }
+        let sleepers = s.sleepers;
         drop(s);
         if let Some(f) = late {
             f();
         }
-        self.done.notify_all();
+        if sleepers > 0 {
+            self.done.notify_all();
+        }
+    }
+
+    /// Sleeps on `done` until notified or `timeout` passed (spurious wake-ups included), the
+    /// lock given up meanwhile; the caller checks what it waits for under the lock before.
+    fn sleep<'a>(
+        &self,
+        mut s: MutexGuard<'a, State>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, State> {
+        s.sleepers += 1;
+        let mut s = match timeout {
+            None => self.done.wait(s).unwrap_or_else(|p| p.into_inner()),
+            Some(t) => {
+                self.done
+                    .wait_timeout(s, t)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+        };
+        s.sleepers -= 1;
+        s
     }
 
     /// The next layer (in order) is in place.
     pub(crate) fn layer_done(&self) {
         // Under the lock, so that a waiter between its check and its sleep is not missed.
-        let _s = self.lock();
+        let s = self.lock();
         self.layers_done.fetch_add(1, Ordering::AcqRel);
-        self.done.notify_all();
+        if s.sleepers > 0 {
+            self.done.notify_all();
+        }
     }
 
     /// The `index`-th layer of the range (from 0) is in place, or the outcome is known.
@@ -145,8 +175,10 @@ impl Completion {
             s.elapsed_ns = self.elapsed_ns();
             s.outcome = Some(Ok(()));
         }
-        drop(s);
-        self.done.notify_all();
+        if s.sleepers > 0 {
+            drop(s);
+            self.done.notify_all();
+        }
     }
 
     /// The outcome is known (a waiter may have seen the last event before the engine did).
@@ -322,19 +354,11 @@ impl Transfer {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut s = c.lock();
         while !c.layer_settled(&s, index) {
-            s = match deadline {
-                None => c.done.wait(s).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(layer_timeout(layer, timeout));
-                    }
-                    c.done
-                        .wait_timeout(s, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-            };
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Err(layer_timeout(layer, timeout));
+            }
+            s = c.sleep(s, left);
         }
         match &s.outcome {
             Some(Err(e)) => Err(e.clone()),
@@ -495,11 +519,7 @@ impl Transfer {
                 continue;
             }
             let step = left.map_or(LAYER_POLL, |l| l.min(LAYER_POLL));
-            drop(
-                c.done
-                    .wait_timeout(s, step)
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
+            drop(c.sleep(s, Some(step)));
         }
     }
 
@@ -558,11 +578,7 @@ impl Transfer {
                 if now >= until {
                     return None;
                 }
-                s = c
-                    .done
-                    .wait_timeout(s, until - now)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                s = c.sleep(s, Some(until - now));
             }
         }
         g.dev.bind().ok()?;
@@ -649,7 +665,7 @@ impl Transfer {
         match timeout {
             None => {
                 while s.outcome.is_none() {
-                    s = c.done.wait(s).unwrap_or_else(|p| p.into_inner());
+                    s = c.sleep(s, None);
                 }
             }
             Some(t) => {
@@ -666,11 +682,7 @@ impl Transfer {
                             t.as_micros()
                         )));
                     }
-                    s = c
-                        .done
-                        .wait_timeout(s, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    s = c.sleep(s, Some(left));
                 }
             }
         }
@@ -824,5 +836,28 @@ mod tests {
         assert_eq!(t.wait(Some(Duration::from_secs(30))), Ok(()));
         assert!(t.stats().elapsed_ns > 0);
         h.join().unwrap();
+    }
+
+    #[test]
+    fn sleepers_are_counted_while_asleep_and_woken_by_the_last_part() {
+        let c = Completion::new(1);
+        let t = Arc::new(Transfer::new(c.clone(), stats(), false));
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || t.wait(None))
+            })
+            .collect();
+        // All three asleep (a sleeper registers under the lock before it sleeps).
+        let asleep = Instant::now() + Duration::from_secs(30);
+        while c.lock().sleepers < 3 {
+            assert!(Instant::now() < asleep, "the waiters never slept");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        c.part_done(Ok(()));
+        for w in waiters {
+            assert_eq!(w.join().unwrap(), Ok(()));
+        }
+        assert_eq!(c.lock().sleepers, 0);
     }
 }
