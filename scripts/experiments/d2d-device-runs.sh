@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Session 18's device script (issue: busy engine, point 5): run on the GPU machine from the
+# repository root, with `.gpu/` carried: `bash scripts/experiments/d2d-device-runs.sh CASE...`;
+# logs are packed into $OUT/all.tgz. Prepared on the build machine:
+#   .gpu/                   scripts/gpu-test build (the code under test)
+#   .gpu/exp/libkvxfer.so   the same code with scripts/experiments/s18-switches.patch applied
+#   .gpu/exp/kvxfer         its command line (cargo build --release --bin kvxfer -p kvxfer-cli)
+#   .gpu/kern/*.cu          kernel sources for `kern` (copies of src/exec/cuda/copy_blocks.cu)
+#   .gpu/base_gpu_ipc       another commit's gpu_ipc test binary, for `ipc`
+# Cases: boot / after (bench --gpu --quick --directions d2d), floor, floor6, floor4, prio,
+# kern, stages, wait, nowake (d2dfloor.cu processes against the experiment build, with the
+# switches each names), floorhead (d2dfloor.cu against .gpu/libkvxfer.so), tests (the GPU
+# suites, Python, demo), ipc (gpu_ipc of .gpu/ and of .gpu/base_gpu_ipc, alternating), final
+# (busy, layerwise, latency and d2d benches of .gpu/kvxfer).
+# Session 18 device script: cases by name.
+set -u
+L=$OUT/logs; mkdir -p $L
+ROOT=$PWD
+snap() { echo "== $1 $(date +%T) uptime $(cut -d' ' -f1 /proc/uptime)" >> $L/env.txt; ps aux --sort=-%cpu | head -6 >> $L/env.txt; }
+bench_d2d() { snap "bench $1"; ${2:-.gpu/kvxfer} bench --gpu --quick --directions d2d --json > $L/d2d-$1.jsonl 2> $L/d2d-$1.err; }
+floor_build() {
+  ln -sf libkvxfer.so .gpu/libkvxfer.so.0.2; ln -sf libkvxfer.so .gpu/exp/libkvxfer.so.0.2
+  /usr/local/cuda/bin/nvcc -O3 -arch=sm_90 -o /tmp/d2dfloor scripts/experiments/d2dfloor.cu -L.gpu/exp -lkvxfer -lcuda -Xlinker -rpath=$ROOT/.gpu/exp > $L/nvcc.txt 2>&1
+}
+floor() { snap "floor $1"; /tmp/d2dfloor $KERNS > $L/floor-$1.txt 2>&1; }
+KERNS=""
+for c in "$@"; do
+  case $c in
+    boot) bench_d2d boot1; bench_d2d boot2 ;;
+    floor) floor_build; floor 1; floor 2; floor 3 ;;
+    floor6) floor_build; for i in 1 2 3; do floor a$i; done; bench_d2d mid; for i in 4 5 6; do floor a$i; done ;;
+    floor4) floor_build; for i in 1 2 3 4 5; do floor b$i; done ;;
+    prio) floor_build; KERNS="noprio"; for i in 1 2 3 4 5; do floor p$i; done ;;
+    wait) floor_build; KERNS="KVX_EXP_OLDWAIT"; for i in 1 2 3 4; do floor w$i; done
+      for i in 1 2; do bench_d2d new$i .gpu/exp/kvxfer; KVX_EXP_OLDWAIT=1 bench_d2d old$i .gpu/exp/kvxfer; done
+      for i in 1 2; do snap lat; .gpu/exp/kvxfer bench --gpu --latency --json > $L/lat-new$i.jsonl 2>&1; KVX_EXP_OLDWAIT=1 .gpu/exp/kvxfer bench --gpu --latency --json > $L/lat-old$i.jsonl 2>&1; done ;;
+    final) snap final; timeout 150 .gpu/kvxfer bench --gpu --busy --json > $L/busy-final.jsonl 2> $L/busy-final.err
+      timeout 60 .gpu/kvxfer bench --gpu --layerwise --json > $L/layerwise-final.jsonl 2> $L/layerwise-final.err
+      for i in 1 2; do timeout 60 .gpu/kvxfer bench --gpu --latency --json > $L/latency-final$i.jsonl 2> $L/latency-final$i.err; done
+      bench_d2d final1 ;;
+    ipc) export KVX_NIXL_LIB_DIR=$PWD/.gpu/nixl KVX_NIXL_ONLY_LIB_DIR=1
+      [ -d .gpu/nixl ] || { mkdir -p .gpu/nixl && tar -xJf .gpu/nixl-libs.tar.xz -C .gpu/nixl; }
+      for d in $(python3 -c 'import glob,site
+for r in site.getsitepackages():
+  for lib in ("libcudart.so.13","libcufile.so.0"):
+    for f in glob.glob(f"{r}/nvidia/**/{lib}", recursive=True): print(f.rsplit("/",1)[0])'); do export LD_LIBRARY_PATH=$d:${LD_LIBRARY_PATH:-}; done
+      for i in 1 2; do snap ipc$i
+        timeout 60 .gpu/gpu_ipc --include-ignored --test-threads=1 > $L/ipc-head$i.txt 2>&1; echo "rc=$?" >> $L/ipc-head$i.txt
+        timeout 60 .gpu/base_gpu_ipc --include-ignored --test-threads=1 > $L/ipc-base$i.txt 2>&1; echo "rc=$?" >> $L/ipc-base$i.txt; done ;;
+    floorhead) ln -sf libkvxfer.so .gpu/libkvxfer.so.0.2
+      /usr/local/cuda/bin/nvcc -O3 -arch=sm_90 -o /tmp/d2dfloor scripts/experiments/d2dfloor.cu -L.gpu -lkvxfer -lcuda -Xlinker -rpath=$ROOT/.gpu > $L/nvcc.txt 2>&1
+      for i in 1 2 3; do floor h$i; done ;;
+    nowake) floor_build; KERNS="KVX_EXP_NOWAKE"; for i in 1 2 3 4; do floor n$i; done ;;
+    stages) floor_build; for i in 1 2 3 4 5 6; do floor s$i; done ;;
+    kern) floor_build; KERNS=".gpu/kern/v0.cu .gpu/kern/v1.cu .gpu/kern/v2.cu .gpu/kern/v3.cu"; for i in 1 2 3 4; do floor k$i; done ;;
+    after) bench_d2d after1 ;;
+    tests) snap tests; KVX_GPU_STAGES="tests python demo" timeout 300 scripts/gpu-test run $L/gputest > $L/gputest.txt 2>&1; echo "gputest rc=$?" >> $L/gputest.txt ;;
+  esac
+done
+cd $OUT && tar czf all.tgz logs && rm -rf logs
