@@ -363,7 +363,7 @@ impl CudaDevice {
 
     /// An event from the pool for watching: never slept on (`cuEventSynchronize` on it would
     /// spin), only queried and waited on by streams. A blocking-sync event's completion was
-    /// seen by `cuEventQuery` 40-60 µs after a plain one's in some processes on an H200
+    /// seen by `cuEventQuery` 30-60 µs after a plain one's in some processes on an H200
     /// machine (the same kernel, the same process; session 18, device run 7), and a stream
     /// waiting on one started 2-4 µs later.
     pub(crate) fn watch_event(&self) -> Result<CUevent> {
