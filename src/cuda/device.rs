@@ -469,46 +469,34 @@ impl CudaDevice {
     }
 
     /// Records the end of a transfer's work on `stream`: a watch event, then a blocking one
-    /// (`EndEvents`). On failure the work is abandoned (`abandon`, `table` included) and the
-    /// error returned.
+    /// (`record_or_abandon`). On failure the work is abandoned (`abandon`, `table` included)
+    /// and the error returned.
     pub(crate) fn record_end(
         &self,
         stream: CUstream,
         table: Option<TableBuffer>,
     ) -> Result<(EndEvents, Option<TableBuffer>)> {
-        let events = self.watch_event().and_then(|watch| match self.event() {
-            Ok(wake) => Ok(EndEvents { watch, wake }),
-            Err(e) => {
-                self.recycle_watch_event(watch);
-                Err(e)
-            }
-        });
-        let ends = match events {
-            Ok(ends) => ends,
+        let watch = match self.watch_event() {
+            Ok(e) => e,
             Err(e) => {
                 self.abandon(stream, table);
                 return Err(e);
             }
         };
-        // SAFETY: the events and the stream are live handles of this device.
-        let recorded = check(
-            unsafe { sys::cuEventRecord(ends.watch, stream) },
+        // SAFETY: the event and the stream are live handles of this device.
+        if let Err(e) = check(
+            unsafe { sys::cuEventRecord(watch, stream) },
             "cuEventRecord",
-        )
-        .and_then(|()| {
-            // SAFETY: as above.
-            check(
-                unsafe { sys::cuEventRecord(ends.wake, stream) },
-                "cuEventRecord",
-            )
-        });
-        match recorded {
-            Ok(()) => Ok((ends, table)),
+        ) {
+            self.abandon(stream, table);
+            self.recycle_watch_event(watch);
+            return Err(e);
+        }
+        match self.record_or_abandon(stream, table) {
+            Ok((wake, table)) => Ok((EndEvents { watch, wake }, table)),
             Err(e) => {
-                // Back to the pools once the stream passed them.
-                self.abandon(stream, table);
-                self.recycle_watch_event(ends.watch);
-                self.recycle_event(ends.wake);
+                // The stream passed the watch event (abandoned): back to the pool.
+                self.recycle_watch_event(watch);
                 Err(e)
             }
         }

@@ -29,8 +29,8 @@ impl StreamGate {
     }
 
     /// Records an event on the caller's CUstream `stream` that only streams wait on
-    /// (`stream_waits`; `wait` would spin): a stream waiting on a blocking-sync event started
-    /// 2-4 µs later than on a plain one (`CudaDevice::watch_event`).
+    /// (`stream_waits`; `wait` would spin): a watch event, which streams start after sooner
+    /// than after a blocking-sync one (`CudaDevice::watch_event`).
     pub(crate) fn for_streams(dev: &Arc<CudaDevice>, stream: usize) -> Result<Self> {
         Self::record_kind(dev, stream, true)
     }
