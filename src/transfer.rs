@@ -347,23 +347,14 @@ impl Transfer {
         if let Some(counted) = &self.counted {
             return self.counted_layer_wait(counted, index, timeout);
         }
-        if self.layer_events.is_empty() {
+        let (Some(&event), Some(g)) = (self.layer_events.get(index as usize), &self.gpu) else {
             return self.wait(timeout);
+        };
+        if let Some(outcome) = self.layer_outcome(index) {
+            return outcome;
         }
-        let c = &self.completion;
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let mut s = c.lock();
-        while !c.layer_settled(&s, index) {
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            if left.is_some_and(|l| l.is_zero()) {
-                return Err(layer_timeout(layer, timeout));
-            }
-            s = c.sleep(s, left);
-        }
-        match &s.outcome {
-            Some(Err(e)) => Err(e.clone()),
-            _ => Ok(()),
-        }
+        g.dev.bind()?;
+        self.watch_layer(event, index, timeout)
     }
 
     /// Makes the CUstream `stream` wait for `layer` only, as [`Transfer::stream_wait`] does
@@ -494,19 +485,35 @@ impl Transfer {
         let g = self.gpu_event()?;
         g.dev.bind()?;
         let event = Self::queue_layer_events(g, counted, index)?;
+        self.watch_layer(event, index, timeout)
+    }
+
+    /// Watches layer `index`'s `event` (the copy engines' events are the progress engine's,
+    /// recycled after it reported the outcome; the counted layers' are this transfer's) and
+    /// the transfer's outcome: spinning for SPIN_BUDGET, then looking every LAYER_POLL. The
+    /// device is bound.
+    fn watch_layer(
+        &self,
+        event: sys::CUevent,
+        index: u64,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
         let c = &self.completion;
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let spin_until = Instant::now() + SPIN_BUDGET;
         loop {
-            // SAFETY: the event is this transfer's (recycled only when it is dropped).
+            // Looked at under the lock, with no outcome yet: the progress engine reports the
+            // outcome before it recycles the events it owns, so the event is still this
+            // transfer's, and a failed transfer fails the wait.
+            let s = c.lock();
+            if let Some(o) = &s.outcome {
+                return o.clone();
+            }
+            // SAFETY: a pooled event of the device, this transfer's (above).
             match unsafe { sys::cuEventQuery(event) } {
                 sys::CUresult::CUDA_SUCCESS => return Ok(()),
                 sys::CUresult::CUDA_ERROR_NOT_READY => {}
                 e => return check(e, "cuEventQuery (layer)"),
-            }
-            let s = c.lock();
-            if let Some(o) = &s.outcome {
-                return o.clone();
             }
             let now = Instant::now();
             let left = deadline.map(|d| d.saturating_duration_since(now));
@@ -533,11 +540,7 @@ impl Transfer {
         gated: bool,
     ) -> Self {
         let bytes = self.stats.bytes;
-        let expected = if gated {
-            None
-        } else {
-            dev.pace.expected(route, bytes)
-        };
+        let expected = dev.pace.due(route, bytes, gated);
         self.gpu = Some(GpuEvent {
             dev,
             event,

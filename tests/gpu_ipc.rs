@@ -136,7 +136,7 @@ fn between_processes(test: &str, server_device: i32) {
     }
     let dir = common::scratch_dir("gpu-ipc");
     let mut child = server_process(test, (ROLE, &dir), (DEVICE, server_device));
-    wait_for(&dir.join("server.peer"), "the server's export");
+    common::wait_for_child(&dir.join("server.peer"), "the server's export", &mut child);
     let blob = std::fs::read(dir.join("server.peer")).unwrap();
     let ctx = ipc_ctx(false);
     let peer = ctx.import(&blob).unwrap();

@@ -1025,7 +1025,7 @@ fn a_dead_peer_fails_within_five_seconds() {
         .spawn()
         .unwrap();
     let peer_file = dir.join("holder.peer");
-    common::wait_for(&peer_file, "the holder's export");
+    common::wait_for_child(&peer_file, "the holder's export", &mut holder);
     let ctx = Context::new(ContextConfig::default()).unwrap();
     let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
     let remote = &peer.layouts()[0];

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 18's device script (issue: busy engine, point 5): run on the GPU machine from the
+# Sessions 18-19's device script (issue: busy engine, point 5): run on the GPU machine from the
 # repository root, with `.gpu/` carried: `bash scripts/experiments/d2d-device-runs.sh CASE...`;
 # logs are packed into $OUT/all.tgz. Prepared on the build machine:
 #   .gpu/                   scripts/gpu-test build (the code under test)
@@ -11,8 +11,8 @@
 # kern, stages, wait, nowake (d2dfloor.cu processes against the experiment build, with the
 # switches each names), floorhead (d2dfloor.cu against .gpu/libkvxfer.so), tests (the GPU
 # suites, Python, demo), ipc (gpu_ipc of .gpu/ and of .gpu/base_gpu_ipc, alternating), final
-# (busy, layerwise, latency and d2d benches of .gpu/kvxfer).
-# Session 18 device script: cases by name.
+# (busy, layerwise, latency and d2d benches of .gpu/kvxfer), ab (the experiment build against
+# .gpu/, alternating processes: d2dfloor, bench d2d, latency).
 set -u
 L=$OUT/logs; mkdir -p $L
 ROOT=$PWD
@@ -44,12 +44,22 @@ for c in "$@"; do
 for r in site.getsitepackages():
   for lib in ("libcudart.so.13","libcufile.so.0"):
     for f in glob.glob(f"{r}/nvidia/**/{lib}", recursive=True): print(f.rsplit("/",1)[0])'); do export LD_LIBRARY_PATH=$d:${LD_LIBRARY_PATH:-}; done
-      for i in 1 2; do snap ipc$i
-        timeout 60 .gpu/gpu_ipc --include-ignored --test-threads=1 > $L/ipc-head$i.txt 2>&1; echo "rc=$?" >> $L/ipc-head$i.txt
-        timeout 60 .gpu/base_gpu_ipc --include-ignored --test-threads=1 > $L/ipc-base$i.txt 2>&1; echo "rc=$?" >> $L/ipc-base$i.txt; done ;;
+      # The one-GPU tests only (the two-GPU one fails on one GPU); exit status kept, so a
+      # crash at exit shows.
+      for i in 1 2 3 4 5; do snap ipc$i
+        timeout 60 .gpu/gpu_ipc --include-ignored --skip two_gpus --test-threads=1 > $L/ipc-head$i.txt 2>&1; echo "rc=$?" >> $L/ipc-head$i.txt
+        [ -x .gpu/base_gpu_ipc ] && { timeout 60 .gpu/base_gpu_ipc --include-ignored --skip two_gpus --test-threads=1 > $L/ipc-base$i.txt 2>&1; echo "rc=$?" >> $L/ipc-base$i.txt; }; done ;;
     floorhead) ln -sf libkvxfer.so .gpu/libkvxfer.so.0.2
       /usr/local/cuda/bin/nvcc -O3 -arch=sm_90 -o /tmp/d2dfloor scripts/experiments/d2dfloor.cu -L.gpu -lkvxfer -lcuda -Xlinker -rpath=$ROOT/.gpu > $L/nvcc.txt 2>&1
-      for i in 1 2 3; do floor h$i; done ;;
+      for i in 1 2 3 4 5 6; do floor h$i; done ;;
+    ab) # The experiment build (the code before; its default is what it landed) against
+      # .gpu/ (the code under test), alternating processes: d2dfloor, bench d2d, latency.
+      ln -sf libkvxfer.so .gpu/libkvxfer.so.0.2; ln -sf libkvxfer.so .gpu/exp/libkvxfer.so.0.2
+      for v in exp:.gpu/exp new:.gpu; do
+        /usr/local/cuda/bin/nvcc -O3 -arch=sm_90 -o /tmp/d2dfloor-${v%%:*} scripts/experiments/d2dfloor.cu -L${v#*:} -lkvxfer -lcuda -Xlinker -rpath=$ROOT/${v#*:} >> $L/nvcc.txt 2>&1; done
+      for i in 1 2 3 4; do for v in exp new; do snap "ab $v$i"; /tmp/d2dfloor-$v > $L/floor-$v$i.txt 2>&1; done; done
+      for i in 1 2; do bench_d2d exp$i .gpu/exp/kvxfer; bench_d2d new$i .gpu/kvxfer
+        for v in exp:.gpu/exp/kvxfer new:.gpu/kvxfer; do snap "lat ${v%%:*}$i"; timeout 60 ${v#*:} bench --gpu --latency --json > $L/latency-${v%%:*}$i.jsonl 2>&1; done; done ;;
     nowake) floor_build; KERNS="KVX_EXP_NOWAKE"; for i in 1 2 3 4; do floor n$i; done ;;
     stages) floor_build; for i in 1 2 3 4 5 6; do floor s$i; done ;;
     kern) floor_build; KERNS=".gpu/kern/v0.cu .gpu/kern/v1.cu .gpu/kern/v2.cu .gpu/kern/v3.cu"; for i in 1 2 3 4; do floor k$i; done ;;

@@ -440,14 +440,37 @@ impl CudaDevice {
         }
     }
 
-    /// Records a pooled event on `stream` after the work queued there. On failure the work is
-    /// abandoned (`abandon`, `table` included) and the error returned.
+    /// Records a pooled blocking-sync event (`event`) on `stream` after the work queued there,
+    /// for a host thread to sleep on. On failure the work is abandoned (`abandon`, `table`
+    /// included) and the error returned.
     pub(crate) fn record_or_abandon(
         &self,
         stream: CUstream,
         table: Option<TableBuffer>,
     ) -> Result<(CUevent, Option<TableBuffer>)> {
-        let event = match self.event() {
+        self.record_pooled(stream, table, Self::event, Self::recycle_event)
+    }
+
+    /// Records the end of a transfer's work on `stream` as a watch event (`watch_event`): its
+    /// waiters and the progress engine look at it, callers' streams wait on it, no thread
+    /// sleeps on it. On failure as `record_or_abandon`.
+    pub(crate) fn record_end(
+        &self,
+        stream: CUstream,
+        table: Option<TableBuffer>,
+    ) -> Result<(CUevent, Option<TableBuffer>)> {
+        self.record_pooled(stream, table, Self::watch_event, Self::recycle_watch_event)
+    }
+
+    /// An event of the pool `take` draws from, recorded on `stream`; `give` returns it.
+    fn record_pooled(
+        &self,
+        stream: CUstream,
+        table: Option<TableBuffer>,
+        take: fn(&Self) -> Result<CUevent>,
+        give: fn(&Self, CUevent),
+    ) -> Result<(CUevent, Option<TableBuffer>)> {
+        let event = match take(self) {
             Ok(e) => e,
             Err(e) => {
                 self.abandon(stream, table);
@@ -461,42 +484,8 @@ impl CudaDevice {
         ) {
             Ok(()) => Ok((event, table)),
             Err(e) => {
-                self.recycle_event(event);
+                give(self, event);
                 self.abandon(stream, table);
-                Err(e)
-            }
-        }
-    }
-
-    /// Records the end of a transfer's work on `stream`: a watch event, then a blocking one
-    /// (`record_or_abandon`). On failure the work is abandoned (`abandon`, `table` included)
-    /// and the error returned.
-    pub(crate) fn record_end(
-        &self,
-        stream: CUstream,
-        table: Option<TableBuffer>,
-    ) -> Result<(EndEvents, Option<TableBuffer>)> {
-        let watch = match self.watch_event() {
-            Ok(e) => e,
-            Err(e) => {
-                self.abandon(stream, table);
-                return Err(e);
-            }
-        };
-        // SAFETY: the event and the stream are live handles of this device.
-        if let Err(e) = check(
-            unsafe { sys::cuEventRecord(watch, stream) },
-            "cuEventRecord",
-        ) {
-            self.abandon(stream, table);
-            self.recycle_watch_event(watch);
-            return Err(e);
-        }
-        match self.record_or_abandon(stream, table) {
-            Ok((wake, table)) => Ok((EndEvents { watch, wake }, table)),
-            Err(e) => {
-                // The stream passed the watch event (abandoned): back to the pool.
-                self.recycle_watch_event(watch);
                 Err(e)
             }
         }
@@ -560,15 +549,6 @@ impl CudaDevice {
 /// Everything in a pool, taken out (also from a poisoned lock: only Drop calls it).
 fn drain<T>(pool: &mut Mutex<Vec<T>>) -> Vec<T> {
     std::mem::take(pool.get_mut().unwrap_or_else(|p| p.into_inner()))
-}
-
-/// The end of a transfer's work on its stream, recorded twice: `watch` (`watch_event`) for
-/// waiters that spin and for streams told to wait, `wake` (`event`, blocking-sync) for the
-/// progress engine, which sleeps on it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct EndEvents {
-    pub(crate) watch: CUevent,
-    pub(crate) wake: CUevent,
 }
 
 /// An event of `pool`, or a new one with `flags` (the context bound by the caller).

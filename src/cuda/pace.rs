@@ -40,6 +40,13 @@ impl Pace {
         (rate > 0).then(|| Duration::from_micros(bytes / rate))
     }
 
+    /// How long after its submit a transfer of `bytes` on route `r` should end: `None` when
+    /// nothing was learned yet, or when it is `gated` on a caller's stream (its start is not
+    /// known).
+    pub fn due(&self, r: Route, bytes: u64, gated: bool) -> Option<Duration> {
+        if gated { None } else { self.expected(r, bytes) }
+    }
+
     /// A transfer of `bytes` on route `r` took `elapsed` from submit to completion. One
     /// `gated` on a caller's stream also waited for that stream's work: it teaches nothing, or
     /// the waiters after it would wake late.
@@ -81,6 +88,9 @@ mod tests {
         p.learn(route(d, true), 1 << 30, Duration::from_micros(500), false);
         let e = p.expected(route(d, true), 1 << 30).unwrap();
         assert!((499..=501).contains(&e.as_micros()), "{e:?}");
+        // One gated on a caller's stream is not due at any known time.
+        assert_eq!(p.due(route(d, true), 1 << 30, false), Some(e));
+        assert_eq!(p.due(route(d, true), 1 << 30, true), None);
         // A transfer that waited for a caller's stream says nothing of the route.
         p.learn(route(d, true), 1 << 30, Duration::from_micros(5000), true);
         let e = p.expected(route(d, true), 1 << 30).unwrap();

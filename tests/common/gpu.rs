@@ -192,7 +192,7 @@ pub fn gpu_rdma_between_processes(test: &str, server_device: i32) {
     let dir = super::scratch_dir("gpu-rdma");
     let mut server = server_process(test, (RDMA_ROLE, &dir), (RDMA_DEVICE, server_device));
     let peer_file = dir.join("server.peer");
-    super::wait_for(&peer_file, "the server's export");
+    super::wait_for_child(&peer_file, "the server's export", &mut server);
     let ctx = rdma_ctx(0);
     let peer = ctx.import(&std::fs::read(&peer_file).unwrap()).unwrap();
     let remote = &peer.layouts()[0];

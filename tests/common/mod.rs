@@ -49,6 +49,22 @@ pub fn wait_for(path: &Path, what: &str) {
     }
 }
 
+/// As `wait_for`, for a file `child` writes: fails at once, with its exit status, if the child
+/// ended without writing it (a server that panicked would otherwise cost the whole minute).
+pub fn wait_for_child(path: &Path, what: &str, child: &mut std::process::Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                path.exists(),
+                "{what} never appeared: the process ended ({status})"
+            );
+        }
+        assert!(Instant::now() < deadline, "{what} never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Writes `bytes` to `dir/name` so that a reader never sees half of it.
 pub fn publish(dir: &Path, name: &str, bytes: &[u8]) {
     let tmp = dir.join(format!("{name}.tmp"));

@@ -178,7 +178,7 @@ pub(crate) fn submit(
         }
     };
     let queued = started.elapsed();
-    let (ends, table) = match dev.record_end(stream, table) {
+    let (end, table) = match dev.record_end(stream, table) {
         Ok(r) => r,
         Err(e) => {
             abandon_layers(
@@ -204,9 +204,9 @@ pub(crate) fn submit(
     cuda.progress.push(
         direction,
         Pending {
-            event: ends.wake,
-            watch: ends.watch,
+            end,
             layer_events: layer_events.clone(),
+            due: dev.pace.due(route, bytes, gated),
             signals,
             bytes,
             route,
@@ -239,7 +239,7 @@ pub(crate) fn submit(
         elapsed_ns: 0,
     };
     Ok(Transfer::new(completion, stats, true)
-        .with_event(dev.clone(), ends.watch, route, gated)
+        .with_event(dev.clone(), end, route, gated)
         .with_layer_events(layer_events)
         .with_layer_counters(counters))
 }
@@ -403,12 +403,13 @@ unsafe fn enqueue_engines(
     Ok(copies)
 }
 
-/// Records a pooled event on `stream` after what is queued there: one layer's completion.
+/// Records a pooled watch event on `stream` after what is queued there: one layer's
+/// completion (looked at by the progress engine and layer waits, waited on by streams).
 fn record_layer(dev: &CudaDevice, stream: CUstream, events: &mut Vec<CUevent>) -> Result<()> {
-    let e = dev.event()?;
+    let e = dev.watch_event()?;
     // SAFETY: the event and stream are live handles of `dev`.
     if let Err(err) = check(unsafe { sys::cuEventRecord(e, stream) }, "cuEventRecord") {
-        dev.recycle_event(e);
+        dev.recycle_watch_event(e);
         return Err(err);
     }
     events.push(e);
@@ -422,6 +423,6 @@ fn abandon_layers(dev: &CudaDevice, streams: &[CUstream], events: &mut Vec<CUeve
         dev.abandon(s, None);
     }
     for e in events.drain(..) {
-        dev.recycle_event(e);
+        dev.recycle_watch_event(e);
     }
 }
