@@ -12,7 +12,9 @@
 # switches each names), floorhead (d2dfloor.cu against .gpu/libkvxfer.so), tests (the GPU
 # suites, Python, demo), ipc (gpu_ipc of .gpu/ and of .gpu/base_gpu_ipc, alternating), final
 # (busy, layerwise, latency and d2d benches of .gpu/kvxfer), ab (the experiment build against
-# .gpu/, alternating processes: d2dfloor, bench d2d, latency).
+# .gpu/, alternating processes: d2dfloor, bench d2d, latency), trace (kvxfer's own trace of
+# its submits in d2dfloor and bench d2d; latency of both builds), param (launchparam.cu: what
+# a kernel parameter's size and a table's upload cost the submitting thread and the start).
 set -u
 L=$OUT/logs; mkdir -p $L
 ROOT=$PWD
@@ -60,6 +62,17 @@ for r in site.getsitepackages():
       for i in 1 2 3 4; do for v in exp new; do snap "ab $v$i"; /tmp/d2dfloor-$v > $L/floor-$v$i.txt 2>&1; done; done
       for i in 1 2; do bench_d2d exp$i .gpu/exp/kvxfer; bench_d2d new$i .gpu/kvxfer
         for v in exp:.gpu/exp/kvxfer new:.gpu/kvxfer; do snap "lat ${v%%:*}$i"; timeout 60 ${v#*:} bench --gpu --latency --json > $L/latency-${v%%:*}$i.jsonl 2>&1; done; done ;;
+    trace) # Where kvxfer's submit time goes, from its own trace (KVX_LOG=kvxfer=trace), in a
+      # d2dfloor process and a bench d2d process of .gpu/; then latency of both builds again.
+      ln -sf libkvxfer.so .gpu/libkvxfer.so.0.2
+      [ -x /tmp/d2dfloor-new ] || /usr/local/cuda/bin/nvcc -O3 -arch=sm_90 -o /tmp/d2dfloor-new scripts/experiments/d2dfloor.cu -L.gpu -lkvxfer -lcuda -Xlinker -rpath=$ROOT/.gpu >> $L/nvcc.txt 2>&1
+      snap trace; KVX_LOG=kvxfer=trace /tmp/d2dfloor-new > $L/floor-trace.txt 2> $L/floor-trace.log
+      KVX_LOG=kvxfer=trace .gpu/kvxfer bench --gpu --quick --directions d2d --json > $L/d2d-trace.jsonl 2> $L/d2d-trace.log
+      xz -T0 $L/*-trace.log
+      for i in 3 4; do for v in exp:.gpu/exp/kvxfer new:.gpu/kvxfer; do snap "lat ${v%%:*}$i"; timeout 60 ${v#*:} bench --gpu --latency --json > $L/latency-${v%%:*}$i.jsonl 2>&1; done; done ;;
+    param) # What the copy kernel's parameter size and its table's upload cost a submit.
+      /usr/local/cuda/bin/nvcc -O3 -arch=sm_90 -o /tmp/launchparam scripts/experiments/launchparam.cu >> $L/nvcc.txt 2>&1
+      for i in 1 2 3; do snap "param $i"; /tmp/launchparam > $L/param-$i.txt 2>&1; done ;;
     nowake) floor_build; KERNS="KVX_EXP_NOWAKE"; for i in 1 2 3 4; do floor n$i; done ;;
     stages) floor_build; for i in 1 2 3 4 5 6; do floor s$i; done ;;
     kern) floor_build; KERNS=".gpu/kern/v0.cu .gpu/kern/v1.cu .gpu/kern/v2.cu .gpu/kern/v3.cu"; for i in 1 2 3 4; do floor k$i; done ;;

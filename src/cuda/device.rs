@@ -109,7 +109,8 @@ pub struct CudaDevice {
     pub(crate) batch: BatchApi,
     /// Blocking-sync events, for threads that sleep until work is done.
     events: Mutex<Vec<CUevent>>,
-    /// Events that no thread sleeps on: queried by spinning waiters, waited on by streams.
+    /// Events that no thread sleeps on: looked at by waiters and the progress engine, waited on
+    /// by streams.
     watch_events: Mutex<Vec<CUevent>>,
     tables: Mutex<Vec<TableBuffer>>,
     signals: Mutex<Vec<Signals>>,

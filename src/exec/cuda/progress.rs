@@ -3,10 +3,9 @@
 //! transfers on the other streams. It looks at a transfer's end event between sleeps, first
 //! until shortly before the device's pace says the transfer ends, then in steps that grow
 //! with its age (`next_look`); nothing spins, and with nothing in flight the thread blocks on
-//! its queue. It does not sleep on a blocking-sync event: with one recorded after each
-//! transfer and slept on here, 1 GiB device to device from submit to completion ran 0.005-0.020
-//! of one large copy slower than with this thread looking at a plain event, in every process
-//! and fragment size, with the same device time (session 19, device run 1), and blocking-sync
+//! its queue. It does not sleep on a blocking-sync event: recording one after each transfer
+//! made a submit ~2 µs longer and doubled the tail of small transfers (one 4 KiB block, submit
+//! to wait, p99 29.6-34.9 µs against 17.7-23.1 without; session 19, device runs 4-6), and such
 //! events were seen complete 30-60 µs late in some processes (session 18, device run 7).
 //! A waiter watches the end itself (`Transfer::wait`), so this thread's pace only bounds how
 //! late a transfer nobody waits on is reported and its memory released.
@@ -70,7 +69,7 @@ impl Sighting {
     /// see the end themselves (then teach its exact time); the age at which it was found done
     /// could be a look's step late, and a pace that errs slow keeps waiters asleep past the
     /// end, each sighting then later than the one before (session 19, device run 2: from
-    /// submit to completion 0.78-0.89 of one large copy, against 0.92-0.94 in device time).
+    /// submit to completion 0.78-0.89 of one large copy, against 0.91-0.94 in device time).
     /// `None` when the first look found it done.
     fn took_at_least(self) -> Option<Duration> {
         (!self.pending.is_zero()).then_some(self.pending)
