@@ -10,6 +10,8 @@
 // copy of the whole GiB (the bench's `warm`), the columns' order rotating from round to round:
 //   ce                    one contiguous copy-engine copy seen done (the bench's `limit`)
 //   +check                the checked bare kernel, submit to seen done
+//   gated +check          queued first (a wait on a host-written flag, the upload, the
+//                         launch), then the ids checked and packed, then the flag released
 //   +check greatest       the same on a stream of the greatest priority (as kvxfer's)
 //   +check blocking       spun on a blocking-sync event instead of a plain one
 //   +check, then blocking spun on a plain event recorded before a blocking-sync one
@@ -428,6 +430,28 @@ int main(int argc, char** argv) {
     std::vector<Column> cols = {
         {"ce", [&] { return wall([&] { ce(); spin(); }); }, {}},
         {"+check", [&] { return wall([&] { launch(true); spin(); }); }, {}},
+        // Queued first behind a wait on a host-written flag, the ids checked and packed (into
+        // the pinned buffer the queued upload reads) while the GPU takes in the launch, then
+        // the flag released: the launch's latency overlaps the check.
+        {"gated +check", [&] {
+           return wall([&] {
+             ++next;
+             if (cuStreamWaitValue32((CUstream)st, (CUdeviceptr)flag_dev, next,
+                                     CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS) {
+               fprintf(stderr, "cuStreamWaitValue32 failed\n");
+               exit(1);
+             }
+             CK(cudaMemcpyAsync(table, pinned, blocks * 4, cudaMemcpyHostToDevice, st));
+             bare<<<grid, 256, 0, st>>>(j);
+             if (!check_ids(s, d, blocks, seen)) exit(1);
+             for (u64 i = 0; i < blocks; ++i) {
+               pinned[2 * i] = (unsigned short)s[i];
+               pinned[2 * i + 1] = (unsigned short)d[i];
+             }
+             __atomic_store_n(flag, next, __ATOMIC_SEQ_CST);
+             spin();
+           });
+         }, {}},
         {"+check greatest", [&] { return wall(bare_hi); }, {}},
         {"+check blocking", [&] {
            return wall([&] {
