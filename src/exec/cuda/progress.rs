@@ -55,12 +55,11 @@ pub(crate) struct Pending {
 // Send.
 unsafe impl Send for Pending {}
 
-/// When an event was seen complete, as ages of its transfer: at the last look that found it
-/// pending (zero if none did) and at the look that found it complete.
+/// How an event was seen complete: its transfer's age at the last look that found it pending
+/// (zero if the first look found it complete).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Sighting {
     pending: Duration,
-    done: Duration,
 }
 
 impl Sighting {
@@ -100,11 +99,11 @@ fn watch(
         let age = completion.age();
         // SAFETY: a pooled event recorded for this transfer, recycled only after it completed.
         match unsafe { sys::cuEventQuery(event) } {
-            sys::CUresult::CUDA_SUCCESS => return Ok(Sighting { pending, done: age }),
+            sys::CUresult::CUDA_SUCCESS => return Ok(Sighting { pending }),
             sys::CUresult::CUDA_ERROR_NOT_READY => pending = age,
             e => {
                 check(e, what)?;
-                return Ok(Sighting { pending, done: age });
+                return Ok(Sighting { pending });
             }
         }
         std::thread::sleep(next_look(age, due));
@@ -226,12 +225,11 @@ mod tests {
 
     #[test]
     fn the_pace_learns_the_last_pending_look() {
-        let seen = |pending, done| Sighting {
+        let seen = |pending| Sighting {
             pending: us(pending),
-            done: us(done),
         };
-        assert_eq!(seen(900, 1000).took_at_least(), Some(us(900)));
+        assert_eq!(seen(900).took_at_least(), Some(us(900)));
         // Found done at the first look: unknown when it ended.
-        assert_eq!(seen(0, 1000).took_at_least(), None);
+        assert_eq!(seen(0).took_at_least(), None);
     }
 }
