@@ -4,9 +4,9 @@
 # logs are packed into $OUT/all.tgz. Prepared on the build machine:
 #   .gpu/                   scripts/gpu-test build (the code under test)
 #   .gpu/exp/libkvxfer.so   the same code with scripts/experiments/s18-switches.patch applied
-#                           (s19-gated.patch for `gated`)
+#                           (s19-switches.patch for `s19`)
 #   .gpu/exp/kvxfer         its command line (cargo build --release --bin kvxfer -p kvxfer-cli)
-#   .gpu/exp/gpu_local      its gpu_local test binary, for `gated` (cargo test --release -p
+#   .gpu/exp/gpu_local      its gpu_local test binary, for `s19` (cargo test --release -p
 #                           kvxfer --test gpu_local --no-run; copy target/release/deps/gpu_local-*)
 #   .gpu/kern/*.cu          kernel sources for `kern` (copies of src/exec/cuda/copy_blocks.cu)
 #   .gpu/base_gpu_ipc       another commit's gpu_ipc test binary, for `ipc`
@@ -18,8 +18,8 @@
 # .gpu/, alternating processes: d2dfloor, bench d2d, latency), trace (kvxfer's own trace of
 # its submits in d2dfloor and bench d2d; latency of both builds), param (launchparam.cu: what
 # a kernel parameter's size and a table's upload cost the submitting thread and the start),
-# gated (s19-gated.patch's experiment build: its gpu_local with KVX_EXP_GATED=1, then d2dfloor
-# with a KVX_EXP_GATED column).
+# s19 (s19-switches.patch's experiment build: its gpu_local with KVX_EXP_GATED=1 and with
+# KVX_EXP_P8K=1, then d2dfloor with a column for each switch).
 set -u
 L=$OUT/logs; mkdir -p $L
 ROOT=$PWD
@@ -78,10 +78,11 @@ for r in site.getsitepackages():
     param) # What the copy kernel's parameter size and its table's upload cost a submit.
       /usr/local/cuda/bin/nvcc -O3 -arch=sm_90 -o /tmp/launchparam scripts/experiments/launchparam.cu >> $L/nvcc.txt 2>&1
       for i in 1 2 3; do snap "param $i"; /tmp/launchparam > $L/param-$i.txt 2>&1; done ;;
-    gated) # The experiment build with s19-gated.patch in .gpu/exp (libkvxfer.so, kvxfer,
-      # gpu_local): its GPU tests with the switch on, then d2dfloor against it.
-      KVX_EXP_GATED=1 timeout 120 .gpu/exp/gpu_local --include-ignored --test-threads=1 > $L/gated-gpu_local.txt 2>&1; echo "rc=$?" >> $L/gated-gpu_local.txt
-      floor_build; KERNS="KVX_EXP_GATED"; for i in 1 2 3 4; do floor g$i; done ;;
+    s19) # The experiment build with s19-switches.patch in .gpu/exp (libkvxfer.so, kvxfer,
+      # gpu_local): its GPU tests with each switch on, then d2dfloor with a column for each.
+      for sw in KVX_EXP_GATED KVX_EXP_P8K; do
+        env $sw=1 timeout 120 .gpu/exp/gpu_local --include-ignored --test-threads=1 > $L/$sw-gpu_local.txt 2>&1; echo "rc=$?" >> $L/$sw-gpu_local.txt; done
+      floor_build; KERNS="KVX_EXP_GATED KVX_EXP_P8K"; for i in 1 2 3 4; do floor s19-$i; done ;;
     nowake) floor_build; KERNS="KVX_EXP_NOWAKE"; for i in 1 2 3 4; do floor n$i; done ;;
     stages) floor_build; for i in 1 2 3 4 5 6; do floor s$i; done ;;
     kern) floor_build; KERNS=".gpu/kern/v0.cu .gpu/kern/v1.cu .gpu/kern/v2.cu .gpu/kern/v3.cu"; for i in 1 2 3 4; do floor k$i; done ;;
