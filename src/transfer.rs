@@ -531,16 +531,17 @@ impl Transfer {
     }
 
     /// A GPU transfer on `route` whose last copy is followed by `event` on one of `dev`'s
-    /// streams; `gated`: it starts only after work on a caller's stream.
+    /// streams; `gated`: it starts only after work on a caller's stream; `expected`: when it
+    /// is due (`Pace::due`).
     pub(crate) fn with_event(
         mut self,
         dev: Arc<CudaDevice>,
         event: sys::CUevent,
         route: Route,
         gated: bool,
+        expected: Option<Duration>,
     ) -> Self {
         let bytes = self.stats.bytes;
-        let expected = dev.pace.due(route, bytes, gated);
         self.gpu = Some(GpuEvent {
             dev,
             event,

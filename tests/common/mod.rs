@@ -42,19 +42,19 @@ pub fn scratch_dir(what: &str) -> PathBuf {
 
 /// Waits up to a minute for another process to publish `path`.
 pub fn wait_for(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{what} never appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_file(path, what, None);
 }
 
 /// As `wait_for`, for a file `child` writes: fails at once, with its exit status, if the child
 /// ended without writing it (a server that panicked would otherwise cost the whole minute).
 pub fn wait_for_child(path: &Path, what: &str, child: &mut std::process::Child) {
+    wait_for_file(path, what, Some(child));
+}
+
+fn wait_for_file(path: &Path, what: &str, mut child: Option<&mut std::process::Child>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !path.exists() {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.as_mut().and_then(|c| c.try_wait().unwrap()) {
             assert!(
                 path.exists(),
                 "{what} never appeared: the process ended ({status})"

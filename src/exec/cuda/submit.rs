@@ -201,12 +201,13 @@ pub(crate) fn submit(
         peer: other(src_mem) || other(dst_mem),
     };
     let gated = gate.is_some();
+    let due = dev.pace.due(route, bytes, gated);
     cuda.progress.push(
         direction,
         Pending {
             end,
             layer_events: layer_events.clone(),
-            due: dev.pace.due(route, bytes, gated),
+            due,
             signals,
             bytes,
             route,
@@ -239,7 +240,7 @@ pub(crate) fn submit(
         elapsed_ns: 0,
     };
     Ok(Transfer::new(completion, stats, true)
-        .with_event(dev.clone(), end, route, gated)
+        .with_event(dev.clone(), end, route, gated, due)
         .with_layer_events(layer_events)
         .with_layer_counters(counters))
 }
