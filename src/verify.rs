@@ -87,12 +87,11 @@ fn access<'a>(layout: &'a Layout, what: &str) -> Result<Access<'a>> {
             "{what} of a remote peer's layout is not possible here: its memory is in another process"
         );
     }
-    match (kind, layout.memory().device()) {
-        (k, _) if k.is_host() => Ok(Access::Host),
-        (StorageKind::Device, Some(dev)) => Ok(Access::Device(dev)),
-        (StorageKind::Disk, _) if layout.memory().disk_file().is_some() => {
-            Ok(Access::Disk(layout.memory().disk_file().expect("checked")))
-        }
+    let memory = layout.memory();
+    match (kind, memory.device(), memory.disk_file()) {
+        (k, _, _) if k.is_host() => Ok(Access::Host),
+        (StorageKind::Device, Some(dev), _) => Ok(Access::Device(dev)),
+        (StorageKind::Disk, _, Some(file)) => Ok(Access::Disk(file)),
         _ => bail!(
             Unavailable,
             "{what} of {kind} layouts is not available in this version of kvxfer"
