@@ -12,7 +12,7 @@ use crate::exec::cuda::CudaExec;
 use crate::exec::nixl::NixlExec;
 use crate::exec::{self, Resources, Workers};
 use crate::layout::{Geometry, Layout, LayoutConfig, check_regions};
-use crate::memory::disk::{self, DiskFile};
+use crate::memory::disk;
 use crate::memory::{IpcFallback, Memory, Region, StorageKind};
 use crate::metrics::Counters;
 use crate::nixl::Backends;
@@ -91,16 +91,7 @@ impl Context {
             .agent_name
             .clone()
             .unwrap_or_else(|| format!("kvxfer-{}-{id}", std::process::id()));
-        let cuda = if config.cuda_device < 0 {
-            Err("this context was made with cuda_device = -1".to_string())
-        } else {
-            match CudaExec::open(config.cuda_device, config.max_sms) {
-                Ok(c) => Ok(c),
-                // No driver or no device: the context works without CUDA.
-                Err(Error::Unavailable(why)) => Err(why),
-                Err(e) => return Err(e),
-            }
-        };
+        let cuda = CudaExec::open_if_any(config.cuda_device, config.max_sms)?;
         let nixl = match config.nixl_backends {
             b if b.is_empty() => None,
             b => Some(NixlExec::new(&name, b, config.capabilities.allow_gpu_rdma)?),
@@ -214,24 +205,14 @@ impl Context {
                 "DISK storage needs the POSIX NIXL backend (KVX_BACKEND_POSIX in nixl_backends)"
             );
         }
-        let too_large = || Error::InvalidArgument("disk layout too large".into());
-        let stride = g
-            .allocation_len
-            .checked_next_multiple_of(4096)
-            .ok_or_else(too_large)?;
-        let total = stride.checked_mul(g.allocations).ok_or_else(too_large)?;
-        let file = match &storage.path {
-            Some(p) => DiskFile::at(p, total)?,
-            // cuFile re-opens files by name (GDS and its compat mode alike).
-            None => DiskFile::temporary(&self.config.disk_dir(), total, nixl.agent.has_gds())?,
-        };
-        let regions = (0..g.allocations)
-            .map(|i| Region {
-                addr: i * stride,
-                len: g.allocation_len,
-            })
-            .collect();
-        Ok(Memory::disk(file, regions))
+        // cuFile re-opens files by name (GDS and its compat mode alike).
+        Memory::allocate_disk(
+            g.allocation_len,
+            g.allocations,
+            storage.path.as_deref(),
+            &self.config.disk_dir(),
+            nixl.agent.has_gds(),
+        )
     }
 
     /// A layout over memory the caller owns: one region for fully contiguous, one per layer

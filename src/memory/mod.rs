@@ -237,6 +237,35 @@ impl Memory {
         }
     }
 
+    /// A disk layout's memory: `allocations` regions of `len` bytes at offsets aligned for
+    /// O_DIRECT and GDS (`DIRECT_ALIGN`) of a file at `path` (created or reused, kept) or of a
+    /// new unnamed one in `dir` (`named`: one that can be opened again by name, as cuFile
+    /// does).
+    pub fn allocate_disk(
+        len: u64,
+        allocations: u64,
+        path: Option<&std::path::Path>,
+        dir: &std::path::Path,
+        named: bool,
+    ) -> Result<Self> {
+        let too_large = || Error::InvalidArgument("disk layout too large".into());
+        let stride = len
+            .checked_next_multiple_of(disk::DIRECT_ALIGN)
+            .ok_or_else(too_large)?;
+        let total = stride.checked_mul(allocations).ok_or_else(too_large)?;
+        let file = match path {
+            Some(p) => DiskFile::at(p, total)?,
+            None => DiskFile::temporary(dir, total, named)?,
+        };
+        let regions = (0..allocations)
+            .map(|i| Region {
+                addr: i * stride,
+                len,
+            })
+            .collect();
+        Ok(Self::disk(file, regions))
+    }
+
     /// A disk layout's memory: one region per allocation at page-aligned offsets of `file`.
     pub fn disk(file: DiskFile, regions: Vec<Region>) -> Self {
         Self {

@@ -16,7 +16,7 @@ pub(crate) use kernel::{Kernel, PreparedList};
 pub(crate) use submit::submit;
 
 use crate::cuda::{CudaDevice, Direction, StreamGate};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use progress::Progress;
 
 /// The CUDA side of a context: the configured device (its streams carry asynchronous
@@ -50,6 +50,22 @@ impl CudaExec {
         };
         let _ = this.kernel(&this.primary);
         Ok(this)
+    }
+
+    /// `open` for a context, which works on without CUDA: `Ok(Err(why))` where there is none
+    /// to open (`ordinal` -1, no driver, no such device); any other failure is an error.
+    pub(crate) fn open_if_any(
+        ordinal: i32,
+        max_sms: u32,
+    ) -> Result<std::result::Result<Self, String>> {
+        if ordinal < 0 {
+            return Ok(Err("this context was made with cuda_device = -1".into()));
+        }
+        match Self::open(ordinal, max_sms) {
+            Ok(c) => Ok(Ok(c)),
+            Err(Error::Unavailable(why)) => Ok(Err(why)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The device of `ordinal`, opened on first use.
