@@ -216,6 +216,9 @@ impl Drop for GpuClock {
     }
 }
 
+/// How many transfers the `queued` measurement cuts a point's blocks into.
+const QUEUED: usize = 4;
+
 #[allow(clippy::too_many_arguments)]
 fn point(
     ctx: &Context,
@@ -240,11 +243,18 @@ fn point(
     let frags = fragments(&pair.src, &sb, &pair.dst, &db)?;
     let bytes: u64 = frags.iter().map(|f| f.len).sum();
     let (ls, ld) = limit_bufs;
-    let mut results: Vec<(&str, Vec<f64>)> =
-        ["limit", "naive", "batch", "AUTO", "COPY_ENGINE", "KERNEL"]
-            .iter()
-            .map(|&n| (n, Vec::new()))
-            .collect();
+    let mut results: Vec<(&str, Vec<f64>)> = [
+        "limit",
+        "naive",
+        "batch",
+        "AUTO",
+        "COPY_ENGINE",
+        "KERNEL",
+        "queued",
+    ]
+    .iter()
+    .map(|&n| (n, Vec::new()))
+    .collect();
     let mut submit_ns = Vec::new();
     let mut mechanism = String::new();
     // Device time of limit and of the three modes.
@@ -280,6 +290,27 @@ fn point(
         t.wait(None).map_err(err)?;
         let wall = t0.elapsed().as_secs_f64();
         Ok((wall, submitted, format!("{:?}", t.stats().mechanism)))
+    };
+    // The same blocks as QUEUED AUTO transfers submitted back to back, then waited for in
+    // order, timed from the first submit to the last wait returning: how a scheduler offloads
+    // several sequences at once (each transfer waits behind the ones before it on the
+    // direction's stream).
+    let run_queued = || -> Result<f64, String> {
+        let part = sb.len().div_ceil(QUEUED);
+        warm()?;
+        let t0 = Instant::now();
+        let transfers = sb
+            .chunks(part)
+            .zip(db.chunks(part))
+            .map(|(s, d)| {
+                ctx.submit(&pair.src, s, &pair.dst, d, &TransferOptions::default())
+                    .map_err(err)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for t in &transfers {
+            t.wait(None).map_err(err)?;
+        }
+        Ok(t0.elapsed().as_secs_f64())
     };
     // Device time of one kvxfer transfer in `mode`.
     let gpu_mode = |mode: CopyMode| -> Result<f64, String> {
@@ -318,6 +349,7 @@ fn point(
             let k = run_mode(CopyMode::Kernel)?;
             (run_mode(CopyMode::Auto)?, k)
         };
+        let queued = run_queued()?;
         let g = [
             clock.time(timer.stream, limit_copy)?,
             gpu_mode(CopyMode::Auto)?,
@@ -327,6 +359,7 @@ fn point(
             push(&mut results, "limit", limit);
             push(&mut results, "AUTO", auto);
             push(&mut results, "KERNEL", kernel);
+            push(&mut results, "queued", queued);
             submit_ns.push(submitted.as_nanos() as f64 / frags.len() as f64);
             mechanism = m;
             gpu[0].push(g[0]);
@@ -406,9 +439,17 @@ fn point(
                 println!("{line}");
             }
         }
+        let line = serde_json::json!({
+            "name": format!("{} queued", pair.name), "layout": layout_name,
+            "fragment_bytes": fragment, "fragments": frags.len(), "bytes": bytes,
+            "mode": "AUTO", "transfers": QUEUED, "iters": a.iters, "gbps": get("queued"),
+            "baseline": "limit", "baseline_gbps": get("limit"),
+            "ratio": get("queued") / get("limit"), "prewarm": !a.cold,
+        });
+        println!("{line}");
     } else {
         println!(
-            "{:<8} {:<3} {:>6} KiB {:>7} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>7.1} {:>10}",
+            "{:<8} {:<3} {:>6} KiB {:>7} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>6.3} {:>7.1} {:>10}",
             pair.name,
             layout_name,
             fragment >> 10,
@@ -422,6 +463,7 @@ fn point(
             get("AUTO") / get("limit"),
             get("COPY_ENGINE") / get("batch"),
             get("KERNEL") / get("limit"),
+            get("queued") / get("limit"),
             gpu_of("AUTO") / gpu_of("limit"),
             gpu_of("KERNEL") / gpu_of("limit"),
             submit,
@@ -557,7 +599,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             }
         );
         println!(
-            "{:<8} {:<3} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>10}",
+            "{:<8} {:<3} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>10}",
             "dir",
             "lay",
             "fragment",
@@ -571,6 +613,7 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             "A/lim",
             "CE/bat",
             "K/lim",
+            "Q/lim",
             "gA/l",
             "gK/l",
             "sub ns",
@@ -755,6 +798,11 @@ pub fn run(a: &GpuArgs) -> Result<(), String> {
             (
                 "A/lim",
                 "AUTO / limit; K/lim: KERNEL / limit; CE/bat: COPY_ENGINE / batch",
+            ),
+            (
+                "Q/lim",
+                "the same blocks as 4 AUTO transfers submitted back to back, then waited for \
+                 in order (first submit to last wait) / limit",
             ),
             (
                 "gA/l gK/l",
