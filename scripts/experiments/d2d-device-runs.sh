@@ -20,7 +20,8 @@
 # a kernel parameter's size and a table's upload cost the submitting thread and the start),
 # s19 (s19-switches.patch's experiment build: its gpu_local with KVX_EXP_GATED=1 and with
 # KVX_EXP_P8K=1, then d2dfloor with a column for each switch), hostdev (idle bench h2d,d2h of
-# .gpu/kvxfer, three processes).
+# .gpu/kvxfer, three processes), queuedab (bench d2d of .gpu/kvxfer against .gpu/exp/kvxfer
+# built from the branch queued-due, four processes each, alternating).
 set -u
 L=$OUT/logs; mkdir -p $L
 ROOT=$PWD
@@ -88,6 +89,10 @@ for r in site.getsitepackages():
     stages) floor_build; for i in 1 2 3 4 5 6; do floor s$i; done ;;
     kern) floor_build; KERNS=".gpu/kern/v0.cu .gpu/kern/v1.cu .gpu/kern/v2.cu .gpu/kern/v3.cu"; for i in 1 2 3 4; do floor k$i; done ;;
     after) bench_d2d after1 ;;
+    queuedab) # main (.gpu/kvxfer) against the queued-due branch (.gpu/exp/kvxfer: a transfer
+      # queued behind others is due after them), alternating processes; compare the rows named
+      # "D2D queued" (4 AUTO transfers back to back, then waited for in order).
+      for i in 1 2 3 4; do bench_d2d main$i .gpu/kvxfer; bench_d2d branch$i .gpu/exp/kvxfer; done ;;
     hostdev) # Idle host <-> device (the busy-engine issue: idle AUTO >= 0.90 at 4-64 KiB).
       for i in 1 2 3; do snap "hostdev $i"; timeout 120 .gpu/kvxfer bench --gpu --quick --directions h2d,d2h --json > $L/hostdev-$i.jsonl 2> $L/hostdev-$i.err; done ;;
     tests) snap tests; KVX_GPU_STAGES="tests python demo" timeout 300 scripts/gpu-test run $L/gputest > $L/gputest.txt 2>&1; echo "gputest rc=$?" >> $L/gputest.txt ;;
