@@ -91,8 +91,10 @@ for r in site.getsitepackages():
     after) bench_d2d after1 ;;
     queuedab) # main (.gpu/kvxfer) against the queued-due branch (.gpu/exp/kvxfer: a transfer
       # queued behind others is due after them), alternating processes; compare the rows named
-      # "D2D queued" (4 AUTO transfers back to back, then waited for in order).
-      for i in 1 2 3 4; do bench_d2d main$i .gpu/kvxfer; bench_d2d branch$i .gpu/exp/kvxfer; done ;;
+      # "D2D queued" (4 AUTO transfers back to back, then waited for in order). 4 GiB, so that
+      # each of the four (1 GiB, ~550 µs) outlasts a waiter's 500 µs watch.
+      for i in 1 2 3 4; do for v in main:.gpu/kvxfer branch:.gpu/exp/kvxfer; do snap "queued ${v%%:*}$i"
+        timeout 120 ${v#*:} bench --gpu --quick --directions d2d --total-mib 4096 --fragments-kib 16,64 --json > $L/queued-${v%%:*}$i.jsonl 2> $L/queued-${v%%:*}$i.err; done; done ;;
     hostdev) # Idle host <-> device (the busy-engine issue: idle AUTO >= 0.90 at 4-64 KiB).
       for i in 1 2 3; do snap "hostdev $i"; timeout 120 .gpu/kvxfer bench --gpu --quick --directions h2d,d2h --json > $L/hostdev-$i.jsonl 2> $L/hostdev-$i.err; done ;;
     tests) snap tests; KVX_GPU_STAGES="tests python demo" timeout 300 scripts/gpu-test run $L/gputest > $L/gputest.txt 2>&1; echo "gputest rc=$?" >> $L/gputest.txt ;;
