@@ -195,8 +195,8 @@ impl Context {
         Layout::new(config, mem, self.id)
     }
 
-    /// A disk layout's file: unnamed in `disk_dir`, or at `storage.path` (created or reused,
-    /// kept). Allocations sit at page-aligned offsets.
+    /// A disk layout's memory (`Memory::allocate_disk`): at `storage.path`, else a new file in
+    /// `disk_dir`; the context's NIXL agent needs the POSIX backend to move it.
     fn disk_memory(&self, g: &Geometry, storage: &StorageSpec) -> Result<Memory> {
         let nixl = self.res.nixl("DISK storage")?;
         if !nixl.agent.backends().contains(&"POSIX") {
