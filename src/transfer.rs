@@ -217,12 +217,13 @@ struct GpuEvent {
     /// A watch event (`CudaDevice::watch_event`): queried and waited on by streams, never
     /// slept on.
     event: sys::CUevent,
-    /// How long the work should take after submit, from the device's pace; `None` when
-    /// nothing is known yet or the start waits on a caller's stream.
+    /// How long after submit the work should end, from the device's pace (after the work
+    /// queued before it); `None` when nothing is known yet or the start waits on a caller's
+    /// stream.
     expected: Option<Duration>,
-    /// It started only after work on a caller's stream, so its age says nothing of the route's
-    /// pace.
-    gated: bool,
+    /// It started only after other work (on a caller's stream, or transfers queued before it
+    /// on kvxfer's), so its age says nothing of the route's pace.
+    waited: bool,
     route: Route,
     bytes: u64,
 }
@@ -531,14 +532,14 @@ impl Transfer {
     }
 
     /// A GPU transfer on `route` whose last copy is followed by `event` on one of `dev`'s
-    /// streams; `gated`: it starts only after work on a caller's stream; `expected`: when it
-    /// is due (`Pace::due`).
+    /// streams; `waited`: it starts only after other work (a caller's stream, transfers
+    /// queued before it); `expected`: when it is due.
     pub(crate) fn with_event(
         mut self,
         dev: Arc<CudaDevice>,
         event: sys::CUevent,
         route: Route,
-        gated: bool,
+        waited: bool,
         expected: Option<Duration>,
     ) -> Self {
         let bytes = self.stats.bytes;
@@ -546,7 +547,7 @@ impl Transfer {
             dev,
             event,
             expected,
-            gated,
+            waited,
             route,
             bytes,
         });
@@ -611,7 +612,7 @@ impl Transfer {
             match unsafe { sys::cuEventQuery(g.event) } {
                 sys::CUresult::CUDA_SUCCESS => {
                     trace("seen done by its waiter");
-                    g.dev.pace.learn(g.route, g.bytes, c.age(), g.gated);
+                    g.dev.pace.learn(g.route, g.bytes, c.age(), g.waited);
                     c.observed_success();
                     return self.poll();
                 }

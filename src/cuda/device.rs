@@ -8,7 +8,7 @@ use cudarc::driver::sys::{self, CUdevice_attribute, CUevent, CUstream};
 
 use super::Direction;
 use super::driver::{check, driver, symbol};
-use super::pace::Pace;
+use super::pace::{Backlog, Pace};
 use crate::error::{Error, Result, bail};
 
 /// `cuMemcpyBatchAsync` of CUDA 12.8–12.9, with a `failIdx` out-parameter.
@@ -119,6 +119,8 @@ pub struct CudaDevice {
     retired_signals: Mutex<Vec<u64>>,
     /// Bandwidth learned per route, for waiters (pace.rs).
     pub(crate) pace: Pace,
+    /// When each direction stream's queued work should end (pace.rs).
+    pub(crate) backlog: Backlog,
     /// Other devices by ordinal, and whether this device's kernels and copies reach their
     /// memory directly (peer access enabled) or not (no peer path in the hardware).
     peers: Mutex<Vec<(i32, bool)>>,
@@ -208,6 +210,7 @@ impl CudaDevice {
             signals: Mutex::new(Vec::new()),
             retired_signals: Mutex::new(Vec::new()),
             pace: Pace::default(),
+            backlog: Backlog::default(),
             peers: Mutex::new(Vec::new()),
         };
         this.bind()?;

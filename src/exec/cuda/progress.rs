@@ -38,8 +38,13 @@ pub(crate) struct Pending {
     /// One watch event per layer, in order, for copy-engine transfers that complete layer by
     /// layer.
     pub(crate) layer_events: Vec<CUevent>,
-    /// How long after its submit the transfer should end (`Pace::due`), when known.
+    /// How long after its submit the transfer should start (behind the work queued before it
+    /// on its stream, `Backlog::queue`) and end (that and `Pace::due`), when known.
+    pub(crate) starts: Duration,
     pub(crate) due: Option<Duration>,
+    /// It waited for other work first (a caller's stream, transfers queued before it): its
+    /// age teaches the pace nothing.
+    pub(crate) waited: bool,
     /// The kernel's per-layer counters (waited on only when someone asks: `Transfer`).
     pub(crate) signals: Option<Signals>,
     /// Bytes the transfer moves and its route, for the device's pace.
@@ -147,7 +152,9 @@ impl Progress {
                         let n = p.layer_events.len() as u32;
                         for (i, &e) in p.layer_events.iter().enumerate() {
                             // A layer is due its share of the transfer's time.
-                            let due = p.due.map(|d| d * (i as u32 + 1) / n.max(1));
+                            let due = p
+                                .due
+                                .map(|d| p.starts + (d - p.starts) * (i as u32 + 1) / n.max(1));
                             let r = match &bound {
                                 Ok(()) => watch(e, &p.completion, due, "layer").map(drop),
                                 Err(e) => Err(e.clone()),
@@ -170,8 +177,7 @@ impl Progress {
                         if let Some(took) = seen.as_ref().ok().and_then(|s| s.teaches(p.due))
                             && !p.completion.is_done()
                         {
-                            let gated = p.gate.is_some();
-                            dev.pace.learn(p.route, p.bytes, took, gated);
+                            dev.pace.learn(p.route, p.bytes, took, p.waited);
                         }
                         let r = seen.map(drop);
                         if let Some(s) = p.signals {

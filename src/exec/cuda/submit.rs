@@ -201,13 +201,21 @@ pub(crate) fn submit(
         peer: other(src_mem) || other(dst_mem),
     };
     let gated = gate.is_some();
-    let due = dev.pace.due(route, bytes, gated);
+    let expected = dev.pace.due(route, bytes, gated);
+    let behind = dev
+        .backlog
+        .queue(direction, std::time::Instant::now(), expected);
+    let due = expected.map(|e| behind + e);
+    // Its age also holds the wait for the work before it: it teaches the pace nothing.
+    let waited = gated || !behind.is_zero();
     cuda.progress.push(
         direction,
         Pending {
             end,
             layer_events: layer_events.clone(),
+            starts: behind,
             due,
+            waited,
             signals,
             bytes,
             route,
@@ -240,7 +248,7 @@ pub(crate) fn submit(
         elapsed_ns: 0,
     };
     Ok(Transfer::new(completion, stats, true)
-        .with_event(dev.clone(), end, route, gated, due)
+        .with_event(dev.clone(), end, route, waited, due)
         .with_layer_events(layer_events)
         .with_layer_counters(counters))
 }
