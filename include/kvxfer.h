@@ -460,7 +460,7 @@ typedef struct kvx_context_stats {
   uint64_t bounce_transfers;
   uint64_t bounce_bytes;
   /**
-   * Pinned bounce buffers the pool holds (made on first use, at most four).
+   * Pinned bounce buffers the pool holds (made on first use, two per pair, at most four).
    */
   uint64_t bounce_buffers;
   /**

@@ -199,7 +199,7 @@ pub struct ContextStats {
     /// Two-hop transfers through the pinned bounce pool, and their bytes.
     pub bounce_transfers: u64,
     pub bounce_bytes: u64,
-    /// Pinned bounce buffers the pool holds (two per pair, made on first use).
+    /// Pinned bounce buffers the pool holds (made on first use, two per pair, at most four).
     pub bounce_buffers: u64,
     /// Peers imported, in total.
     pub peers_imported: u64,

@@ -218,7 +218,7 @@ pub struct kvx_context_stats {
     /// Two-hop transfers through the pinned bounce pool, and their bytes.
     pub bounce_transfers: u64,
     pub bounce_bytes: u64,
-    /// Pinned bounce buffers the pool holds (made on first use, at most four).
+    /// Pinned bounce buffers the pool holds (made on first use, two per pair, at most four).
     pub bounce_buffers: u64,
     /// Peers imported, in total.
     pub peers_imported: u64,
