@@ -221,9 +221,11 @@ struct GpuEvent {
     /// queued before it); `None` when nothing is known yet or the start waits on a caller's
     /// stream.
     expected: Option<Duration>,
-    /// It started only after other work (on a caller's stream, or transfers queued before it
-    /// on kvxfer's), so its age says nothing of the route's pace.
+    /// It may have started only after other work (on a caller's stream, or work queued before
+    /// it on kvxfer's), so its age says nothing of the route's pace.
     waited: bool,
+    /// Its number on its stream (`Backlog::queue`), marked seen once it completed.
+    number: u64,
     route: Route,
     bytes: u64,
 }
@@ -532,13 +534,15 @@ impl Transfer {
     }
 
     /// A GPU transfer on `route` whose last copy is followed by `event` on one of `dev`'s
-    /// streams; `waited`: it starts only after other work (a caller's stream, transfers
-    /// queued before it); `expected`: when it is due.
+    /// streams; `number`: its number on the stream (`Backlog::queue`); `waited`: it may start
+    /// only after other work (a caller's stream, work queued before it); `expected`: when it is
+    /// due.
     pub(crate) fn with_event(
         mut self,
         dev: Arc<CudaDevice>,
         event: sys::CUevent,
         route: Route,
+        number: u64,
         waited: bool,
         expected: Option<Duration>,
     ) -> Self {
@@ -548,6 +552,7 @@ impl Transfer {
             event,
             expected,
             waited,
+            number,
             route,
             bytes,
         });
@@ -612,6 +617,7 @@ impl Transfer {
             match unsafe { sys::cuEventQuery(g.event) } {
                 sys::CUresult::CUDA_SUCCESS => {
                     trace("seen done by its waiter");
+                    g.dev.backlog.seen(g.route.direction, g.number);
                     g.dev.pace.learn(g.route, g.bytes, c.age(), g.waited);
                     c.observed_success();
                     return self.poll();

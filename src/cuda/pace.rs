@@ -76,33 +76,70 @@ impl Pace {
     }
 }
 
-/// When the work queued on each direction's stream should end, as predicted at each submit:
-/// a transfer queued behind others is due after them, not one transfer's time after its own
-/// submit (else the waiter of the second of two back-to-back 1 GiB copies watched from ~300
-/// µs, gave up after its 500 µs, and was reported by the progress engine after the end).
+/// What is queued on each direction's stream: when it should end, as predicted at each
+/// submit, so that a transfer queued behind others is due after them, not one transfer's time
+/// after its own submit (else the waiter of the second of two back-to-back 1 GiB copies watched
+/// from ~300 µs, gave up after its 500 µs, and was reported by the progress engine after the
+/// end); and how far it was seen complete, so that a transfer that may have waited for work
+/// before it teaches the pace nothing (each such taught a slower rate, and the progress engine,
+/// finding them done when due, never taught it back: host <-> device ran at 0.22-0.37 of one
+/// large copy from submit; session 21, device run 1).
 #[derive(Debug, Default)]
 pub(crate) struct Backlog {
-    ends: [Mutex<Option<Instant>>; 3],
+    lanes: [Mutex<Lane>; 3],
+    /// The highest number (`Place::number`) seen complete on each stream.
+    seen: [AtomicU64; 3],
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    /// When the work queued so far should end; `None`: unknown, or nothing queued.
+    end: Option<Instant>,
+    /// How many pieces of work were queued.
+    queued: u64,
+}
+
+/// Where a piece of work stands on its stream (`Backlog::queue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Place {
+    /// Its number on the stream, for `Backlog::seen` once it completed.
+    pub number: u64,
+    /// How long it should wait behind the work queued before it (zero where that should be
+    /// done by then).
+    pub behind: Duration,
+    /// Work queued before it was not yet seen complete: its age may hold a wait.
+    pub may_wait: bool,
 }
 
 impl Backlog {
-    /// A transfer expected to take `expected` is queued at `now` on `direction`'s stream: how
-    /// long it should wait behind the work queued before it (zero where that should be done
-    /// by then). An unknown duration (nothing learned, or a start gated on a caller's stream)
-    /// ends the prediction: the transfers after it are taken to start at once, which errs
-    /// early, as the pace does.
-    pub fn queue(
-        &self,
-        direction: Direction,
-        now: Instant,
-        expected: Option<Duration>,
-    ) -> Duration {
-        let mut end = self.ends[direction as usize]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let behind = end.map_or(Duration::ZERO, |e| e.saturating_duration_since(now));
-        *end = expected.map(|e| now + behind + e);
-        behind
+    /// Work expected to take `expected` was queued at `now` on `direction`'s stream. An
+    /// unknown duration (nothing learned, a start gated on a caller's stream, a hop of a
+    /// two-hop transfer) ends the prediction: the work after it is taken to start at once,
+    /// which errs early, as the pace does, while `may_wait` holds until it is seen complete.
+    /// Numbers follow the calls, which follow the stream's order when one thread queues; two
+    /// threads racing on one stream may swap two numbers, which costs at most one slow sample.
+    pub fn queue(&self, direction: Direction, now: Instant, expected: Option<Duration>) -> Place {
+        let d = direction as usize;
+        let mut lane = self.lanes[d].lock().unwrap_or_else(|p| p.into_inner());
+        // Work seen complete ended when it did, however late it was predicted to.
+        let may_wait = lane.queued > self.seen[d].load(Ordering::Acquire);
+        let behind = match lane.end {
+            Some(e) if may_wait => e.saturating_duration_since(now),
+            _ => Duration::ZERO,
+        };
+        lane.queued += 1;
+        lane.end = expected.map(|e| now + behind + e);
+        Place {
+            number: lane.queued,
+            behind,
+            may_wait,
+        }
+    }
+
+    /// The work numbered `number` on `direction`'s stream completed, and with it all queued
+    /// before it.
+    pub fn seen(&self, direction: Direction, number: u64) {
+        self.seen[direction as usize].fetch_max(number, Ordering::Release);
     }
 }
 
@@ -157,20 +194,57 @@ mod tests {
         let d = Direction::DeviceToDevice;
         let t0 = Instant::now();
         let us = Duration::from_micros;
+        let behind = |p: Place| p.behind;
         // An idle stream: at once; the next two behind it and each other.
-        assert_eq!(b.queue(d, t0, Some(us(500))), Duration::ZERO);
-        assert_eq!(b.queue(d, t0 + us(10), Some(us(500))), us(490));
-        assert_eq!(b.queue(d, t0 + us(20), Some(us(500))), us(980));
+        assert_eq!(behind(b.queue(d, t0, Some(us(500)))), Duration::ZERO);
+        assert_eq!(behind(b.queue(d, t0 + us(10), Some(us(500)))), us(490));
+        assert_eq!(behind(b.queue(d, t0 + us(20), Some(us(500)))), us(980));
         // Another direction's stream is its own.
+        let h2d = b.queue(Direction::HostToDevice, t0, Some(us(500)));
+        assert_eq!((h2d.behind, h2d.may_wait), (Duration::ZERO, false));
+        // Once the predicted end passed, at once again.
         assert_eq!(
-            b.queue(Direction::HostToDevice, t0, Some(us(500))),
+            behind(b.queue(d, t0 + us(2000), Some(us(500)))),
             Duration::ZERO
         );
-        // Once the predicted end passed, at once again.
-        assert_eq!(b.queue(d, t0 + us(2000), Some(us(500))), Duration::ZERO);
         // An unknown duration ends the prediction: the next is taken to start at once.
-        assert_eq!(b.queue(d, t0 + us(2100), None), us(400));
-        assert_eq!(b.queue(d, t0 + us(2110), Some(us(500))), Duration::ZERO);
+        assert_eq!(behind(b.queue(d, t0 + us(2100), None)), us(400));
+        assert_eq!(
+            behind(b.queue(d, t0 + us(2110), Some(us(500)))),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn work_may_wait_until_the_work_before_it_is_seen_complete() {
+        let b = Backlog::default();
+        let d = Direction::HostToDevice;
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        // Alone on the stream: it waits for nothing.
+        let first = b.queue(d, t0, Some(us(100)));
+        assert_eq!((first.number, first.may_wait), (1, false));
+        // Predicted done, but not seen so: the pace may have erred early.
+        let second = b.queue(d, t0 + us(200), Some(us(100)));
+        assert_eq!((second.behind, second.may_wait), (Duration::ZERO, true));
+        // Once the second was seen complete (so the first too), the next waits for nothing,
+        // though the second was predicted to end later.
+        b.seen(d, second.number);
+        let third = b.queue(d, t0 + us(250), Some(us(100)));
+        assert_eq!((third.behind, third.may_wait), (Duration::ZERO, false));
+        b.seen(d, third.number);
+        // Work of unknown length (a gated start, a two-hop device hop) ends the prediction,
+        // but whatever is queued behind it may wait until it is seen complete.
+        let gated = b.queue(d, t0 + us(600), None);
+        let after = b.queue(d, t0 + us(610), Some(us(100)));
+        assert_eq!((after.behind, after.may_wait), (Duration::ZERO, true));
+        // A later number seen first covers the earlier ones; an earlier one seen late does not
+        // undo it.
+        b.seen(d, after.number);
+        b.seen(d, gated.number);
+        assert!(!b.queue(d, t0 + us(900), Some(us(100))).may_wait);
+        // Other streams are unaffected.
+        assert!(!b.queue(Direction::DeviceToHost, t0, None).may_wait);
     }
 
     #[test]

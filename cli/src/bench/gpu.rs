@@ -257,8 +257,8 @@ fn point(
     .collect();
     let mut submit_ns = Vec::new();
     let mut mechanism = String::new();
-    // Device time of limit and of the three modes.
-    let mut gpu: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    // Device time of limit, of the three modes and of the queued transfers.
+    let mut gpu: Vec<Vec<f64>> = vec![Vec::new(); 5];
     let limit_copy = || -> Result<(), String> {
         // SAFETY: the limit buffers hold `bytes` bytes each (allocated for the largest point).
         ck(
@@ -312,6 +312,33 @@ fn point(
         }
         Ok(t0.elapsed().as_secs_f64())
     };
+    // Device time of the same QUEUED transfers, from the first one's start to the last one's
+    // end: the first is ordered after the clock's held stream, the others queue behind it.
+    let gpu_queued = || -> Result<f64, String> {
+        let part = sb.len().div_ceil(QUEUED);
+        let mut earlier = Vec::new();
+        let g = clock.transfer(timer.stream, |stream| {
+            let gated = TransferOptions {
+                cuda_stream: Some(stream),
+                ..Default::default()
+            };
+            let mut last = None;
+            for (i, (s, d)) in sb.chunks(part).zip(db.chunks(part)).enumerate() {
+                let opts = if i == 0 {
+                    &gated
+                } else {
+                    &TransferOptions::default()
+                };
+                let t = ctx.submit(&pair.src, s, &pair.dst, d, opts).map_err(err)?;
+                earlier.extend(last.replace(t));
+            }
+            last.ok_or_else(|| "no blocks".to_string())
+        })?;
+        for t in &earlier {
+            t.wait(None).map_err(err)?;
+        }
+        Ok(g)
+    };
     // Device time of one kvxfer transfer in `mode`.
     let gpu_mode = |mode: CopyMode| -> Result<f64, String> {
         clock.transfer(timer.stream, |stream| {
@@ -354,6 +381,7 @@ fn point(
             clock.time(timer.stream, limit_copy)?,
             gpu_mode(CopyMode::Auto)?,
             gpu_mode(CopyMode::Kernel)?,
+            gpu_queued()?,
         ];
         if i > 0 {
             push(&mut results, "limit", limit);
@@ -365,6 +393,7 @@ fn point(
             gpu[0].push(g[0]);
             gpu[1].push(g[1]);
             gpu[3].push(g[2]);
+            gpu[4].push(g[3]);
         }
     }
     for i in 0..=a.iters {
@@ -421,6 +450,7 @@ fn point(
         "AUTO" => gpu_gbps[1],
         "COPY_ENGINE" => gpu_gbps[2],
         "KERNEL" => gpu_gbps[3],
+        "queued" => gpu_gbps[4],
         _ => f64::NAN,
     };
     let submit = median(submit_ns);
@@ -445,6 +475,7 @@ fn point(
             "mode": "AUTO", "transfers": QUEUED, "iters": a.iters, "gbps": get("queued"),
             "baseline": "limit", "baseline_gbps": get("limit"),
             "ratio": get("queued") / get("limit"), "prewarm": !a.cold,
+            "gpu_gbps": gpu_of("queued"), "baseline_gpu_gbps": gpu_of("limit"),
         });
         println!("{line}");
     } else {

@@ -54,7 +54,11 @@ impl DeviceCopier for KernelCopier {
                 .enqueue_list(&self.dev, stream, &ops, self.kernel.ctas(d))
         }?;
         let (event, table) = self.dev.record_or_abandon(stream, Some(table))?;
+        // Of unknown length: a transfer queued behind it teaches the device's pace nothing.
+        let place = self.dev.backlog.queue(d, std::time::Instant::now(), None);
         self.dev
-            .wait_recorded(event, table, "a landing arena's device copy")
+            .wait_recorded(event, table, "a landing arena's device copy")?;
+        self.dev.backlog.seen(d, place.number);
+        Ok(())
     }
 }

@@ -42,9 +42,11 @@ pub(crate) struct Pending {
     /// on its stream, `Backlog::queue`) and end (that and `Pace::due`), when known.
     pub(crate) starts: Duration,
     pub(crate) due: Option<Duration>,
-    /// It waited for other work first (a caller's stream, transfers queued before it): its
-    /// age teaches the pace nothing.
+    /// It may have waited for other work first (a caller's stream, work queued before it):
+    /// its age teaches the pace nothing.
     pub(crate) waited: bool,
+    /// Its number on its stream (`Backlog::queue`), marked seen once it completed.
+    pub(crate) number: u64,
     /// The kernel's per-layer counters (waited on only when someone asks: `Transfer`).
     pub(crate) signals: Option<Signals>,
     /// Bytes the transfer moves and its route, for the device's pace.
@@ -173,6 +175,9 @@ impl Progress {
                             age_us = p.completion.age().as_micros() as u64,
                             "transfer's event passed (progress engine)"
                         );
+                        if seen.is_ok() {
+                            dev.backlog.seen(p.route.direction, p.number);
+                        }
                         // One a waiter saw finish has taught the pace its exact time.
                         if let Some(took) = seen.as_ref().ok().and_then(|s| s.teaches(p.due))
                             && !p.completion.is_done()

@@ -202,20 +202,21 @@ pub(crate) fn submit(
     };
     let gated = gate.is_some();
     let expected = dev.pace.due(route, bytes, gated);
-    let behind = dev
+    let place = dev
         .backlog
         .queue(direction, std::time::Instant::now(), expected);
-    let due = expected.map(|e| behind + e);
-    // Its age also holds the wait for the work before it: it teaches the pace nothing.
-    let waited = gated || !behind.is_zero();
+    let due = expected.map(|e| place.behind + e);
+    // Its age may also hold a wait for the work before it: it teaches the pace nothing.
+    let waited = gated || place.may_wait;
     cuda.progress.push(
         direction,
         Pending {
             end,
             layer_events: layer_events.clone(),
-            starts: behind,
+            starts: place.behind,
             due,
             waited,
+            number: place.number,
             signals,
             bytes,
             route,
@@ -248,7 +249,7 @@ pub(crate) fn submit(
         elapsed_ns: 0,
     };
     Ok(Transfer::new(completion, stats, true)
-        .with_event(dev.clone(), end, route, waited, due)
+        .with_event(dev.clone(), end, route, place.number, waited, due)
         .with_layer_events(layer_events)
         .with_layer_counters(counters))
 }

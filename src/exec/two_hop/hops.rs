@@ -26,8 +26,9 @@ pub(super) enum InFlight<'d> {
     /// A request to a peer: its failures are the peer's (`Error::Peer`).
     Peer(Option<XferRequest>),
     /// Copies queued on `dev`'s stream, done when the event is; the copy kernel's list table
-    /// goes back to the pool then.
-    Cuda(&'d CudaDevice, CUevent, Option<TableBuffer>),
+    /// goes back to the pool then. The direction and number say where on its stream
+    /// (`Backlog::queue`): marked seen once done.
+    Cuda(&'d CudaDevice, CUevent, Option<TableBuffer>, Direction, u64),
 }
 
 impl InFlight<'_> {
@@ -44,9 +45,12 @@ impl InFlight<'_> {
                     agent.ok_or_else(|| Error::Internal("a peer hop without NIXL".into()))?;
                 finish(agent, r, Error::Peer, false)
             }
-            InFlight::Cuda(dev, event, table) => {
+            InFlight::Cuda(dev, event, table, direction, number) => {
                 let waited = std::time::Instant::now();
                 let r = dev.wait_recorded(event, table, "copying through the bounce buffer");
+                if r.is_ok() {
+                    dev.backlog.seen(direction, number);
+                }
                 tracing::trace!(
                     waited_us = waited.elapsed().as_micros() as u64,
                     "device hop waited for"
@@ -273,13 +277,17 @@ pub(super) fn device_hop<'d>(
         }
     };
     let (event, table) = dev.record_or_abandon(stream, table)?;
+    // Of unknown length: a transfer queued behind it teaches the device's pace nothing.
+    let place = dev
+        .backlog
+        .queue(direction, std::time::Instant::now(), None);
     tracing::trace!(
         copies = chunk.len(),
         table_ahead = was_ahead,
         queued_us = started.elapsed().as_micros() as u64,
         "device hop queued"
     );
-    Ok(InFlight::Cuda(dev, event, table))
+    Ok(InFlight::Cuda(dev, event, table, direction, place.number))
 }
 
 /// `KVX_FAULT_BOUNCE_CHUNK=n`: the host hop of chunk n fails, for tests of what a failure in
