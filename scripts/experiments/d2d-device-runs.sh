@@ -21,7 +21,8 @@
 # s19 (s19-switches.patch's experiment build: its gpu_local with KVX_EXP_GATED=1 and with
 # KVX_EXP_P8K=1, then d2dfloor with a column for each switch), hostdev (idle bench h2d,d2h of
 # .gpu/kvxfer, three processes), queuedab (bench d2d of .gpu/kvxfer against .gpu/exp/kvxfer
-# built from the branch queued-due, four processes each, alternating).
+# built from the branch queued-due, four processes each, alternating), d2dab (bench d2d of
+# .gpu/kvxfer against .gpu/exp/kvxfer, another commit's, three processes each, alternating).
 set -u
 L=$OUT/logs; mkdir -p $L
 ROOT=$PWD
@@ -95,6 +96,10 @@ for r in site.getsitepackages():
       # each of the four (1 GiB, ~550 µs) outlasts a waiter's 500 µs watch.
       for i in 1 2 3 4; do for v in main:.gpu/kvxfer branch:.gpu/exp/kvxfer; do snap "queued ${v%%:*}$i"
         timeout 120 ${v#*:} bench --gpu --quick --directions d2d --total-mib 4096 --fragments-kib 16,64 --json > $L/queued-${v%%:*}$i.jsonl 2> $L/queued-${v%%:*}$i.err; done; done ;;
+    d2dab) # bench d2d of .gpu/kvxfer (the working tree's build) against .gpu/exp/kvxfer
+      # (another commit's), three processes each, alternating; compare every row, the queued
+      # rows' device time among them.
+      for i in 1 2 3; do for v in head:.gpu/kvxfer exp:.gpu/exp/kvxfer; do bench_d2d ${v%%:*}$i ${v#*:}; done; done ;;
     hostdev) # Idle host <-> device (the busy-engine issue: idle AUTO >= 0.90 at 4-64 KiB).
       for i in 1 2 3; do snap "hostdev $i"; timeout 120 .gpu/kvxfer bench --gpu --quick --directions h2d,d2h --json > $L/hostdev-$i.jsonl 2> $L/hostdev-$i.err; done ;;
     tests) snap tests; KVX_GPU_STAGES="tests python demo" timeout 300 scripts/gpu-test run $L/gputest > $L/gputest.txt 2>&1; echo "gputest rc=$?" >> $L/gputest.txt ;;
