@@ -119,7 +119,8 @@ pub struct CudaDevice {
     retired_signals: Mutex<Vec<u64>>,
     /// Bandwidth learned per route, for waiters (pace.rs).
     pub(crate) pace: Pace,
-    /// When each direction stream's queued work should end (pace.rs).
+    /// What is queued on each direction stream: when it should end, and how far it was seen
+    /// complete (pace.rs).
     pub(crate) backlog: Backlog,
     /// Other devices by ordinal, and whether this device's kernels and copies reach their
     /// memory directly (peer access enabled) or not (no peer path in the hardware).

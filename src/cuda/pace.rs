@@ -49,8 +49,8 @@ impl Pace {
     }
 
     /// A transfer of `bytes` on route `r` took `elapsed` from submit to completion. One that
-    /// `waited` for other work first (a caller's stream, transfers queued before it) teaches
-    /// nothing, or the waiters after it would wake late.
+    /// may have `waited` for other work first (a caller's stream, work queued before it on its
+    /// stream: `Backlog::queue`) teaches nothing, or the waiters after it would wake late.
     pub fn learn(&self, r: Route, bytes: u64, elapsed: Duration, waited: bool) {
         if waited || bytes < MIN_BYTES {
             return;

@@ -154,9 +154,9 @@ impl Progress {
                         let n = p.layer_events.len() as u32;
                         for (i, &e) in p.layer_events.iter().enumerate() {
                             // A layer is due its share of the transfer's time.
-                            let due = p
-                                .due
-                                .map(|d| p.starts + (d - p.starts) * (i as u32 + 1) / n.max(1));
+                            let due = p.due.map(|d| {
+                                p.starts + d.saturating_sub(p.starts) * (i as u32 + 1) / n.max(1)
+                            });
                             let r = match &bound {
                                 Ok(()) => watch(e, &p.completion, due, "layer").map(drop),
                                 Err(e) => Err(e.clone()),
