@@ -291,48 +291,47 @@ fn point(
         let wall = t0.elapsed().as_secs_f64();
         Ok((wall, submitted, format!("{:?}", t.stats().mechanism)))
     };
-    // The same blocks as QUEUED AUTO transfers submitted back to back, then waited for in
-    // order, timed from the first submit to the last wait returning: how a scheduler offloads
-    // several sequences at once (each transfer waits behind the ones before it on the
-    // direction's stream).
-    let run_queued = || -> Result<f64, String> {
+    // The same blocks as QUEUED AUTO transfers submitted back to back, the first with
+    // `first`: how a scheduler offloads several sequences at once (each transfer waits behind
+    // the ones before it on the direction's stream).
+    let submit_queued = |first: &TransferOptions| -> Result<Vec<kvxfer::Transfer>, String> {
         let part = sb.len().div_ceil(QUEUED);
+        let rest = TransferOptions::default();
+        sb.chunks(part)
+            .zip(db.chunks(part))
+            .enumerate()
+            .map(|(i, (s, d))| {
+                ctx.submit(
+                    &pair.src,
+                    s,
+                    &pair.dst,
+                    d,
+                    if i == 0 { first } else { &rest },
+                )
+                .map_err(err)
+            })
+            .collect()
+    };
+    // Those, then waited for in order, timed from the first submit to the last wait returning.
+    let run_queued = || -> Result<f64, String> {
         warm()?;
         let t0 = Instant::now();
-        let transfers = sb
-            .chunks(part)
-            .zip(db.chunks(part))
-            .map(|(s, d)| {
-                ctx.submit(&pair.src, s, &pair.dst, d, &TransferOptions::default())
-                    .map_err(err)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        for t in &transfers {
+        for t in &submit_queued(&TransferOptions::default())? {
             t.wait(None).map_err(err)?;
         }
         Ok(t0.elapsed().as_secs_f64())
     };
-    // Device time of the same QUEUED transfers, from the first one's start to the last one's
-    // end: the first is ordered after the clock's held stream, the others queue behind it.
+    // Their device time, from the first one's start to the last one's end: the first is
+    // ordered after the clock's held stream, the others queue behind it.
     let gpu_queued = || -> Result<f64, String> {
-        let part = sb.len().div_ceil(QUEUED);
         let mut earlier = Vec::new();
         let g = clock.transfer(timer.stream, |stream| {
             let gated = TransferOptions {
                 cuda_stream: Some(stream),
                 ..Default::default()
             };
-            let mut last = None;
-            for (i, (s, d)) in sb.chunks(part).zip(db.chunks(part)).enumerate() {
-                let opts = if i == 0 {
-                    &gated
-                } else {
-                    &TransferOptions::default()
-                };
-                let t = ctx.submit(&pair.src, s, &pair.dst, d, opts).map_err(err)?;
-                earlier.extend(last.replace(t));
-            }
-            last.ok_or_else(|| "no blocks".to_string())
+            earlier = submit_queued(&gated)?;
+            earlier.pop().ok_or_else(|| "no blocks".to_string())
         })?;
         for t in &earlier {
             t.wait(None).map_err(err)?;
